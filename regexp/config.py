@@ -1,0 +1,295 @@
+"""Structured configs: the schema of every config group, registered in Hydra's ConfigStore.
+
+Each YAML file under ``configs/<group>/`` starts from one of these dataclasses (its
+``defaults`` list names ``base_<option>``), so a misspelt key or a value of the wrong type
+fails at composition time with the key's full name. Ranges that a type cannot express
+(lr > 0, 0 <= p < 1, ...) are checked by :func:`validate`, which raises
+:class:`regexp.errors.ConfigError` naming the key and what would be valid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from regexp.errors import ConfigError
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # Where datasets are cached (MNIST-1D) or looked for / downloaded to (torchvision).
+    root: str = "${oc.env:REGEXP_DATA_DIR,'~/.cache/regexp'}"
+    n_train: Optional[int] = None  # subset of the training set (after the validation split)
+    val_fraction: float = 0.1  # carved from the training set; the test set is never used to choose
+    label_noise: float = 0.0  # fraction of training labels replaced by a different class
+    n_test: Optional[int] = None  # MNIST-1D only: generate a larger test set for less noisy curves
+    download: bool = True  # torchvision datasets only
+    split_seed: Optional[int] = None  # seed of split/subset/noise; None: the run's seed
+
+
+# ---------------------------------------------------------------- models
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    width: int = 100
+    depth: int = 2
+    activation: str = "relu"
+    init: str = "default"
+    init_std: float = 0.01  # used by init=normal
+    norm: str = "none"
+    bias: bool = True
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    channels: List[int] = field(default_factory=lambda: [16, 32])
+    kernel_size: int = 5
+    pool: str = "max"
+    norm: str = "none"
+    activation: str = "relu"
+    init: str = "default"
+    init_std: float = 0.01
+
+
+@dataclass
+class TransformerConfig:
+    name: str = "transformer"
+    embed_dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    patch_size: Optional[int] = None  # None: 1 for 1-D signals (40 tokens), 4 for images
+    init: str = "default"
+    init_std: float = 0.02
+
+
+# ---------------------------------------------------------------- optimizers
+@dataclass
+class SGDConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    nesterov: bool = False
+    dampening: float = 0.0
+
+
+@dataclass
+class AdagradConfig:
+    name: str = "adagrad"
+    lr: float = 0.05
+    eps: float = 1e-10
+    initial_accumulator_value: float = 0.0
+
+
+@dataclass
+class RMSpropConfig:
+    name: str = "rmsprop"
+    lr: float = 1e-3
+    alpha: float = 0.99  # the decay rho of the squared-gradient average
+    eps: float = 1e-8
+    momentum: float = 0.0
+    centered: bool = False
+
+
+@dataclass
+class AdadeltaConfig:
+    name: str = "adadelta"
+    lr: float = 1.0
+    rho: float = 0.9
+    eps: float = 1e-6
+
+
+@dataclass
+class AdamConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    amsgrad: bool = False
+    weight_decay: float = 0.0  # decoupled (AdamW) decay; only adamw sets it
+
+
+# ---------------------------------------------------------------- schedulers
+@dataclass
+class SchedulerConfig:
+    name: str = MISSING
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr, for any schedule
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the base lr
+    step_size: int = 1000  # step: multiply by gamma every step_size steps
+    gamma: float = 0.1
+    period: int = 500  # cosine_restarts: length of the first cycle in steps
+    period_mult: float = 1.0  # cosine_restarts: each cycle is this much longer
+
+
+# ---------------------------------------------------------------- trainer, logger
+@dataclass
+class TrainerConfig:
+    epochs: int = 20
+    batch_size: Any = 100  # an int, or "full" for full-batch gradient descent
+    device: str = "auto"
+    eval_every: int = 1
+    grad_clip: Optional[float] = None  # max global gradient norm
+    deterministic: bool = False
+    threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+    progress: bool = True
+    checkpoint_every: int = 0  # epochs; 0: only at the end
+    resume: bool = False
+    overwrite: bool = False
+    eval_batch_size: int = 4096
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    histogram_every: int = 5  # epochs; 0 disables weight histograms
+    grad_norms: bool = True
+
+
+@dataclass
+class SweepConfig:
+    # Dotted key -> list of values; the sweep runs their product, once per seed.
+    params: Dict[str, Any] = field(default_factory=dict)
+    seeds: List[int] = field(default_factory=lambda: [0])
+    x: Optional[str] = None  # the key on the x axis of results.csv's plot; default: first of params
+    engine: str = "auto"  # auto|serial|population: how the points are trained
+
+
+# ---------------------------------------------------------------- the whole run
+@dataclass
+class RunConfig:
+    seed: int = 0
+    task: str = "train"  # which runner: train, or an experiment's own task
+    data: Any = MISSING
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    # One entry per active regularizer, keyed by its name (``regularizer=[a,b]``).
+    regularizer: Dict[str, Any] = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # In-process sweeps (task=sweep and the experiments built on it).
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    # Free-form settings of experiment tasks (gallery figures ...); each task validates its own.
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig, "transformer": TransformerConfig}
+OPTIMIZER_SCHEMAS = {
+    "sgd": SGDConfig, "momentum": SGDConfig, "nesterov": SGDConfig,
+    "adagrad": AdagradConfig, "rmsprop": RMSpropConfig, "adadelta": AdadeltaConfig,
+    "adam": AdamConfig, "adamw": AdamConfig,
+}
+SCHEDULERS = ("constant", "step", "cosine", "warmup_cosine", "cosine_restarts")
+DATASETS = ("mnist1d", "mnist", "fashion_mnist", "cifar10")
+
+
+def register_configs() -> None:
+    """Put every schema into Hydra's ConfigStore (idempotent)."""
+    from regexp.regularizers import REGULARIZERS
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    for name, schema in MODEL_SCHEMAS.items():
+        cs.store(group="model", name=f"base_{name}", node=schema)
+    for name, schema in OPTIMIZER_SCHEMAS.items():
+        cs.store(group="optimizer", name=f"base_{name}", node=schema)
+    cs.store(group="scheduler", name="base_scheduler", node=SchedulerConfig)
+    for name, reg in REGULARIZERS.items():
+        cs.store(group="regularizer", name=f"base_{name}", node=reg.Config,
+                 package=f"regularizer.{name}")
+
+
+# ---------------------------------------------------------------- range checks
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {valid}")
+
+
+def _choice(key: str, value: Any, options) -> None:
+    _check(value in options, key, value, "one of " + ", ".join(map(str, options)))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the ranges of a composed config; raise ConfigError naming the first bad key."""
+    from regexp.models import ACTIVATIONS, INITS, NORMS
+    from regexp.regularizers import REGULARIZERS
+
+    d = cfg.data
+    _choice("data.name", d.name, DATASETS)
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in [0, 1)")
+    _check(0.0 <= d.label_noise <= 1.0, "data.label_noise", d.label_noise, "a number in [0, 1]")
+    _check(d.n_train is None or d.n_train >= 1, "data.n_train", d.n_train, "an integer >= 1 or null")
+    _check(d.n_test is None or d.n_test >= 1, "data.n_test", d.n_test, "an integer >= 1 or null")
+
+    m = cfg.model
+    _choice("model.name", m.name, tuple(MODEL_SCHEMAS))
+    if "activation" in m:
+        _choice("model.activation", m.activation, tuple(ACTIVATIONS))
+    _choice("model.init", m.init, tuple(INITS))
+    if "norm" in m:
+        norms = NORMS[m.name]
+        _choice("model.norm", m.norm, norms)
+    if m.name == "mlp":
+        _check(m.width >= 1, "model.width", m.width, "an integer >= 1")
+        _check(m.depth >= 1, "model.depth", m.depth, "an integer >= 1")
+    elif m.name == "cnn":
+        _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels",
+               list(m.channels), "a non-empty list of integers >= 1")
+        _check(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "an integer >= 1")
+        _choice("model.pool", m.pool, ("max", "avg", "none"))
+    elif m.name == "transformer":
+        _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "an integer >= 1")
+        _check(m.depth >= 1, "model.depth", m.depth, "an integer >= 1")
+        _check(m.heads >= 1 and m.embed_dim % m.heads == 0, "model.heads", m.heads,
+               f"an integer >= 1 that divides model.embed_dim={m.embed_dim}")
+        _check(m.patch_size is None or m.patch_size >= 1, "model.patch_size", m.patch_size,
+               "an integer >= 1 or null")
+    if "init_std" in m:
+        _check(m.init_std > 0, "model.init_std", m.init_std, "a number > 0")
+
+    o = cfg.optimizer
+    _choice("optimizer.name", o.name, tuple(OPTIMIZER_SCHEMAS))
+    _check(o.lr > 0, "optimizer.lr", o.lr, "a number > 0")
+    for key in ("momentum", "alpha", "rho", "beta1", "beta2", "dampening"):
+        if key in o:
+            _check(0.0 <= o[key] < 1.0, f"optimizer.{key}", o[key], "a number in [0, 1)")
+    if "eps" in o:
+        _check(o.eps >= 0, "optimizer.eps", o.eps, "a number >= 0")
+
+    s = cfg.scheduler
+    _choice("scheduler.name", s.name, SCHEDULERS)
+    _check(s.warmup_steps >= 0, "scheduler.warmup_steps", s.warmup_steps, "an integer >= 0")
+    _check(0.0 <= s.min_lr_ratio <= 1.0, "scheduler.min_lr_ratio", s.min_lr_ratio, "a number in [0, 1]")
+    _check(s.step_size >= 1, "scheduler.step_size", s.step_size, "an integer >= 1")
+    _check(s.gamma > 0, "scheduler.gamma", s.gamma, "a number > 0")
+    _check(s.period >= 1, "scheduler.period", s.period, "an integer >= 1")
+    _check(s.period_mult >= 1.0, "scheduler.period_mult", s.period_mult, "a number >= 1")
+
+    t = cfg.trainer
+    _check(t.epochs >= 1, "trainer.epochs", t.epochs, "an integer >= 1")
+    bs = t.batch_size
+    _check(bs == "full" or (isinstance(bs, int) and not isinstance(bs, bool) and bs >= 1),
+           "trainer.batch_size", bs, 'an integer >= 1 or "full"')
+    _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _check(t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an integer >= 1")
+    _check(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "a number > 0 or null")
+    _check(t.threads is None or t.threads >= 1, "trainer.threads", t.threads, "an integer >= 1 or null")
+    _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
+    _check(t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "an integer >= 1")
+    _check(cfg.logger.histogram_every >= 0, "logger.histogram_every", cfg.logger.histogram_every,
+           "an integer >= 0")
+
+    for name, rcfg in cfg.regularizer.items():
+        _choice("regularizer", name, tuple(REGULARIZERS))
+        REGULARIZERS[name].validate(rcfg, f"regularizer.{name}")
+
+
+def to_container(cfg: DictConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

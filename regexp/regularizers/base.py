@@ -1,0 +1,107 @@
+"""The regularizer interface and its registry.
+
+A regularizer may act at any of these points of a training step; each hook has a no-op
+default, so a regularizer overrides only what it changes:
+
+- ``attach(model)``: change the model once, before training (dropout sets its sites).
+- ``param_groups()``: its own learned parameters, as optimizer groups with their own lr.
+- ``transform_batch(x, y, model)``: the training batch (input noise, augmentation, FGSM).
+- ``loss_kwargs()``: arguments of the cross-entropy (label smoothing).
+- ``penalty(model)``: a term added to the loss (norm penalties, priors); logged as
+  ``penalty/<name>``.
+- ``after_step(model)``: after each optimizer step.
+- ``epoch_end(model, row)``: after each evaluation, with that epoch's metrics; return True
+  to stop training (early stopping). Set ``restores_best = True`` to have the trainer load
+  the best-validation weights back before the final evaluation.
+- ``report(model, tensors, evaluate)``: extra numbers for ``metrics.json``'s ``extra`` after
+  training (MC-dropout accuracy, accuracy on FGSM inputs, after quantization ...).
+- ``log(writer, epoch)``: anything worth a TensorBoard plot; ``state_dict()`` /
+  ``load_state_dict()``: state a checkpoint must carry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+from regexp.errors import ConfigError
+
+REGULARIZERS: Dict[str, Type["Regularizer"]] = {}
+
+
+def register(cls: Type["Regularizer"]) -> Type["Regularizer"]:
+    REGULARIZERS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Context:
+    """What a regularizer may need to know about the run it joins."""
+    num_classes: int
+    n_train: int
+    device: torch.device
+
+
+class Regularizer:
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    # key -> (predicate, description of valid values); checked by ``validate``.
+    ranges: ClassVar[Dict[str, Tuple[Callable[[Any], bool], str]]] = {}
+    restores_best: bool = False
+
+    def __init__(self, cfg, ctx: Context):
+        self.cfg = cfg
+        self.ctx = ctx
+
+    @classmethod
+    def validate(cls, cfg, prefix: str) -> None:
+        for key, (ok, valid) in cls.ranges.items():
+            if not ok(cfg[key]):
+                raise ConfigError(f"{prefix}.{key}={cfg[key]!r} is invalid: expected {valid}")
+
+    def attach(self, model: nn.Module) -> None:
+        pass
+
+    def param_groups(self) -> List[dict]:
+        return []
+
+    def transform_batch(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module):
+        return x, y
+
+    def loss_kwargs(self) -> Dict[str, Any]:
+        return {}
+
+    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+        return None
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def epoch_end(self, model: nn.Module, row: Dict[str, float]) -> bool:
+        return False
+
+    def report(self, model: nn.Module, tensors: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+               evaluate: Callable) -> Dict[str, float]:
+        return {}
+
+    def log(self, writer, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def build_regularizers(cfg, ctx: Context) -> List[Regularizer]:
+    return [REGULARIZERS[name](rcfg, ctx) for name, rcfg in cfg.items()]
+
+
+def weight_params(model: nn.Module, exclude_bias_and_norm: bool) -> List[nn.Parameter]:
+    """Parameters a norm penalty applies to. Biases and normalization scales/shifts are the
+    one-dimensional parameters, so ``exclude_bias_and_norm`` keeps those of two or more."""
+    return [p for p in model.parameters()
+            if p.requires_grad and (p.dim() >= 2 or not exclude_bias_and_norm)]

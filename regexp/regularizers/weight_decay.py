@@ -1,0 +1,29 @@
+"""L2 weight decay added to the loss: Ω = λ/2 · Σ w², so its gradient is λw.
+
+Under plain SGD this equals shrinking every weight by ηλ each step; under Adam it does
+not (the penalty's gradient is rescaled per coordinate), which is what
+``decoupled_weight_decay`` is for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from regexp.regularizers.base import Regularizer, register, weight_params
+
+
+@register
+class WeightDecay(Regularizer):
+    name = "weight_decay"
+
+    @dataclass
+    class Config:
+        lam: float = 1e-4
+        exclude_bias_and_norm: bool = True
+
+    ranges = {"lam": (lambda v: v >= 0, "a number >= 0")}
+
+    def penalty(self, model) -> torch.Tensor:
+        params = weight_params(model, self.cfg.exclude_bias_and_norm)
+        return 0.5 * self.cfg.lam * sum(p.pow(2).sum() for p in params)

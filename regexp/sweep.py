@@ -1,0 +1,110 @@
+"""In-process sweeps: train one run per point of a grid (× seeds) below one sweep folder.
+
+Each point gets its own folder named by its overrides, holding exactly what a single
+``python -m regexp.run`` would write; a point whose folder already holds a completed run is
+skipped, so re-running a sweep only trains what is missing. ``results.csv`` has one row per
+point and seed.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import logging
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from regexp.config import validate
+from regexp.errors import ConfigError
+
+log = logging.getLogger("regexp.sweep")
+
+
+
+def grid(params: Dict[str, Sequence[Any]], seeds: Sequence[int]) -> List[Dict[str, Any]]:
+    """Every combination of the swept values, seed last (so a point's seeds sit together)."""
+    keys = list(params)
+    points = []
+    for values in itertools.product(*(params[k] for k in keys)):
+        for seed in seeds:
+            points.append({**dict(zip(keys, values)), "seed": seed})
+    return points
+
+
+def point_name(point: Dict[str, Any]) -> str:
+    return ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(map(_fmt, v)) + "]"
+    return str(v)
+
+
+def point_config(base: DictConfig, point: Dict[str, Any]) -> DictConfig:
+    cfg = copy.deepcopy(base)
+    OmegaConf.set_struct(cfg, True)
+    for key, value in point.items():
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"sweep key {key!r} is not in the config")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def result_row(point: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]:
+    row: Dict[str, Any] = dict(point)
+    row["status"] = metrics.get("status", "failed")
+    final, best = metrics.get("final") or {}, metrics.get("best") or {}
+    row["params"] = metrics.get("params", "")
+    row["epochs"] = metrics.get("epochs", "")
+    for s in ("train", "val", "test"):
+        row[f"{s}_error"] = 1.0 - final[f"{s}_acc"] if f"{s}_acc" in final else ""
+        row[f"{s}_loss"] = final.get(f"{s}_loss", "")
+    row["best_epoch"] = best.get("epoch", "")
+    row["best_val_error"] = 1.0 - best["val_acc"] if "val_acc" in best else ""
+    row["best_test_error"] = 1.0 - best["test_acc"] if "test_acc" in best else ""
+    row["wall_s"] = metrics.get("wall_s", "")
+    return row
+
+
+def run_points(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path) -> List[Dict[str, Any]]:
+    """Train every point one after the other; a failing point is recorded and the rest go on."""
+    from regexp.train.io import write_json
+    from regexp.train.trainer import train
+
+    rows = []
+    for i, point in enumerate(points):
+        out = sweep_dir / point_name(point)
+        overrides = [f"{k}={_fmt(v)}" for k, v in point.items()]
+        try:
+            cfg = point_config(base, point)
+            validate(cfg)
+            metrics = train(cfg, out, overrides, sweep=True)
+        except Exception as e:  # recorded in the row and the point's folder; the sweep goes on
+            msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            log.error("point %s failed: %s\n%s", point_name(point), msg, traceback.format_exc())
+            out.mkdir(parents=True, exist_ok=True)
+            if not (out / "metrics.json").exists():
+                write_json(out / "metrics.json", {"status": "failed", "error": msg, "overrides": overrides})
+            metrics = {"status": "failed", "error": msg}
+        rows.append(result_row(point, metrics))
+        log.info("[%d/%d] %s: %s", i + 1, len(points), point_name(point), rows[-1]["status"])
+    return rows
+
+
+def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path: Path) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

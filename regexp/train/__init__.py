@@ -1,0 +1,1 @@
+"""Training one model: the loop (``trainer``), its logs, checkpoints and signal handling."""

@@ -1,0 +1,339 @@
+"""Train one model from a composed config and write everything a run leaves behind.
+
+Reads top to bottom: set-up (device, seeds, data, model, regularizers, optimizer, schedule),
+optional resume from a checkpoint, the epoch loop, and the final files. The step loop never
+waits for the device or writes a log: the loss is summed on the device and read once per
+epoch, which is also when divergence is detected.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from regexp.data import load_data
+from regexp.errors import ConfigError
+from regexp.models import build_model, count_params
+from regexp.optim import build_optimizer, build_scheduler
+from regexp.regularizers import build_regularizers
+from regexp.regularizers.base import Context
+from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
+from regexp.train.signals import StopFlag
+from regexp.train.tblog import TBLogger, layer_grad_norms
+
+SPLITS = ("train", "val", "test")
+# Keys that may differ between a checkpoint's config and the run that resumes it.
+RESUMABLE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.progress", "trainer.checkpoint_every",
+                  "trainer.threads", "logger")
+RUN_FILES = ("metrics.json", "checkpoint.pt", "model.pt", "best_model.pt", "label_noise.json")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device='cuda' is invalid here: CUDA is not available; use auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int):
+    """Mean cross-entropy and accuracy, as 0-dim tensors (no host sync here)."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for i in range(0, len(y), batch):
+        logits = model(x[i:i + batch])
+        loss += F.cross_entropy(logits, y[i:i + batch], reduction="sum")
+        correct += (logits.argmax(1) == y[i:i + batch]).sum()
+    model.train(was_training)
+    n = max(len(y), 1)
+    return loss / n, correct / n
+
+
+def config_diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, key + ".")
+        elif va != vb:
+            out.append(key)
+    return out
+
+
+def _prepare_dir(out_dir: Path, t, sweep: bool) -> Optional[Dict[str, Any]]:
+    """Refuse to clobber a finished run; return its metrics when it should be skipped."""
+    metrics = out_dir / "metrics.json"
+    if t.overwrite:
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        for ev in out_dir.glob("events.out.tfevents.*"):
+            ev.unlink()
+        return None
+    if metrics.exists():
+        done = read_json(metrics)
+        if done.get("status") == "completed":
+            if t.resume or sweep:
+                return done  # nothing left to do: a re-launched sweep skips it
+            raise ConfigError(f"{out_dir} already holds a completed run; pass trainer.resume=true to "
+                              "keep it, trainer.overwrite=true to replace it, or another hydra.run.dir")
+    if (out_dir / "checkpoint.pt").exists() and not (t.resume or sweep):
+        raise ConfigError(f"{out_dir} holds an unfinished run (checkpoint.pt); pass trainer.resume=true "
+                          "to continue it or trainer.overwrite=true to start over")
+    return None
+
+
+def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool = False) -> Dict[str, Any]:
+    """Train the model ``cfg`` describes, writing into ``out_dir``; return ``metrics.json``'s content."""
+    t0 = time.time()
+    t = cfg.trainer
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skipped = _prepare_dir(out_dir, t, sweep)
+    if skipped is not None:
+        return skipped
+    resume = (out_dir / "checkpoint.pt").exists() and (t.resume or sweep)
+
+    # ---- set-up
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    data = load_data(cfg.data, cfg.seed)
+    n = len(data.y_train)
+    bs = n if t.batch_size == "full" else int(t.batch_size)
+    if bs > n:
+        raise ConfigError(f"trainer.batch_size={bs} is invalid: expected at most {n}, the number of "
+                          "training examples (or \"full\")")
+    if len(data.noisy_indices):
+        write_json(out_dir / "label_noise.json", {"indices": data.noisy_indices.tolist(),
+                                                  "original_labels": data.clean_labels.tolist()})
+    seed_everything(cfg.seed)  # after data generation, which may reseed the global generators
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    regs = build_regularizers(cfg.regularizer, Context(data.num_classes, n, device))
+    for r in regs:
+        r.attach(model)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    for r in regs:
+        groups += r.param_groups()
+    optimizer = build_optimizer(cfg.optimizer, groups, device)
+    steps_per_epoch = math.ceil(n / bs)
+    total_steps = t.epochs * steps_per_epoch
+    scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    loss_kwargs: Dict[str, Any] = {}
+    for r in regs:
+        loss_kwargs.update(r.loss_kwargs())
+    tensors = {s: tuple(v.to(device) for v in data.split(s)) for s in SPLITS}
+    x_train, y_train = tensors["train"]
+    order = torch.Generator().manual_seed(cfg.seed)  # data order, separate from dropout & noise
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    # ---- state, fresh or from the last checkpoint
+    epoch, step_in_epoch, perm = 0, 0, None
+    history: List[Dict[str, float]] = []
+    best: Optional[Dict[str, float]] = None
+    best_state = None
+    if resume:
+        ck = load_checkpoint(out_dir / "checkpoint.pt")
+        changed = [k for k in config_diff(ck["config"], config)
+                   if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
+        if changed:
+            raise ConfigError(f"{out_dir / 'checkpoint.pt'} was written with another config "
+                              f"({', '.join(changed[:5])} differ); resume with the same overrides or "
+                              "start over with trainer.overwrite=true")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        for r, s in zip(regs, ck["regularizers"]):
+            r.load_state_dict(s)
+        epoch, step_in_epoch, history = ck["epoch"], ck["step_in_epoch"], ck["history"]
+        best, best_state = ck["best"], ck["best_state"]
+        perm = ck["perm"].to(device) if ck["perm"] is not None else None
+        running = ck["running"].to(device)
+        order.set_state(ck["order"])
+        set_rng_state(ck["rng"])
+
+    def checkpoint(status: str) -> None:
+        save_torch(out_dir / "checkpoint.pt", {
+            "config": config, "status": status, "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "perm": perm.cpu() if perm is not None else None, "running": running.cpu(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "regularizers": [r.state_dict() for r in regs],
+            "history": history, "best": best, "best_state": best_state, "order": order.get_state(),
+            "rng": rng_state()})
+
+    params = count_params(model)
+    tb = TBLogger(out_dir, cfg.logger.tensorboard, purge_step=epoch + 1 if resume else None)
+    if not resume:
+        tb.hparams(_hparams(cfg, overrides, params))
+    status, stop_reason = "completed", None
+    bar = tqdm(total=t.epochs, initial=epoch, desc=out_dir.name[-24:], leave=False,
+               disable=None if t.progress else True, dynamic_ncols=True)
+
+    # ---- the loop
+    with StopFlag() as stop:
+        while epoch < t.epochs:
+            model.train()
+            if step_in_epoch == 0:
+                perm = torch.randperm(n, generator=order).to(device)
+                running = torch.zeros(1 + len(regs), device=device)  # loss, then each penalty
+            grad_norms = None
+            for i in range(step_in_epoch, steps_per_epoch):
+                idx = perm[i * bs:(i + 1) * bs]
+                xb, yb = x_train[idx], y_train[idx]
+                for r in regs:
+                    xb, yb = r.transform_batch(xb, yb, model)
+                loss = F.cross_entropy(model(xb), yb, **loss_kwargs)
+                terms = [loss]
+                for r in regs:
+                    pen = r.penalty(model)
+                    terms.append(pen if pen is not None else loss.new_zeros(()))
+                optimizer.zero_grad(set_to_none=True)
+                sum(terms).backward()
+                if t.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                if i == steps_per_epoch - 1 and cfg.logger.grad_norms:
+                    grad_norms = layer_grad_norms(model)
+                optimizer.step()
+                scheduler.step()
+                for r in regs:
+                    r.after_step(model)
+                running += torch.stack([v.detach() for v in terms]) * len(idx)
+                step_in_epoch = i + 1
+                if stop.requested:
+                    break
+            if stop.requested and step_in_epoch < steps_per_epoch:
+                status, stop_reason = "interrupted", stop.signum
+                break
+            epoch, step_in_epoch = epoch + 1, 0
+
+            # ---- end of epoch: one sync, divergence check, evaluation, logs
+            sums = (running / n).tolist()
+            if not all(math.isfinite(v) for v in sums):
+                status = "diverged"
+                tb.scalars({"diverged": 1.0, "loss/train_running": sums[0]}, epoch)
+                break
+            lr = optimizer.param_groups[0]["lr"]
+            logs = {"loss/train_running": sums[0], "lr": lr}
+            logs.update({f"penalty/{r.name}": v for r, v in zip(regs, sums[1:])})
+            with torch.no_grad():
+                logs["weights/l2_norm"] = torch.sqrt(sum(p.pow(2).sum() for p in model.parameters())).item()
+            if grad_norms:
+                logs.update({f"grad_norm/{k}": v for k, v in zip(grad_norms, torch.stack(list(
+                    grad_norms.values())).tolist())})
+            if epoch % t.eval_every == 0 or epoch == t.epochs:
+                row = {"epoch": epoch}
+                for s in SPLITS:
+                    if len(tensors[s][1]):
+                        l, a = evaluate(model, *tensors[s], t.eval_batch_size)
+                        row[f"{s}_loss"], row[f"{s}_acc"] = l.item(), a.item()
+                        logs[f"loss/{s}"], logs[f"acc/{s}"] = row[f"{s}_loss"], row[f"{s}_acc"]
+                if not math.isfinite(row["train_loss"]):
+                    status = "diverged"
+                    tb.scalars({"diverged": 1.0}, epoch)
+                    break
+                history.append(row)
+                if "val_acc" in row:
+                    key = (row["val_acc"], -row["val_loss"])
+                    if best is None or key > (best["val_acc"], -best["val_loss"]):
+                        best = dict(row)
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_acc', float('nan')):.3f}")
+                if any([r.epoch_end(model, row) for r in regs]):  # every one sees the row
+                    stop_reason = "early_stopping"
+            tb.scalars(logs, epoch)
+            for r in regs:
+                r.log(tb, epoch)
+            if cfg.logger.histogram_every and epoch % cfg.logger.histogram_every == 0:
+                tb.histograms(model, epoch)
+            bar.update(1)
+            if t.checkpoint_every and epoch % t.checkpoint_every == 0 and epoch < t.epochs:
+                checkpoint("running")
+            if stop.requested:
+                status, stop_reason = "interrupted", stop.signum
+                break
+            if stop_reason == "early_stopping":
+                break
+    bar.close()
+
+    # ---- final files; metrics.json last, so its presence marks a finished write
+    if status != "diverged":
+        checkpoint(status)
+    final = history[-1] if history else None
+    extra: Dict[str, float] = {}
+    if status == "completed":
+        if best_state is not None and any(r.restores_best for r in regs):
+            model.load_state_dict(best_state)
+            final = best
+        for r in regs:
+            extra.update(r.report(model, tensors, lambda m, x, y: evaluate(m, x, y, t.eval_batch_size)))
+        save_torch(out_dir / "model.pt", model.state_dict())
+        if best_state is not None:
+            save_torch(out_dir / "best_model.pt", best_state)
+    metrics = {
+        "status": status, "epochs": epoch, "final": final,
+        "best": best if best is not None else final,
+        "params": params, "wall_s": round(time.time() - t0, 3), "device": str(device),
+        "overrides": list(overrides), "extra": extra, "history": history,
+    }
+    if stop_reason == "early_stopping":
+        metrics["stopped_epoch"] = epoch
+    if status == "diverged":
+        metrics["diverged_epoch"] = epoch
+    if status == "interrupted":
+        metrics["signal"] = int(stop_reason)
+    tb.close()
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _hparams(cfg: DictConfig, overrides: List[str], params: int) -> Dict[str, Any]:
+    """The hyperparameters shown in TensorBoard's HParams tab: the core ones and every override."""
+    hp: Dict[str, Any] = {"model": cfg.model.name, "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr,
+                          "seed": cfg.seed, "params": params,
+                          "regularizers": ",".join(cfg.regularizer) or "none"}
+    for o in overrides:
+        if "=" in o:
+            k, v = o.split("=", 1)
+            try:
+                hp[k.lstrip("+~")] = json.loads(v)
+            except ValueError:
+                hp[k.lstrip("+~")] = v
+    return hp
