@@ -38,10 +38,19 @@ def register(cls: Type["Regularizer"]) -> Type["Regularizer"]:
 
 @dataclass
 class Context:
-    """What a regularizer may need to know about the run it joins."""
+    """What a regularizer may need to know about the run it joins.
+
+    ``optimizer`` is set by the trainer once it exists (after ``attach`` and
+    ``param_groups``), for regularizers that act in the update, such as decoupled decay.
+    ``seed`` is the run's seed, for regularizers that draw their own random numbers.
+    """
     num_classes: int
     n_train: int
     device: torch.device
+    input_shape: Tuple[int, ...] = ()
+    seed: int = 0
+    out_dir: Optional[object] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
 
 
 class Regularizer:

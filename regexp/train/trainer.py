@@ -147,13 +147,15 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                                                   "original_labels": data.clean_labels.tolist()})
     seed_everything(cfg.seed)  # after data generation, which may reseed the global generators
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-    regs = build_regularizers(cfg.regularizer, Context(data.num_classes, n, device))
+    ctx = Context(data.num_classes, n, device, data.input_shape, cfg.seed, out_dir)
+    regs = build_regularizers(cfg.regularizer, ctx)
     for r in regs:
         r.attach(model)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     for r in regs:
         groups += r.param_groups()
     optimizer = build_optimizer(cfg.optimizer, groups, device)
+    ctx.optimizer = optimizer
     steps_per_epoch = math.ceil(n / bs)
     total_steps = t.epochs * steps_per_epoch
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)

@@ -1,0 +1,1 @@
+"""Population training: many small models as one batched computation (see trainer.population)."""
