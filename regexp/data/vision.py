@@ -40,6 +40,13 @@ def _dataset_class(name: str):
             base = os.path.join(self.root, self.base_folder)
             return all(os.path.isfile(os.path.join(base, f)) for f, _ in self.train_list + self.test_list)
 
+        def _load_meta(self) -> None:
+            import pickle
+
+            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
     return CIFAR10
 
 
@@ -64,12 +71,15 @@ def load_torchvision(name: str, cfg):
     except ConfigError:
         raise
     except Exception as e:
-        what = "corrupt or truncated" if where.exists() and any(where.iterdir()) else "missing"
-        hint = "" if cfg.download else " (data.download=false)"
-        raise ConfigError(
-            f"data={name}: the files under {where} are {what}{hint} and could not be downloaded "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}). Put {files} "
-            f"in {where}, or set data.root to the folder that holds {folder}") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        if where.is_dir() and any(where.iterdir()):
+            problem = f"the files under {where} are corrupt or truncated ({reason})"
+        elif cfg.download:
+            problem = f"no files under {where} and the download failed ({reason})"
+        else:
+            problem = f"no files under {where} (data.download=false)"
+        raise ConfigError(f"data={name}: {problem}. Put {files} in {where}, or set data.root to the "
+                          f"folder that holds {folder}") from None
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     std = x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     return (x - mean) / std, y, (x_test - mean) / std, y_test

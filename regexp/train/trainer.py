@@ -27,7 +27,7 @@ from regexp.errors import ConfigError
 from regexp.models import build_model, count_params
 from regexp.optim import build_optimizer, build_scheduler
 from regexp.regularizers import build_regularizers
-from regexp.regularizers.base import Context
+from regexp.regularizers.base import Context, Regularizer
 from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
 from regexp.train.signals import StopFlag
 from regexp.train.tblog import TBLogger, layer_grad_norms
@@ -147,8 +147,10 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                                                   "original_labels": data.clean_labels.tolist()})
     seed_everything(cfg.seed)  # after data generation, which may reseed the global generators
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-    ctx = Context(data.num_classes, n, device, data.input_shape, cfg.seed, out_dir)
+    ctx = Context(data.num_classes, n, device, data.input_shape, cfg.seed, out_dir, model_cfg=cfg.model)
     regs = build_regularizers(cfg.regularizer, ctx)
+    for r in regs:  # regularizer hook: an ensemble replaces the model by K members
+        model = r.wrap_model(model)
     for r in regs:
         r.attach(model)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -159,6 +161,8 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     steps_per_epoch = math.ceil(n / bs)
     total_steps = t.epochs * steps_per_epoch
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    # Only regularizers that define a penalty add a loss term (and a penalty/<name> curve).
+    penalizers = [r for r in regs if type(r).penalty is not Regularizer.penalty]
     loss_kwargs: Dict[str, Any] = {}
     for r in regs:
         loss_kwargs.update(r.loss_kwargs())
@@ -215,24 +219,28 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
             model.train()
             if step_in_epoch == 0:
                 perm = torch.randperm(n, generator=order).to(device)
-                running = torch.zeros(1 + len(regs), device=device)  # loss, then each penalty
+                running = torch.zeros(1 + len(penalizers), device=device)  # loss, then each penalty
             grad_norms = None
             for i in range(step_in_epoch, steps_per_epoch):
                 idx = perm[i * bs:(i + 1) * bs]
                 xb, yb = x_train[idx], y_train[idx]
                 for r in regs:
                     xb, yb = r.transform_batch(xb, yb, model)
-                loss = F.cross_entropy(model(xb), yb, **loss_kwargs)
-                terms = [loss]
-                for r in regs:
-                    pen = r.penalty(model)
-                    terms.append(pen if pen is not None else loss.new_zeros(()))
+                logits = model(xb)
+                # regularizer hook: a regularizer may replace the data loss (ensemble, bagging)
+                loss = next((l for l in (r.data_loss(model, logits, yb, idx, loss_kwargs) for r in regs)
+                             if l is not None), None)
+                if loss is None:
+                    loss = F.cross_entropy(logits, yb, **loss_kwargs)
+                terms = [loss] + [r.penalty(model) for r in penalizers]
                 optimizer.zero_grad(set_to_none=True)
                 sum(terms).backward()
                 if t.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 if i == steps_per_epoch - 1 and cfg.logger.grad_norms:
                     grad_norms = layer_grad_norms(model)
+                for r in regs:  # regularizer hook: decoupled weight decay acts here
+                    r.before_step(model)
                 optimizer.step()
                 scheduler.step()
                 for r in regs:
@@ -254,7 +262,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                 break
             lr = optimizer.param_groups[0]["lr"]
             logs = {"loss/train_running": sums[0], "lr": lr}
-            logs.update({f"penalty/{r.name}": v for r, v in zip(regs, sums[1:])})
+            logs.update({f"penalty/{r.name}": v for r, v in zip(penalizers, sums[1:])})
             with torch.no_grad():
                 logs["weights/l2_norm"] = torch.sqrt(sum(p.pow(2).sum() for p in model.parameters())).item()
             if grad_norms:

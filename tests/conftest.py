@@ -1,0 +1,55 @@
+"""Shared fixtures: the CLI in a subprocess, and configs composed in-process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+def run_cli(args: List[str], cwd: Path, check: bool = True, env_extra=None, timeout: int = 300):
+    """``python -m regexp.run ARGS`` with one torch thread and no progress bar."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) go before the overrides
+    rest = [a for a in args if not a.startswith("-")]
+    proc = subprocess.run([sys.executable, "-m", "regexp.run", *flags, "trainer.progress=false", *rest],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cli(tmp_path):
+    return lambda args, **kw: run_cli(args, tmp_path, **kw)
+
+
+@pytest.fixture(scope="session")
+def compose_cfg():
+    """compose(overrides) -> the composed config, as the CLI would build it."""
+    from regexp.config import register_configs
+
+    register_configs()
+
+    def _compose(overrides=()):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=False)
+
+    return _compose
+
+
+def read_scalars(run_dir: Path):
+    """Every scalar tag of a run folder's event files: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

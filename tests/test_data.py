@@ -1,0 +1,153 @@
+"""Data: MNIST-1D defaults, splits, label noise, and torchvision formats on tiny files."""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from regexp.config import DataConfig
+from regexp.data import load_data
+from regexp.errors import ConfigError
+
+
+def data_cfg(**kw):
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "mnist1d", **kw})
+
+
+def test_mnist1d_published_defaults():
+    d = load_data(data_cfg(val_fraction=0.0), seed=0)
+    assert d.x_train.shape == (4000, 1, 40) and d.x_test.shape == (1000, 1, 40)
+    assert d.num_classes == 10 and len(d.y_val) == 0
+    assert torch.bincount(torch.cat([d.y_train, d.y_test])).tolist() == [500] * 10
+
+
+def test_validation_split_is_carved_from_train_and_test_untouched():
+    full = load_data(data_cfg(val_fraction=0.0), seed=0)
+    d = load_data(data_cfg(val_fraction=0.1), seed=0)
+    assert len(d.y_val) == 400 and len(d.y_train) == 3600
+    assert torch.equal(d.x_test, full.x_test)
+    rows = {tuple(r) for r in full.x_train.flatten(1).tolist()}
+    split = [tuple(r) for r in torch.cat([d.x_train, d.x_val]).flatten(1).tolist()]
+    assert len(set(split)) == 4000 and set(split) == rows
+
+
+def test_n_train_subset_and_larger_generated_test_set():
+    d = load_data(data_cfg(n_train=500, n_test=1500), seed=3)
+    base = load_data(data_cfg(), seed=3)
+    assert len(d.y_train) == 500 and len(d.y_test) == 1500
+    assert torch.equal(d.x_test[:1000], base.x_test)  # the published test set comes first
+    with pytest.raises(ConfigError, match="data.n_train=5000 is invalid"):
+        load_data(data_cfg(n_train=5000), seed=0)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.15, 0.5, 1.0])
+def test_label_noise_fraction_is_exact_and_reproducible(fraction):
+    clean = load_data(data_cfg(n_train=1000), seed=7)
+    noisy = load_data(data_cfg(n_train=1000, label_noise=fraction), seed=7)
+    again = load_data(data_cfg(n_train=1000, label_noise=fraction), seed=7)
+    assert torch.equal(clean.x_train, noisy.x_train)
+    changed = (clean.y_train != noisy.y_train).nonzero().flatten()
+    assert len(changed) == round(fraction * 1000)  # every chosen label really changed
+    assert torch.equal(changed, noisy.noisy_indices)
+    assert torch.equal(noisy.clean_labels, clean.y_train[changed])
+    assert torch.equal(noisy.y_train, again.y_train)
+    if 0 < fraction < 1:  # another seed picks other examples
+        other = load_data(data_cfg(n_train=1000, label_noise=fraction, split_seed=7), seed=8)
+        moved = load_data(data_cfg(n_train=1000, label_noise=fraction), seed=8)
+        assert torch.equal(other.noisy_indices, noisy.noisy_indices)  # data.split_seed pins it
+        assert not torch.equal(moved.y_train, noisy.y_train)
+
+
+def test_label_noise_spreads_over_the_other_classes():
+    clean = load_data(data_cfg(val_fraction=0.0), seed=0)
+    noisy = load_data(data_cfg(val_fraction=0.0, label_noise=1.0), seed=0)
+    offsets = (noisy.y_train - clean.y_train) % 10
+    counts = torch.bincount(offsets, minlength=10)
+    assert counts[0] == 0 and counts[1:].min() > 300  # 4000 / 9 ≈ 444 per offset
+
+
+def test_corrupt_mnist1d_cache_names_the_file(tmp_path):
+    (tmp_path / "mnist1d_5000_seed42.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"mnist1d_5000_seed42.pt: corrupt MNIST-1D cache"):
+        load_data(data_cfg(root=str(tmp_path)), seed=0)
+    assert (tmp_path / "mnist1d_5000_seed42.pt").read_bytes() == b"not a checkpoint"  # left for the user
+
+
+# ---- torchvision formats, written by the test itself
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX file as in the MNIST distribution: magic (type 0x08 = ubyte, ndim), sizes, data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, folder: str, n_train: int = 60, n_test: int = 20, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+
+
+def write_cifar(root: Path, per_batch: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        # The published batches are Python 2 pickles; torchvision reads them with latin1 keys.
+        blob = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                "labels": [int(i) % 10 for i in range(per_batch)]}
+        (base / name).write_bytes(pickle.dumps(blob))
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_formats_load_through_the_real_code(tmp_path, name, folder):
+    write_mnist(tmp_path, folder)
+    d = load_data(data_cfg(name=name, root=str(tmp_path), download=False, val_fraction=0.25), seed=0)
+    assert d.x_train.shape == (45, 1, 28, 28) and d.x_val.shape == (15, 1, 28, 28)
+    assert d.x_test.shape == (20, 1, 28, 28) and d.num_classes == 10
+    both = torch.cat([d.x_train, d.x_val])
+    assert both.mean().abs() < 1e-5 and (both.std() - 1).abs() < 1e-2  # standardized on train
+
+
+def test_cifar10_format_loads_through_the_real_code(tmp_path):
+    write_cifar(tmp_path)
+    d = load_data(data_cfg(name="cifar10", root=str(tmp_path), download=False, val_fraction=0.2), seed=0)
+    assert d.x_train.shape == (40, 3, 32, 32) and d.x_test.shape == (10, 3, 32, 32)
+    assert d.y_test.tolist() == list(range(10))
+
+
+def test_missing_files_name_the_folder(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_data(data_cfg(name="mnist", root=str(tmp_path), download=False), seed=0)
+    msg = str(e.value)
+    assert f"no files under {tmp_path}/MNIST/raw (data.download=false)" in msg and "train-images-idx3-ubyte" in msg
+
+
+def test_truncated_files_are_reported(tmp_path):
+    write_mnist(tmp_path, "MNIST")
+    img = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    img.write_bytes(img.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="are corrupt or truncated"):
+        load_data(data_cfg(name="mnist", root=str(tmp_path), download=False), seed=0)
+    write_cifar(tmp_path / "c")
+    (tmp_path / "c" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ConfigError, match="cifar-10-batches-py are corrupt or truncated"):
+        load_data(data_cfg(name="cifar10", root=str(tmp_path / "c"), download=False), seed=0)
+
+
+def test_image_run_through_the_cli(cli, tmp_path):
+    write_mnist(tmp_path / "data", "FashionMNIST", n_train=100, n_test=30)
+    run = tmp_path / "run"
+    cli(["data=fashion_mnist", f"data.root={tmp_path / 'data'}", "data.download=false", "model=cnn",
+         "model.channels=[4,8]", "trainer.epochs=1", "trainer.batch_size=30", f"hydra.run.dir={run}"])
+    import json
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["final"]["test_acc"] >= 0
