@@ -43,18 +43,8 @@ def _train(cfg, out_dir, overrides, sweep):
     return train(cfg, out_dir, overrides, sweep)
 
 
-@register_task("sweep")
-def _sweep(cfg, out_dir, overrides, sweep):
-    """Train the grid ``sweep.params`` × ``sweep.seeds`` and write ``results.csv``."""
-    from regexp.sweep import grid, run_points, write_csv
-
-    if not cfg.sweep.params:
-        raise ConfigError("sweep.params is empty: give at least one key and its values, e.g. "
-                          "'+sweep.params={model.width:[8,16,32]}'")
-    rows = run_points(cfg, grid(cfg.sweep.params, cfg.sweep.seeds), out_dir)
-    write_csv(rows, out_dir / "results.csv")
-    failed = sum(r["status"] == "failed" for r in rows)
-    return {"status": "completed" if not failed else "failed", "points": len(rows), "failed": failed}
+# Task "sweep" (grid sweeps with their CSV, plot and TensorBoard curve) lives in
+# regexp/experiments/sweep_task.py, registered when run_task imports regexp.experiments.
 
 
 def auto_threads(cfg: DictConfig) -> None:
@@ -104,6 +94,8 @@ def run_task(cfg: DictConfig):
             return None
         sys.exit(1)
     status = metrics.get("status", "completed")
+    if metrics.get("skipped"):
+        print(f"skipped: {out_dir} already holds a {status} run")
     _report(metrics, out_dir)
     if status == "interrupted":
         sys.exit(128 + int(metrics.get("signal", 15)))

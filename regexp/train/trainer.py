@@ -108,11 +108,11 @@ def _prepare_dir(out_dir: Path, t, sweep: bool) -> Optional[Dict[str, Any]]:
         return None
     if metrics.exists():
         done = read_json(metrics)
-        if done.get("status") == "completed":
+        if done.get("status") in ("completed", "diverged"):  # finished: training again changes nothing
             if t.resume or sweep:
-                return done  # nothing left to do: a re-launched sweep skips it
-            raise ConfigError(f"{out_dir} already holds a completed run; pass trainer.resume=true to "
-                              "keep it, trainer.overwrite=true to replace it, or another hydra.run.dir")
+                return {**done, "skipped": True}  # a re-launched sweep skips it
+            raise ConfigError(f"{out_dir} already holds a {done['status']} run; pass trainer.resume=true "
+                              "to keep it, trainer.overwrite=true to replace it, or another hydra.run.dir")
     if (out_dir / "checkpoint.pt").exists() and not (t.resume or sweep):
         raise ConfigError(f"{out_dir} holds an unfinished run (checkpoint.pt); pass trainer.resume=true "
                           "to continue it or trainer.overwrite=true to start over")
@@ -321,6 +321,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         "status": status, "epochs": epoch, "final": final,
         "best": best if best is not None else final,
         "params": params, "wall_s": round(time.time() - t0, 3), "device": str(device),
+        "threads": torch.get_num_threads(),
         "overrides": list(overrides), "extra": extra, "history": history,
     }
     if stop_reason == "early_stopping":

@@ -1,0 +1,138 @@
+"""Interruption, resume, divergence, atomic writes and refusing to clobber finished runs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, read_scalars
+
+# Long enough epochs (360 steps) that a signal lands mid-epoch; dropout makes the global RNG matter.
+RUN = ["trainer.epochs=4", "data.n_train=1800", "trainer.batch_size=10", "model.width=64",
+       "regularizer=[dropout]", "regularizer.dropout.p=0.2", "optimizer.lr=0.003", "trainer.checkpoint_every=1",
+       "trainer.deterministic=true", "trainer.progress=false", "logger.histogram_every=0"]
+
+
+def _same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path):
+    ref = tmp_path / "ref"
+    cli([*RUN, f"hydra.run.dir={ref}"])
+
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "regexp.run", *RUN, f"hydra.run.dir={run}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.15)  # into the second epoch
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and m["signal"] == signal.SIGTERM
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] < 4 and 0 < ck["step_in_epoch"] < 180, "the signal should land mid-epoch"
+
+    cli([*RUN, "trainer.resume=true", f"hydra.run.dir={run}"])
+    done, expect = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
+    assert done["status"] == "completed"
+    assert done["history"] == expect["history"] and done["final"] == expect["final"]
+    assert done["best"] == expect["best"]
+    _same_state(torch.load(run / "model.pt"), torch.load(ref / "model.pt"))
+    # TensorBoard shows each epoch once across the interrupted and the resumed event files
+    assert [s for s, _ in read_scalars(run)["acc/test"]] == [1, 2, 3, 4]
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    from regexp.train import io
+
+    path = tmp_path / "checkpoint.pt"
+    io.save_torch(path, {"epoch": 1})
+    before = path.read_bytes()
+
+    def exploding_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError):
+        io.save_torch(path, {"epoch": 2})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_divergence_is_recorded(cli, tmp_path):
+    run = tmp_path / "nan"
+    proc = cli(["optimizer=sgd", "optimizer.lr=1e20", "trainer.epochs=5", f"hydra.run.dir={run}"], check=False)
+    assert proc.returncode == 3
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "diverged" and m["diverged_epoch"] == 1 and m["epochs"] == 1
+    assert read_scalars(run)["diverged"] == [(1, 1.0)]
+
+
+def test_sweep_with_one_diverging_job_and_relaunch(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "optimizer=sgd", "optimizer.lr=0.01,1e20,0.05", "trainer.epochs=2", f"hydra.sweep.dir={sweep}"]
+    proc = cli(args)
+    assert "sweep: 3 jobs (2 completed, 1 diverged)" in proc.stdout
+    status = {d.name: json.loads((d / "metrics.json").read_text())["status"] for d in sweep.iterdir() if d.is_dir()}
+    assert sorted(status.values()) == ["completed", "completed", "diverged"]
+    stamps = {d: (d / "metrics.json").stat().st_mtime_ns for d in sweep.iterdir() if d.is_dir()}
+    again = cli(args)  # re-launching the finished sweep trains nothing
+    assert again.stdout.count("skipped") == 3
+    assert "sweep: 3 jobs (2 completed, 1 diverged)" in again.stdout
+    for d, t in stamps.items():
+        assert (d / "metrics.json").stat().st_mtime_ns == t
+
+
+def test_failed_job_does_not_stop_the_sweep(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli(["-m", "model.width=8,0,16", "trainer.epochs=1", f"hydra.sweep.dir={sweep}"], check=False)
+    assert proc.returncode == 1
+    assert "sweep: 3 jobs (2 completed, 1 failed)" in proc.stdout
+    bad = json.loads((sweep / "model.width=0,trainer.epochs=1" / "metrics.json").read_text())
+    assert bad["status"] == "failed" and "model.width=0 is invalid" in bad["error"]
+
+
+def test_completed_run_dir_is_not_overwritten(cli, tmp_path):
+    run = tmp_path / "done"
+    cli(["trainer.epochs=1", f"hydra.run.dir={run}"])
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    proc = cli(["trainer.epochs=1", f"hydra.run.dir={run}"], check=False)
+    assert proc.returncode == 2
+    assert "already holds a completed run; pass trainer.resume=true" in proc.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    cli(["trainer.epochs=1", "trainer.overwrite=true", f"hydra.run.dir={run}"])
+
+
+def test_corrupt_and_incompatible_checkpoints(cli, tmp_path):
+    run = tmp_path / "run"
+    proc = cli(["trainer.epochs=2", "trainer.checkpoint_every=1", f"hydra.run.dir={run}"])
+    (run / "metrics.json").unlink()  # pretend it stopped after the checkpoint
+    proc = cli(["trainer.epochs=2", "model.width=50", "trainer.resume=true", f"hydra.run.dir={run}"], check=False)
+    assert proc.returncode == 2 and "was written with another config (model.width differ)" in proc.stderr
+    (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:500])
+    proc = cli(["trainer.epochs=2", "trainer.resume=true", f"hydra.run.dir={run}"], check=False)
+    assert proc.returncode == 2 and "checkpoint.pt: corrupt or truncated checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_deterministic_runs_are_identical(cli, tmp_path):
+    for name in ("a", "b"):
+        cli(["trainer.epochs=2", "trainer.deterministic=true", "regularizer=[dropout]", f"hydra.run.dir={tmp_path / name}"])
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
+    assert a["history"] == b["history"]
+    _same_state(torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt"))
