@@ -98,6 +98,8 @@ def test_bad_regularizer_values(compose_cfg, overrides, message):
     (["data.label_noise=-0.5"], 2, "error: data.label_noise=-0.5 is invalid"),
     (["model.depth=0"], 2, "error: model.depth=0 is invalid"),
     (["trainer.batch_size=5000"], 2, "error: trainer.batch_size=5000 is invalid: expected at most 3600"),
+    (["data=mnist", "data.root=/nonexistent/regexp", "data.download=false"], 2,
+     "error: data=mnist: no files under /nonexistent/regexp/MNIST/raw (data.download=false)"),
 ])
 def test_cli_bad_input(cli, tmp_path, args, code, needle):
     run = tmp_path / "bad"
