@@ -29,6 +29,10 @@ class DataConfig:
     n_test: Optional[int] = None  # MNIST-1D only: generate a larger test set for less noisy curves
     download: bool = True  # torchvision datasets only
     split_seed: Optional[int] = None  # seed of split/subset/noise; None: the run's seed
+    # k-fold cross-validation: with folds=k >= 2, fold ``fold`` of the training set is the
+    # validation set (val_fraction is then ignored) and the other k-1 folds are trained on.
+    folds: int = 0
+    fold: int = 0
 
 
 # ---------------------------------------------------------------- models
@@ -227,6 +231,8 @@ def validate(cfg: DictConfig) -> None:
     _check(0.0 <= d.label_noise <= 1.0, "data.label_noise", d.label_noise, "a number in [0, 1]")
     _check(d.n_train is None or d.n_train >= 1, "data.n_train", d.n_train, "an integer >= 1 or null")
     _check(d.n_test is None or d.n_test >= 1, "data.n_test", d.n_test, "an integer >= 1 or null")
+    _check(d.folds == 0 or d.folds >= 2, "data.folds", d.folds, "0 (no cross-validation) or an integer >= 2")
+    _check(0 <= d.fold < max(d.folds, 1), "data.fold", d.fold, f"an integer in [0, {max(d.folds, 1) - 1}]")
 
     m = cfg.model
     _choice("model.name", m.name, tuple(MODEL_SCHEMAS))

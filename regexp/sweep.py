@@ -74,7 +74,10 @@ def run_points(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path) 
     """Train every point one after the other; a failing point is recorded and the rest go on."""
     from regexp.train.io import write_json
     from regexp.train.trainer import train
+    from regexp.population import train_population, use_population
 
+    if use_population(base, points):  # sweep.engine: population, or auto with every point compatible
+        return [result_row(p, m) for p, m in zip(points, train_population(base, points, sweep_dir))]
     rows = []
     for i, point in enumerate(points):
         out = sweep_dir / point_name(point)
@@ -91,8 +94,16 @@ def run_points(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path) 
                 write_json(out / "metrics.json", {"status": "failed", "error": msg, "overrides": overrides})
             metrics = {"status": "failed", "error": msg}
         rows.append(result_row(point, metrics))
-        log.info("[%d/%d] %s: %s", i + 1, len(points), point_name(point), rows[-1]["status"])
+        log.info("[%d/%d] %s: %s%s", i + 1, len(points), point_name(point), rows[-1]["status"], _summary(rows[-1]))
     return rows
+
+
+def _summary(row: Dict[str, Any]) -> str:
+    """`` train_error=0.0000 test_error=0.4812 (12.3 s)`` for the progress log, when known."""
+    parts = [f" {k}={row[k]:.4f}" for k in ("train_error", "test_error") if isinstance(row.get(k), float)]
+    if isinstance(row.get("wall_s"), (int, float)):
+        parts.append(f" ({row['wall_s']:.1f} s)")
+    return "".join(parts)
 
 
 def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:

@@ -106,7 +106,8 @@ def run_task(cfg: DictConfig):
 
 def _report(metrics: Dict[str, Any], out_dir: Path) -> None:
     final, best = metrics.get("final") or {}, metrics.get("best") or {}
-    parts = [f"status={metrics.get('status')}", f"epochs={metrics.get('epochs')}"]
+    parts = [f"status={metrics.get('status')}"]
+    parts += [f"{k}={metrics[k]}" for k in ("epochs", "points", "failed") if k in metrics]
     for key in ("train_acc", "val_acc", "test_acc"):
         if key in final:
             parts.append(f"{key}={final[key]:.4f}")

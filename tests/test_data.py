@@ -151,3 +151,14 @@ def test_image_run_through_the_cli(cli, tmp_path):
     import json
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "completed" and m["final"]["test_acc"] >= 0
+
+
+def test_k_fold_splits_partition_the_training_set():
+    k = 4
+    folds = [load_data(data_cfg(folds=k, fold=i, split_seed=5), seed=i) for i in range(k)]
+    vals = [tuple(r) for f in folds for r in f.x_val.flatten(1).tolist()]
+    assert len(vals) == len(set(vals)) == 4000  # the validation folds are disjoint and cover all
+    for f in folds:
+        assert len(f.y_train) + len(f.y_val) == 4000
+        train = {tuple(r) for r in f.x_train.flatten(1).tolist()}
+        assert not train & {tuple(r) for r in f.x_val.flatten(1).tolist()}

@@ -12,7 +12,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from regexp.data.splits import corrupt_labels, split_train_val
+from regexp.errors import ConfigError
+from regexp.data.splits import corrupt_labels, fold_split, split_train_val
 
 Tensors = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 # name -> function(cfg) returning (x_train, y_train, x_test, y_test)
@@ -48,18 +49,23 @@ class Dataset:
 
 
 def load_data(cfg, seed: int) -> Dataset:
-    """Load ``cfg.name`` and apply the split, subset and label noise with ``cfg.split_seed or seed``."""
+    """Load ``cfg.name`` and apply the split (or k-fold), subset and label noise, seeded with
+    ``cfg.split_seed`` (or the run's seed)."""
     x, y, x_test, y_test = SOURCES[cfg.name](cfg)
     num_classes = int(max(y.max(), y_test.max()).item()) + 1
     g = torch.Generator().manual_seed(cfg.split_seed if cfg.split_seed is not None else seed)
-    x, y, x_val, y_val = split_train_val(x, y, cfg.val_fraction, g)
+    folds = cfg.get("folds", 0)
+    if folds < 2:
+        x, y, x_val, y_val = split_train_val(x, y, cfg.val_fraction, g)
     if cfg.n_train is not None:
         if cfg.n_train > len(y):
-            from regexp.errors import ConfigError
             raise ConfigError(f"data.n_train={cfg.n_train} is invalid: expected at most {len(y)}, "
                               f"the training examples left after the validation split")
         keep = torch.randperm(len(y), generator=g)[: cfg.n_train].sort().values
         x, y = x[keep], y[keep]
+    if folds >= 2:  # cross-validation: the pool (n_train examples, or all) is cut into folds
+        train, val = fold_split(len(y), folds, cfg.fold, g)
+        x, y, x_val, y_val = x[train], y[train], x[val], y[val]
     noisy, clean = corrupt_labels(y, cfg.label_noise, num_classes, g)
     if len(noisy):
         y = y.clone()

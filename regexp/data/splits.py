@@ -14,6 +14,14 @@ def split_train_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float, g: to
     return x[train], y[train], x[val], y[val]
 
 
+def fold_split(n: int, k: int, fold: int, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices for fold ``fold`` of ``k``: a seeded permutation cut in k parts."""
+    parts = torch.tensor_split(torch.randperm(n, generator=g), k)
+    val = parts[fold].sort().values
+    train = torch.cat([p for i, p in enumerate(parts) if i != fold]).sort().values
+    return train, val
+
+
 def corrupt_labels(y: torch.Tensor, fraction: float, num_classes: int,
                    g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """Choose exactly ``round(fraction * n)`` examples to corrupt; return them and their labels.

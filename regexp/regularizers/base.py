@@ -3,12 +3,19 @@
 A regularizer may act at any of these points of a training step; each hook has a no-op
 default, so a regularizer overrides only what it changes:
 
+- ``wrap_model(model)``: replace the model before anything else sees it (an ensemble puts K
+  members behind one module); returns the model to train.
 - ``attach(model)``: change the model once, before training (dropout sets its sites).
 - ``param_groups()``: its own learned parameters, as optimizer groups with their own lr.
 - ``transform_batch(x, y, model)``: the training batch (input noise, augmentation, FGSM).
 - ``loss_kwargs()``: arguments of the cross-entropy (label smoothing).
+- ``data_loss(model, logits, y, idx, loss_kwargs)``: replace the cross-entropy of the batch
+  (``idx``: the batch's positions in the training set), e.g. per-member bootstrap-weighted
+  losses of an ensemble; None keeps the ordinary cross-entropy.
 - ``penalty(model)``: a term added to the loss (norm penalties, priors); logged as
   ``penalty/<name>``.
+- ``before_step(model)``: after backward and gradient clipping, right before the optimizer
+  step (decoupled weight decay shrinks the weights there, as AdamW does).
 - ``after_step(model)``: after each optimizer step.
 - ``epoch_end(model, row)``: after each evaluation, with that epoch's metrics; return True
   to stop training (early stopping). Set ``restores_best = True`` to have the trainer load
@@ -51,6 +58,7 @@ class Context:
     seed: int = 0
     out_dir: Optional[object] = None
     optimizer: Optional[torch.optim.Optimizer] = None
+    model_cfg: Optional[Any] = None  # cfg.model, for regularizers that build more models
 
 
 class Regularizer:
@@ -70,6 +78,9 @@ class Regularizer:
             if not ok(cfg[key]):
                 raise ConfigError(f"{prefix}.{key}={cfg[key]!r} is invalid: expected {valid}")
 
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
     def attach(self, model: nn.Module) -> None:
         pass
 
@@ -82,8 +93,15 @@ class Regularizer:
     def loss_kwargs(self) -> Dict[str, Any]:
         return {}
 
+    def data_loss(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                  loss_kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+        return None
+
     def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
         return None
+
+    def before_step(self, model: nn.Module) -> None:
+        pass
 
     def after_step(self, model: nn.Module) -> None:
         pass

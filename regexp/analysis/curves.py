@@ -1,0 +1,139 @@
+"""Average runs over seeds into curves against the swept value; find the interpolation threshold.
+
+A *curve* has one *series* per combination of the swept keys other than ``x`` and ``seed``
+(a single series for a one-key sweep). Each of its points is the mean and standard deviation
+over the completed seeds at one ``x``; failed or diverged runs are left out, so a crashed job
+leaves a gap rather than a wrong number.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from regexp.errors import ConfigError
+
+METRICS = ("train_error", "test_error", "train_loss", "test_loss")
+
+
+@dataclass
+class CurvePoint:
+    x: float  # numeric position on the axis
+    raw: Any  # the swept value as configured (a list for model.channels)
+    n: int  # completed seeds averaged
+    mean: Dict[str, float]
+    std: Dict[str, float]
+    params: Optional[float] = None
+    n_train: Optional[float] = None
+
+
+@dataclass
+class Series:
+    name: str  # "" for a one-key sweep, else e.g. "data.label_noise=0.15"
+    points: List[CurvePoint] = field(default_factory=list)
+    threshold: Optional[float] = None  # x where parameters = training samples
+
+
+@dataclass
+class Curve:
+    x_key: str
+    series: List[Series]
+
+
+def number(v: Any) -> Optional[float]:
+    """A float from a row cell (in memory or read back from a CSV), None when empty or not a number."""
+    if v is None or v == "" or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def x_position(value: Any, key: str) -> float:
+    """Where a swept value sits on the axis; a list (``model.channels=[k,2k,...]``) sits at its first entry."""
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    f = number(value)
+    if f is None:
+        raise ConfigError(f"sweep.x={key!r} is invalid: its values must be numbers (or lists of numbers) "
+                          f"to be plotted, got {value!r}")
+    return f
+
+
+def _mean_std(values: Sequence[float]):
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))  # sample std over seeds
+
+
+def threshold(points: Sequence[CurvePoint]) -> Optional[float]:
+    """The ``x`` where parameters / training samples crosses 1, interpolated on log scales.
+
+    Model-wise sweeps cross it as the model grows, sample-wise ones as the data grows; sweeps
+    that change neither (weight decay, epochs) have no threshold.
+    """
+    pts = [p for p in points if p.params and p.n_train and p.x > 0]
+    for a, b in zip(pts, pts[1:]):
+        ra, rb = math.log(a.params / a.n_train), math.log(b.params / b.n_train)
+        if ra == 0:
+            return a.x
+        if ra * rb < 0:
+            t = ra / (ra - rb)
+            return math.exp(math.log(a.x) + t * (math.log(b.x) - math.log(a.x)))
+    if pts and math.log(pts[-1].params / pts[-1].n_train) == 0:
+        return pts[-1].x
+    return None
+
+
+def _series_name(row: Dict[str, Any], keys: Sequence[str]) -> str:
+    return ",".join(f"{k}={json.dumps(row.get(k), default=str)}" for k in keys)
+
+
+def aggregate(rows: Iterable[Dict[str, Any]], x_key: str, series_keys: Sequence[str]) -> Curve:
+    """Mean and std over seeds of each metric at each ``x``, per series; completed rows only."""
+    groups: Dict[str, Dict[float, List[Dict[str, Any]]]] = {}
+    raws: Dict[float, Any] = {}
+    for row in rows:
+        if row.get("status") != "completed":
+            continue
+        x = x_position(row[x_key], x_key)
+        raws.setdefault(x, row[x_key])
+        groups.setdefault(_series_name(row, series_keys), {}).setdefault(x, []).append(row)
+    series = []
+    for name, by_x in groups.items():
+        s = Series(name.replace('"', ""))
+        for x in sorted(by_x):
+            members = by_x[x]
+            mean, std = {}, {}
+            for m in METRICS:
+                vals = [v for v in (number(r.get(m)) for r in members) if v is not None]
+                if vals:
+                    mean[m], std[m] = _mean_std(vals)
+            params = [v for v in (number(r.get("params")) for r in members) if v is not None]
+            n_train = [v for v in (number(r.get("n_train")) for r in members) if v is not None]
+            s.points.append(CurvePoint(x, raws[x], len(members), mean, std,
+                                       sum(params) / len(params) if params else None,
+                                       sum(n_train) / len(n_train) if n_train else None))
+        s.threshold = threshold(s.points)
+        series.append(s)
+    return Curve(x_key, series)
+
+
+def epoch_rows(point: Dict[str, Any], metrics: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per evaluated epoch of a run's history (epoch-wise double descent)."""
+    if metrics.get("status") != "completed":
+        return []
+    rows = []
+    for h in metrics.get("history") or []:
+        row: Dict[str, Any] = {**point, "epoch": h["epoch"], "status": "completed",
+                               "params": metrics.get("params")}
+        for s in ("train", "test"):
+            if f"{s}_acc" in h:
+                row[f"{s}_error"] = 1.0 - h[f"{s}_acc"]
+                row[f"{s}_loss"] = h[f"{s}_loss"]
+        rows.append(row)
+    return rows

@@ -1,0 +1,119 @@
+"""Everything a finished sweep leaves in its folder, from its runs.
+
+``results.csv`` (one row per point and seed, numbers straight from each ``metrics.json``),
+``curve.csv`` (the mean/std over seeds that is plotted), ``<name>.png`` and the sweep-level
+TensorBoard event file. The ``sweep`` task calls :func:`report` after training;
+``scripts/plot_sweep.py`` calls it on any existing sweep folder.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from regexp.analysis.collect import Run, swept_keys
+from regexp.analysis.curves import METRICS, Curve, aggregate, epoch_rows
+from regexp.analysis.plots import plot_curve
+from regexp.analysis.tb import log_curve
+from regexp.errors import ConfigError
+from regexp.sweep import result_row, write_csv
+
+EPOCH = "epoch"  # x key of epoch-wise curves, read from each run's history
+
+
+@dataclass
+class PlotSettings:
+    name: str = "sweep"  # the PNG is <name>.png
+    title: str = ""
+    x_label: Optional[str] = None
+    invert_x: bool = False  # plot 1/x (test error against 1/λ)
+
+
+def plot_settings(extra: Any) -> PlotSettings:
+    """Read ``extra.plot`` of a sweep's config, naming any bad key."""
+    given = dict(extra.get("plot") or {}) if extra is not None else {}
+    valid = PlotSettings.__dataclass_fields__
+    for k, v in given.items():
+        if k not in valid:
+            raise ConfigError(f"extra.plot.{k} is unknown: expected one of {', '.join(valid)}")
+    s = PlotSettings(**given)
+    if not isinstance(s.name, str) or not s.name or "/" in s.name:
+        raise ConfigError(f"extra.plot.name={s.name!r} is invalid: expected a file name without '/'")
+    if not isinstance(s.invert_x, bool):
+        raise ConfigError(f"extra.plot.invert_x={s.invert_x!r} is invalid: expected true or false")
+    return s
+
+
+def result_rows(runs: Sequence[Run], keys: Sequence[str]) -> List[Dict[str, Any]]:
+    """One CSV row per run: its point, then the numbers of its metrics.json."""
+    rows = []
+    for run in runs:
+        row = result_row({k: run.point.get(k, "") for k in keys}, run.metrics)
+        out: Dict[str, Any] = {}
+        for k, v in row.items():
+            out[k] = v
+            if k == "params":
+                out["n_train"] = run.n_train if run.n_train is not None else ""
+        out["error"] = run.metrics.get("error", "")
+        rows.append(out)
+    return rows
+
+
+def write_curve_csv(curve: Curve, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["series", curve.x_key, "seeds", "params", "n_train", "threshold"]
+                   + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])
+        for s in curve.series:
+            for p in s.points:
+                w.writerow([s.name, p.raw, p.n, "" if p.params is None else p.params,
+                            "" if p.n_train is None else p.n_train, "" if s.threshold is None else s.threshold]
+                           + [d.get(m, "") for m in METRICS for d in (p.mean, p.std)])
+
+
+def report(sweep_dir: Path, runs: Sequence[Run], x: str, settings: PlotSettings,
+           keys: Optional[Sequence[str]] = None) -> Curve:
+    """Write results.csv, curve.csv, the PNG and the sweep-level TensorBoard run; return the curve."""
+    sweep_dir = Path(sweep_dir)
+    keys = list(keys) if keys is not None else swept_keys(runs, x)
+    if x != EPOCH and not any(x in r.point for r in runs):
+        found: List[str] = []
+        for r in runs:
+            found += [k for k in r.point if k not in found and k != "seed"]
+        raise ConfigError(f"x={x!r} is not a swept key of {sweep_dir}: expected one of "
+                          f"{', '.join(found + [EPOCH]) or EPOCH}")
+    keys = [k for k in keys if k != x]
+    if x != EPOCH:
+        keys = [x] + keys
+    rows = result_rows(runs, keys)
+    write_csv(rows, sweep_dir / "results.csv")
+    # A key held at one value (a fixed width next to a swept depth) labels no series.
+    series_keys = [k for k in keys if k not in (x, "seed") and len({str(r.point.get(k)) for r in runs}) > 1]
+    if x == EPOCH:
+        curve_rows = [r for run in runs for r in epoch_rows({k: run.point.get(k) for k in keys}, run.metrics)]
+    else:
+        curve_rows = rows
+    curve = aggregate(curve_rows, x, series_keys)
+    write_curve_csv(curve, sweep_dir / "curve.csv")
+    fig = plot_curve(curve, sweep_dir / f"{settings.name}.png", settings.title, settings.x_label,
+                     settings.invert_x)
+    log_curve(sweep_dir, curve, fig)
+    return curve
+
+
+def format_curve(curve: Curve, max_lines: int = 30) -> str:
+    """The curve as a small text table (mean ± std over seeds) for the console."""
+    lines = []
+    for s in curve.series:
+        if s.name:
+            lines.append(f"[{s.name}]")
+        lines.append(f"{curve.x_key:>14} {'params':>9} {'seeds':>5} {'train_error':>15} {'test_error':>15}")
+        stride = max(1, -(-len(s.points) // max_lines))
+        for p in s.points[::stride]:
+            cells = [f"{p.mean[m]:.4f}±{p.std[m]:.4f}" if m in p.mean else "-" for m in ("train_error", "test_error")]
+            params = f"{p.params:.0f}" if p.params is not None else "-"
+            lines.append(f"{str(p.raw):>14} {params:>9} {p.n:>5} {cells[0]:>15} {cells[1]:>15}")
+        if s.threshold:
+            lines.append(f"interpolation threshold (params = n_train): {curve.x_key} ≈ {s.threshold:.3g}")
+    return "\n".join(lines)

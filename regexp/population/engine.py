@@ -1,0 +1,343 @@
+"""Train a bucket of population members as one batched computation.
+
+The loop mirrors ``regexp.train.trainer.train`` step for step: the same batches in the same
+order per member, the same loss and penalties, the same update rule and schedule, the same
+per-epoch evaluation, logs and divergence check. Only the arithmetic is batched (one
+``baddbmm`` per layer for all members), so a member ends with its lone run's weights up to
+float32 rounding: summation order inside the batched products differs, nothing else.
+
+The step loop never reads a value back to the host; losses are summed on the device and read
+once per epoch, when a member whose loss is no longer finite is marked ``diverged``, written
+out, and dropped from the stacked tensors while the others go on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from regexp.errors import ConfigError
+from regexp.optim import lr_factor
+from regexp.population.data import SPLITS, PopulationData
+from regexp.population.dropout import MemberDropout
+from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms
+from regexp.population.optim import StackedOptimizer
+from regexp.population.stacked_mlp import StackedMLP
+from regexp.regularizers.base import Regularizer
+from regexp.train.signals import StopFlag
+
+log = logging.getLogger("regexp.population")
+EVAL_BYTES = 4 * 2**20  # one evaluation chunk's hidden activations: cache-sized, no page faults
+
+
+@dataclass
+class Options:
+    """How populations are formed and run (``extra.population.*`` in a sweep's config)."""
+    bucket_ratio: float = 1.5  # widest / narrowest width inside one bucket
+    small_width: int = 32  # widths up to this always share a bucket (overhead-bound)
+    bf16: bool = False  # autocast the forward pass to bfloat16 (GPU; breaks the exactness)
+    compile: bool = False  # torch.compile the forward pass
+    # On CPU, buckets at least this wide compute member by member inside the batched step
+    # (plain GEMMs beat batched ones there; measured in scripts/bench.py); 0: never.
+    loop_width: int = 256
+    exact_dropout: Optional[bool] = None  # None: exact (lone-run) masks on CPU, batched on GPU
+
+
+def _member_hypers(members: List[Member]) -> Dict[str, List[float]]:
+    o = [m.cfg.optimizer for m in members]
+    if o[0].name in ("adam", "adamw"):
+        return {"lr": [c.lr for c in o], "beta1": [c.beta1 for c in o], "beta2": [c.beta2 for c in o],
+                "eps": [c.eps for c in o], "weight_decay": [c.weight_decay for c in o]}
+    return {"lr": [c.lr for c in o], "momentum": [c.momentum for c in o],
+            "dampening": [c.dampening for c in o]}
+
+
+def _reg(m: Member, name: str, key: str, default: float = 0.0) -> float:
+    r = m.cfg.regularizer.get(name)
+    return float(r[key]) if r is not None else default
+
+
+class LossTerms:
+    """Per-member cross-entropy (with label smoothing) and weight-decay penalty, as (M,) tensors."""
+
+    def __init__(self, members: List[Member], device: torch.device):
+        # As in train(): only regularizers that define a penalty add a term (and a curve).
+        self.reg_names = [r.name for r in members[0].regs if type(r).penalty is not Regularizer.penalty]
+        eps = [_reg(m, "label_smoothing", "eps") for m in members]
+        self.eps_common = eps[0] if all(e == eps[0] for e in eps) else None
+        self.eps = torch.tensor(eps, device=device).view(-1, 1)
+        lam = [_reg(m, "weight_decay", "lam") for m in members]
+        self.decay = "weight_decay" in self.reg_names and any(v > 0 for v in lam)
+        self.half_lam = torch.tensor([0.5 * v for v in lam], device=device)  # float32(λ/2), as train()
+        wd = members[0].cfg.regularizer.get("weight_decay")
+        self.decay_biases = wd is not None and not wd.exclude_bias_and_norm
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m, b, c = logits.shape
+        flat, yf = logits.reshape(m * b, c).float(), y.reshape(-1)
+        if self.eps_common is not None:
+            per = F.cross_entropy(flat, yf, reduction="none", label_smoothing=self.eps_common)
+            return per.view(m, b).mean(1)
+        logp = F.log_softmax(flat, -1).view(m, b, c)
+        nll = -logp.gather(2, y.unsqueeze(2)).squeeze(2)
+        smooth = -logp.sum(2) / c
+        return ((1 - self.eps) * nll + self.eps * smooth).mean(1)
+
+    def penalties(self, net: StackedMLP, like: torch.Tensor) -> List[torch.Tensor]:
+        """One (M,) tensor per penalizing regularizer, in config order (weight_decay is the one
+        population-compatible regularizer with a penalty)."""
+        out = []
+        for name in self.reg_names:
+            if name == "weight_decay" and self.decay:
+                ps = [p for _, p, is_w in net.named_params() if is_w or self.decay_biases]
+                sq = sum(p.pow(2).sum(dim=tuple(range(1, p.dim()))) for p in ps)
+                out.append(self.half_lam * sq)
+            else:
+                out.append(torch.zeros_like(like))
+        return out
+
+
+@torch.no_grad()
+def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy of every member on its (N, D) inputs, as (M,) tensors."""
+    m, n = y.shape
+    loss = torch.zeros(m, device=x.device)
+    correct = torch.zeros(m, device=x.device)
+    for i in range(0, n, batch):
+        logits = net.forward(x[:, i:i + batch]).float()
+        yb = y[:, i:i + batch]
+        loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1),
+                                reduction="none").view(m, -1).sum(1)
+        correct += (logits.argmax(2) == yb).sum(1)
+    return loss / max(n, 1), correct / max(n, 1)
+
+
+class Bucket:
+    """The stacked state of the members still training in one bucket."""
+
+    def __init__(self, members: List[Member], width: int, data: PopulationData, device: torch.device,
+                 opts: Options):
+        self.members, self.data, self.device = members, data, device
+        cfg = members[0].cfg
+        loop = device.type == "cpu" and 0 < opts.loop_width <= width
+        self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
+                              cfg.model.activation, device, loop)
+        self.opt = StackedOptimizer(cfg.optimizer.name, self.net.params, _member_hypers(members),
+                                    bool(cfg.optimizer.get("nesterov", False)), device)
+        self.terms = LossTerms(members, device)
+        exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
+        self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
+                                  [_reg(m, "dropout", "p") for m in members],
+                                  [m.dropout_gen for m in members], [m.width for m in members],
+                                  int(torch.tensor(data.input_shape).prod()), width,
+                                  len(self.net.weights) - 1, device, exact, int(cfg.seed))
+        self.member_set = data.member_set.clone()
+        self.best: Optional[List[torch.Tensor]] = None
+        self.forward = torch.compile(self.net.forward) if opts.compile else self.net.forward
+
+    def keep(self, idx: List[int]) -> None:
+        sel = torch.tensor(idx, dtype=torch.long)
+        self.members = [self.members[i] for i in idx]
+        self.net.keep(sel)
+        self.opt.keep(sel)
+        self.opt.set_params(self.net.params)
+        self.drop.keep(idx)
+        self.member_set = self.member_set.index_select(0, sel)
+        self.terms = LossTerms(self.members, self.device)
+        if self.best is not None:
+            self.best = [b.index_select(0, sel.to(b.device)) for b in self.best]
+
+
+def train_bucket(members: List[Member], width: int, opts: Options) -> List[Dict]:
+    """Train ``members`` (one group, widths <= ``width``) together; return their metrics."""
+    cfg = members[0].cfg
+    t = cfg.trainer
+    from regexp.train.trainer import resolve_device
+
+    device = resolve_device(t.device)
+    data = PopulationData([m.cfg for m in members], device)
+    n = data.n
+    bs = n if t.batch_size == "full" else int(t.batch_size)
+    if bs > n:
+        raise ConfigError(f"trainer.batch_size={bs} is invalid: expected at most {n}, the number of "
+                          "training examples (or \"full\")")
+    _build_models(members, data, device)
+    b = Bucket(members, width, data, device, opts)
+    steps_per_epoch = math.ceil(n / bs)
+    total_steps = t.epochs * steps_per_epoch
+    factor = lr_factor(cfg.scheduler, total_steps)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext())
+    weight_names = [name for name, _, is_w in b.net.named_params() if is_w]
+    results: Dict[int, Dict] = {}
+    ids = {id(m): k for k, m in enumerate(members)}
+    step, epoch, perms, running = 0, 0, None, None
+    bar = tqdm(total=t.epochs, desc=f"population w<={width} x{len(members)}", leave=False,
+               disable=None if t.progress else True, dynamic_ncols=True)
+
+    with StopFlag() as stop:
+        while epoch < t.epochs and b.members:
+            rows = data.epoch_index([m.order for m in b.members], b.member_set)
+            perms = rows - b.member_set.to(device)[:, None] * n
+            running = torch.zeros(len(b.members), 1 + len(b.terms.reg_names), device=device)
+            grad_norms = None
+            for i in range(steps_per_epoch):
+                xb, yb = data.batch(rows[:, i * bs:(i + 1) * bs])
+                masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
+                with autocast:
+                    logits = b.forward(xb, masks)
+                loss = b.terms.loss(logits, yb)
+                pens = b.terms.penalties(b.net, loss)
+                for p in b.net.params:
+                    p.grad = None
+                (loss.sum() + sum(pen.sum() for pen in pens)).backward()
+                if i == steps_per_epoch - 1 and cfg.logger.grad_norms:
+                    grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2))
+                                              for w in b.net.weights], 1)
+                b.opt.step(factor(step))
+                step += 1
+                running += torch.stack([loss] + pens, 1) * xb.shape[1]
+                if stop.requested:
+                    break
+            if stop.requested and i < steps_per_epoch - 1:
+                break
+            epoch += 1
+            done = _epoch_end(b, epoch, running / n, grad_norms, weight_names, factor(step), cfg, t)
+            bar.update(1)
+            for k in done:
+                m = b.members[k]
+                results[ids[id(m)]] = finish(m, device, diverged_epoch=epoch)
+            if done:
+                b.keep([k for k in range(len(b.members)) if k not in done])
+            if stop.requested:
+                break
+    bar.close()
+
+    status = "completed" if epoch >= t.epochs else "interrupted"
+    for k, m in enumerate(b.members):
+        m.status, m.epochs, m.signal = status, epoch, stop.signum
+        if status == "completed":
+            state = b.net.member_state(k)
+            best = b.net.member_state(k, b.best) if b.best is not None else None
+            opt_state = _member_opt_state(b, k)
+            ck = checkpoint_dict(m, state, opt_state, total_steps, b.opt.lr_of(k, factor(step)),
+                                 perms[k].cpu() if perms is not None else None, running[k].cpu(), best)
+            ds = data.sets[int(b.member_set[k])]  # the lone run's tensors, for report()
+            tensors = {s: tuple(v.to(device) for v in ds.split(s)) for s in SPLITS}
+            results[ids[id(m)]] = finish(m, device, state, best, ck, tensors=tensors,
+                                         eval_batch=t.eval_batch_size)
+        else:
+            results[ids[id(m)]] = finish(m, device)
+    return [results[k] for k in range(len(members))]
+
+
+def _build_models(members: List[Member], data: PopulationData, device: torch.device) -> None:
+    """Each member's lone model, built exactly as train() builds it, and its open log."""
+    from regexp.models import build_model
+    from regexp.regularizers import build_regularizers
+    from regexp.regularizers.base import Context
+    from regexp.train.io import write_json
+    from regexp.train.trainer import seed_everything
+
+    for i, m in enumerate(members):
+        m.out_dir.mkdir(parents=True, exist_ok=True)
+        ds = data.dataset(i)
+        if len(ds.noisy_indices):
+            write_json(m.out_dir / "label_noise.json", {"indices": ds.noisy_indices.tolist(),
+                                                        "original_labels": ds.clean_labels.tolist()})
+        seed_everything(int(m.cfg.seed))
+        m.model = build_model(m.cfg.model, data.input_shape, data.num_classes).to(device)
+        m.dropout_gen.set_state(torch.get_rng_state())
+        m.t0 = time.time()  # a member's wall_s is its bucket's: they train together
+        ctx = Context(data.num_classes, data.n, device, data.input_shape, int(m.cfg.seed), m.out_dir,
+                      model_cfg=m.cfg.model)
+        m.regs = build_regularizers(m.cfg.regularizer, ctx)
+        for r in m.regs:
+            r.attach(m.model)
+        m.open_log()
+
+
+def _member_opt_state(b: Bucket, k: int) -> List[Dict[str, torch.Tensor]]:
+    """Member k's optimizer state per parameter, unpadded, under torch.optim's names."""
+    out: List[Dict[str, torch.Tensor]] = [dict() for _ in b.net.params]
+    for key, ts in b.opt.state.items():
+        if key == "step":
+            for d, s in zip(out, ts):
+                d[key] = s.detach().cpu().clone()
+            continue
+        for d, (name, t) in zip(out, b.net.member_state(k, ts).items()):
+            d[key] = t
+    return out
+
+
+def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Optional[torch.Tensor],
+               weight_names: List[str], lr_factor_now: float, cfg, t) -> List[int]:
+    """Logs, evaluation, best-state tracking and the divergence check; return diverged members."""
+    sums = mean_terms.tolist()  # the one host read of the epoch's training losses
+    with torch.no_grad():
+        l2 = torch.sqrt(sum(p.pow(2).sum(dim=tuple(range(1, p.dim()))) for p in b.net.params)).tolist()
+    gn = grad_norms.tolist() if grad_norms is not None else None
+    evaluated = epoch % t.eval_every == 0 or epoch == t.epochs
+    evals = {}
+    if evaluated:
+        for s in SPLITS:
+            x, y = b.data.split(s, b.member_set)
+            if y.shape[1]:
+                chunk = max(1, min(t.eval_batch_size, EVAL_BYTES // (4 * len(b.members) * b.net.width)))
+                l, a = evaluate_members(b.net, x, y, chunk)
+                evals[s] = (l.tolist(), a.tolist())
+    diverged, improved = [], []
+    for k, m in enumerate(b.members):
+        if not finite(sums[k]):
+            m.status, m.epochs = "diverged", epoch
+            m.tb.scalars({"diverged": 1.0, "loss/train_running": sums[k][0]}, epoch)
+            diverged.append(k)
+            continue
+        logs = {"loss/train_running": sums[k][0], "lr": b.opt.lr_of(k, lr_factor_now)}
+        logs.update({f"penalty/{r}": v for r, v in zip(b.terms.reg_names, sums[k][1:])})
+        logs["weights/l2_norm"] = l2[k]
+        if gn is not None:
+            logs.update({f"grad_norm/{name}": v for name, v in zip(weight_names, gn[k])})
+        if evaluated:
+            row = {"epoch": epoch}
+            for s, (ls, acc) in evals.items():
+                row[f"{s}_loss"], row[f"{s}_acc"] = ls[k], acc[k]
+                logs[f"loss/{s}"], logs[f"acc/{s}"] = ls[k], acc[k]
+            if not math.isfinite(row["train_loss"]):
+                m.status, m.epochs = "diverged", epoch
+                m.tb.scalars({"diverged": 1.0}, epoch)
+                diverged.append(k)
+                continue
+            m.history.append(row)
+            if m.improves(row):
+                m.best = dict(row)
+                improved.append(k)
+        m.epochs = epoch
+        m.tb.scalars(logs, epoch)
+        for r in m.regs:
+            r.log(m.tb, epoch)
+        if cfg.logger.histogram_every and epoch % cfg.logger.histogram_every == 0:
+            write_histograms(m.tb, b.net.member_state(k), epoch)
+    if improved:
+        _update_best(b, improved)
+    return diverged
+
+
+@torch.no_grad()
+def _update_best(b: Bucket, improved: List[int]) -> None:
+    """Copy the improved members' current weights into the stacked best state (on the device)."""
+    mask = torch.zeros(len(b.members), dtype=torch.bool)
+    mask[improved] = True
+    mask = mask.to(b.device)
+    if b.best is None:
+        b.best = [p.detach().clone() for p in b.net.params]
+        return
+    for best, p in zip(b.best, b.net.params):
+        sel = mask.view(-1, *([1] * (p.dim() - 1)))
+        best.copy_(torch.where(sel, p.detach(), best))

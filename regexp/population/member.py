@@ -1,0 +1,148 @@
+"""One member of a population: its run's config, folder, logs, and the files it leaves.
+
+Whatever a member writes is what ``train()`` would write for the same config alone:
+``metrics.json`` with the same keys, a TensorBoard run with the same tags (and HParams
+entry), ``model.pt`` / ``best_model.pt`` as state dicts of the lone model, and a
+``checkpoint.pt`` in ``train()``'s format (optimizer and schedule state included).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from regexp.optim import build_optimizer, build_scheduler
+from regexp.train.io import save_torch, write_json
+from regexp.train.tblog import TBLogger
+from regexp.train.trainer import _hparams, rng_state
+
+
+@dataclass
+class Member:
+    point: Dict[str, Any]
+    cfg: DictConfig
+    out_dir: Path
+    overrides: List[str]
+    # The lone model as train() builds it for this seed (initial weights, names, checkpoints),
+    # and the global generator's state right after, from which train() would draw dropout masks.
+    model: Optional[nn.Module] = None
+    dropout_gen: torch.Generator = field(default_factory=torch.Generator)
+    order: Optional[torch.Generator] = None  # data order, seeded as train() seeds it
+    regs: List[Any] = field(default_factory=list)  # its regularizer objects: log() and report()
+    t0: float = field(default_factory=time.time)
+    tb: Optional[TBLogger] = None
+    history: List[Dict[str, float]] = field(default_factory=list)
+    best: Optional[Dict[str, float]] = None
+    status: str = "running"
+    epochs: int = 0
+    signal: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.order is None:
+            self.order = torch.Generator().manual_seed(int(self.cfg.seed))
+
+    @property
+    def width(self) -> int:
+        return int(self.cfg.model.width)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def open_log(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tb = TBLogger(self.out_dir, self.cfg.logger.tensorboard)
+        self.tb.hparams(_hparams(self.cfg, self.overrides, self.params))
+
+    def improves(self, row: Dict[str, float]) -> bool:
+        """Whether an evaluated epoch beats the best so far by (val acc, -val loss), as in train()."""
+        if "val_acc" not in row:
+            return False
+        key = (row["val_acc"], -row["val_loss"])
+        return self.best is None or key > (self.best["val_acc"], -self.best["val_loss"])
+
+
+def write_histograms(tb: TBLogger, state: Dict[str, torch.Tensor], epoch: int) -> None:
+    if tb.writer:
+        for name, t in state.items():
+            tb.writer.add_histogram(f"weights/{name}", t.float(), epoch)
+
+
+def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[Dict[str, torch.Tensor]],
+                total_steps: int, lr_final: float, perm: Optional[torch.Tensor],
+                running: torch.Tensor, best_state) -> Dict[str, Any]:
+    """The dict train() saves as checkpoint.pt, rebuilt from the member's slices."""
+    m.model.load_state_dict(state)
+    params = [p for p in m.model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(m.cfg.optimizer, [{"params": params}], torch.device("cpu"))
+    for p, s in zip(params, opt_state):
+        if s:
+            optimizer.state[p] = s
+    scheduler = build_scheduler(m.cfg.scheduler, optimizer, total_steps)
+    sd = scheduler.state_dict()
+    sd.update(last_epoch=total_steps, _step_count=total_steps + 1, _last_lr=[lr_final])
+    scheduler.load_state_dict(sd)
+    for g in optimizer.param_groups:
+        g["lr"] = lr_final
+    rng = rng_state()
+    rng["torch"] = m.dropout_gen.get_state()
+    return {
+        "config": OmegaConf.to_container(m.cfg, resolve=True), "status": m.status, "epoch": m.epochs,
+        "step_in_epoch": 0, "perm": perm, "running": running, "model": m.model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "regularizers": [r.state_dict() for r in m.regs], "history": m.history, "best": m.best,
+        "best_state": best_state, "order": m.order.get_state(), "rng": rng,
+    }
+
+
+def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tensor]] = None,
+           best_state: Optional[Dict[str, torch.Tensor]] = None, checkpoint: Optional[Dict[str, Any]] = None,
+           diverged_epoch: Optional[int] = None, tensors=None, eval_batch: int = 4096) -> Dict[str, Any]:
+    """Write the member's final files (metrics.json last, as train() does) and return its metrics.
+
+    ``state`` is loaded into the member's lone model, so each regularizer's ``report`` sees
+    exactly the model a lone run would end with (MC-dropout accuracy and the like).
+    """
+    from regexp.train.trainer import evaluate
+
+    if checkpoint is not None:
+        save_torch(m.out_dir / "checkpoint.pt", checkpoint)
+    final = m.history[-1] if m.history else None
+    extra: Dict[str, float] = {}
+    if m.status == "completed" and state is not None:
+        m.model.load_state_dict(state)
+        # A lone run's reports draw (MC dropout) from the global generator where training left
+        # it, which is the member's dropout generator state; restore ours afterwards.
+        saved = torch.get_rng_state()
+        torch.set_rng_state(m.dropout_gen.get_state())
+        for r in m.regs:
+            extra.update(r.report(m.model, tensors, lambda mod, x, y: evaluate(mod, x, y, eval_batch)))
+        torch.set_rng_state(saved)
+        save_torch(m.out_dir / "model.pt", state)
+        if best_state is not None:
+            save_torch(m.out_dir / "best_model.pt", best_state)
+    metrics: Dict[str, Any] = {
+        "status": m.status, "epochs": m.epochs, "final": final,
+        "best": m.best if m.best is not None else final,
+        "params": m.params, "wall_s": round(time.time() - m.t0, 3), "device": str(device),
+        "threads": torch.get_num_threads(),
+        "overrides": list(m.overrides), "extra": extra, "history": m.history,
+    }
+    if diverged_epoch is not None:
+        metrics["diverged_epoch"] = diverged_epoch
+    if m.status == "interrupted" and m.signal is not None:
+        metrics["signal"] = int(m.signal)
+    if m.tb is not None:
+        m.tb.close()
+    write_json(m.out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def finite(values: List[float]) -> bool:
+    return all(math.isfinite(v) for v in values)

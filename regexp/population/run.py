@@ -1,0 +1,125 @@
+"""Train the points of a sweep as populations: group, bucket by width, train each bucket.
+
+Each point keeps its own folder (``point_name(point)``) and leaves there what a lone
+``train()`` would. A point whose folder holds a completed run is skipped; one holding an
+unfinished lone run (``checkpoint.pt``) is resumed by ``train()`` itself; a point that fails
+validation is recorded as failed, like the serial sweep does.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from regexp.config import validate
+from regexp.errors import ConfigError
+from regexp.optim import build_optimizer
+from regexp.population.compat import bucket_widths, group_key, incompatibility
+from regexp.population.engine import Options, train_bucket
+from regexp.population.member import Member
+
+log = logging.getLogger("regexp.population")
+ENGINES = ("auto", "serial", "population")
+
+
+def options(base: DictConfig) -> Options:
+    """``extra.population`` of the sweep's config, checked against :class:`Options`."""
+    node = base.extra.get("population")
+    given = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    known = Options.__dataclass_fields__
+    for k in given:
+        if k not in known:
+            raise ConfigError(f"extra.population.{k} is unknown: expected one of {', '.join(known)}")
+    opts = Options(**given)
+    if opts.bucket_ratio < 1:
+        raise ConfigError(f"extra.population.bucket_ratio={opts.bucket_ratio} is invalid: expected >= 1")
+    return opts
+
+
+def use_population(base: DictConfig, points: List[Dict[str, Any]]) -> bool:
+    """Whether ``sweep.engine`` asks for (or, on auto, allows) population training."""
+    from regexp.sweep import point_config
+
+    engine = base.sweep.get("engine", "auto")
+    if engine not in ENGINES:
+        raise ConfigError(f"sweep.engine={engine!r} is invalid: expected one of {', '.join(ENGINES)}")
+    if engine == "serial" or not points:
+        return False
+    for point in points:
+        try:
+            cfg = point_config(base, point)
+        except ConfigError:
+            return engine == "population"  # run_points' own error handling reports it
+        why = incompatibility(cfg)
+        if why is not None:
+            if engine == "population":
+                raise ConfigError(f"sweep.engine=population is invalid for this sweep: {why}; "
+                                  "use sweep.engine=serial or auto")
+            return False
+    return True
+
+
+def _failed(out: Path, msg: str, overrides: List[str]) -> Dict[str, Any]:
+    from regexp.train.io import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "metrics.json").exists():
+        write_json(out / "metrics.json", {"status": "failed", "error": msg, "overrides": overrides})
+    return {"status": "failed", "error": msg}
+
+
+def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path,
+                     opts: Optional[Options] = None) -> List[Dict[str, Any]]:
+    """Train every point; return each point's metrics (as ``train()`` returns them), in order."""
+    from regexp.sweep import _fmt, point_config, point_name
+    from regexp.train.trainer import _prepare_dir, train
+
+    opts = opts or options(base)
+    results: List[Optional[Dict[str, Any]]] = [None] * len(points)
+    pending: Dict[str, List[int]] = {}
+    members: Dict[int, Member] = {}
+    for i, point in enumerate(points):
+        out = sweep_dir / point_name(point)
+        overrides = [f"{k}={_fmt(v)}" for k, v in point.items()]
+        try:
+            cfg = point_config(base, point)
+            validate(cfg)
+            # the optimizer checks train() makes when it builds one (nesterov needs momentum ...)
+            build_optimizer(cfg.optimizer, [{"params": [torch.zeros(1, requires_grad=True)]}],
+                            torch.device("cpu"))
+            out.mkdir(parents=True, exist_ok=True)
+            done = _prepare_dir(out, cfg.trainer, sweep=True)
+            if done is not None:
+                results[i] = done
+            elif (out / "checkpoint.pt").exists():  # an unfinished lone run: train() resumes it
+                results[i] = train(cfg, out, overrides, sweep=True)
+            else:
+                members[i] = Member(point, cfg, out, overrides)
+                pending.setdefault(group_key(cfg), []).append(i)
+        except Exception as e:  # recorded like run_points records it; the sweep goes on
+            msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            log.error("point %s failed: %s\n%s", point_name(point), msg, traceback.format_exc())
+            results[i] = _failed(out, msg, overrides)
+
+    for idx in pending.values():
+        t = members[idx[0]].cfg.trainer
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        for widths in bucket_widths([members[i].width for i in idx], opts.bucket_ratio, opts.small_width):
+            chosen = [i for i in idx if members[i].width in widths]
+            log.info("population: %d members, widths %s padded to %d", len(chosen), widths, max(widths))
+            try:
+                for i, metrics in zip(chosen, train_bucket([members[i] for i in chosen], max(widths), opts)):
+                    results[i] = metrics
+            except Exception as e:  # the whole bucket failed: record it on every member
+                msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+                log.error("population bucket %s failed: %s\n%s", widths, msg, traceback.format_exc())
+                for i in chosen:
+                    results[i] = _failed(members[i].out_dir, msg, members[i].overrides)
+    return [r if r is not None else {"status": "failed"} for r in results]

@@ -1,0 +1,44 @@
+"""Decoupled weight decay (Loshchilov & Hutter's AdamW): w ← w − ηλw in the update itself.
+
+The shrink happens after the gradient is computed and before the optimizer step, so the
+update is w_{t+1} = w_t − η(u_t + λw_t) with u_t the optimizer's own step direction: for
+Adam exactly torch's AdamW, for plain SGD exactly L2 decay. Under Adam an L2 penalty's
+gradient λw is divided by √v̂ like any gradient, so heavily-updated weights are barely decayed;
+here every weight shrinks by the same factor 1 − ηλ. η is the optimizer's current (scheduled)
+learning rate of the weight's group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.l1 import NONNEG
+
+
+@register
+class DecoupledWeightDecay(Regularizer):
+    name = "decoupled_weight_decay"
+
+    @dataclass
+    class Config:
+        lam: float = 1e-2  # per unit of learning rate, as AdamW's weight_decay
+        exclude_bias_and_norm: bool = True
+
+    ranges = {"lam": NONNEG}
+
+    def attach(self, model) -> None:
+        self._targets = {id(p) for p in model.parameters()
+                         if p.dim() >= 2 or not self.cfg.exclude_bias_and_norm}
+
+    @torch.no_grad()
+    def before_step(self, model) -> None:
+        for group in self.ctx.optimizer.param_groups:
+            params = [p for p in group["params"] if id(p) in self._targets and p.grad is not None]
+            if params:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * self.cfg.lam)
+
+    def log(self, writer, epoch: int) -> None:
+        writer.scalars({"decoupled_weight_decay/shrink": 1.0 - self.ctx.optimizer.param_groups[0]["lr"]
+                        * self.cfg.lam}, epoch)

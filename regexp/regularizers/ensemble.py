@@ -1,0 +1,99 @@
+"""Ensembles and bagging: K members trained side by side, predicting with their mean probability.
+
+``wrap_model`` replaces the model by an :class:`Ensemble` holding K members: member 0 is the
+run's own model, member k > 0 is built again with its own seed (so ``components`` = 1 is the
+plain run). Each member is trained on its own cross-entropy (the data loss is Σₖ Lₖ, members do
+not see each other); with ``bootstrap`` member k's per-example losses are weighted by its
+bootstrap counts (bagging, see :mod:`bootstrap`). The ensemble predicts
+p(y|x) = (1/K) Σₖ pₖ(y|x) and returns its log, so the trainer's metrics are the ensemble's;
+``report`` puts the mean member's metrics beside them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.bootstrap import bootstrap_counts
+
+
+class Ensemble(nn.Module):
+    def __init__(self, members: List[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.last_logits: Optional[List[torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = [m(x) for m in self.members]
+        self.last_logits = logits if self.training else None  # for the per-member losses
+        log_p = torch.stack([F.log_softmax(z, 1) for z in logits])
+        return torch.logsumexp(log_p, 0) - math.log(len(logits))  # ln of the mean probability
+
+
+def member_seed(seed: int, k: int) -> int:
+    return seed * 1_000_003 + k  # distinct for every (run seed, member) pair in practice
+
+
+@register
+class EnsembleRegularizer(Regularizer):
+    name = "ensemble"
+
+    @dataclass
+    class Config:
+        components: int = 5  # K members
+        bootstrap: bool = False  # bagging: each member on its own bootstrap resample
+
+    ranges = {"components": (lambda v: v >= 1, "an integer >= 1")}
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.counts = None
+        if cfg.bootstrap:
+            g = torch.Generator().manual_seed(member_seed(ctx.seed, 7919))
+            self.counts = bootstrap_counts(ctx.n_train, cfg.components, g).to(ctx.device)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        from regexp.models import build_model
+
+        members = [model]
+        for k in range(1, self.cfg.components):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(member_seed(self.ctx.seed, k))
+                members.append(build_model(self.ctx.model_cfg, self.ctx.input_shape,
+                                           self.ctx.num_classes))
+        return Ensemble(members).to(self.ctx.device)
+
+    def data_loss(self, model, logits, y, idx, loss_kwargs):
+        losses = [F.cross_entropy(z, y, reduction="none", **loss_kwargs) for z in model.last_logits]
+        if self.counts is None:
+            return sum(l.mean() for l in losses)
+        w = self.counts[:, idx]
+        return sum((wk * l).mean() for wk, l in zip(w, losses))
+
+    def report(self, model, tensors, evaluate) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        for split in ("train", "val", "test"):
+            x, y = tensors[split]
+            if not len(y):
+                continue
+            loss, acc = evaluate(model, x, y)
+            member = [evaluate(m, x, y) for m in model.members]
+            out[f"ensemble/{split}_acc"] = acc.item()
+            out[f"ensemble/{split}_loss"] = loss.item()
+            out[f"ensemble/member_mean_{split}_acc"] = torch.stack([a for _, a in member]).mean().item()
+            out[f"ensemble/member_mean_{split}_loss"] = torch.stack([l for l, _ in member]).mean().item()
+        if self.counts is not None:
+            out["ensemble/bootstrap_unique_fraction"] = (self.counts > 0).float().mean().item()
+        return out
+
+    def state_dict(self):
+        return {"counts": None if self.counts is None else self.counts.cpu()}
+
+    def load_state_dict(self, state) -> None:
+        if state["counts"] is not None:
+            self.counts = state["counts"].to(self.ctx.device)

@@ -1,0 +1,26 @@
+"""L1 weight penalty: Ω = λ · Σ|w|, whose (sub)gradient λ·sign(w) pushes weights to exactly 0."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from regexp.regularizers.base import Regularizer, register, weight_params
+
+NONNEG = (lambda v: v >= 0, "a number >= 0")
+
+
+@register
+class L1(Regularizer):
+    name = "l1"
+
+    @dataclass
+    class Config:
+        lam: float = 1e-5
+        exclude_bias_and_norm: bool = True
+
+    ranges = {"lam": NONNEG}
+
+    def penalty(self, model) -> torch.Tensor:
+        params = weight_params(model, self.cfg.exclude_bias_and_norm)
+        return self.cfg.lam * sum(p.abs().sum() for p in params)

@@ -1,0 +1,57 @@
+"""Transfer learning / fine-tuning: start from a saved run's weights.
+
+``attach`` loads ``<run_dir>/<file>`` (a ``model.pt`` that a run wrote) into the new model. Tensors
+whose shape differs (a head for another number of classes) keep their fresh initialisation.
+With ``freeze`` every parameter outside the output layer (the modules named ``head``) gets
+``requires_grad = False``, so the trainer leaves it out of the optimizer: the textbook recipe
+of retraining only the last layer on the new task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from regexp.errors import ConfigError
+from regexp.regularizers.base import Regularizer, register
+
+
+def is_head(param_name: str) -> bool:
+    return "head" in param_name.split(".")[:-1][-1:]
+
+
+@register
+class Transfer(Regularizer):
+    name = "transfer"
+
+    @dataclass
+    class Config:
+        run_dir: str = ""  # folder of a finished run
+        file: str = "model.pt"  # or best_model.pt
+        freeze: bool = True  # train only the output layer
+
+    ranges = {"run_dir": (lambda v: bool(v), "the folder of a finished run (holding model.pt)")}
+
+    def attach(self, model) -> None:
+        path = Path(self.cfg.run_dir).expanduser() / self.cfg.file
+        if not path.is_file():
+            raise ConfigError(f"regularizer.transfer.run_dir={self.cfg.run_dir!r} is invalid: "
+                              f"{path} does not exist; expected the folder of a finished run")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        own = model.state_dict()
+        usable = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+        if not usable:
+            raise ConfigError(f"regularizer.transfer.run_dir={self.cfg.run_dir!r} is invalid: its "
+                              f"{self.cfg.file} shares no tensor of matching shape with this model")
+        model.load_state_dict(usable, strict=False)
+        self.loaded, self.skipped = len(usable), len(own) - len(usable)
+        if self.cfg.freeze:
+            for name, p in model.named_parameters():
+                p.requires_grad_(is_head(name))
+
+    def report(self, model, tensors, evaluate) -> Dict[str, float]:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {"transfer/loaded_tensors": self.loaded, "transfer/kept_fresh_tensors": self.skipped,
+                "transfer/trainable_params": trainable}

@@ -1,0 +1,228 @@
+"""Speed of regexp against plain PyTorch, measured side by side in one process.
+
+Default mode (one model): a plain PyTorch loop (DataLoader, per-step ``loss.item()`` and
+TensorBoard scalar) against ``regexp.train.trainer.train`` on the same workload: MLP
+40-100-100-10 on MNIST-1D, batch 100, Adam, the same number of steps and a per-epoch
+evaluation of train/val/test in both. The two alternate for ``--repeats`` rounds; the
+script prints each one's steps/s (median) and the ratio regexp / plain.
+
+``--sweep`` (a width × seed sweep): the same workload three ways, alternating:
+  A: plain PyTorch, one model at a time, DataLoader, per-step logging;
+  B: regexp, one member at a time (``sweep.engine=serial``);
+  C: regexp population (``sweep.engine=population``).
+It prints wall times, the ratios A/C and B/C, C's achieved GFLOP/s (useful work: unpadded
+training and evaluation FLOPs) and that as a fraction of this machine's float32 matmul
+throughput, measured here with the same thread count.
+
+    python scripts/bench.py [--epochs 20] [--repeats 3]
+    python scripts/bench.py --sweep [--epochs 3] [--widths 4,8,...] [--seeds 3] [--depth 1]
+
+Use ``--threads`` (default 1) for all contenders alike; timings on a shared machine vary, so
+the ratio of interleaved runs is the figure to read, not an absolute time.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SWEEP_WIDTHS = [4, 6, 11, 18, 30, 50, 85, 143, 241, 406, 683, 1024]  # 12 widths, ~geometric
+
+
+# ---------------------------------------------------------------- configs
+def compose(overrides: Sequence[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from regexp.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+# ---------------------------------------------------------------- A: plain PyTorch
+def plain_mlp(width: int, depth: int) -> nn.Module:
+    layers: List[nn.Module] = [nn.Flatten()]
+    d = 40
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, 10))
+
+
+def plain_train(data, width: int, depth: int, epochs: int, batch: int, opt_name: str, lr: float,
+                seed: int, log_dir: Path, device: str = "cpu") -> int:
+    """A textbook loop: DataLoader, per-step loss.item() + TensorBoard, per-epoch evaluation."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(seed)
+    model = plain_mlp(width, depth).to(device)
+    opt = (torch.optim.Adam(model.parameters(), lr=lr) if opt_name == "adam"
+           else torch.optim.SGD(model.parameters(), lr=lr))
+    loader = DataLoader(TensorDataset(data.x_train.to(device), data.y_train.to(device)), batch_size=batch,
+                        shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    writer = SummaryWriter(str(log_dir))
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        for xb, yb in loader:
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            writer.add_scalar("loss/train_step", loss.item(), step)
+            step += 1
+        model.eval()
+        with torch.no_grad():
+            for split in ("train", "val", "test"):
+                x, y = (t.to(device) for t in data.split(split))
+                logits = model(x)
+                writer.add_scalar(f"loss/{split}", F.cross_entropy(logits, y).item(), epoch)
+                writer.add_scalar(f"acc/{split}", (logits.argmax(1) == y).float().mean().item(), epoch)
+    writer.close()
+    return step
+
+
+# ---------------------------------------------------------------- FLOPs and the matmul roof
+def mlp_flops(width: int, depth: int, n_train: int, n_eval: int, epochs: int) -> float:
+    """Useful float ops: forward 2·MAC, weight grads 2·MAC, input grads 2·MAC except layer 1."""
+    dims = [40] + [width] * depth + [10]
+    macs = [a * b for a, b in zip(dims[:-1], dims[1:])]
+    train = n_train * (6 * sum(macs) - 2 * macs[0])
+    return epochs * (train + n_eval * 2 * sum(macs))
+
+
+def matmul_gflops(threads: int) -> float:
+    """Best float32 GEMM rate over a few square sizes, with ``threads`` threads."""
+    torch.set_num_threads(threads)
+    best = 0.0
+    for n in (256, 512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):
+            a @ b
+        reps = max(3, int(2e9 / (2 * n ** 3)))
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# ---------------------------------------------------------------- the two modes
+def single(args) -> None:
+    from regexp.data import load_data
+    from regexp.train.trainer import train
+
+    base = ["model.width=100", "model.depth=2", "optimizer=adam", f"trainer.epochs={args.epochs}",
+            "trainer.batch_size=100", "trainer.progress=false", f"trainer.threads={args.threads}"]
+    cfg = compose(base)
+    data = load_data(cfg.data, 0)
+    steps = args.epochs * math.ceil(len(data.y_train) / 100)
+    rates: Dict[str, List[float]] = {"plain": [], "regexp": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        # warm-up, not timed: first imports (torch.optim pulls in dynamo), allocator, caches
+        plain_train(data, 100, 2, 1, 100, "adam", 1e-3, 0, Path(tmp) / "warm_plain")
+        train(compose(base + ["trainer.epochs=1"]), Path(tmp) / "warm_regexp", [])
+        for r in range(args.repeats):
+            torch.set_num_threads(args.threads)
+            t = time.perf_counter()
+            n = plain_train(data, 100, 2, args.epochs, 100, "adam", 1e-3, 0, Path(tmp) / f"plain{r}")
+            rates["plain"].append(n / (time.perf_counter() - t))
+            t = time.perf_counter()
+            train(cfg, Path(tmp) / f"regexp{r}", [])
+            rates["regexp"].append(steps / (time.perf_counter() - t))
+    p, q = statistics.median(rates["plain"]), statistics.median(rates["regexp"])
+    print(f"workload: MLP 40-100-100-10, MNIST-1D, batch 100, Adam, {steps} steps, "
+          f"{args.threads} thread(s), {args.repeats} alternating repeats")
+    print(f"plain PyTorch (DataLoader): {p:8.1f} steps/s   {[round(v) for v in rates['plain']]}")
+    print(f"regexp trainer:             {q:8.1f} steps/s   {[round(v) for v in rates['regexp']]}")
+    print(f"ratio regexp / plain: {q / p:.2f}x (target >= 1.5x)")
+
+
+def sweep(args) -> None:
+    from regexp.data import load_data
+    from regexp.sweep import grid, run_points
+
+    widths = [int(w) for w in args.widths.split(",")] if args.widths else SWEEP_WIDTHS
+    seeds = list(range(args.seeds))
+    base = [f"model.depth={args.depth}", f"optimizer={args.optimizer}", f"trainer.epochs={args.epochs}",
+            "trainer.batch_size=100", "trainer.progress=false", f"trainer.threads={args.threads}",
+            "trainer.device=" + args.device]
+    cfg = {e: compose(base + [f"sweep.engine={e}"]) for e in ("serial", "population")}
+    points = grid({"model.width": widths}, seeds)
+    lr = float(cfg["serial"].optimizer.lr)
+    data = {s: load_data(cfg["serial"].data, s) for s in seeds}
+    n_train = len(data[0].y_train)
+    n_eval = sum(len(data[0].split(s)[1]) for s in ("train", "val", "test"))
+    flops = sum(mlp_flops(w, args.depth, n_train, n_eval, args.epochs) for w in widths) * len(seeds)
+    roof = matmul_gflops(args.threads)
+    times: Dict[str, List[float]] = {"A": [], "B": [], "C": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        # warm-up, not timed: first imports (torch.optim pulls in dynamo), allocator, caches
+        warm = [{"model.width": widths[0], "seed": 0}]
+        plain_train(data[0], widths[0], args.depth, 1, 100, args.optimizer, lr, 0, Path(tmp) / "wA", args.device)
+        for engine in ("serial", "population"):
+            run_points(compose(base + [f"sweep.engine={engine}", "trainer.epochs=1"]), warm,
+                       Path(tmp) / f"w{engine}")
+        for r in range(args.repeats):
+            torch.set_num_threads(args.threads)
+            t = time.perf_counter()
+            for p in points:
+                d = load_data(cfg["serial"].data, p["seed"])
+                plain_train(d, p["model.width"], args.depth, args.epochs, 100, args.optimizer, lr,
+                            p["seed"], Path(tmp) / f"A{r}" / str(p), args.device)
+            times["A"].append(time.perf_counter() - t)
+            for key, engine in (("B", "serial"), ("C", "population")):
+                t = time.perf_counter()
+                rows = run_points(cfg[engine], points, Path(tmp) / f"{key}{r}")
+                times[key].append(time.perf_counter() - t)
+                assert all(row["status"] == "completed" for row in rows), rows
+            print(f"round {r + 1}: A {times['A'][-1]:.2f}s  B {times['B'][-1]:.2f}s  C {times['C'][-1]:.2f}s",
+                  flush=True)
+    a, b, c = (statistics.median(times[k]) for k in "ABC")
+    print(f"workload: MNIST-1D, MLP depth {args.depth}, widths {widths} x {len(seeds)} seeds "
+          f"({len(points)} models), {args.epochs} epochs, batch 100, {args.optimizer}, "
+          f"{args.threads} thread(s), device {args.device}, {args.repeats} alternating repeats (medians)")
+    print(f"A plain PyTorch, one at a time:  {a:8.2f} s")
+    print(f"B regexp, one member at a time:  {b:8.2f} s")
+    print(f"C regexp population:             {c:8.2f} s")
+    print(f"A/C = {a / c:.2f}x (target >= 4 on CPU)   B/C = {b / c:.2f}x")
+    print(f"useful work {flops / 1e9:.1f} GFLOP; C achieves {flops / c / 1e9:.1f} GFLOP/s = "
+          f"{flops / c / 1e9 / roof:.0%} of the measured matmul throughput {roof:.1f} GFLOP/s "
+          f"(target >= 30%); A achieves {flops / a / 1e9:.1f} GFLOP/s")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="the three-way sweep comparison (A, B, C)")
+    ap.add_argument("--epochs", type=int, default=None, help="default: 20 (single), 3 (sweep)")
+    ap.add_argument("--repeats", type=int, default=None, help="alternating rounds; default 3 (single), 2 (sweep)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for every contender")
+    ap.add_argument("--widths", default="", help="sweep widths, comma-separated (default: 12 from 4 to 1024)")
+    ap.add_argument("--seeds", type=int, default=3, help="sweep seeds per width")
+    ap.add_argument("--depth", type=int, default=1, help="sweep MLP hidden layers")
+    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="sweep optimizer")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="sweep device for B and C")
+    args = ap.parse_args(argv)
+    args.epochs = args.epochs or (3 if args.sweep else 20)
+    args.repeats = args.repeats or (2 if args.sweep else 3)
+    torch.set_num_threads(args.threads)
+    (sweep if args.sweep else single)(args)
+
+
+if __name__ == "__main__":
+    main()

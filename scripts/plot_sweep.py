@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Rebuild results.csv, curve.csv, the plot and the sweep-level TensorBoard run of any sweep folder.
+
+    python scripts/plot_sweep.py outputs/multirun/2025-01-01_12-00-00 --x model.width
+    python scripts/plot_sweep.py outputs/runs/<double_descent run> --x epoch --name epochs
+
+Works on an in-process sweep (task=sweep, +experiment=double_descent...) and on a Hydra
+multirun (-m, any launcher) whose job folders hold metrics.json and .hydra/overrides.yaml.
+Failed or unfinished jobs get a row with their status and are left out of the plot. Without
+--name/--title/--invert-x, the settings come from the sweep's own extra.plot when it has one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from regexp.analysis.collect import collect_runs  # noqa: E402
+from regexp.analysis.report import format_curve, plot_settings, report  # noqa: E402
+from regexp.errors import ConfigError  # noqa: E402
+
+
+def saved_settings(sweep_dir: Path):
+    """The sweep's own extra.plot (an in-process sweep keeps its config in .hydra/config.yaml)."""
+    config = sweep_dir / ".hydra" / "config.yaml"
+    extra = OmegaConf.load(config).get("extra") if config.exists() else None
+    return plot_settings(extra)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--x", required=True, help="the swept key on the x axis (e.g. model.width), or epoch")
+    ap.add_argument("--name", help="the plot is <name>.png (default: the sweep's extra.plot.name or 'sweep')")
+    ap.add_argument("--title")
+    ap.add_argument("--x-label")
+    ap.add_argument("--invert-x", action="store_true", help="plot 1/x (e.g. 1/λ for weight decay)")
+    args = ap.parse_args(argv)
+    try:
+        if not args.sweep_dir.is_dir():
+            raise ConfigError(f"sweep dir {str(args.sweep_dir)!r} is not a folder")
+        settings = saved_settings(args.sweep_dir)
+        given = {"name": args.name, "title": args.title, "x_label": args.x_label,
+                 "invert_x": True if args.invert_x else None}
+        settings = replace(settings, **{k: v for k, v in given.items() if v is not None})
+        if "/" in settings.name or not settings.name:
+            raise ConfigError(f"--name={settings.name!r} is invalid: expected a file name without '/'")
+        runs = collect_runs(args.sweep_dir)
+        curve = report(args.sweep_dir, runs, args.x, settings)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_curve(curve))
+    statuses = [r.status for r in runs]
+    bad = len(statuses) - statuses.count("completed")
+    print(f"{len(runs)} runs ({bad} not completed, left out of the plot)")
+    print(args.sweep_dir / f"{settings.name}.png")
+    print(args.sweep_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Population training against lone runs: same weights, metrics and files, member by member.
+
+Stated tolerance: after 2 epochs (72 steps) every parameter of a member agrees with its lone
+``train()`` run within |a - b| <= 1e-5 + 1e-4·|b| (float32; only the summation order inside
+the batched matrix products differs), and every logged metric within a relative 1e-4.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_scalars
+from regexp.errors import ConfigError
+from regexp.population import train_population, use_population
+from regexp.population.compat import bucket_widths
+from regexp.population.optim import StackedOptimizer
+from regexp.population.stacked_mlp import StackedMLP
+from regexp.sweep import point_config, point_name, run_points
+from regexp.train.trainer import train
+
+ATOL, RTOL = 1e-5, 1e-4
+BASE = ["trainer.epochs=2", "trainer.progress=false", "trainer.threads=1", "data.n_train=1200",
+        "logger.histogram_every=1"]
+
+
+def _pop_and_lone(compose_cfg, tmp_path: Path, overrides, points):
+    base = compose_cfg(BASE + overrides)
+    pop = train_population(base, points, tmp_path / "pop")
+    lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
+    return base, pop, lone
+
+
+def _assert_same_run(tmp_path: Path, point, pop, lone):
+    name = point_name(point)
+    a = torch.load(tmp_path / "pop" / name / "model.pt")
+    b = torch.load(tmp_path / "lone" / name / "model.pt")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k], b[k], atol=ATOL, rtol=RTOL)
+    assert set(pop) == set(lone)
+    assert pop["status"] == lone["status"] == "completed"
+    assert pop["params"] == lone["params"] and pop["epochs"] == lone["epochs"]
+    assert len(pop["history"]) == len(lone["history"])
+    for rp, rl in zip(pop["history"], lone["history"]):
+        assert rp.keys() == rl.keys()
+        for k in rp:
+            assert rp[k] == pytest.approx(rl[k], rel=RTOL, abs=1e-6), k
+    assert pop["best"]["epoch"] == lone["best"]["epoch"]
+    assert pop["extra"].keys() == lone["extra"].keys()
+    for k in pop["extra"]:
+        assert pop["extra"][k] == pytest.approx(lone["extra"][k], rel=RTOL, abs=1e-6), k
+    # TensorBoard: the same scalar tags at the same steps with the same values
+    sp, sl = read_scalars(tmp_path / "pop" / name), read_scalars(tmp_path / "lone" / name)
+    assert set(sp) == set(sl)
+    for tag in sl:
+        assert [s for s, _ in sp[tag]] == [s for s, _ in sl[tag]], tag
+        assert [v for _, v in sp[tag]] == pytest.approx([v for _, v in sl[tag]], rel=1e-3, abs=1e-6), tag
+    # every file a lone run leaves, with the same checkpoint layout
+    files = {p.name for p in (tmp_path / "lone" / name).iterdir() if not p.name.startswith("events")}
+    assert files <= {p.name for p in (tmp_path / "pop" / name).iterdir()}
+    cp = torch.load(tmp_path / "pop" / name / "checkpoint.pt", weights_only=False)
+    cl = torch.load(tmp_path / "lone" / name / "checkpoint.pt", weights_only=False)
+    assert cp.keys() == cl.keys()
+    assert cp["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cl["optimizer"]["param_groups"][0]["lr"])
+    for i, st in cl["optimizer"]["state"].items():
+        for k, v in st.items():
+            torch.testing.assert_close(cp["optimizer"]["state"][i][k], v, atol=ATOL, rtol=1e-3)
+    assert cp["scheduler"]["last_epoch"] == cl["scheduler"]["last_epoch"]
+
+
+def test_three_members_match_lone_runs_seeds_widths_lrs(compose_cfg, tmp_path):
+    # two widths in one bucket, two lr values, three seeds (three different data splits)
+    points = [{"model.width": 24, "optimizer.lr": 0.02, "seed": 0},
+              {"model.width": 32, "optimizer.lr": 0.05, "seed": 1},
+              {"model.width": 32, "optimizer.lr": 0.02, "seed": 2}]
+    assert bucket_widths([24, 32]) == [[24, 32]]
+    _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, ["optimizer=momentum"], points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+    # members really differ (seed, lr): their results are not copies of each other
+    assert len({m["final"]["train_loss"] for m in pop}) == 3
+
+
+def test_adamw_with_dropout_smoothing_decay_per_member(compose_cfg, tmp_path):
+    # every elementwise hyperparameter differs; dropout masks are the lone runs' own draws
+    points = [{"model.width": 20, "optimizer.lr": 0.01, "regularizer.dropout.p": 0.3,
+               "regularizer.weight_decay.lam": 0.01, "regularizer.label_smoothing.eps": 0.1, "seed": 0},
+              {"model.width": 16, "optimizer.lr": 0.003, "regularizer.dropout.p": 0.0,
+               "regularizer.weight_decay.lam": 0.0, "regularizer.label_smoothing.eps": 0.2, "seed": 1}]
+    _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
+        "optimizer=adamw", "regularizer=[weight_decay,dropout,label_smoothing]",
+        "regularizer.dropout.input_p=0.1", "regularizer.dropout.mc_samples=2", "model.activation=tanh"],
+        points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+    assert "dropout/mc_test_acc" in pop[0]["extra"]
+
+
+def test_shared_hyperparameters_use_the_fused_update(compose_cfg, tmp_path):
+    points = [{"model.width": w, "seed": s} for w in (8, 12) for s in (0, 1)]
+    _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, ["optimizer=adam", "scheduler=cosine"], points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+
+
+@pytest.mark.parametrize("activation,opt", [("relu", "adam"), ("sigmoid", "momentum"), ("gelu", "sgd")])
+def test_masked_units_stay_zero_with_zero_gradient(activation, opt):
+    from regexp.models.mlp import MLP
+
+    torch.manual_seed(0)
+    models = [MLP(40, 10, w, 2, activation) for w in (3, 8)]
+    net = StackedMLP(models, [3, 8], 8, activation, torch.device("cpu"))
+    hp = ({"lr": [0.1, 0.2], "beta1": [0.9, 0.8], "beta2": [0.999, 0.99], "eps": [1e-8, 1e-8],
+           "weight_decay": [0.0, 0.0]} if opt == "adam" else
+          {"lr": [0.1, 0.2], "momentum": [0.9, 0.5] if opt == "momentum" else [0.0, 0.0],
+           "dampening": [0.0, 0.0]})
+    optim = StackedOptimizer(opt, net.params, hp, False, torch.device("cpu"))
+    x = torch.randn(2, 16, 40)
+    y = torch.randint(0, 10, (2, 16))
+    for _ in range(3):
+        for p in net.params:
+            p.grad = None
+        logits = net.forward(x)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 10), y.reshape(-1)).backward()
+        w0, b0, w1, b1, w2, _ = net.params
+        padded_grads = [w0.grad[0, 3:], b0.grad[0, :, 3:], w1.grad[0, 3:], w1.grad[0, :, 3:],
+                        b1.grad[0, :, 3:], w2.grad[0, :, 3:]]
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in padded_grads)
+        optim.step(1.0)
+        padded = [w0[0, 3:], b0[0, :, 3:], w1[0, 3:], w1[0, :, 3:], b1[0, :, 3:], w2[0, :, 3:]]
+        assert all(torch.equal(t, torch.zeros_like(t)) for t in padded)
+    # the narrow member computes what its lone model computes with the same weights
+    state = net.member_state(0)
+    models[0].load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward(x)[0], models[0](x[0]), atol=1e-5, rtol=1e-5)
+    assert state["hidden.0.weight"].shape == (3, 40) and state["head.weight"].shape == (10, 3)
+
+
+def test_diverging_member_is_marked_while_the_others_finish(compose_cfg, tmp_path):
+    points = [{"optimizer.lr": lr, "seed": 0} for lr in (0.05, 1e6, 0.1)]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, ["optimizer=sgd", "model.width=16"], points)
+    assert [m["status"] for m in pop] == [m["status"] for m in lone] == ["completed", "diverged", "completed"]
+    assert pop[1]["diverged_epoch"] == lone[1]["diverged_epoch"]
+    bad = tmp_path / "pop" / point_name(points[1])
+    assert json.loads((bad / "metrics.json").read_text())["status"] == "diverged"
+    assert not (bad / "model.pt").exists()
+    assert read_scalars(bad)["diverged"][0][1] == 1.0
+    for i in (0, 2):
+        _assert_same_run(tmp_path, points[i], pop[i], lone[i])
+
+
+def test_outputs_are_separate_and_a_rerun_skips_completed(compose_cfg, tmp_path):
+    base = compose_cfg(BASE + ["optimizer=sgd", "trainer.epochs=1"])
+    points = [{"model.width": w, "seed": 0} for w in (4, 6)]
+    first = train_population(base, points, tmp_path)
+    for p, m in zip(points, first):
+        d = tmp_path / point_name(p)
+        on_disk = json.loads((d / "metrics.json").read_text())
+        assert on_disk["overrides"] == [f"model.width={p['model.width']}", "seed=0"]
+        assert on_disk["params"] == 40 * p["model.width"] + p["model.width"] + p["model.width"] ** 2 \
+            + p["model.width"] + p["model.width"] * 10 + 10
+        assert len(list(d.glob("events.out.tfevents.*"))) == 1
+        assert torch.load(d / "model.pt")["hidden.0.weight"].shape == (p["model.width"], 40)
+    again = train_population(base, points, tmp_path)
+    assert all(m.get("skipped") for m in again)
+
+
+def test_buckets_group_similar_widths_and_never_pad_all_to_the_largest():
+    widths = [4, 6, 10, 16, 26, 42, 68, 110, 178, 288, 466, 1024]
+    buckets = bucket_widths(widths, ratio=1.5, small=32)
+    assert sorted(w for b in buckets for w in b) == widths
+    assert len(buckets) > 1 and max(buckets[-1]) == 1024 and min(buckets[-1]) > 4
+    for b in buckets:
+        assert max(b) <= 32 or max(b) <= 1.5 * min(b)
+
+
+def test_engine_choice(compose_cfg, tmp_path):
+    points = [{"model.width": 8, "seed": 0}]
+    assert use_population(compose_cfg(BASE), points)
+    assert not use_population(compose_cfg(BASE + ["sweep.engine=serial"]), points)
+    assert not use_population(compose_cfg(BASE + ["model=cnn"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match="model.name=cnn"):
+        use_population(compose_cfg(BASE + ["model=cnn", "sweep.engine=population"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match="sweep.engine"):
+        use_population(compose_cfg(BASE + ["sweep.engine=fast"]), points)
+
+
+def test_run_points_dispatches_to_the_population(compose_cfg, tmp_path):
+    base = compose_cfg(BASE + ["optimizer=sgd", "trainer.epochs=1", "sweep.engine=population"])
+    points = [{"model.width": w, "seed": 0} for w in (4, 8)]
+    rows = run_points(base, points, tmp_path / "pop")
+    serial = run_points(compose_cfg(BASE + ["optimizer=sgd", "trainer.epochs=1", "sweep.engine=serial"]),
+                        points, tmp_path / "serial")
+    for a, b in zip(rows, serial):
+        assert a.keys() == b.keys() and a["status"] == b["status"] == "completed"
+        assert a["test_error"] == pytest.approx(b["test_error"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=RTOL)
+
+
+@pytest.mark.parametrize("name,lrs", [("adam", [0.1, 0.1]), ("adam", [0.1, 0.2]), ("momentum", [0.1, 0.2])])
+def test_dropping_a_member_leaves_the_others_updates_unchanged(name, lrs):
+    # what happens to the survivors when a diverged member is removed from the stacked state
+    torch.manual_seed(0)
+    start, grads = torch.randn(2, 3, 4), [torch.randn(2, 3, 4) for _ in range(4)]
+
+    def hp(lr):
+        extra = ({"beta1": [0.9] * len(lr), "beta2": [0.99] * len(lr), "eps": [1e-8] * len(lr),
+                  "weight_decay": [0.0] * len(lr)} if name == "adam" else
+                 {"momentum": [0.9] * len(lr), "dampening": [0.0] * len(lr)})
+        return {"lr": lr, **extra}
+
+    p = start.clone().requires_grad_()
+    opt = StackedOptimizer(name, [p], hp(lrs), False, torch.device("cpu"))
+    for k, g in enumerate(grads):
+        if k == 2:
+            p = p.detach()[1:].clone().requires_grad_()
+            opt.keep(torch.tensor([1]))
+            opt.set_params([p])
+        p.grad = g[-p.shape[0]:]
+        opt.step(1.0)
+    q = start[1:].clone().requires_grad_()
+    alone = StackedOptimizer(name, [q], hp(lrs[1:]), False, torch.device("cpu"))
+    for g in grads:
+        q.grad = g[1:]
+        alone.step(1.0)
+    torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(q, start[1:])
