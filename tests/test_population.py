@@ -230,3 +230,59 @@ def test_dropping_a_member_leaves_the_others_updates_unchanged(name, lrs):
         alone.step(1.0)
     torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
     assert not torch.equal(q, start[1:])
+
+
+def test_label_noise_no_validation_split_and_a_larger_test_set(compose_cfg, tmp_path):
+    # the double-descent setting: noisy labels (per seed), no validation split, 1500 test signals
+    points = [{"model.width": w, "seed": s} for w, s in ((12, 0), (16, 1))]
+    _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
+        "optimizer=sgd", "data.val_fraction=0", "data.label_noise=0.2", "data.n_test=1500"], points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+        assert "val_acc" not in a["final"] and not (tmp_path / "pop" / point_name(p) / "best_model.pt").exists()
+        noise = json.loads((tmp_path / "pop" / point_name(p) / "label_noise.json").read_text())
+        assert noise == json.loads((tmp_path / "lone" / point_name(p) / "label_noise.json").read_text())
+
+
+def test_bf16_autocast_trains_close_to_float32(compose_cfg, tmp_path):
+    from regexp.population import Options
+
+    base = compose_cfg(BASE + ["optimizer=adam", "trainer.epochs=1"])
+    points = [{"model.width": 16, "seed": 0}]
+    exact = train_population(base, points, tmp_path / "f32", Options())
+    half = train_population(base, points, tmp_path / "bf16", Options(bf16=True))
+    assert half[0]["status"] == "completed"
+    # bf16 products (8-bit mantissa) move the loss, but not far: the same model is learned
+    assert half[0]["final"]["train_loss"] != exact[0]["final"]["train_loss"]
+    assert half[0]["final"]["train_loss"] == pytest.approx(exact[0]["final"]["train_loss"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_weights(compose_cfg, tmp_path):
+    from regexp.population import Options
+
+    base = compose_cfg(BASE + ["optimizer=sgd", "trainer.epochs=1"])
+    points = [{"model.width": 8, "seed": 0}, {"model.width": 12, "seed": 1}]
+    plain = train_population(base, points, tmp_path / "eager", Options())
+    compiled = train_population(base, points, tmp_path / "compiled", Options(compile=True))
+    for p, a, b in zip(points, plain, compiled):
+        assert b["status"] == "completed"
+        wa = torch.load(tmp_path / "eager" / point_name(p) / "model.pt")
+        wb = torch.load(tmp_path / "compiled" / point_name(p) / "model.pt")
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("loop_width", [0, 1])
+def test_batched_and_member_loop_forms_both_match_lone_runs(compose_cfg, tmp_path, loop_width):
+    # loop_width=1 computes every bucket member by member (the CPU form for wide buckets),
+    # 0 always with batched products; both must equal the lone runs, dropout included
+    from regexp.population import Options
+
+    base = compose_cfg(BASE + ["optimizer=nesterov", "regularizer=[dropout]", "regularizer.dropout.p=0.2",
+                               "trainer.epochs=1"])
+    points = [{"model.width": 20, "seed": 0}, {"model.width": 28, "seed": 1}]
+    pop = train_population(base, points, tmp_path / "pop", Options(loop_width=loop_width))
+    lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)

@@ -365,7 +365,7 @@ def test_input_noise_adds_zero_mean_noise_of_std_sigma():
 
 
 # ---------------------------------------------------------------- activity penalties
-def _model_with_sites(p=0.0):
+def _model_with_sites():
     from regexp.models import build_model
 
     torch.manual_seed(0)
@@ -407,17 +407,22 @@ def test_early_stopping_counts_patience_on_the_monitor():
     assert [acc.epoch_end(None, {"val_acc": v}) for v in (0.5, 0.6, 0.62)] == [False, False, True]
 
 
-def test_early_stopping_restores_the_best_validation_weights(tmp_path):
+@pytest.mark.parametrize("monitor", ["val_acc", "val_loss"])
+def test_early_stopping_restores_the_best_validation_weights(tmp_path, monitor):
     from regexp.train.trainer import train
 
     cfg = compose("regularizer=[early_stopping]", "regularizer.early_stopping.patience=2",
+                  f"regularizer.early_stopping.monitor={monitor}",
                   "data.n_train=300", "data.label_noise=0.5", "optimizer.lr=0.02", "trainer.epochs=40",
                   "trainer.threads=1", "trainer.progress=false", "logger.tensorboard=false")
     m = train(cfg, tmp_path)
     assert m["status"] == "completed"
     assert m["stopped_epoch"] == m["epochs"] < 40
     hist = m["history"]
-    best = max(hist, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    if monitor == "val_acc":
+        best = max(hist, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    else:
+        best = min(hist, key=lambda r: (r["val_loss"], -r["val_acc"]))
     assert m["final"] == best
     # stopped once val_acc had not improved for 2 evaluations after its best
     assert max(r["epoch"] for r in hist) >= best["epoch"] + 2

@@ -68,7 +68,7 @@ def plot_curve(curve: Curve, path: Path, title: str = "", x_label: Optional[str]
         if kind == "loss":
             ax.set_yscale("log")  # interpolating models' test loss runs off any linear scale
             ax.yaxis.set_major_formatter(PLAIN)
-            ax.yaxis.set_minor_formatter(PLAIN)
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel(f"{kind} (mean ± std over seeds)")
         ax.grid(True, which="both", alpha=0.3)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from regexp.analysis.collect import Run, swept_keys
-from regexp.analysis.curves import METRICS, Curve, aggregate, epoch_rows
+from regexp.analysis.curves import METRICS, Curve, aggregate, epoch_rows, number
 from regexp.analysis.plots import plot_curve
 from regexp.analysis.tb import log_curve
 from regexp.errors import ConfigError
@@ -72,6 +72,14 @@ def write_curve_csv(curve: Curve, path: Path) -> None:
                            + [d.get(m, "") for m in METRICS for d in (p.mean, p.std)])
 
 
+def _order(value: Any):
+    """Sort key of a swept value: numbers (lists by their first entry) by size, before anything else."""
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    f = number(value)
+    return (0, f, "") if f is not None else (1, 0.0, str(value))
+
+
 def report(sweep_dir: Path, runs: Sequence[Run], x: str, settings: PlotSettings,
            keys: Optional[Sequence[str]] = None) -> Curve:
     """Write results.csv, curve.csv, the PNG and the sweep-level TensorBoard run; return the curve."""
@@ -86,6 +94,7 @@ def report(sweep_dir: Path, runs: Sequence[Run], x: str, settings: PlotSettings,
     keys = [k for k in keys if k != x]
     if x != EPOCH:
         keys = [x] + keys
+    runs = sorted(runs, key=lambda r: [_order(r.point.get(k)) for k in keys])
     rows = result_rows(runs, keys)
     write_csv(rows, sweep_dir / "results.csv")
     # A key held at one value (a fixed width next to a swept depth) labels no series.

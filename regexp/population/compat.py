@@ -10,10 +10,9 @@ not arithmetic, dominates) share a bucket regardless of ratio.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
@@ -26,11 +25,6 @@ MEMBER_KEYS = (
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
     "regularizer.label_smoothing.eps",
 )
-# Settings that do not change what is computed (logging, progress, threads, file handling).
-IGNORED_KEYS = ("trainer.progress", "trainer.threads", "trainer.resume", "trainer.overwrite",
-                "logger", "sweep", "extra", "task")
-
-
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
     if cfg.model.name not in MODELS:
@@ -51,23 +45,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     return None
 
 
-def _drop(tree: Dict[str, Any], dotted: str) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        tree = tree.get(p)
-        if not isinstance(tree, dict):
-            return
-    tree.pop(leaf, None)
-
-
-def group_key(cfg: DictConfig) -> str:
-    """Equal for two configs exactly when they may share a population."""
-    tree = OmegaConf.to_container(cfg, resolve=True)
-    for key in MEMBER_KEYS + IGNORED_KEYS:
-        _drop(tree, key)
-    # The set of regularizers must agree (their values may not): keep the names.
-    tree["regularizer_names"] = sorted(cfg.regularizer)
-    return json.dumps(tree, sort_keys=True, default=str)
+def shared_part(point: Dict[str, Any]) -> Dict[str, Any]:
+    """The swept values members of one population must share (all but ``MEMBER_KEYS``)."""
+    return {k: v for k, v in point.items() if k not in MEMBER_KEYS}
 
 
 def bucket_widths(widths: Sequence[int], ratio: float = 1.5, small: int = 32) -> List[List[int]]:

@@ -10,7 +10,7 @@ draws it, so every member sees its lone run's batches in its lone run's order.
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -25,14 +25,18 @@ def _data_key(cfg: DictConfig) -> str:
 
 
 class PopulationData:
-    def __init__(self, cfgs: Sequence[DictConfig], device: torch.device):
+    def __init__(self, cfgs: Sequence[DictConfig], device: torch.device,
+                 cache: Optional[Dict[str, Dataset]] = None):
+        cache = cache if cache is not None else {}
         keys = [_data_key(c) for c in cfgs]
         distinct: Dict[str, int] = {}
         self.sets: List[Dataset] = []
         for k, c in zip(keys, cfgs):
             if k not in distinct:
                 distinct[k] = len(self.sets)
-                self.sets.append(load_data(c.data, c.seed))
+                if k not in cache:
+                    cache[k] = load_data(c.data, c.seed)
+                self.sets.append(cache[k])
         self.member_set = torch.tensor([distinct[k] for k in keys])
         first = self.sets[0]
         self.n = len(first.y_train)

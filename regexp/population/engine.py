@@ -17,7 +17,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +105,8 @@ class LossTerms:
 
 
 @torch.no_grad()
-def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor,
+                     batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and accuracy of every member on its (N, D) inputs, as (M,) tensors."""
     m, n = y.shape
     loss = torch.zeros(m, device=x.device)
@@ -155,86 +156,103 @@ class Bucket:
             self.best = [b.index_select(0, sel.to(b.device)) for b in self.best]
 
 
-def train_bucket(members: List[Member], width: int, opts: Options) -> List[Dict]:
+@dataclass
+class Loop:
+    """What the step loop of a bucket needs besides the bucket: sizes, schedule, precision."""
+    bs: int
+    steps_per_epoch: int
+    total_steps: int
+    factor: Callable[[int], float]
+    autocast: object
+    grad_norms: bool
+    step: int = 0
+
+
+def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag):
+    """One epoch of steps for every member; returns (loss/penalty sums (M, 1+R), grad norms,
+    whether the epoch ran to its end). Nothing here waits for the device."""
+    running = torch.zeros(len(b.members), 1 + len(b.terms.reg_names), device=b.device)
+    grad_norms = None
+    for i in range(loop.steps_per_epoch):
+        xb, yb = b.data.batch(rows[:, i * loop.bs:(i + 1) * loop.bs])
+        masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
+        with loop.autocast:
+            logits = b.forward(xb, masks)
+        loss = b.terms.loss(logits, yb)
+        pens = b.terms.penalties(b.net, loss)
+        for p in b.net.params:
+            p.grad = None
+        # members are independent: the sum's gradient is each member's own gradient
+        (loss.sum() + sum(pen.sum() for pen in pens)).backward()
+        if i == loop.steps_per_epoch - 1 and loop.grad_norms:
+            grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
+        b.opt.step(loop.factor(loop.step))
+        loop.step += 1
+        running += torch.stack([loss] + pens, 1) * xb.shape[1]
+        if stop.requested:
+            return running, grad_norms, i == loop.steps_per_epoch - 1
+    return running, grad_norms, True
+
+
+def train_bucket(members: List[Member], width: int, opts: Options, data_cache=None) -> List[Dict]:
     """Train ``members`` (one group, widths <= ``width``) together; return their metrics."""
-    cfg = members[0].cfg
-    t = cfg.trainer
     from regexp.train.trainer import resolve_device
 
+    cfg = members[0].cfg
+    t = cfg.trainer
     device = resolve_device(t.device)
-    data = PopulationData([m.cfg for m in members], device)
-    n = data.n
-    bs = n if t.batch_size == "full" else int(t.batch_size)
-    if bs > n:
-        raise ConfigError(f"trainer.batch_size={bs} is invalid: expected at most {n}, the number of "
+    data = PopulationData([m.cfg for m in members], device, data_cache)
+    bs = data.n if t.batch_size == "full" else int(t.batch_size)
+    if bs > data.n:
+        raise ConfigError(f"trainer.batch_size={bs} is invalid: expected at most {data.n}, the number of "
                           "training examples (or \"full\")")
     _build_models(members, data, device)
     b = Bucket(members, width, data, device, opts)
-    steps_per_epoch = math.ceil(n / bs)
-    total_steps = t.epochs * steps_per_epoch
-    factor = lr_factor(cfg.scheduler, total_steps)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext())
+    steps = math.ceil(data.n / bs)
+    loop = Loop(bs, steps, t.epochs * steps, lr_factor(cfg.scheduler, t.epochs * steps),
+                torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
+                bool(cfg.logger.grad_norms))
     weight_names = [name for name, _, is_w in b.net.named_params() if is_w]
     results: Dict[int, Dict] = {}
     ids = {id(m): k for k, m in enumerate(members)}
-    step, epoch, perms, running = 0, 0, None, None
+    epoch, perms, running = 0, None, None
     bar = tqdm(total=t.epochs, desc=f"population w<={width} x{len(members)}", leave=False,
                disable=None if t.progress else True, dynamic_ncols=True)
-
     with StopFlag() as stop:
         while epoch < t.epochs and b.members:
             rows = data.epoch_index([m.order for m in b.members], b.member_set)
-            perms = rows - b.member_set.to(device)[:, None] * n
-            running = torch.zeros(len(b.members), 1 + len(b.terms.reg_names), device=device)
-            grad_norms = None
-            for i in range(steps_per_epoch):
-                xb, yb = data.batch(rows[:, i * bs:(i + 1) * bs])
-                masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
-                with autocast:
-                    logits = b.forward(xb, masks)
-                loss = b.terms.loss(logits, yb)
-                pens = b.terms.penalties(b.net, loss)
-                for p in b.net.params:
-                    p.grad = None
-                (loss.sum() + sum(pen.sum() for pen in pens)).backward()
-                if i == steps_per_epoch - 1 and cfg.logger.grad_norms:
-                    grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2))
-                                              for w in b.net.weights], 1)
-                b.opt.step(factor(step))
-                step += 1
-                running += torch.stack([loss] + pens, 1) * xb.shape[1]
-                if stop.requested:
-                    break
-            if stop.requested and i < steps_per_epoch - 1:
+            perms = rows - b.member_set.to(device)[:, None] * data.n
+            running, grad_norms, whole = _train_epoch(b, loop, rows, stop)
+            if not whole:
                 break
             epoch += 1
-            done = _epoch_end(b, epoch, running / n, grad_norms, weight_names, factor(step), cfg, t)
+            done = _epoch_end(b, epoch, running / data.n, grad_norms, weight_names, loop.factor(loop.step), cfg, t)
             bar.update(1)
             for k in done:
-                m = b.members[k]
-                results[ids[id(m)]] = finish(m, device, diverged_epoch=epoch)
+                results[ids[id(b.members[k])]] = finish(b.members[k], device, diverged_epoch=epoch)
             if done:
                 b.keep([k for k in range(len(b.members)) if k not in done])
             if stop.requested:
                 break
     bar.close()
-
     status = "completed" if epoch >= t.epochs else "interrupted"
     for k, m in enumerate(b.members):
         m.status, m.epochs, m.signal = status, epoch, stop.signum
-        if status == "completed":
-            state = b.net.member_state(k)
-            best = b.net.member_state(k, b.best) if b.best is not None else None
-            opt_state = _member_opt_state(b, k)
-            ck = checkpoint_dict(m, state, opt_state, total_steps, b.opt.lr_of(k, factor(step)),
-                                 perms[k].cpu() if perms is not None else None, running[k].cpu(), best)
-            ds = data.sets[int(b.member_set[k])]  # the lone run's tensors, for report()
-            tensors = {s: tuple(v.to(device) for v in ds.split(s)) for s in SPLITS}
-            results[ids[id(m)]] = finish(m, device, state, best, ck, tensors=tensors,
-                                         eval_batch=t.eval_batch_size)
-        else:
-            results[ids[id(m)]] = finish(m, device)
+        results[ids[id(m)]] = (_finish_completed(b, k, loop, perms, running) if status == "completed"
+                               else finish(m, device))
     return [results[k] for k in range(len(members))]
+
+
+def _finish_completed(b: Bucket, k: int, loop: Loop, perms: torch.Tensor, running: torch.Tensor) -> Dict:
+    """Member k's final weights, best weights, checkpoint and reports, as train() leaves them."""
+    m = b.members[k]
+    state = b.net.member_state(k)
+    best = b.net.member_state(k, b.best) if b.best is not None else None
+    ck = checkpoint_dict(m, state, _member_opt_state(b, k), loop.total_steps,
+                         b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu(), running[k].cpu(), best)
+    ds = b.data.sets[int(b.member_set[k])]  # the lone run's tensors, for report()
+    tensors = {s: tuple(v.to(b.device) for v in ds.split(s)) for s in SPLITS}
+    return finish(m, b.device, state, best, ck, tensors=tensors, eval_batch=m.cfg.trainer.eval_batch_size)
 
 
 def _build_models(members: List[Member], data: PopulationData, device: torch.device) -> None:

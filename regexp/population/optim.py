@@ -13,7 +13,7 @@ momentum buffer, Adam's moments and the decoupled decay all leave them at zero.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 

@@ -7,6 +7,7 @@ validation is recorded as failed, like the serial sweep does.
 """
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from pathlib import Path
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from regexp.config import validate
 from regexp.errors import ConfigError
 from regexp.optim import build_optimizer
-from regexp.population.compat import bucket_widths, group_key, incompatibility
+from regexp.population.compat import bucket_widths, incompatibility, shared_part
 from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
 
@@ -49,7 +50,10 @@ def use_population(base: DictConfig, points: List[Dict[str, Any]]) -> bool:
         raise ConfigError(f"sweep.engine={engine!r} is invalid: expected one of {', '.join(ENGINES)}")
     if engine == "serial" or not points:
         return False
-    for point in points:
+    # Points differ from the base only in their keys, and member keys never change what a
+    # population supports: one config per distinct combination of the other keys suffices.
+    distinct = {json.dumps(shared_part(p), sort_keys=True, default=str): p for p in points}
+    for point in distinct.values():
         try:
             cfg = point_config(base, point)
         except ConfigError:
@@ -99,12 +103,14 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                 results[i] = train(cfg, out, overrides, sweep=True)
             else:
                 members[i] = Member(point, cfg, out, overrides)
-                pending.setdefault(group_key(cfg), []).append(i)
+                # all points share the base, so the non-member keys of a point decide its group
+                pending.setdefault(json.dumps(shared_part(point), sort_keys=True, default=str), []).append(i)
         except Exception as e:  # recorded like run_points records it; the sweep goes on
             msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
             log.error("point %s failed: %s\n%s", point_name(point), msg, traceback.format_exc())
             results[i] = _failed(out, msg, overrides)
 
+    data_cache: Dict[str, Any] = {}  # each (data config, seed) is loaded once for all buckets
     for idx in pending.values():
         t = members[idx[0]].cfg.trainer
         if t.threads:
@@ -115,7 +121,8 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             chosen = [i for i in idx if members[i].width in widths]
             log.info("population: %d members, widths %s padded to %d", len(chosen), widths, max(widths))
             try:
-                for i, metrics in zip(chosen, train_bucket([members[i] for i in chosen], max(widths), opts)):
+                trained = train_bucket([members[i] for i in chosen], max(widths), opts, data_cache)
+                for i, metrics in zip(chosen, trained):
                     results[i] = metrics
             except Exception as e:  # the whole bucket failed: record it on every member
                 msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"

@@ -67,6 +67,8 @@ class Regularizer:
     # key -> (predicate, description of valid values); checked by ``validate``.
     ranges: ClassVar[Dict[str, Tuple[Callable[[Any], bool], str]]] = {}
     restores_best: bool = False
+    # The validation metric that picks the "best" epoch (val_acc by default); None: no opinion.
+    selects_best_by: Optional[str] = None
 
     def __init__(self, cfg, ctx: Context):
         self.cfg = cfg

@@ -2,8 +2,8 @@
 
 The trainer then loads the best-validation weights back (``restores_best``) before the final
 evaluation, so ``metrics.json``'s ``final`` is the best epoch's row and ``model.pt`` holds its
-weights; ``stopped_epoch`` records where training stopped. The weights kept are the trainer's
-best by validation accuracy (ties broken by validation loss), whichever metric decides when to stop.
+weights; ``stopped_epoch`` records where training stopped. The trainer's best epoch is chosen
+by the same ``monitor`` (``selects_best_by``), so the weights kept are the ones that stopped it.
 """
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ class EarlyStopping(Regularizer):
         super().__init__(cfg, ctx)
         self.best = math.inf
         self.since_best = 0
+
+    @property
+    def selects_best_by(self) -> str:
+        return self.cfg.monitor
 
     def epoch_end(self, model, row) -> bool:
         if self.cfg.monitor not in row:  # no validation split: nothing to watch

@@ -205,6 +205,13 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
             "history": history, "best": best, "best_state": best_state, "order": order.get_state(),
             "rng": rng_state()})
 
+    # The best epoch: highest val accuracy (ties: lower val loss), unless a regularizer such as
+    # early stopping on val_loss says otherwise.
+    monitor = next((r.selects_best_by for r in regs if r.selects_best_by), "val_acc")
+    score = ((lambda r: (r["val_acc"], -r["val_loss"])) if monitor == "val_acc"
+             else (lambda r: (-r["val_loss"], r["val_acc"])))
+    better = lambda row, old: score(row) > score(old)  # noqa: E731
+
     params = count_params(model)
     tb = TBLogger(out_dir, cfg.logger.tensorboard, purge_step=epoch + 1 if resume else None)
     if not resume:
@@ -281,8 +288,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                     break
                 history.append(row)
                 if "val_acc" in row:
-                    key = (row["val_acc"], -row["val_loss"])
-                    if best is None or key > (best["val_acc"], -best["val_loss"]):
+                    if best is None or better(row, best):
                         best = dict(row)
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_acc', float('nan')):.3f}")
