@@ -164,7 +164,7 @@ def sweep(args) -> None:
     seeds = list(range(args.seeds))
     base = [f"model.depth={args.depth}", f"optimizer={args.optimizer}", f"trainer.epochs={args.epochs}",
             "trainer.batch_size=100", "trainer.progress=false", f"trainer.threads={args.threads}",
-            "trainer.device=" + args.device, f"trainer.eval_every={args.eval_every}"]
+            "trainer.device=" + args.device, f"trainer.eval_every={args.eval_every}", *args.set]
     cfg = {e: compose(base + [f"sweep.engine={e}"]) for e in ("serial", "population")}
     points = grid({"model.width": widths}, seeds)
     lr = float(cfg["serial"].optimizer.lr)
@@ -204,6 +204,7 @@ def sweep(args) -> None:
     a, b, c = (statistics.median(times[k]) for k in "ABC")
     ca, cb, cc = (statistics.median(cpu[k]) for k in "ABC")
     print(f"workload: MNIST-1D, MLP depth {args.depth}, widths {widths} x {len(seeds)} seeds "
+          f"{'(B, C: ' + ' '.join(args.set) + ') ' if args.set else ''}"
           f"({len(points)} models), {args.epochs} epochs, batch 100, {args.optimizer}, "
           f"eval every {args.eval_every}, {args.threads} thread(s), device {args.device}, "
           f"{args.repeats} alternating repeats (medians)")
@@ -231,6 +232,8 @@ def main(argv=None) -> None:
     ap.add_argument("--depth", type=int, default=1, help="sweep MLP hidden layers")
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"), help="sweep optimizer")
     ap.add_argument("--eval-every", type=int, default=1, help="sweep: evaluate every this many epochs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="sweep: extra Hydra override for B and C (e.g. logger.histogram_every=0)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="sweep device for B and C")
     args = ap.parse_args(argv)
     args.epochs = args.epochs or (3 if args.sweep else 20)

@@ -17,7 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from regexp.analysis.collect import Run, collect_runs, parse_overrides, train_size
+from regexp.analysis.collect import Run, parse_overrides, train_size
 from regexp.analysis.curves import CurvePoint, aggregate, threshold
 from regexp.analysis.report import plot_settings, report
 from regexp.config import register_configs, validate

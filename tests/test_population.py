@@ -15,7 +15,7 @@ import torch
 from conftest import read_scalars
 from regexp.errors import ConfigError
 from regexp.population import train_population, use_population
-from regexp.population.compat import bucket_widths
+from regexp.population.compat import bucket_widths, mlp_cost
 from regexp.population.optim import StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.sweep import point_config, point_name, run_points
@@ -170,13 +170,19 @@ def test_outputs_are_separate_and_a_rerun_skips_completed(compose_cfg, tmp_path)
     assert all(m.get("skipped") for m in again)
 
 
-def test_buckets_group_similar_widths_and_never_pad_all_to_the_largest():
-    widths = [4, 6, 10, 16, 26, 42, 68, 110, 178, 288, 466, 1024]
-    buckets = bucket_widths(widths, ratio=1.5, small=32)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_buckets_group_similar_widths_and_never_pad_all_to_the_largest(depth):
+    widths = [4, 6, 10, 16, 26, 42, 68, 110, 178, 288, 466, 700, 1024]
+    cost = mlp_cost(40, depth, 10)
+    buckets = bucket_widths(widths, ratio=1.5, small=32, cost=cost)
     assert sorted(w for b in buckets for w in b) == widths
     assert len(buckets) > 1 and max(buckets[-1]) == 1024 and min(buckets[-1]) > 4
-    for b in buckets:
-        assert max(b) <= 32 or max(b) <= 1.5 * min(b)
+    for b in buckets:  # no member computes more than 1.5x its own work, except tiny ones
+        assert max(b) <= 32 or cost(max(b)) <= 1.5 * cost(min(b))
+    if depth == 1:  # linear cost: 700 and 1024 (ratio 1.46) share a bucket ...
+        assert [700, 1024] in buckets
+    else:  # ... quadratic cost: they do not (2.1x the work)
+        assert [700] in buckets and [1024] in buckets
 
 
 def test_engine_choice(compose_cfg, tmp_path):

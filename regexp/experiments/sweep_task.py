@@ -15,12 +15,12 @@ from typing import Any, Dict, List
 
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.analysis.collect import Run, train_size
-from regexp.analysis.report import EPOCH, format_curve, plot_settings, report
 from regexp.errors import ConfigError
 from regexp.sweep import grid, point_config, point_name, run_points
 from regexp.tasks import register_task
 from regexp.train.io import read_json
+
+EPOCH = "epoch"  # sweep.x that plots each run's history (regexp.analysis.report.EPOCH)
 
 
 def sweep_axis(cfg: DictConfig) -> str:
@@ -42,8 +42,10 @@ def _check_values(params: Dict[str, Any]) -> None:
             raise ConfigError(f"sweep.params.{key}={values!r} is invalid: expected a non-empty list of values")
 
 
-def _runs(cfg: DictConfig, points: List[Dict[str, Any]], out_dir: Path, rows) -> List[Run]:
+def _runs(cfg: DictConfig, points: List[Dict[str, Any]], out_dir: Path, rows):
     """Each point's run as written by whichever engine trained it."""
+    from regexp.analysis.collect import Run, train_size
+
     runs = []
     for point, row in zip(points, rows):
         run_dir = out_dir / point_name(point)
@@ -55,6 +57,9 @@ def _runs(cfg: DictConfig, points: List[Dict[str, Any]], out_dir: Path, rows) ->
 
 @register_task("sweep")
 def run_sweep(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool) -> Dict[str, Any]:
+    # Imported here: every `python -m regexp.run` imports this module, only sweeps need matplotlib.
+    from regexp.analysis.report import format_curve, plot_settings, report
+
     settings = plot_settings(cfg.extra)
     x = sweep_axis(cfg)
     params = OmegaConf.to_container(cfg.sweep.params, resolve=True)

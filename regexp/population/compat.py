@@ -5,12 +5,13 @@ shapes the computation (data set and size, depth, activation, optimizer kind, sc
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, weight decay, dropout p, label smoothing,
 label noise) and in width. Widths are grouped into buckets of similar size and padded
-inside a bucket with masked units; only widths below ``small`` (where per-step overhead,
-not arithmetic, dominates) share a bucket regardless of ratio.
+inside a bucket with masked units: a bucket holds widths whose per-example cost is within
+``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
+arithmetic, dominates) share a bucket regardless.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -50,16 +51,23 @@ def shared_part(point: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in point.items() if k not in MEMBER_KEYS}
 
 
-def bucket_widths(widths: Sequence[int], ratio: float = 1.5, small: int = 32) -> List[List[int]]:
-    """Split the distinct widths into buckets of similar size, each padded to its largest.
+def mlp_cost(in_dim: int, depth: int, classes: int) -> Callable[[int], float]:
+    """Multiply-adds per example of an MLP as a function of its width."""
+    return lambda w: in_dim * w + (depth - 1) * w * w + w * classes
 
-    Ascending widths join the current bucket while the largest stays within ``ratio`` of the
-    smallest, or while all are at most ``small``: a bucket never pads a unit more than
-    ``ratio - 1`` of its real size beyond that floor.
+
+def bucket_widths(widths: Sequence[int], ratio: float = 1.5, small: int = 32,
+                  cost: Callable[[int], float] = float) -> List[List[int]]:
+    """Split the distinct widths into buckets of similar cost, each padded to its widest.
+
+    Ascending widths join the current bucket while the widest one's ``cost`` stays within
+    ``ratio`` of the narrowest one's (so no member computes more than ``ratio`` times its own
+    work), or while all are at most ``small`` (overhead-bound: per-step dispatch, not
+    arithmetic, is what they cost). With a quadratic cost (deep MLPs) buckets are narrower.
     """
     out: List[List[int]] = []
     for w in sorted(set(widths)):
-        if out and (w <= small or w <= ratio * out[-1][0]):
+        if out and (w <= small or cost(w) <= ratio * cost(out[-1][0])):
             out[-1].append(w)
         else:
             out.append([w])

@@ -20,23 +20,33 @@ from regexp.data import Dataset, load_data
 SPLITS = ("train", "val", "test")
 
 
-def _data_key(cfg: DictConfig) -> str:
+def data_key(cfg: DictConfig, point: Optional[Dict] = None) -> str:
+    """Names a member's data set. Points of one sweep share the base config, so their data
+    differs only in the point's ``data.*`` values and seed (cheap, no config conversion)."""
+    if point is not None:
+        return json.dumps([{k: v for k, v in point.items() if k.startswith("data.")}, int(cfg.seed)],
+                          sort_keys=True, default=str)
     return json.dumps([OmegaConf.to_container(cfg.data, resolve=True), int(cfg.seed)], sort_keys=True)
 
 
+def load_cached(cfg: DictConfig, cache: Dict[str, Dataset], key: Optional[str] = None) -> Dataset:
+    """``load_data(cfg.data, cfg.seed)``, loaded once per distinct (data config, seed)."""
+    key = key or data_key(cfg)
+    if key not in cache:
+        cache[key] = load_data(cfg.data, cfg.seed)
+    return cache[key]
+
+
 class PopulationData:
-    def __init__(self, cfgs: Sequence[DictConfig], device: torch.device,
+    def __init__(self, cfgs: Sequence[DictConfig], keys: Sequence[str], device: torch.device,
                  cache: Optional[Dict[str, Dataset]] = None):
         cache = cache if cache is not None else {}
-        keys = [_data_key(c) for c in cfgs]
         distinct: Dict[str, int] = {}
         self.sets: List[Dataset] = []
         for k, c in zip(keys, cfgs):
             if k not in distinct:
                 distinct[k] = len(self.sets)
-                if k not in cache:
-                    cache[k] = load_data(c.data, c.seed)
-                self.sets.append(cache[k])
+                self.sets.append(load_cached(c, cache, k))
         self.member_set = torch.tensor([distinct[k] for k in keys])
         first = self.sets[0]
         self.n = len(first.y_train)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from regexp.errors import ConfigError
 from regexp.optim import lr_factor
-from regexp.population.data import SPLITS, PopulationData
+from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms
 from regexp.population.optim import StackedOptimizer
@@ -40,7 +40,7 @@ EVAL_BYTES = 4 * 2**20  # one evaluation chunk's hidden activations: cache-sized
 @dataclass
 class Options:
     """How populations are formed and run (``extra.population.*`` in a sweep's config)."""
-    bucket_ratio: float = 1.5  # widest / narrowest width inside one bucket
+    bucket_ratio: float = 1.5  # cost (multiply-adds per example) of the widest / the narrowest in a bucket
     small_width: int = 32  # widths up to this always share a bucket (overhead-bound)
     bf16: bool = False  # autocast the forward pass to bfloat16 (GPU; breaks the exactness)
     compile: bool = False  # torch.compile the forward pass
@@ -201,7 +201,8 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     cfg = members[0].cfg
     t = cfg.trainer
     device = resolve_device(t.device)
-    data = PopulationData([m.cfg for m in members], device, data_cache)
+    data = PopulationData([m.cfg for m in members], [data_key(m.cfg, m.point) for m in members], device,
+                          data_cache)
     bs = data.n if t.batch_size == "full" else int(t.batch_size)
     if bs > data.n:
         raise ConfigError(f"trainer.batch_size={bs} is invalid: expected at most {data.n}, the number of "

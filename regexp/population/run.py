@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from regexp.config import validate
 from regexp.errors import ConfigError
 from regexp.optim import build_optimizer
-from regexp.population.compat import bucket_widths, incompatibility, shared_part
+from regexp.population.compat import bucket_widths, incompatibility, mlp_cost, shared_part
+from regexp.population.data import data_key, load_cached
 from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
 
@@ -117,7 +118,10 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             torch.set_num_threads(t.threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        for widths in bucket_widths([members[i].width for i in idx], opts.bucket_ratio, opts.small_width):
+        first = members[idx[0]].cfg
+        ds = load_cached(first, data_cache, data_key(first, members[idx[0]].point))
+        cost = mlp_cost(int(torch.tensor(ds.input_shape).prod()), int(first.model.depth), ds.num_classes)
+        for widths in bucket_widths([members[i].width for i in idx], opts.bucket_ratio, opts.small_width, cost):
             chosen = [i for i in idx if members[i].width in widths]
             log.info("population: %d members, widths %s padded to %d", len(chosen), widths, max(widths))
             try:
