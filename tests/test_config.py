@@ -40,7 +40,8 @@ def test_every_model_optimizer_scheduler_instantiates(compose_cfg):
 def test_every_regularizer_composes_alone_and_together(compose_cfg):
     names = options("regularizer")
     assert set(names) == set(REGULARIZERS)
-    cfg = compose_cfg([f"regularizer=[{','.join(names)}]"])
+    # transfer needs the folder of an earlier run; its own tests load one
+    cfg = compose_cfg([f"regularizer=[{','.join(names)}]", "regularizer.transfer.run_dir=/some/run"])
     validate(cfg)
     assert list(cfg.regularizer) == names
     regs = build_regularizers(cfg.regularizer, Context(10, 100, torch.device("cpu"), (1, 40)))

@@ -2,6 +2,8 @@
 
 ``sgd`` is plain (stochastic) gradient descent; with ``trainer.batch_size=full`` it is
 gradient descent. ``momentum`` and ``nesterov`` are SGD with heavy-ball / Nesterov momentum.
+SGD, Adagrad, Adam and AdamW use torch's fused kernels; RMSprop and AdaDelta, which have
+none, the ``foreach`` (multi-tensor) implementation.
 torch's updates equal the textbook ones (see ``shared/reference.md``); for momentum, torch
 keeps v ← ρv + g, w ← w − ηv, which is the textbook v ← ρv − ηg, w ← w + v at constant η.
 """
@@ -15,8 +17,9 @@ from regexp.errors import ConfigError
 
 
 def _impl(device: torch.device) -> dict:
-    # The per-parameter Python loop is torch's CPU default and dominates small models.
-    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # torch's CPU default is a Python loop over parameters, which dominates small models; the
+    # fused kernels (CPU and CUDA) update every parameter in one call, 2-3x faster than foreach.
+    return {"fused": True}
 
 
 def _sgd(c, groups, dev):
@@ -26,7 +29,7 @@ def _sgd(c, groups, dev):
 
 def _adagrad(c, groups, dev):
     return torch.optim.Adagrad(groups, lr=c.lr, eps=c.eps,
-                               initial_accumulator_value=c.initial_accumulator_value, foreach=True)
+                               initial_accumulator_value=c.initial_accumulator_value, **_impl(dev))
 
 
 def _rmsprop(c, groups, dev):

@@ -192,14 +192,14 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         epoch, step_in_epoch, history = ck["epoch"], ck["step_in_epoch"], ck["history"]
         best, best_state = ck["best"], ck["best_state"]
         perm = ck["perm"].to(device) if ck["perm"] is not None else None
-        running = ck["running"].to(device)
+        running = list(ck["running"].to(device).unbind())
         order.set_state(ck["order"])
         set_rng_state(ck["rng"])
 
     def checkpoint(status: str) -> None:
         save_torch(out_dir / "checkpoint.pt", {
             "config": config, "status": status, "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "perm": perm.cpu() if perm is not None else None, "running": running.cpu(),
+            "perm": perm.cpu() if perm is not None else None, "running": torch.stack(running).cpu(),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "regularizers": [r.state_dict() for r in regs],
             "history": history, "best": best, "best_state": best_state, "order": order.get_state(),
@@ -226,7 +226,8 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
             model.train()
             if step_in_epoch == 0:
                 perm = torch.randperm(n, generator=order).to(device)
-                running = torch.zeros(1 + len(penalizers), device=device)  # loss, then each penalty
+                # summed loss, then each penalty, kept on the device: read once per epoch
+                running = [torch.zeros((), device=device) for _ in range(1 + len(penalizers))]
             grad_norms = None
             for i in range(step_in_epoch, steps_per_epoch):
                 idx = perm[i * bs:(i + 1) * bs]
@@ -240,8 +241,9 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                 if loss is None:
                     loss = F.cross_entropy(logits, yb, **loss_kwargs)
                 terms = [loss] + [r.penalty(model) for r in penalizers]
+                total = loss if len(terms) == 1 else sum(terms)
                 optimizer.zero_grad(set_to_none=True)
-                sum(terms).backward()
+                total.backward()
                 if t.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 if i == steps_per_epoch - 1 and cfg.logger.grad_norms:
@@ -252,7 +254,8 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                 scheduler.step()
                 for r in regs:
                     r.after_step(model)
-                running += torch.stack([v.detach() for v in terms]) * len(idx)
+                for acc, v in zip(running, terms):
+                    acc.add_(v.detach(), alpha=len(idx))
                 step_in_epoch = i + 1
                 if stop.requested:
                     break
@@ -262,7 +265,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
             epoch, step_in_epoch = epoch + 1, 0
 
             # ---- end of epoch: one sync, divergence check, evaluation, logs
-            sums = (running / n).tolist()
+            sums = (torch.stack(running) / n).tolist()
             if not all(math.isfinite(v) for v in sums):
                 status = "diverged"
                 tb.scalars({"diverged": 1.0, "loss/train_running": sums[0]}, epoch)
