@@ -136,3 +136,47 @@ def test_deterministic_runs_are_identical(cli, tmp_path):
     a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
     assert a["history"] == b["history"]
     _same_state(torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt"))
+
+
+class _StopAfter:
+    """A StopFlag stand-in that 'receives' SIGTERM once ``steps`` steps have been checked."""
+
+    def __init__(self, steps: int):
+        self.left, self.signum = steps, None
+
+    @property
+    def requested(self) -> bool:
+        self.left -= 1
+        if self.left < 0:
+            self.signum = signal.SIGTERM
+        return self.signum is not None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch):
+    """The soft-weight-sharing mixture, its optimizer group, early-stopping counters, the
+    ensemble members and the RNG behind dropout and noise all come back from the checkpoint."""
+    import regexp.train.trainer as trainer
+
+    overrides = ["regularizer=[ensemble,soft_weight_sharing,dropout,weight_noise,early_stopping]",
+                 "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true",
+                 "regularizer.soft_weight_sharing.lam=1e-5", "regularizer.early_stopping.patience=50",
+                 "data.n_train=600", "model.width=16", "trainer.epochs=3", "trainer.progress=false",
+                 "logger.histogram_every=0"]
+    cfg = compose_cfg(overrides)
+    ref = trainer.train(cfg, tmp_path / "ref")
+    monkeypatch.setattr(trainer, "StopFlag", lambda: _StopAfter(8))  # mid-epoch 2 (6 steps per epoch)
+    stopped = trainer.train(cfg, tmp_path / "run")
+    assert stopped["status"] == "interrupted" and stopped["epochs"] == 1
+    monkeypatch.undo()
+    resumed = trainer.train(compose_cfg(overrides + ["trainer.resume=true"]), tmp_path / "run")
+    assert resumed["history"] == ref["history"] and resumed["extra"] == ref["extra"]
+    _same_state(torch.load(tmp_path / "run" / "model.pt"), torch.load(tmp_path / "ref" / "model.pt"))
+    a = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["regularizers"]
+    b = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)["regularizers"]
+    assert repr(a) == repr(b)

@@ -3,8 +3,8 @@
 Glorot & Bengio (2010), Goodfellow ch. 8 and Prince ch. 7 diagnose vanishing and exploding
 gradients by how the spread of the hidden activations and the gradient norm of each layer's
 weights change with depth. The model is rebuilt exactly as the trainer builds it (same
-seeding, same ``build_model``), so the "init" numbers describe the network a serial run
-starts from (the population engine draws its own, equally distributed, initial weights).
+seeding, same ``build_model``), so the "init" numbers describe the network the run starts
+from, whichever engine trains it (population members start from these same weights).
 """
 from __future__ import annotations
 
