@@ -217,7 +217,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     if not resume:
         tb.hparams(_hparams(cfg, overrides, params))
     status, stop_reason = "completed", None
-    bar = tqdm(total=t.epochs, initial=epoch, desc=out_dir.name[-24:], leave=False,
+    bar = tqdm(total=t.epochs, initial=epoch, desc="epoch", unit="epoch", leave=False,
                disable=None if t.progress else True, dynamic_ncols=True)
 
     # ---- the loop
