@@ -5,6 +5,8 @@ order per member, the same loss and penalties, the same update rule and schedule
 per-epoch evaluation, logs and divergence check. Only the arithmetic is batched (one
 ``baddbmm`` per layer for all members), so a member ends with its lone run's weights up to
 float32 rounding: summation order inside the batched products differs, nothing else.
+For relu MLPs without a penalty or label smoothing the gradient is written out by hand
+(``StackedMLP.manual_step``: the same products autograd runs, without its bookkeeping).
 
 The step loop never reads a value back to the host; losses are summed on the device and read
 once per epoch, when a member whose loss is no longer finite is marked ``diverged``, written
@@ -27,7 +29,7 @@ from regexp.errors import ConfigError
 from regexp.optim import lr_factor
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
-from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms
+from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.optim import StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.regularizers.base import Regularizer
@@ -35,6 +37,8 @@ from regexp.train.signals import StopFlag
 
 log = logging.getLogger("regexp.population")
 EVAL_BYTES = 4 * 2**20  # one evaluation chunk's hidden activations: cache-sized, no page faults
+EVAL_BLOCK = 8192  # evaluation rows per member whose logits are reduced at once
+EVAL_LOOP_BYTES = 2**19  # member by member (wide buckets): one member's chunk stays in L2
 
 
 @dataclass
@@ -82,6 +86,8 @@ class LossTerms:
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m, b, c = logits.shape
         flat, yf = logits.reshape(m * b, c).float(), y.reshape(-1)
+        if self.eps_common == 0.0:
+            return nll_rows(flat, yf).view(m, b).mean(1)
         if self.eps_common is not None:
             per = F.cross_entropy(flat, yf, reduction="none", label_smoothing=self.eps_common)
             return per.view(m, b).mean(1)
@@ -104,6 +110,14 @@ class LossTerms:
         return out
 
 
+def nll_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits, y, reduction="none")`` for (N, C) logits, bitwise: log-softmax
+    over the classes laid out as (C, N), where torch's CPU kernel runs vectorized across rows
+    (over a dimension of C = 10 contiguous classes it is several times slower)."""
+    lp = F.log_softmax(logits.t().contiguous(), 0)
+    return -lp.gather(0, y.view(1, -1)).view(-1)
+
+
 @torch.no_grad()
 def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor,
                      batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +125,12 @@ def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor,
     m, n = y.shape
     loss = torch.zeros(m, device=x.device)
     correct = torch.zeros(m, device=x.device)
-    for i in range(0, n, batch):
-        logits = net.forward(x[:, i:i + batch]).float()
-        yb = y[:, i:i + batch]
-        loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1),
-                                reduction="none").view(m, -1).sum(1)
+    # rows whose logits are reduced together (member by member: many cache-sized chunks)
+    block = max(batch, EVAL_BLOCK) if net.loop else batch
+    for j in range(0, n, block):
+        logits = net.eval_logits(x[:, j:j + block], batch).float()
+        yb = y[:, j:j + block]
+        loss += nll_rows(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)).view(m, -1).sum(1)
         correct += (logits.argmax(2) == yb).sum(1)
     return loss / max(n, 1), correct / max(n, 1)
 
@@ -166,6 +181,7 @@ class Loop:
     autocast: object
     grad_norms: bool
     step: int = 0
+    manual: bool = False  # StackedMLP.manual_step instead of autograd (see _manual_ok)
 
 
 def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag):
@@ -176,6 +192,16 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag):
     for i in range(loop.steps_per_epoch):
         xb, yb = b.data.batch(rows[:, i * loop.bs:(i + 1) * loop.bs])
         masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
+        if loop.manual:
+            loss = b.net.manual_step(xb, yb, masks)
+            if i == loop.steps_per_epoch - 1 and loop.grad_norms:
+                grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
+            b.opt.step(loop.factor(loop.step))
+            loop.step += 1
+            running[:, 0] += loss * xb.shape[1]
+            if stop.requested:
+                return running, grad_norms, i == loop.steps_per_epoch - 1
+            continue
         with loop.autocast:
             logits = b.forward(xb, masks)
         loss = b.terms.loss(logits, yb)
@@ -210,9 +236,10 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     _build_models(members, data, device)
     b = Bucket(members, width, data, device, opts)
     steps = math.ceil(data.n / bs)
-    loop = Loop(bs, steps, t.epochs * steps, lr_factor(cfg.scheduler, t.epochs * steps),
+    loop = Loop(bs, steps, t.epochs * steps, _factor_table(cfg.scheduler, t.epochs * steps),
                 torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
                 bool(cfg.logger.grad_norms))
+    loop.manual = _manual_ok(b, opts)
     weight_names = [name for name, _, is_w in b.net.named_params() if is_w]
     results: Dict[int, Dict] = {}
     ids = {id(m): k for k, m in enumerate(members)}
@@ -242,6 +269,25 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
         results[ids[id(m)]] = (_finish_completed(b, k, loop, perms, running) if status == "completed"
                                else finish(m, device))
     return [results[k] for k in range(len(members))]
+
+
+def _manual_ok(b: Bucket, opts: Options) -> bool:
+    """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing,
+    plain float32 eager forward (then the gradient is a few products written out by hand)."""
+    return (b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0
+            and not opts.bf16 and not opts.compile)
+
+
+def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
+    """``lr_factor`` for steps 0..total, computed once (it reads the config on every call)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    plain = SimpleNamespace(**OmegaConf.to_container(sched_cfg, resolve=True))
+    f = lr_factor(plain, total)
+    table = [f(i) for i in range(total + 1)]
+    return lambda step: table[step] if 0 <= step <= total else f(step)
 
 
 def _finish_completed(b: Bucket, k: int, loop: Loop, perms: torch.Tensor, running: torch.Tensor) -> Dict:
@@ -308,17 +354,21 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         for s in SPLITS:
             x, y = b.data.split(s, b.member_set)
             if y.shape[1]:
-                chunk = max(1, min(t.eval_batch_size, EVAL_BYTES // (4 * len(b.members) * b.net.width)))
+                per_chunk = b.net.width if b.net.loop else len(b.members) * b.net.width
+                budget = EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES
+                chunk = max(1, min(t.eval_batch_size, budget // (4 * per_chunk)))
                 l, a = evaluate_members(b.net, x, y, chunk)
                 evals[s] = (l.tolist(), a.tolist())
     diverged, improved = [], []
+    hist_every = cfg.logger.histogram_every
+    lrs = [b.opt.lr_of(k, lr_factor_now) for k in range(len(b.members))]
     for k, m in enumerate(b.members):
         if not finite(sums[k]):
             m.status, m.epochs = "diverged", epoch
-            m.tb.scalars({"diverged": 1.0, "loss/train_running": sums[k][0]}, epoch)
+            write_scalars(m.tb, {"diverged": 1.0, "loss/train_running": sums[k][0]}, epoch)
             diverged.append(k)
             continue
-        logs = {"loss/train_running": sums[k][0], "lr": b.opt.lr_of(k, lr_factor_now)}
+        logs = {"loss/train_running": sums[k][0], "lr": lrs[k]}
         logs.update({f"penalty/{r}": v for r, v in zip(b.terms.reg_names, sums[k][1:])})
         logs["weights/l2_norm"] = l2[k]
         if gn is not None:
@@ -330,7 +380,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 logs[f"loss/{s}"], logs[f"acc/{s}"] = ls[k], acc[k]
             if not math.isfinite(row["train_loss"]):
                 m.status, m.epochs = "diverged", epoch
-                m.tb.scalars({"diverged": 1.0}, epoch)
+                write_scalars(m.tb, {"diverged": 1.0}, epoch)
                 diverged.append(k)
                 continue
             m.history.append(row)
@@ -338,10 +388,10 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 m.best = dict(row)
                 improved.append(k)
         m.epochs = epoch
-        m.tb.scalars(logs, epoch)
+        write_scalars(m.tb, logs, epoch)
         for r in m.regs:
             r.log(m.tb, epoch)
-        if cfg.logger.histogram_every and epoch % cfg.logger.histogram_every == 0:
+        if hist_every and epoch % hist_every == 0:
             write_histograms(m.tb, b.net.member_state(k), epoch)
     if improved:
         _update_best(b, improved)

@@ -68,6 +68,17 @@ class Member:
         return self.best is None or key > (self.best["val_acc"], -self.best["val_loss"])
 
 
+def write_scalars(tb: TBLogger, values: Dict[str, float], step: int) -> None:
+    """``tb.scalars(values, step)`` as one event: the same tags, steps and values (each an
+    old-style ``simple_value``, as ``add_scalar`` writes it), one queue hand-off, not one per tag."""
+    if tb is None or not tb.writer:
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+    tb.writer._get_file_writer().add_summary(summary, step)
+
+
 def write_histograms(tb: TBLogger, state: Dict[str, torch.Tensor], epoch: int) -> None:
     if tb.writer:
         for name, t in state.items():

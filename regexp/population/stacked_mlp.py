@@ -24,6 +24,19 @@ def linear_layers(model: nn.Module) -> List[tuple]:
             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def _ce_and_grad(logits: torch.Tensor, y: torch.Tensor):
+    """Per-member mean cross-entropy of (M, B, C) logits and its gradient (softmax - onehot) / B.
+    The log-softmax runs over the classes laid out as (C, M·B) (see ``engine.nll_rows``)."""
+    m, b, c = logits.shape
+    lp = F.log_softmax(logits.reshape(m * b, c).t().contiguous(), 0)  # (C, M·B)
+    yf = y.reshape(1, -1)
+    loss = (-lp.gather(0, yf)).view(m, b).mean(1)
+    g = lp.exp_()
+    g.scatter_add_(0, yf, torch.full_like(yf, -1, dtype=g.dtype))
+    g.div_(b)
+    return loss, g.view(c, m, b).permute(1, 2, 0)
+
+
 class StackedMLP:
     def __init__(self, models: Sequence[nn.Module], widths: Sequence[int], width: int,
                  activation: str, device: torch.device, loop: bool = False):
@@ -110,6 +123,126 @@ class StackedMLP:
                         h = h * masks[l + 1][m, :, :k]
             outs.append(h)
         return torch.stack(outs)
+
+    @torch.no_grad()
+    def manual_step(self, x: torch.Tensor, y: torch.Tensor,
+                    masks: Optional[List[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """Forward, per-member mean cross-entropy and its gradient, for relu MLPs with no penalty
+        and no label smoothing: the products autograd would run, without its bookkeeping.
+
+        Returns the (M,) losses (the values :meth:`LossTerms.loss` computes) and leaves each
+        parameter's ``.grad`` set to the gradient of their sum (each member's own gradient).
+        Padded units get exactly zero gradient: their pre-activations are 0, so relu's
+        derivative masks them, and the member-by-member form never touches them.
+        """
+        if self.loop:
+            return self._manual_loop(x, y, masks)
+        m, bsz = x.shape[0], x.shape[1]
+        h = x * masks[0] if masks and masks[0] is not None else x
+        hs, rs = [h], []
+        last = len(self.weights) - 1
+        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+            wt = w.transpose(1, 2)
+            h = torch.baddbmm(b, h, wt) if b is not None else torch.bmm(h, wt)
+            if l < last:
+                h = torch.relu(h)
+                rs.append(h)
+                if masks and masks[l + 1] is not None:
+                    h = h * masks[l + 1]
+                hs.append(h)
+        loss, g = _ce_and_grad(h, y)
+        dz = g
+        for l in range(last, -1, -1):
+            w, b = self.weights[l], self.biases[l]
+            w.grad = torch.bmm(dz.transpose(1, 2), hs[l])
+            if b is not None:
+                b.grad = dz.sum(1, keepdim=True)
+            if l > 0:
+                dh = torch.bmm(dz, w)
+                if masks and masks[l] is not None:
+                    dh = dh * masks[l]
+                dz = torch.ops.aten.threshold_backward(dh, rs[l - 1], 0)
+        return loss
+
+    @torch.no_grad()
+    def eval_logits(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Logits (M, N, C) of inputs (M, N, D), computed ``chunk`` rows at a time (member by
+        member in the loop form, each member's chunk cache-sized) into one output tensor."""
+        if not self.loop:
+            return torch.cat([self.forward(x[:, i:i + chunk]) for i in range(0, x.shape[1], chunk)], 1)
+        m_count, n = x.shape[0], x.shape[1]
+        last = len(self.weights) - 1
+        out = torch.empty(m_count, n, self.weights[-1].shape[1], device=x.device, dtype=x.dtype)
+        for m, k in enumerate(self.widths.tolist()):
+            ws = []
+            for l in range(last + 1):
+                w = self.weights[l][m]
+                rows, cols = (w.shape[0] if l == last else k), (w.shape[1] if l == 0 else k)
+                b = self.biases[l]
+                ws.append((w[:rows, :cols], b[m, 0, :rows] if b is not None else None))
+            for i in range(0, n, chunk):
+                h = x[m, i:i + chunk]
+                for l, (w, b) in enumerate(ws):
+                    if l < last:
+                        h = torch.relu_(F.linear(h, w, b))
+                    else:
+                        out[m, i:i + chunk] = F.linear(h, w, b)
+        return out
+
+    def _grad_buffers(self) -> List[torch.Tensor]:
+        """Zero gradients for the member-by-member form, allocated once per parameter set;
+        only the members' real slices are ever written, so padding stays exactly zero."""
+        key = [(id(p), tuple(p.shape)) for p in self.params]
+        if getattr(self, "_grad_key", None) != key:
+            self._grad_key = key
+            self._grads = [torch.zeros_like(p) for p in self.params]
+        return self._grads
+
+    def _manual_loop(self, x, y, masks) -> torch.Tensor:
+        last = len(self.weights) - 1
+        grads = self._grad_buffers()
+        gw, gb, i = [], [], 0
+        for b in self.biases:
+            gw.append(grads[i])
+            i += 1
+            gb.append(grads[i] if b is not None else None)
+            i += b is not None
+        widths = self.widths.tolist()
+        acts, outs = [], []
+        for m, k in enumerate(widths):
+            h = x[m] if not (masks and masks[0] is not None) else x[m] * masks[0][m]
+            hs, rs = [h], []
+            for l in range(last + 1):
+                w = self.weights[l][m]
+                rows, cols = (w.shape[0] if l == last else k), (w.shape[1] if l == 0 else k)
+                b = self.biases[l]
+                h = F.linear(h, w[:rows, :cols], b[m, 0, :rows] if b is not None else None)
+                if l < last:
+                    h = torch.relu(h)
+                    rs.append(h)
+                    if masks and masks[l + 1] is not None:
+                        h = h * masks[l + 1][m, :, :k]
+                    hs.append(h)
+            acts.append((hs, rs))
+            outs.append(h)
+        loss, g = _ce_and_grad(torch.stack(outs), y)
+        for m, k in enumerate(widths):
+            hs, rs = acts[m]
+            dz = g[m]
+            for l in range(last, -1, -1):
+                w = self.weights[l][m]
+                rows, cols = (w.shape[0] if l == last else k), (w.shape[1] if l == 0 else k)
+                gw[l][m, :rows, :cols].copy_(dz.t() @ hs[l])
+                if gb[l] is not None:
+                    torch.sum(dz, 0, out=gb[l][m, 0, :rows])
+                if l > 0:
+                    dh = dz @ w[:rows, :cols]
+                    if masks and masks[l] is not None:
+                        dh = dh * masks[l][m, :, :k]
+                    dz = torch.ops.aten.threshold_backward(dh, rs[l - 1], 0)
+        for p, gr in zip(self.params, grads):
+            p.grad = gr
+        return loss
 
     def keep(self, idx: torch.Tensor) -> None:
         """Drop every member not in ``idx`` (a finished or diverged one)."""
