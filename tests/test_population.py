@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_scalars
+from conftest import StopAfter, read_scalars
 from regexp.errors import ConfigError
 from regexp.population import train_population, use_population
 from regexp.population.compat import bucket_widths, mlp_cost
@@ -292,3 +292,111 @@ def test_batched_and_member_loop_forms_both_match_lone_runs(compose_cfg, tmp_pat
     lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
+
+
+def test_interrupted_population_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path, monkeypatch):
+    """SIGTERM in the middle of epoch 2: every member leaves train()'s checkpoint of that very
+    step (momentum buffers, dropout RNG, data order, partial loss sums); re-launching the sweep
+    resumes each one and ends where lone uninterrupted runs end (the stated tolerance)."""
+    import math
+
+    import regexp.population.engine as engine
+    from regexp.data import load_data
+
+    overrides = ["optimizer=momentum", "regularizer=[dropout]", "trainer.epochs=3", "trainer.batch_size=100"]
+    points = [{"model.width": w, "seed": s} for w, s in ((12, 0), (16, 1))]
+    base = compose_cfg(BASE + overrides)
+    steps = math.ceil(len(load_data(base.data, 0).y_train) / 100)
+    # the loop asks once per step and once after each epoch's end
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(steps + 1 + steps // 2))
+    stopped = train_population(base, points, tmp_path / "pop")
+    monkeypatch.undo()
+    for p, m in zip(points, stopped):
+        assert m["status"] == "interrupted" and m["epochs"] == 1 and m["signal"] == 15
+        ck = torch.load(tmp_path / "pop" / point_name(p) / "checkpoint.pt", weights_only=False)
+        assert (ck["epoch"], ck["step_in_epoch"]) == (1, steps // 2 + 1)
+        assert ck["scheduler"]["last_epoch"] == steps + steps // 2 + 1
+    resumed = train_population(base, points, tmp_path / "pop")
+    lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
+    for p, a, b in zip(points, resumed, lone):
+        assert a["status"] == "completed" and a["epochs"] == 3
+        wa = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
+        wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt")
+        for k in wb:
+            torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
+        for ra, rb in zip(a["history"], b["history"]):
+            assert ra == pytest.approx(rb, rel=RTOL, abs=1e-6)
+
+
+def test_population_writes_periodic_checkpoints(compose_cfg, tmp_path, monkeypatch):
+    import regexp.population.engine as engine
+
+    saved = []
+    real = engine.save_torch
+    monkeypatch.setattr(engine, "save_torch", lambda path, obj: (saved.append((path.parent.name, obj["epoch"],
+                                                                                obj["status"])), real(path, obj)))
+    base = compose_cfg(BASE + ["optimizer=sgd", "trainer.epochs=3", "trainer.checkpoint_every=1"])
+    points = [{"model.width": w, "seed": 0} for w in (4, 6)]
+    train_population(base, points, tmp_path)
+    # epochs 1 and 2 (the last epoch's checkpoint is the final one, written when the member finishes)
+    assert sorted(saved) == sorted((point_name(p), e, "running") for p in points for e in (1, 2))
+
+
+def test_hits_equal_argmax_including_ties():
+    from regexp.population.engine import hits
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 10, 300, generator=g)
+    y = torch.randint(0, 10, (4, 300), generator=g)
+    z[0, 3, :10] = z[0, 5, :10] = 100.0  # a tie: argmax takes class 3
+    y[0, :5], y[0, 5:10] = 3, 5
+    z[1, :, :20] = 0.0  # all classes tied: class 0
+    y[1, :10] = 0
+    got = hits(z, y)
+    assert torch.equal(got, z.argmax(1) == y)
+    assert got[0, :5].all() and not got[0, 5:10].any() and got[1, :10].all()
+
+
+@pytest.mark.parametrize("loop_width,smoothing", [(0, 0.0), (1, 0.0), (0, 0.1)])
+def test_input_and_weight_noise_per_member_match_lone_runs(compose_cfg, tmp_path, loop_width, smoothing):
+    """σ of input and weight noise differs per member (0 included: a lone run still draws);
+    each member's noise and dropout masks are its lone run's own draws, in its order, in the
+    batched and member-by-member forms, by hand-written gradients and by autograd (smoothing)."""
+    from regexp.population import Options
+
+    base = compose_cfg(BASE + [
+        "optimizer=momentum", "regularizer=[input_noise,dropout,weight_noise,label_smoothing]",
+        "regularizer.dropout.p=0.2", "regularizer.dropout.input_p=0.1", f"regularizer.label_smoothing.eps={smoothing}",
+        "regularizer.weight_noise.include_head=false", "trainer.epochs=1"])
+    points = [{"model.width": 20, "regularizer.input_noise.sigma": 0.3, "regularizer.weight_noise.sigma": 0.05,
+               "seed": 0},
+              {"model.width": 28, "regularizer.input_noise.sigma": 0.0, "regularizer.weight_noise.sigma": 0.02,
+               "seed": 1},
+              {"model.width": 28, "regularizer.input_noise.sigma": 0.1, "regularizer.weight_noise.sigma": 0.0,
+               "seed": 1}]
+    assert use_population(base, points)
+    pop = train_population(base, points, tmp_path / "pop", Options(loop_width=loop_width))
+    lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+    # the noise is real: the same seed and width with other σ ends with other weights
+    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt")["hidden.0.weight"] for p in points[1:])
+    assert (w1 - w2).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_step_noise_leaves_padding_zero(exact):
+    from regexp.population.dropout import MemberDropout
+    from regexp.population.noise import StepNoise
+
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    drop = MemberDropout([0.0, 0.0], [0.5, 0.0], gens, [3, 5], 4, 5, 1, torch.device("cpu"), exact, 0)
+    noise = StepNoise(drop, [0.1, 0.2], [0.05, 0.05], [True, True], torch.device("cpu"))
+    weights = [torch.zeros(2, 5, 4), torch.zeros(2, 2, 5)]
+    weights[0][0, :3], weights[0][1], weights[1][0, :, :3], weights[1][1] = 1.0, 1.0, 1.0, 1.0
+    x, masks, used = noise.draw(torch.zeros(2, 6, 4), weights, [3, 5])
+    assert (x != 0).all()  # every input element of both members got noise
+    assert masks[0] is None and masks[1].shape == (2, 6, 5) and (masks[1][1] == 1).all()
+    for w, u in zip(weights, used):
+        assert torch.equal(u[w == 0], torch.zeros_like(u[w == 0]))  # padding: no noise
+        assert (u[w != 0] != 1.0).all()  # real weights: noise on each one

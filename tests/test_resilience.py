@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, read_scalars
+from conftest import ROOT, StopAfter, read_scalars
 
 # Long enough epochs (360 steps) that a signal lands mid-epoch; dropout makes the global RNG matter.
 RUN = ["trainer.epochs=4", "data.n_train=1800", "trainer.batch_size=10", "model.width=64",
@@ -138,26 +138,6 @@ def test_deterministic_runs_are_identical(cli, tmp_path):
     _same_state(torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt"))
 
 
-class _StopAfter:
-    """A StopFlag stand-in that 'receives' SIGTERM once ``steps`` steps have been checked."""
-
-    def __init__(self, steps: int):
-        self.left, self.signum = steps, None
-
-    @property
-    def requested(self) -> bool:
-        self.left -= 1
-        if self.left < 0:
-            self.signum = signal.SIGTERM
-        return self.signum is not None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-
 def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch):
     """The soft-weight-sharing mixture, its optimizer group, early-stopping counters, the
     ensemble members and the RNG behind dropout and noise all come back from the checkpoint."""
@@ -170,7 +150,7 @@ def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch):
                  "logger.histogram_every=0"]
     cfg = compose_cfg(overrides)
     ref = trainer.train(cfg, tmp_path / "ref")
-    monkeypatch.setattr(trainer, "StopFlag", lambda: _StopAfter(8))  # mid-epoch 2 (6 steps per epoch)
+    monkeypatch.setattr(trainer, "StopFlag", lambda: StopAfter(8))  # mid-epoch 2 (6 steps per epoch)
     stopped = trainer.train(cfg, tmp_path / "run")
     assert stopped["status"] == "interrupted" and stopped["epochs"] == 1
     monkeypatch.undo()

@@ -4,7 +4,7 @@ A population is one batched computation, so its members must agree on everything
 shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, weight decay, dropout p, label smoothing,
-label noise) and in width. Widths are grouped into buckets of similar size and padded
+input and weight noise σ, label noise) and in width. Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
@@ -17,14 +17,14 @@ from omegaconf import DictConfig
 
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-REGULARIZERS = ("weight_decay", "dropout", "label_smoothing")
+REGULARIZERS = ("weight_decay", "dropout", "label_smoothing", "input_noise", "weight_noise")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
-    "regularizer.label_smoothing.eps",
+    "regularizer.label_smoothing.eps", "regularizer.input_noise.sigma", "regularizer.weight_noise.sigma",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -41,8 +41,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
     if cfg.trainer.grad_clip:
         return "trainer.grad_clip is set"
-    if cfg.trainer.checkpoint_every:
-        return "trainer.checkpoint_every > 0 (a population checkpoints only at the end)"
     return None
 
 

@@ -44,10 +44,15 @@ class MemberDropout:
 
     def masks(self, batch: int) -> List[Optional[torch.Tensor]]:
         """[input mask, hidden mask of layer 0, ...]; None where no member drops anything."""
-        sites = [(self.input_p, self.keep_input, [self.in_dim] * len(self.widths), self.in_dim)]
-        sites += [(self.hidden_p, self.keep_hidden, self.widths, self.width)] * self.hidden_layers
-        return [self._site(ps, keep, ws, full, batch) if any(p > 0 for p in ps) else None
-                for ps, keep, ws, full in sites]
+        return [self.site_mask(l, batch) for l in range(1 + self.hidden_layers)]
+
+    def site_mask(self, l: int, batch: int) -> Optional[torch.Tensor]:
+        """The mask of the input of linear layer ``l`` (0: the network's input), or None."""
+        if l == 0:
+            ps, keep, ws, full = self.input_p, self.keep_input, [self.in_dim] * len(self.widths), self.in_dim
+        else:
+            ps, keep, ws, full = self.hidden_p, self.keep_hidden, self.widths, self.width
+        return self._site(ps, keep, ws, full, batch) if any(p > 0 for p in ps) else None
 
     def _site(self, ps: List[float], keep: torch.Tensor, ws: List[int], full: int, batch: int) -> torch.Tensor:
         if not self.exact:

@@ -29,16 +29,18 @@ from regexp.errors import ConfigError
 from regexp.optim import lr_factor
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
+from regexp.population.noise import StepNoise
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.optim import StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.regularizers.base import Regularizer
+from regexp.train.io import save_torch
 from regexp.train.signals import StopFlag
 
 log = logging.getLogger("regexp.population")
-EVAL_BYTES = 4 * 2**20  # one evaluation chunk's hidden activations: cache-sized, no page faults
+EVAL_BYTES = 2**20  # one evaluation chunk's hidden activations: cache-sized, no page faults
 EVAL_BLOCK = 8192  # evaluation rows per member whose logits are reduced at once
-EVAL_LOOP_BYTES = 2**19  # member by member (wide buckets): one member's chunk stays in L2
+EVAL_LOOP_BYTES = 2**20  # member by member (wide buckets): one member's chunk stays in L2
 
 
 @dataclass
@@ -118,6 +120,22 @@ def nll_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -lp.gather(0, y.view(1, -1)).view(-1)
 
 
+def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(1) == y`` for class-major (M, C, N) logits, as (M, N) booleans.
+
+    argmax over a strided dimension is ~100x slower on CPU than amax over it, so: the label
+    is predicted when its logit is the maximum, except on ties, where argmax picks the first
+    maximal class; the (rare) tied columns are settled with argmax itself.
+    """
+    at_top = logits == logits.amax(1, keepdim=True)
+    hit = at_top.gather(1, y.unsqueeze(1)).squeeze(1)
+    tied = at_top.view(torch.uint8).sum(1, dtype=torch.uint8) > 1
+    if bool(tied.any()):
+        m, n = tied.nonzero(as_tuple=True)
+        hit[m, n] = logits[m, :, n].argmax(1) == y[m, n]
+    return hit
+
+
 @torch.no_grad()
 def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor,
                      batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -128,10 +146,11 @@ def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor,
     # rows whose logits are reduced together (member by member: many cache-sized chunks)
     block = max(batch, EVAL_BLOCK) if net.loop else batch
     for j in range(0, n, block):
-        logits = net.eval_logits(x[:, j:j + block], batch).float()
+        logits = net.eval_logits(x[:, j:j + block], batch).float()  # (M, C, rows)
         yb = y[:, j:j + block]
-        loss += nll_rows(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)).view(m, -1).sum(1)
-        correct += (logits.argmax(2) == yb).sum(1)
+        lp = F.log_softmax(logits, 1)  # over C, vectorized across the rows (see nll_rows)
+        loss -= lp.gather(1, yb.unsqueeze(1)).sum((1, 2))
+        correct += hits(logits, yb).sum(1)
     return loss / max(n, 1), correct / max(n, 1)
 
 
@@ -154,6 +173,7 @@ class Bucket:
                                   [m.dropout_gen for m in members], [m.width for m in members],
                                   int(torch.tensor(data.input_shape).prod()), width,
                                   len(self.net.weights) - 1, device, exact, int(cfg.seed))
+        self.noise = _step_noise(members, self.drop, len(self.net.weights), device)
         self.member_set = data.member_set.clone()
         self.best: Optional[List[torch.Tensor]] = None
         self.forward = torch.compile(self.net.forward) if opts.compile else self.net.forward
@@ -165,10 +185,19 @@ class Bucket:
         self.opt.keep(sel)
         self.opt.set_params(self.net.params)
         self.drop.keep(idx)
+        self.noise.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
         self.terms = LossTerms(self.members, self.device)
         if self.best is not None:
             self.best = [b.index_select(0, sel.to(b.device)) for b in self.best]
+
+
+def _step_noise(members: List[Member], drop: MemberDropout, layers: int, device: torch.device) -> StepNoise:
+    """Input and weight noise of the members (σ per member), drawn in a lone run's order."""
+    regs = members[0].cfg.regularizer  # the regularizer list is shared; only σ may differ
+    sigmas = lambda name: [_reg(m, name, "sigma") for m in members] if name in regs else None  # noqa: E731
+    head = bool(regs.weight_noise.include_head) if "weight_noise" in regs else False
+    return StepNoise(drop, sigmas("input_noise"), sigmas("weight_noise"), [True] * (layers - 1) + [head], device)
 
 
 @dataclass
@@ -186,24 +215,30 @@ class Loop:
 
 def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag):
     """One epoch of steps for every member; returns (loss/penalty sums (M, 1+R), grad norms,
-    whether the epoch ran to its end). Nothing here waits for the device."""
+    the steps taken: all of the epoch's unless a stop was requested). Nothing here waits for
+    the device."""
     running = torch.zeros(len(b.members), 1 + len(b.terms.reg_names), device=b.device)
     grad_norms = None
+    xs, ys = b.data.batch(rows)  # the epoch's examples in each member's order, gathered at once
     for i in range(loop.steps_per_epoch):
-        xb, yb = b.data.batch(rows[:, i * loop.bs:(i + 1) * loop.bs])
-        masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
+        xb, yb = xs[:, i * loop.bs:(i + 1) * loop.bs], ys[:, i * loop.bs:(i + 1) * loop.bs]
+        weights = None
+        if b.noise.active:
+            xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.widths.tolist())
+        else:
+            masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
         if loop.manual:
-            loss = b.net.manual_step(xb, yb, masks)
+            loss = b.net.manual_step(xb, yb, masks, weights)
             if i == loop.steps_per_epoch - 1 and loop.grad_norms:
                 grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
             b.opt.step(loop.factor(loop.step))
             loop.step += 1
             running[:, 0] += loss * xb.shape[1]
             if stop.requested:
-                return running, grad_norms, i == loop.steps_per_epoch - 1
+                return running, grad_norms, i + 1
             continue
         with loop.autocast:
-            logits = b.forward(xb, masks)
+            logits = b.forward(xb, masks, weights)
         loss = b.terms.loss(logits, yb)
         pens = b.terms.penalties(b.net, loss)
         for p in b.net.params:
@@ -216,8 +251,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag):
         loop.step += 1
         running += torch.stack([loss] + pens, 1) * xb.shape[1]
         if stop.requested:
-            return running, grad_norms, i == loop.steps_per_epoch - 1
-    return running, grad_norms, True
+            return running, grad_norms, i + 1
+    return running, grad_norms, loop.steps_per_epoch
 
 
 def train_bucket(members: List[Member], width: int, opts: Options, data_cache=None) -> List[Dict]:
@@ -243,31 +278,36 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     weight_names = [name for name, _, is_w in b.net.named_params() if is_w]
     results: Dict[int, Dict] = {}
     ids = {id(m): k for k, m in enumerate(members)}
-    epoch, perms, running = 0, None, None
+    epoch, perms, running, in_epoch = 0, None, None, 0
     bar = tqdm(total=t.epochs, desc=f"population w<={width} x{len(members)}", leave=False,
                disable=None if t.progress else True, dynamic_ncols=True)
     with StopFlag() as stop:
         while epoch < t.epochs and b.members:
             rows = data.epoch_index([m.order for m in b.members], b.member_set)
             perms = rows - b.member_set.to(device)[:, None] * data.n
-            running, grad_norms, whole = _train_epoch(b, loop, rows, stop)
-            if not whole:
+            running, grad_norms, in_epoch = _train_epoch(b, loop, rows, stop)
+            if in_epoch < loop.steps_per_epoch:
                 break
-            epoch += 1
+            epoch, in_epoch = epoch + 1, 0
             done = _epoch_end(b, epoch, running / data.n, grad_norms, weight_names, loop.factor(loop.step), cfg, t)
             bar.update(1)
             for k in done:
                 results[ids[id(b.members[k])]] = finish(b.members[k], device, diverged_epoch=epoch)
             if done:
                 b.keep([k for k in range(len(b.members)) if k not in done])
+            if t.checkpoint_every and epoch % t.checkpoint_every == 0 and epoch < t.epochs:
+                for k, m in enumerate(b.members):  # as train() does: a killed sweep resumes from here
+                    save_torch(m.out_dir / "checkpoint.pt", _checkpoint(b, k, loop, perms, running, 0))
             if stop.requested:
                 break
     bar.close()
     status = "completed" if epoch >= t.epochs else "interrupted"
     for k, m in enumerate(b.members):
         m.status, m.epochs, m.signal = status, epoch, stop.signum
+        # An interrupted member leaves train()'s checkpoint of where it stopped (mid-epoch too);
+        # re-launching the sweep resumes it from there.
         results[ids[id(m)]] = (_finish_completed(b, k, loop, perms, running) if status == "completed"
-                               else finish(m, device))
+                               else finish(m, device, checkpoint=_checkpoint(b, k, loop, perms, running, in_epoch)))
     return [results[k] for k in range(len(members))]
 
 
@@ -290,13 +330,23 @@ def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
     return lambda step: table[step] if 0 <= step <= total else f(step)
 
 
+def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], running: Optional[torch.Tensor],
+                in_epoch: int) -> Dict:
+    """Member k's checkpoint.pt, in train()'s format, after ``loop.step`` steps."""
+    m = b.members[k]
+    best = b.net.member_state(k, b.best) if b.best is not None else None
+    sums = running[k].cpu() if running is not None else torch.zeros(1 + len(b.terms.reg_names))
+    return checkpoint_dict(m, b.net.member_state(k), _member_opt_state(b, k), loop.total_steps,
+                           b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu() if perms is not None else None,
+                           sums, best, steps_done=loop.step, step_in_epoch=in_epoch)
+
+
 def _finish_completed(b: Bucket, k: int, loop: Loop, perms: torch.Tensor, running: torch.Tensor) -> Dict:
     """Member k's final weights, best weights, checkpoint and reports, as train() leaves them."""
     m = b.members[k]
     state = b.net.member_state(k)
     best = b.net.member_state(k, b.best) if b.best is not None else None
-    ck = checkpoint_dict(m, state, _member_opt_state(b, k), loop.total_steps,
-                         b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu(), running[k].cpu(), best)
+    ck = _checkpoint(b, k, loop, perms, running, 0)
     ds = b.data.sets[int(b.member_set[k])]  # the lone run's tensors, for report()
     tensors = {s: tuple(v.to(b.device) for v in ds.split(s)) for s in SPLITS}
     return finish(m, b.device, state, best, ck, tensors=tensors, eval_batch=m.cfg.trainer.eval_batch_size)

@@ -80,15 +80,19 @@ def write_scalars(tb: TBLogger, values: Dict[str, float], step: int) -> None:
 
 
 def write_histograms(tb: TBLogger, state: Dict[str, torch.Tensor], epoch: int) -> None:
-    if tb.writer:
-        for name, t in state.items():
-            tb.writer.add_histogram(f"weights/{name}", t.float(), epoch)
+    tb.tensor_histograms({f"weights/{name}": t for name, t in state.items()}, epoch)
 
 
 def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[Dict[str, torch.Tensor]],
-                total_steps: int, lr_final: float, perm: Optional[torch.Tensor],
-                running: torch.Tensor, best_state) -> Dict[str, Any]:
-    """The dict train() saves as checkpoint.pt, rebuilt from the member's slices."""
+                    total_steps: int, lr_final: float, perm: Optional[torch.Tensor],
+                    running: torch.Tensor, best_state, steps_done: Optional[int] = None,
+                    step_in_epoch: int = 0) -> Dict[str, Any]:
+    """The dict train() saves as checkpoint.pt, rebuilt from the member's slices.
+
+    ``total_steps`` is the schedule's length, ``steps_done`` the optimizer steps taken (all of
+    them by default), ``step_in_epoch`` those of the unfinished epoch ``m.epochs + 1``: with
+    them train() resumes an interrupted member where it stopped."""
+    done = total_steps if steps_done is None else steps_done
     m.model.load_state_dict(state)
     params = [p for p in m.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(m.cfg.optimizer, [{"params": params}], torch.device("cpu"))
@@ -97,7 +101,7 @@ def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[D
             optimizer.state[p] = s
     scheduler = build_scheduler(m.cfg.scheduler, optimizer, total_steps)
     sd = scheduler.state_dict()
-    sd.update(last_epoch=total_steps, _step_count=total_steps + 1, _last_lr=[lr_final])
+    sd.update(last_epoch=done, _step_count=done + 1, _last_lr=[lr_final])
     scheduler.load_state_dict(sd)
     for g in optimizer.param_groups:
         g["lr"] = lr_final
@@ -105,7 +109,7 @@ def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[D
     rng["torch"] = m.dropout_gen.get_state()
     return {
         "config": OmegaConf.to_container(m.cfg, resolve=True), "status": m.status, "epoch": m.epochs,
-        "step_in_epoch": 0, "perm": perm, "running": running, "model": m.model.state_dict(),
+        "step_in_epoch": step_in_epoch, "perm": perm, "running": running, "model": m.model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "regularizers": [r.state_dict() for r in m.regs], "history": m.history, "best": m.best,
         "best_state": best_state, "order": m.order.get_state(), "rng": rng,

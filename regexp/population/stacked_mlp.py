@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}
+IN_PLACE = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_, "gelu": F.gelu}  # no-grad use
 
 
 def linear_layers(model: nn.Module) -> List[tuple]:
@@ -25,16 +26,25 @@ def linear_layers(model: nn.Module) -> List[tuple]:
 
 
 def _ce_and_grad(logits: torch.Tensor, y: torch.Tensor):
-    """Per-member mean cross-entropy of (M, B, C) logits and its gradient (softmax - onehot) / B.
-    The log-softmax runs over the classes laid out as (C, M·B) (see ``engine.nll_rows``)."""
-    m, b, c = logits.shape
-    lp = F.log_softmax(logits.reshape(m * b, c).t().contiguous(), 0)  # (C, M·B)
-    yf = y.reshape(1, -1)
-    loss = (-lp.gather(0, yf)).view(m, b).mean(1)
+    """Per-member mean cross-entropy of class-major logits (M, C, B) and its gradient
+    (softmax - onehot) / B in the same layout. Over C with B contiguous, torch's CPU
+    log-softmax runs vectorized across the batch (see ``engine.nll_rows``)."""
+    m, c, b = logits.shape
+    lp = F.log_softmax(logits, 1)
+    yi = y.view(m, 1, b)
+    loss = (-lp.gather(1, yi)).view(m, b).mean(1)
     g = lp.exp_()
-    g.scatter_add_(0, yf, torch.full_like(yf, -1, dtype=g.dtype))
+    g.scatter_add_(1, yi, torch.full_like(yi, -1, dtype=g.dtype))
     g.div_(b)
-    return loss, g.view(c, m, b).permute(1, 2, 0)
+    return loss, g
+
+
+def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``dst[:] = a @ b``, in place when ``dst`` is contiguous (a member's slice often is)."""
+    if dst.is_contiguous():
+        torch.mm(a, b, out=dst)
+    else:
+        dst.copy_(torch.mm(a, b))
 
 
 class StackedMLP:
@@ -48,6 +58,7 @@ class StackedMLP:
         # step, because CPU batched GEMMs lose to plain ones there (2x at width 1024, 1 thread).
         self.loop = loop
         self.act = ACTIVATIONS[activation]
+        self.act_ = IN_PLACE[activation]
         m_count, depth = len(models), len(layers[0])
         in_dim, out_dim = layers[0][0][2].in_features, layers[0][-1][2].out_features
         self.weights: List[torch.Tensor] = []
@@ -81,16 +92,18 @@ class StackedMLP:
                 out.append((bn, b, False))
         return out
 
-    def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
+                weights: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Logits (M, B, C) of inputs (M, B, D); ``masks[0]`` scales the input, ``masks[l+1]``
-        hidden layer l (inverted dropout, drawn by :mod:`regexp.population.dropout`)."""
+        hidden layer l (inverted dropout, drawn by :mod:`regexp.population.dropout`);
+        ``weights`` replaces the stored weights in the computation (weight noise)."""
         if self.loop:
-            return self._forward_loop(x, masks)
+            return self._forward_loop(x, masks, weights)
         h = x
         if masks and masks[0] is not None:
             h = h * masks[0]
         last = len(self.weights) - 1
-        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for l, (w, b) in enumerate(zip(weights or self.weights, self.biases)):
             wt = w.transpose(1, 2)
             h = torch.baddbmm(b, h, wt) if b is not None else torch.bmm(h, wt)
             if l < last:
@@ -101,14 +114,14 @@ class StackedMLP:
                     h = h * masks[l + 1]
         return h
 
-    def _forward_loop(self, x: torch.Tensor, masks) -> torch.Tensor:
+    def _forward_loop(self, x: torch.Tensor, masks, weights=None) -> torch.Tensor:
         """The same function, member by member with nn.Linear's own kernel on unpadded slices.
 
         ``unbind`` hands each member a view whose gradient flows back with one stack per
         tensor; the slices never touch the padded units, whose gradient stays exactly zero.
         """
         last = len(self.weights) - 1
-        ws = [w.unbind(0) for w in self.weights]
+        ws = [w.unbind(0) for w in (weights or self.weights)]
         bs = [b.unbind(0) if b is not None else None for b in self.biases]
         outs = []
         for m, k in enumerate(self.widths.tolist()):
@@ -125,8 +138,8 @@ class StackedMLP:
         return torch.stack(outs)
 
     @torch.no_grad()
-    def manual_step(self, x: torch.Tensor, y: torch.Tensor,
-                    masks: Optional[List[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    def manual_step(self, x: torch.Tensor, y: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
+                    weights: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Forward, per-member mean cross-entropy and its gradient, for relu MLPs with no penalty
         and no label smoothing: the products autograd would run, without its bookkeeping.
 
@@ -134,59 +147,75 @@ class StackedMLP:
         parameter's ``.grad`` set to the gradient of their sum (each member's own gradient).
         Padded units get exactly zero gradient: their pre-activations are 0, so relu's
         derivative masks them, and the member-by-member form never touches them.
+
+        Activations are kept feature-major, (M, features, B): every product then has the
+        batch as its long contiguous side, which the CPU GEMMs of these thin shapes (10
+        classes, 40 inputs) run 1.2-1.4x faster than the batch-major layout (measured).
+        ``weights`` (weight noise) are used in the products; the gradient, taken there, is
+        each stored weight's own.
         """
         if self.loop:
-            return self._manual_loop(x, y, masks)
-        m, bsz = x.shape[0], x.shape[1]
-        h = x * masks[0] if masks and masks[0] is not None else x
-        hs, rs = [h], []
+            return self._manual_loop(x, y, masks, weights)
+        weights = weights or self.weights
+        a = (x * masks[0] if masks and masks[0] is not None else x).transpose(1, 2)  # (M, D, B)
+        acts, rs = [a], []
         last = len(self.weights) - 1
-        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
-            wt = w.transpose(1, 2)
-            h = torch.baddbmm(b, h, wt) if b is not None else torch.bmm(h, wt)
+        for l, (w, b) in enumerate(zip(weights, self.biases)):
+            z = torch.baddbmm(b.transpose(1, 2), w, a) if b is not None else torch.bmm(w, a)
             if l < last:
-                h = torch.relu(h)
-                rs.append(h)
-                if masks and masks[l + 1] is not None:
-                    h = h * masks[l + 1]
-                hs.append(h)
-        loss, g = _ce_and_grad(h, y)
-        dz = g
+                r = torch.relu_(z)
+                rs.append(r)
+                a = r * masks[l + 1].transpose(1, 2) if masks and masks[l + 1] is not None else r
+                acts.append(a)
+        loss, dz = _ce_and_grad(z, y)
         for l in range(last, -1, -1):
-            w, b = self.weights[l], self.biases[l]
-            w.grad = torch.bmm(dz.transpose(1, 2), hs[l])
+            b = self.biases[l]
+            self.weights[l].grad = torch.bmm(dz, acts[l].transpose(1, 2))
             if b is not None:
-                b.grad = dz.sum(1, keepdim=True)
+                b.grad = dz.sum(2).unsqueeze(1)
             if l > 0:
-                dh = torch.bmm(dz, w)
+                dh = torch.bmm(weights[l].transpose(1, 2), dz)
                 if masks and masks[l] is not None:
-                    dh = dh * masks[l]
+                    dh = dh * masks[l].transpose(1, 2)
                 dz = torch.ops.aten.threshold_backward(dh, rs[l - 1], 0)
         return loss
 
+    def _member_layers(self, m: int, k: int, weights: Optional[List[torch.Tensor]] = None) -> List[tuple]:
+        """Member m's unpadded (weight, bias) views, input to output (hidden width k)."""
+        last = len(self.weights) - 1
+        out = []
+        for l, (w, b) in enumerate(zip(weights or self.weights, self.biases)):
+            rows = w.shape[1] if l == last else k
+            cols = w.shape[2] if l == 0 else k
+            out.append((w[m, :rows, :cols], b[m, 0, :rows] if b is not None else None))
+        return out
+
     @torch.no_grad()
     def eval_logits(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Logits (M, N, C) of inputs (M, N, D), computed ``chunk`` rows at a time (member by
-        member in the loop form, each member's chunk cache-sized) into one output tensor."""
-        if not self.loop:
-            return torch.cat([self.forward(x[:, i:i + chunk]) for i in range(0, x.shape[1], chunk)], 1)
+        """Class-major logits (M, C, N) of inputs (M, N, D), ``chunk`` examples at a time
+        (member by member in the loop form, each member's chunk cache-sized)."""
         m_count, n = x.shape[0], x.shape[1]
         last = len(self.weights) - 1
-        out = torch.empty(m_count, n, self.weights[-1].shape[1], device=x.device, dtype=x.dtype)
-        for m, k in enumerate(self.widths.tolist()):
-            ws = []
-            for l in range(last + 1):
-                w = self.weights[l][m]
-                rows, cols = (w.shape[0] if l == last else k), (w.shape[1] if l == 0 else k)
-                b = self.biases[l]
-                ws.append((w[:rows, :cols], b[m, 0, :rows] if b is not None else None))
+        out = torch.empty(m_count, self.weights[-1].shape[1], n, device=x.device, dtype=x.dtype)
+        if not self.loop:
+            hidden_mask = self.unit_mask.transpose(1, 2) if self.mask_hidden else None
             for i in range(0, n, chunk):
-                h = x[m, i:i + chunk]
-                for l, (w, b) in enumerate(ws):
+                a = x[:, i:i + chunk].transpose(1, 2)
+                for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+                    z = torch.baddbmm(b.transpose(1, 2), w, a) if b is not None else torch.bmm(w, a)
                     if l < last:
-                        h = torch.relu_(F.linear(h, w, b))
-                    else:
-                        out[m, i:i + chunk] = F.linear(h, w, b)
+                        a = self.act_(z) if hidden_mask is None else self.act_(z) * hidden_mask
+                out[:, :, i:i + chunk] = z
+            return out
+        for m, k in enumerate(self.widths.tolist()):
+            layers = self._member_layers(m, k)
+            for i in range(0, n, chunk):
+                a = x[m, i:i + chunk].t()
+                for l, (w, b) in enumerate(layers):
+                    z = torch.addmm(b[:, None], w, a) if b is not None else torch.mm(w, a)
+                    if l < last:
+                        a = self.act_(z)
+                out[m, :, i:i + chunk] = z
         return out
 
     def _grad_buffers(self) -> List[torch.Tensor]:
@@ -198,49 +227,44 @@ class StackedMLP:
             self._grads = [torch.zeros_like(p) for p in self.params]
         return self._grads
 
-    def _manual_loop(self, x, y, masks) -> torch.Tensor:
+    def _manual_loop(self, x, y, masks, weights=None) -> torch.Tensor:
+        """:meth:`manual_step`, member by member on unpadded slices (feature-major too)."""
         last = len(self.weights) - 1
-        grads = self._grad_buffers()
-        gw, gb, i = [], [], 0
+        grads = iter(self._grad_buffers())
+        gw, gb = [], []
         for b in self.biases:
-            gw.append(grads[i])
-            i += 1
-            gb.append(grads[i] if b is not None else None)
-            i += b is not None
+            gw.append(next(grads))
+            gb.append(next(grads) if b is not None else None)
         widths = self.widths.tolist()
-        acts, outs = [], []
+        saved, outs = [], []
         for m, k in enumerate(widths):
-            h = x[m] if not (masks and masks[0] is not None) else x[m] * masks[0][m]
-            hs, rs = [h], []
-            for l in range(last + 1):
-                w = self.weights[l][m]
-                rows, cols = (w.shape[0] if l == last else k), (w.shape[1] if l == 0 else k)
-                b = self.biases[l]
-                h = F.linear(h, w[:rows, :cols], b[m, 0, :rows] if b is not None else None)
+            layers = self._member_layers(m, k, weights)
+            a = (x[m] * masks[0][m] if masks and masks[0] is not None else x[m]).t()  # (D, B)
+            acts, rs = [a], []
+            for l, (w, b) in enumerate(layers):
+                z = torch.addmm(b[:, None], w, a) if b is not None else torch.mm(w, a)
                 if l < last:
-                    h = torch.relu(h)
-                    rs.append(h)
-                    if masks and masks[l + 1] is not None:
-                        h = h * masks[l + 1][m, :, :k]
-                    hs.append(h)
-            acts.append((hs, rs))
-            outs.append(h)
+                    r = torch.relu_(z)
+                    rs.append(r)
+                    a = r * masks[l + 1][m, :, :k].t() if masks and masks[l + 1] is not None else r
+                    acts.append(a)
+            saved.append((layers, acts, rs))
+            outs.append(z)
         loss, g = _ce_and_grad(torch.stack(outs), y)
         for m, k in enumerate(widths):
-            hs, rs = acts[m]
+            layers, acts, rs = saved[m]
             dz = g[m]
             for l in range(last, -1, -1):
-                w = self.weights[l][m]
-                rows, cols = (w.shape[0] if l == last else k), (w.shape[1] if l == 0 else k)
-                gw[l][m, :rows, :cols].copy_(dz.t() @ hs[l])
-                if gb[l] is not None:
-                    torch.sum(dz, 0, out=gb[l][m, 0, :rows])
+                w, b = layers[l]
+                _mm_into(gw[l][m, :w.shape[0], :w.shape[1]], dz, acts[l].t())
+                if b is not None:
+                    torch.sum(dz, 1, out=gb[l][m, 0, :w.shape[0]])
                 if l > 0:
-                    dh = dz @ w[:rows, :cols]
+                    dh = torch.mm(w.t(), dz)
                     if masks and masks[l] is not None:
-                        dh = dh * masks[l][m, :, :k]
+                        dh = dh * masks[l][m, :, :k].t()
                     dz = torch.ops.aten.threshold_backward(dh, rs[l - 1], 0)
-        for p, gr in zip(self.params, grads):
+        for p, gr in zip(self.params, self._grad_buffers()):
             p.grad = gr
         return loss
 

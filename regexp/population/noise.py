@@ -1,0 +1,78 @@
+"""Everything random a lone run draws in one training step, drawn per member in its order.
+
+A lone MLP step draws from the global generator, in this order: Gaussian input noise
+(``input_noise``, a ``transform_batch`` before the forward pass), then for each linear layer
+the dropout mask of its input (``dropout``) and the noise on its weight (``weight_noise``,
+drawn as the layer runs). Each member's generator (see :mod:`regexp.population.dropout`)
+draws the same numbers in the same order, so with ``exact`` a member sees exactly its lone
+run's perturbations; padded units get none (their weights stay exactly zero). The batched
+mode (GPU) draws each kind for all members in one call: same distribution, other numbers.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from regexp.population.dropout import MemberDropout
+
+
+class StepNoise:
+    def __init__(self, drop: MemberDropout, input_sigma: Optional[Sequence[float]],
+                 weight_sigma: Optional[Sequence[float]], noised_layers: Sequence[bool], device: torch.device):
+        """``input_sigma`` / ``weight_sigma``: one σ per member, or None when the population has
+        no such regularizer (σ = 0 still draws, as a lone run does); ``noised_layers``: which
+        linear layers weight noise perturbs (the head only with ``include_head``)."""
+        self.drop, self.device = drop, device
+        self.input_sigma = list(input_sigma) if input_sigma is not None else None
+        self.weight_sigma = list(weight_sigma) if weight_sigma is not None else None
+        self.noised = list(noised_layers) if weight_sigma is not None else [False] * len(noised_layers)
+        self._masks = {}
+        self._scales()
+
+    def _scales(self) -> None:
+        as_t = lambda v: torch.tensor(v, device=self.device).view(-1, 1, 1)  # noqa: E731 (float32, as torch uses σ)
+        self.s_in = as_t(self.input_sigma) if self.input_sigma is not None else None
+        self.s_w = as_t(self.weight_sigma) if self.weight_sigma is not None else None
+
+    @property
+    def active(self) -> bool:
+        """Whether a step draws anything besides dropout masks."""
+        return self.input_sigma is not None or any(self.noised)
+
+    def keep(self, idx: Sequence[int]) -> None:
+        """Keep members ``idx`` (the dropout part is kept by its owner)."""
+        for name in ("input_sigma", "weight_sigma"):
+            if getattr(self, name) is not None:
+                setattr(self, name, [getattr(self, name)[i] for i in idx])
+        self._scales()
+
+    def draw(self, x: torch.Tensor, weights: List[torch.Tensor], widths: List[int]
+             ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], List[torch.Tensor]]:
+        """(noisy inputs (M, B, D), dropout masks per layer input, the weights to compute with)."""
+        batch = x.shape[1]
+        if self.input_sigma is not None:
+            x = x + self.s_in * self._normal(x.shape, [(x.shape[1], x.shape[2])] * len(widths))
+        masks, used = [], list(weights)
+        last = len(weights) - 1
+        for l, w in enumerate(weights):
+            masks.append(self.drop.site_mask(l, batch))
+            if self.noised[l]:
+                real = [(w.shape[1] if l == last else k, w.shape[2] if l == 0 else k) for k in widths]
+                used[l] = w + self.s_w * self._normal(w.shape, real)
+        return x, masks, used
+
+    def _normal(self, shape: torch.Size, real: List[Tuple[int, int]]) -> torch.Tensor:
+        """(M, rows, cols) standard normal draws on each member's real (rows, cols), zero elsewhere."""
+        if not self.drop.exact:
+            key = (tuple(shape), tuple(real))
+            if key not in self._masks:  # made once per shape, not per step
+                mask = torch.zeros(shape)
+                for i, (r, c) in enumerate(real):
+                    mask[i, :r, :c] = 1.0
+                self._masks[key] = mask.to(self.device)
+            return torch.randn(shape, generator=self.drop.batched_gen, device=self.device) * self._masks[key]
+        out = torch.zeros(shape)
+        for i, ((r, c), g) in enumerate(zip(real, self.drop.generators)):
+            out[i, :r, :c] = torch.randn(r, c, generator=g)
+        return out.to(self.device)
