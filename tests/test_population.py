@@ -294,29 +294,42 @@ def test_batched_and_member_loop_forms_both_match_lone_runs(compose_cfg, tmp_pat
         _assert_same_run(tmp_path, p, a, b)
 
 
-def test_interrupted_population_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer,mid_epoch", [("momentum", True), ("adam", False)])
+def test_interrupted_population_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path, monkeypatch,
+                                                                    optimizer, mid_epoch):
     """SIGTERM in the middle of epoch 2: every member leaves train()'s checkpoint of that very
     step (momentum buffers, dropout RNG, data order, partial loss sums); re-launching the sweep
-    resumes each one and ends where lone uninterrupted runs end (the stated tolerance)."""
+    resumes them together as a population from that step, and each ends where its lone
+    uninterrupted run ends (the stated tolerance), with the same history and TensorBoard curves."""
     import math
 
     import regexp.population.engine as engine
     from regexp.data import load_data
 
-    overrides = ["optimizer=momentum", "regularizer=[dropout]", "trainer.epochs=3", "trainer.batch_size=100"]
+    overrides = [f"optimizer={optimizer}", "regularizer=[dropout]", "trainer.epochs=3", "trainer.batch_size=100"]
     points = [{"model.width": w, "seed": s} for w, s in ((12, 0), (16, 1))]
     base = compose_cfg(BASE + overrides)
     steps = math.ceil(len(load_data(base.data, 0).y_train) / 100)
-    # the loop asks once per step and once after each epoch's end
-    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(steps + 1 + steps // 2))
+    # the loop asks once per step and once after each epoch's end: stop in the middle of epoch
+    # 2 or right after epoch 1
+    in_epoch = steps // 2 + 1 if mid_epoch else 0
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(steps + in_epoch))
     stopped = train_population(base, points, tmp_path / "pop")
     monkeypatch.undo()
     for p, m in zip(points, stopped):
         assert m["status"] == "interrupted" and m["epochs"] == 1 and m["signal"] == 15
         ck = torch.load(tmp_path / "pop" / point_name(p) / "checkpoint.pt", weights_only=False)
-        assert (ck["epoch"], ck["step_in_epoch"]) == (1, steps // 2 + 1)
-        assert ck["scheduler"]["last_epoch"] == steps + steps // 2 + 1
+        assert (ck["epoch"], ck["step_in_epoch"]) == (1, in_epoch)
+        assert ck["scheduler"]["last_epoch"] == steps + in_epoch
+    # the re-launch resumes both in one population, from the step where they stopped
+    positions = []
+    real = engine.train_bucket
+    monkeypatch.setattr(engine, "train_bucket", lambda ms, *a, **k: (positions.append([m.position for m in ms]),
+                                                                      real(ms, *a, **k))[1])
+    import regexp.population.run as run
+    monkeypatch.setattr(run, "train_bucket", engine.train_bucket)
     resumed = train_population(base, points, tmp_path / "pop")
+    assert positions == [[(1, in_epoch, steps + in_epoch)] * 2]
     lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
     for p, a, b in zip(points, resumed, lone):
         assert a["status"] == "completed" and a["epochs"] == 3
@@ -324,8 +337,14 @@ def test_interrupted_population_resumes_to_the_uninterrupted_result(compose_cfg,
         wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt")
         for k in wb:
             torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
+        assert len(a["history"]) == len(b["history"]) == 3
         for ra, rb in zip(a["history"], b["history"]):
             assert ra == pytest.approx(rb, rel=RTOL, abs=1e-6)
+        sa, sb = read_scalars(tmp_path / "pop" / point_name(p)), read_scalars(tmp_path / "lone" / point_name(p))
+        assert set(sa) == set(sb)
+        for tag in sb:  # one value per epoch: the events after the checkpoint were purged
+            assert [s for s, _ in sa[tag]] == [s for s, _ in sb[tag]], tag
+            assert [v for _, v in sa[tag]] == pytest.approx([v for _, v in sb[tag]], rel=1e-3, abs=1e-6), tag
 
 
 def test_population_writes_periodic_checkpoints(compose_cfg, tmp_path, monkeypatch):

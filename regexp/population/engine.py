@@ -213,14 +213,16 @@ class Loop:
     manual: bool = False  # StackedMLP.manual_step instead of autograd (see _manual_ok)
 
 
-def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag):
-    """One epoch of steps for every member; returns (loss/penalty sums (M, 1+R), grad norms,
-    the steps taken: all of the epoch's unless a stop was requested). Nothing here waits for
-    the device."""
-    running = torch.zeros(len(b.members), 1 + len(b.terms.reg_names), device=b.device)
+def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, start: int = 0,
+                 running: Optional[torch.Tensor] = None):
+    """One epoch of steps for every member, from step ``start`` (a resumed epoch, whose loss
+    sums so far are ``running``); returns (loss/penalty sums (M, 1+R), grad norms, the steps
+    of the epoch done: all unless a stop was requested). Nothing here waits for the device."""
+    if running is None:
+        running = torch.zeros(len(b.members), 1 + len(b.terms.reg_names), device=b.device)
     grad_norms = None
     xs, ys = b.data.batch(rows)  # the epoch's examples in each member's order, gathered at once
-    for i in range(loop.steps_per_epoch):
+    for i in range(start, loop.steps_per_epoch):
         xb, yb = xs[:, i * loop.bs:(i + 1) * loop.bs], ys[:, i * loop.bs:(i + 1) * loop.bs]
         weights = None
         if b.noise.active:
@@ -278,14 +280,18 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     weight_names = [name for name, _, is_w in b.net.named_params() if is_w]
     results: Dict[int, Dict] = {}
     ids = {id(m): k for k, m in enumerate(members)}
-    epoch, perms, running, in_epoch = 0, None, None, 0
-    bar = tqdm(total=t.epochs, desc=f"population w<={width} x{len(members)}", leave=False,
+    epoch, perms, running, in_epoch = _restore(b, loop)  # (0, None, None, 0) for a fresh start
+    bar = tqdm(total=t.epochs, initial=epoch, desc=f"population w<={width} x{len(members)}", leave=False,
                disable=None if t.progress else True, dynamic_ncols=True)
     with StopFlag() as stop:
         while epoch < t.epochs and b.members:
-            rows = data.epoch_index([m.order for m in b.members], b.member_set)
-            perms = rows - b.member_set.to(device)[:, None] * data.n
-            running, grad_norms, in_epoch = _train_epoch(b, loop, rows, stop)
+            if in_epoch == 0:
+                rows = data.epoch_index([m.order for m in b.members], b.member_set)
+                perms = rows - b.member_set.to(device)[:, None] * data.n
+                running = None
+            else:  # a resumed epoch: its order was drawn before the interruption
+                rows = perms + b.member_set.to(device)[:, None] * data.n
+            running, grad_norms, in_epoch = _train_epoch(b, loop, rows, stop, in_epoch, running)
             if in_epoch < loop.steps_per_epoch:
                 break
             epoch, in_epoch = epoch + 1, 0
@@ -352,8 +358,33 @@ def _finish_completed(b: Bucket, k: int, loop: Loop, perms: torch.Tensor, runnin
     return finish(m, b.device, state, best, ck, tensors=tensors, eval_batch=m.cfg.trainer.eval_batch_size)
 
 
+def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor], int]:
+    """Where resumed members stopped: (epoch, this epoch's orders (M, n), loss sums so far,
+    steps into the epoch); the optimizer state, schedule position and best weights come back
+    into the stacked tensors. Members of a bucket stopped at the same step (see run.py)."""
+    cks = [m.resume for m in b.members]
+    if cks[0] is None:
+        return 0, None, None, 0
+    epoch, in_epoch, loop.step = b.members[0].position
+    b.opt.steps = loop.step
+    states = [ck["optimizer"]["state"] for ck in cks]
+    for key in states[0].get(0, {}):
+        per_param = [[st[j][key] for st in states] for j in range(len(b.net.params))]
+        b.opt.state[key] = ([ts[0].to(b.device) for ts in per_param] if key == "step"  # shared count
+                            else [b.net.stack(ts, p) for ts, p in zip(per_param, b.net.params)])
+    if all(ck["best_state"] is not None for ck in cks):
+        names = [name for name, _, _ in b.net.named_params()]
+        b.best = [b.net.stack([ck["best_state"][n] for ck in cks], p) for n, p in zip(names, b.net.params)]
+    if in_epoch == 0:
+        return epoch, None, None, 0
+    perms = torch.stack([ck["perm"] for ck in cks]).to(b.device)
+    running = torch.stack([ck["running"] for ck in cks]).to(b.device)
+    return epoch, perms, running, in_epoch
+
+
 def _build_models(members: List[Member], data: PopulationData, device: torch.device) -> None:
-    """Each member's lone model, built exactly as train() builds it, and its open log."""
+    """Each member's lone model, built exactly as train() builds it (and brought to its
+    checkpoint when it resumes), and its open log."""
     from regexp.models import build_model
     from regexp.regularizers import build_regularizers
     from regexp.regularizers.base import Context
@@ -375,6 +406,8 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
         m.regs = build_regularizers(m.cfg.regularizer, ctx)
         for r in m.regs:
             r.attach(m.model)
+        if m.resume is not None:
+            m.restore()
         m.open_log()
 
 

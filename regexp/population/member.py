@@ -42,10 +42,29 @@ class Member:
     status: str = "running"
     epochs: int = 0
     signal: Optional[int] = None
+    resume: Optional[Dict[str, Any]] = None  # the checkpoint.pt of an interrupted run, to go on from
 
     def __post_init__(self) -> None:
         if self.order is None:
             self.order = torch.Generator().manual_seed(int(self.cfg.seed))
+
+    @property
+    def position(self) -> tuple:
+        """(epochs done, steps into the next epoch, optimizer steps done): where training starts.
+        Members of one population start together."""
+        ck = self.resume
+        return (0, 0, 0) if ck is None else (ck["epoch"], ck["step_in_epoch"], ck["scheduler"]["last_epoch"])
+
+    def restore(self) -> None:
+        """Load the checkpoint into the lone model, regularizers, generators and records, as
+        train() does when it resumes."""
+        ck = self.resume
+        self.model.load_state_dict(ck["model"])
+        for r, st in zip(self.regs, ck["regularizers"]):
+            r.load_state_dict(st)
+        self.dropout_gen.set_state(ck["rng"]["torch"])
+        self.order.set_state(ck["order"])
+        self.history, self.best, self.epochs = list(ck["history"]), ck["best"], ck["epoch"]
 
     @property
     def width(self) -> int:
@@ -57,6 +76,9 @@ class Member:
 
     def open_log(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume is not None:  # as train() resumes: drop events after the checkpoint's epoch
+            self.tb = TBLogger(self.out_dir, self.cfg.logger.tensorboard, purge_step=self.resume["epoch"] + 1)
+            return
         self.tb = TBLogger(self.out_dir, self.cfg.logger.tensorboard)
         self.tb.hparams(_hparams(self.cfg, self.overrides, self.params))
 

@@ -81,7 +81,7 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                      opts: Optional[Options] = None) -> List[Dict[str, Any]]:
     """Train every point; return each point's metrics (as ``train()`` returns them), in order."""
     from regexp.sweep import _fmt, point_config, point_name
-    from regexp.train.trainer import _prepare_dir, train
+    from regexp.train.trainer import _prepare_dir, resumable_checkpoint
 
     opts = opts or options(base)
     results: List[Optional[Dict[str, Any]]] = [None] * len(points)
@@ -100,12 +100,15 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             done = _prepare_dir(out, cfg.trainer, sweep=True)
             if done is not None:
                 results[i] = done
-            elif (out / "checkpoint.pt").exists():  # an unfinished lone run: train() resumes it
-                results[i] = train(cfg, out, overrides, sweep=True)
             else:
-                members[i] = Member(point, cfg, out, overrides)
-                # all points share the base, so the non-member keys of a point decide its group
-                pending.setdefault(json.dumps(shared_part(point), sort_keys=True, default=str), []).append(i)
+                # an unfinished run (interrupted population or lone run) goes on from its checkpoint
+                ck = (resumable_checkpoint(out / "checkpoint.pt", OmegaConf.to_container(cfg, resolve=True))
+                      if (out / "checkpoint.pt").exists() else None)
+                members[i] = Member(point, cfg, out, overrides, resume=ck)
+                # all points share the base, so the non-member keys of a point decide its group;
+                # members that resume train together with those stopped at the same step
+                key = json.dumps([shared_part(point), members[i].position], sort_keys=True, default=str)
+                pending.setdefault(key, []).append(i)
         except Exception as e:  # recorded like run_points records it; the sweep goes on
             msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
             log.error("point %s failed: %s\n%s", point_name(point), msg, traceback.format_exc())

@@ -278,6 +278,18 @@ class StackedMLP:
         self.unit_mask = self.unit_mask.index_select(0, sel)
         self.widths = self.widths.index_select(0, idx.cpu())
 
+    def stack(self, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The members' unpadded tensors of one parameter (nn.Module layout), stacked and padded
+        with zeros into ``like``'s shape: the inverse of :meth:`member_state`."""
+        out = torch.zeros_like(like, requires_grad=False)
+        for i, t in enumerate(tensors):
+            t = t.to(out.device, out.dtype)
+            if t.dim() == 2:
+                out[i, :t.shape[0], :t.shape[1]] = t
+            else:  # a bias (out,) into (1, out)
+                out[i, 0, :t.shape[0]] = t
+        return out
+
     def member_state(self, i: int, tensors: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """Member ``i``'s unpadded tensors under nn.Module names (default: its parameters)."""
         tensors = tensors if tensors is not None else self.params

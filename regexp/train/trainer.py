@@ -84,6 +84,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int):
     return loss / n, correct / n
 
 
+def resumable_checkpoint(path: Path, config: Dict[str, Any]) -> Dict[str, Any]:
+    """The checkpoint at ``path``, if it was written with ``config`` (up to RESUMABLE_KEYS)."""
+    ck = load_checkpoint(path)
+    changed = [k for k in config_diff(ck["config"], config)
+               if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
+    if changed:
+        raise ConfigError(f"{path} was written with another config ({', '.join(changed[:5])} differ); "
+                          "resume with the same overrides or start over with trainer.overwrite=true")
+    return ck
+
+
 def config_diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     out = []
@@ -177,13 +188,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     best: Optional[Dict[str, float]] = None
     best_state = None
     if resume:
-        ck = load_checkpoint(out_dir / "checkpoint.pt")
-        changed = [k for k in config_diff(ck["config"], config)
-                   if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
-        if changed:
-            raise ConfigError(f"{out_dir / 'checkpoint.pt'} was written with another config "
-                              f"({', '.join(changed[:5])} differ); resume with the same overrides or "
-                              "start over with trainer.overwrite=true")
+        ck = resumable_checkpoint(out_dir / "checkpoint.pt", config)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
