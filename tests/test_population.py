@@ -70,6 +70,8 @@ def _assert_same_run(tmp_path: Path, point, pop, lone):
         for k, v in st.items():
             torch.testing.assert_close(cp["optimizer"]["state"][i][k], v, atol=ATOL, rtol=1e-3)
     assert cp["scheduler"]["last_epoch"] == cl["scheduler"]["last_epoch"]
+    assert torch.equal(cp["perm"], cl["perm"]) and (cp["epoch"], cp["step_in_epoch"]) == (cl["epoch"], 0)
+    torch.testing.assert_close(cp["running"], cl["running"], atol=1e-3, rtol=RTOL)
 
 
 def test_three_members_match_lone_runs_seeds_widths_lrs(compose_cfg, tmp_path):
@@ -141,9 +143,11 @@ def test_masked_units_stay_zero_with_zero_gradient(activation, opt):
     assert state["hidden.0.weight"].shape == (3, 40) and state["head.weight"].shape == (10, 3)
 
 
-def test_diverging_member_is_marked_while_the_others_finish(compose_cfg, tmp_path):
+@pytest.mark.parametrize("epochs", [1, 2])  # 1: the member diverges in the last epoch
+def test_diverging_member_is_marked_while_the_others_finish(compose_cfg, tmp_path, epochs):
     points = [{"optimizer.lr": lr, "seed": 0} for lr in (0.05, 1e6, 0.1)]
-    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, ["optimizer=sgd", "model.width=16"], points)
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, ["optimizer=sgd", "model.width=16",
+                                                            f"trainer.epochs={epochs}"], points)
     assert [m["status"] for m in pop] == [m["status"] for m in lone] == ["completed", "diverged", "completed"]
     assert pop[1]["diverged_epoch"] == lone[1]["diverged_epoch"]
     bad = tmp_path / "pop" / point_name(points[1])

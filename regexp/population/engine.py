@@ -300,7 +300,10 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
             for k in done:
                 results[ids[id(b.members[k])]] = finish(b.members[k], device, diverged_epoch=epoch)
             if done:
-                b.keep([k for k in range(len(b.members)) if k not in done])
+                kept = [k for k in range(len(b.members)) if k not in done]
+                b.keep(kept)
+                sel = torch.tensor(kept, device=perms.device)
+                perms, running = perms.index_select(0, sel), running.index_select(0, sel)
             if t.checkpoint_every and epoch % t.checkpoint_every == 0 and epoch < t.epochs:
                 for k, m in enumerate(b.members):  # as train() does: a killed sweep resumes from here
                     save_torch(m.out_dir / "checkpoint.pt", _checkpoint(b, k, loop, perms, running, 0))
