@@ -29,8 +29,8 @@ from regexp.errors import ConfigError
 from regexp.optim import lr_factor
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
-from regexp.population.noise import StepNoise
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
+from regexp.population.noise import StepNoise
 from regexp.population.optim import StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.regularizers.base import Regularizer
