@@ -454,3 +454,37 @@ def test_batched_randomness_mode_keeps_padding_zero(compose_cfg, tmp_path, monke
     for a, b in zip(batched, exact):
         assert a["status"] == "completed" and math.isfinite(a["final"]["train_loss"])
         assert a["final"]["train_loss"] != b["final"]["train_loss"]
+
+
+def test_a_crashed_population_resumes_from_its_periodic_checkpoints(compose_cfg, tmp_path, monkeypatch):
+    """A crash in epoch 3 (no signal, no final checkpoint) loses only that epoch: with
+    trainer.checkpoint_every=1 the re-launch resumes every member from epoch 2's checkpoint
+    and ends where the lone uninterrupted runs end."""
+    import regexp.population.engine as engine
+
+    base = compose_cfg(BASE + ["optimizer=adamw", "trainer.epochs=3", "trainer.checkpoint_every=1"])
+    points = [{"model.width": w, "seed": s} for w, s in ((10, 0), (14, 1))]
+    real = engine._epoch_end
+
+    def crash_in_epoch_3(b, epoch, *a):
+        if epoch == 3:
+            raise RuntimeError("the machine went away")
+        return real(b, epoch, *a)
+
+    monkeypatch.setattr(engine, "_epoch_end", crash_in_epoch_3)
+    crashed = train_population(base, points, tmp_path / "pop")
+    assert [m["status"] for m in crashed] == ["failed", "failed"]
+    monkeypatch.undo()
+    for p in points:
+        ck = torch.load(tmp_path / "pop" / point_name(p) / "checkpoint.pt", weights_only=False)
+        assert (ck["epoch"], ck["step_in_epoch"], ck["status"]) == (2, 0, "running")
+    resumed = train_population(base, points, tmp_path / "pop")
+    lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
+    for p, a, b in zip(points, resumed, lone):
+        assert a["status"] == "completed" and [r["epoch"] for r in a["history"]] == [1, 2, 3]
+        wa = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
+        wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt")
+        for k in wb:
+            torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
+        for ra, rb in zip(a["history"], b["history"]):
+            assert ra == pytest.approx(rb, rel=RTOL, abs=1e-6)
