@@ -13,7 +13,7 @@ import itertools
 import logging
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,6 +54,18 @@ def point_config(base: DictConfig, point: Dict[str, Any]) -> DictConfig:
     return cfg
 
 
+def point_job(point: Dict[str, Any], sweep_dir: Path) -> Tuple[Path, List[str]]:
+    """A point's run folder and its overrides, as its metrics.json records them."""
+    return sweep_dir / point_name(point), [f"{k}={_fmt(v)}" for k, v in point.items()]
+
+
+def checked_config(base: DictConfig, point: Dict[str, Any]) -> DictConfig:
+    """The point's config, range-checked (a bad value raises ConfigError naming its key)."""
+    cfg = point_config(base, point)
+    validate(cfg)
+    return cfg
+
+
 def result_row(point: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]:
     row: Dict[str, Any] = dict(point)
     row["status"] = metrics.get("status", "failed")
@@ -80,12 +92,9 @@ def run_points(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path) 
         return [result_row(p, m) for p, m in zip(points, train_population(base, points, sweep_dir))]
     rows = []
     for i, point in enumerate(points):
-        out = sweep_dir / point_name(point)
-        overrides = [f"{k}={_fmt(v)}" for k, v in point.items()]
+        out, overrides = point_job(point, sweep_dir)
         try:
-            cfg = point_config(base, point)
-            validate(cfg)
-            metrics = train(cfg, out, overrides, sweep=True)
+            metrics = train(checked_config(base, point), out, overrides, sweep=True)
         except Exception as e:  # recorded in the row and the point's folder; the sweep goes on
             msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
             log.error("point %s failed: %s\n%s", point_name(point), msg, traceback.format_exc())

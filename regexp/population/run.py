@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import validate
 from regexp.errors import ConfigError
 from regexp.optim import build_optimizer
 from regexp.population.compat import bucket_widths, incompatibility, mlp_cost, shared_part
@@ -80,7 +79,7 @@ def _failed(out: Path, msg: str, overrides: List[str]) -> Dict[str, Any]:
 def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path,
                      opts: Optional[Options] = None) -> List[Dict[str, Any]]:
     """Train every point; return each point's metrics (as ``train()`` returns them), in order."""
-    from regexp.sweep import _fmt, point_config, point_name
+    from regexp.sweep import checked_config, point_job, point_name
     from regexp.train.trainer import _prepare_dir, resumable_checkpoint
 
     opts = opts or options(base)
@@ -88,11 +87,9 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
     pending: Dict[str, List[int]] = {}
     members: Dict[int, Member] = {}
     for i, point in enumerate(points):
-        out = sweep_dir / point_name(point)
-        overrides = [f"{k}={_fmt(v)}" for k, v in point.items()]
+        out, overrides = point_job(point, sweep_dir)
         try:
-            cfg = point_config(base, point)
-            validate(cfg)
+            cfg = checked_config(base, point)
             # the optimizer checks train() makes when it builds one (nesterov needs momentum ...)
             build_optimizer(cfg.optimizer, [{"params": [torch.zeros(1, requires_grad=True)]}],
                             torch.device("cpu"))
