@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -162,3 +164,141 @@ def test_k_fold_splits_partition_the_training_set():
         assert len(f.y_train) + len(f.y_val) == 4000
         train = {tuple(r) for r in f.x_train.flatten(1).tolist()}
         assert not train & {tuple(r) for r in f.x_val.flatten(1).tolist()}
+
+
+# ---- files that must not run code, and damaged data: one line naming the file, before training
+class Payload:
+    """Unpickling this creates ``marker``: a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def assert_refused(proc, *needles: str) -> None:
+    """The CLI exited 2 with exactly one ``error:`` line holding every needle, no traceback."""
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert all(n in errors[0] for n in needles), errors[0]
+    assert "Traceback" not in proc.stderr and "diverged" not in proc.stdout + proc.stderr
+
+
+def run_args(tmp_path: Path, root: Path, *extra: str):
+    return [f"data.root={root}", *extra, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+
+
+@pytest.mark.parametrize("victim", ["batches.meta", "data_batch_1", "test_batch"])
+def test_cifar_pickle_payload_is_refused_without_running_it(cli, tmp_path, victim):
+    root, marker = tmp_path / "data", tmp_path / "pwned"
+    write_cifar(root)
+    target = root / "cifar-10-batches-py" / victim
+    blob = {"label_names": Payload(marker), "data": Payload(marker), "labels": [0]}
+    target.write_bytes(pickle.dumps(blob, protocol=2))  # the published files' protocol
+    proc = cli(run_args(tmp_path, root, "data=cifar10", "data.download=false"), check=False)
+    assert not marker.exists()  # the payload never ran
+    assert_refused(proc, f"{target}: refused to unpickle ", "may hold only arrays")
+
+
+def test_safe_pickle_reads_the_published_cifar_format(tmp_path):
+    from regexp.data.safe_pickle import load
+
+    # Python 2 / numpy 1 pickles (the published batches) name numpy.core, not numpy._core.
+    blob = {"data": np.arange(6, dtype=np.uint8).reshape(2, 3), "labels": [1, 2], "batch_label": "b",
+            "filenames": [b"a.png"], "num_vis": 3072}
+    raw = pickle.dumps(blob, protocol=2).replace(b"numpy._core.", b"numpy.core.")
+    (tmp_path / "batch").write_bytes(raw)
+    got = load(tmp_path / "batch")
+    assert got["labels"] == [1, 2] and got["filenames"] == [b"a.png"] and got["num_vis"] == 3072
+    assert got["data"].dtype == np.uint8 and got["data"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    # protocol 2 stores bytes as _codecs.encode(text, "latin1"); no other codec is admitted
+    (tmp_path / "rot").write_bytes(pickle.dumps(b"ab", protocol=2).replace(b"latin1", b"rot_13"))
+    with pytest.raises(pickle.UnpicklingError, match="rot_13"):
+        load(tmp_path / "rot")
+
+
+def write_mnist1d_cache(root: Path, name: str = "mnist1d_5000_seed42.pt", **change) -> Path:
+    """A small cache in the format mnist1d.py writes (100 train / 20 test signals), edited."""
+    g = torch.Generator().manual_seed(0)
+    blob = {"x": torch.randn(100, 1, 40, generator=g), "y": torch.arange(100) % 10,
+            "x_test": torch.randn(20, 1, 40, generator=g), "y_test": torch.arange(20) % 10, **change}
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(blob, root / name)
+    return root / name
+
+
+def test_a_sound_small_mnist1d_cache_is_used(tmp_path):
+    write_mnist1d_cache(tmp_path)
+    d = load_data(data_cfg(root=str(tmp_path), val_fraction=0.0), seed=0)
+    assert d.x_train.shape == (100, 1, 40) and d.num_classes == 10
+
+
+def _with(t: torch.Tensor, index, value) -> torch.Tensor:
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+_X = torch.zeros(100, 1, 40)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"x": _with(_with(_X, (3, 0, 5), float("nan")), (7, 0, 0), float("inf"))},
+     "2 values of x are NaN or infinite; delete the file to regenerate it"),
+    ({"y": _with(torch.arange(100) % 10, 4, 12)}, "labels must be in [0, 10), found 12"),
+    ({"x_test": torch.zeros(20, 1, 39)}, "x_test must be a float tensor of shape (N, 1, 40), found "
+                                         "torch.float32 of shape (20, 1, 39)"),
+    ({"y_test": torch.arange(19) % 10}, "19 labels y_test for 20 inputs x_test"),
+])
+def test_damaged_mnist1d_cache_is_refused_before_training(cli, tmp_path, change, needle):
+    path = write_mnist1d_cache(tmp_path / "data", **change)
+    proc = cli(run_args(tmp_path, tmp_path / "data"), check=False)
+    assert_refused(proc, f"error: {path}: ", needle)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_mnist1d_cache_holding_a_pickle_payload_is_refused(cli, tmp_path):
+    marker = tmp_path / "pwned"
+    path = write_mnist1d_cache(tmp_path / "data", x=Payload(marker))
+    proc = cli(run_args(tmp_path, tmp_path / "data"), check=False)
+    assert not marker.exists()
+    assert_refused(proc, f"error: {path}: refused to load this MNIST-1D cache")
+
+
+def test_mnist_label_out_of_range_names_the_label_file(tmp_path):
+    write_mnist(tmp_path, "MNIST")
+    labels = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    write_idx(labels, np.where(np.arange(60) == 5, 200, np.arange(60) % 10))
+    with pytest.raises(ConfigError, match=re.escape(f"{labels}: labels must be in [0, 10), found 200")):
+        load_data(data_cfg(name="mnist", root=str(tmp_path), download=False), seed=0)
+
+
+def test_data_root_that_is_a_file_is_refused(cli, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("")
+    proc = cli(run_args(tmp_path, f), check=False)
+    assert_refused(proc, f"error: data.root={f} is a file: expected a folder")
+    # A folder below a file cannot be created: said before generating anything.
+    with pytest.raises(ConfigError, match=re.escape(f"data.root={f}/sub cannot be created: {f} is a file")):
+        load_data(data_cfg(root=str(f / "sub")), seed=0)
+
+
+def test_unwritable_data_root_is_refused_before_generating_or_downloading(tmp_path, monkeypatch):
+    from regexp.data import checks, mnist1d
+
+    def no_generation(*a):
+        raise AssertionError("generated data although data.root is not writable")
+
+    monkeypatch.setattr(mnist1d, "_generate", no_generation)
+    # Tests run as root, for whom every folder is writable: play a user who may not write here.
+    real = os.access
+    monkeypatch.setattr(checks.os, "access", lambda p, mode: Path(p) != tmp_path and real(p, mode))
+    with pytest.raises(ConfigError, match=re.escape(f"data.root={tmp_path / 'new'} is not writable "
+                                                    f"({tmp_path} is read-only for this user) and MNIST-1D")):
+        load_data(data_cfg(root=str(tmp_path / "new")), seed=0)
+    with pytest.raises(ConfigError, match=r"is not writable .* data=cifar10 must be downloaded there"):
+        load_data(data_cfg(name="cifar10", root=str(tmp_path), download=True), seed=0)
+    # Nothing to write: a read-only folder that holds the files is fine.
+    write_mnist1d_cache(tmp_path)
+    assert load_data(data_cfg(root=str(tmp_path)), seed=0).x_test.shape == (20, 1, 40)

@@ -7,14 +7,18 @@ generator with another seed, so the first 1000 test signals stay the published o
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from regexp.data import register_source
+from regexp.data.checks import KEYS, check_tensors, check_writable, data_root
 from regexp.errors import ConfigError
 
 PUBLISHED_SEED = 42
+NUM_CLASSES, SHAPE = 10, (1, 40)  # what the generator makes; a cache must hold the same
+_FIX = "delete the file to regenerate it"
 
 
 def _generate(num_samples: int, seed: int, train_split: float):
@@ -30,26 +34,45 @@ def _generate(num_samples: int, seed: int, train_split: float):
             as_t(d["x_test"]), torch.as_tensor(d["y_test"], dtype=torch.long))
 
 
+def _load_cache(path: Path) -> object:
+    """``torch.load(weights_only=True)``: a cache that names anything but tensors is refused,
+    never run, and a damaged one is reported instead of silently regenerated over."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))  # what the weights-only unpickler refused
+        if found:
+            raise ConfigError(f"{path}: refused to load this MNIST-1D cache: it names {found.group(1)}, "
+                              f"but a cache holds only tensors; {_FIX}") from None
+        raise ConfigError(f"{path}: corrupt MNIST-1D cache ({type(e).__name__}); {_FIX}") from None
+
+
 def _cached(path: Path, make):
-    """Load ``path`` if it exists, else build it with ``make`` and write it atomically."""
+    """Load ``path`` if it exists, else build it with ``make`` and write it atomically.
+
+    A cache is checked before use, so a damaged or hand-edited file is reported by name
+    instead of trained on; ``data.root`` must be writable before anything is generated.
+    """
     if path.exists():
-        try:
-            blob = torch.load(path, weights_only=True)
-            return tuple(blob[k] for k in ("x", "y", "x_test", "y_test"))
-        except Exception as e:  # truncated or not ours: say so instead of silently regenerating
-            raise ConfigError(f"{path}: corrupt MNIST-1D cache ({type(e).__name__}); delete the file "
-                              "to regenerate it") from None
+        blob = _load_cache(path)
+        if not isinstance(blob, dict):
+            raise ConfigError(f"{path}: expected a dict of {', '.join(KEYS)}, found a "
+                              f"{type(blob).__name__}; {_FIX}")
+        tensors = tuple(blob.get(k) for k in KEYS)
+        check_tensors(tensors, [str(path)] * 4, NUM_CLASSES, _FIX, shape=SHAPE)
+        return tensors
+    check_writable(path.parent, f"MNIST-1D must be generated and cached there as {path.name}")
     tensors = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(dict(zip(("x", "y", "x_test", "y_test"), tensors)), tmp)
+    torch.save(dict(zip(KEYS, tensors)), tmp)
     os.replace(tmp, path)
     return tensors
 
 
 @register_source("mnist1d")
 def load_mnist1d(cfg):
-    root = Path(os.path.expanduser(cfg.root))
+    root = data_root(cfg)
     x, y, x_test, y_test = _cached(root / "mnist1d_5000_seed42.pt",
                                    lambda: _generate(5000, PUBLISHED_SEED, 0.8))
     extra = (cfg.n_test or len(y_test)) - len(y_test)
