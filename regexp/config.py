@@ -3,16 +3,20 @@
 Each YAML file under ``configs/<group>/`` starts from one of these dataclasses (its
 ``defaults`` list names ``base_<option>``), so a misspelt key or a value of the wrong type
 fails at composition time with the key's full name. Ranges that a type cannot express
-(lr > 0, 0 <= p < 1, ...) are checked by :func:`validate`, which raises
-:class:`regexp.errors.ConfigError` naming the key and what would be valid.
+(lr > 0, 0 <= p < 1, finite numbers, ...) and keys force-added with ``+key=`` are checked by
+:func:`validate`, which raises :class:`regexp.errors.ConfigError` naming the key and what would
+be valid. :func:`check_overrides` checks the command line before Hydra composes it.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from regexp.errors import ConfigError
 
@@ -140,7 +144,9 @@ class TrainerConfig:
     eval_every: int = 1
     grad_clip: Optional[float] = None  # max global gradient norm
     deterministic: bool = False
-    threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+    # torch intra-op threads on CPU: an integer, or auto (one thread for a step too small to
+    # gain from more, never more than the idle cores; see regexp/train/threads.py)
+    threads: Any = "auto"
     progress: bool = True
     checkpoint_every: int = 0  # epochs; 0: only at the end
     resume: bool = False
@@ -220,10 +226,179 @@ def _choice(key: str, value: Any, options) -> None:
     _check(value in options, key, value, "one of " + ", ".join(map(str, options)))
 
 
+# numpy's global seed (np.random.seed) takes 0 <= seed < 2**32; torch and random take more, so
+# this is the range in which one seed means the same thing to every generator a run seeds.
+SEED_RANGE = "an integer in [0, 2**32 - 1 = 4294967295] (numpy's seed range)"
+
+
+def _seed_ok(seed: Any) -> bool:
+    return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32
+
+
+# Sub-configs whose keys are free-form on purpose (experiments put their own settings there).
+FREE_FORM = ("extra",)
+
+
+def unknown_key_message(key: str, where: str, valid: Sequence[str]) -> str:
+    """The one line for a key that its schema does not have (shared with the CLI's handler)."""
+    return f"{key} is not a key of {where}: expected one of {', '.join(valid)}"
+
+
+def describe_node(path: str, node: DictConfig) -> str:
+    """How an error names a node: ``the config``, ``trainer``, or a group with its option
+    (``model=mlp``)."""
+    if not path:
+        return "the config"
+    name = node._get_node("name") if "name" in node else None
+    if name is not None and not name._is_missing() and not name._is_interpolation() \
+            and isinstance(name._value(), str) and path in ("data", "model", "optimizer", "scheduler"):
+        return f"{path}={name._value()}"
+    return path
+
+
+def _schema_fields(node: DictConfig) -> Optional[List[str]]:
+    schema = OmegaConf.get_type(node)
+    if schema is not None and dataclasses.is_dataclass(schema):
+        return [f.name for f in dataclasses.fields(schema)]
+    return None
+
+
+def check_known_keys(cfg: DictConfig, path: str = "") -> None:
+    """Refuse keys that a schema'd node does not declare.
+
+    ``+group.key=value`` (and ``++``) force-add a key even to a structured (struct-flagged)
+    node: Hydra merges such overrides with ``force_add=True``, which bypasses the struct flag.
+    So a typo such as ``+trainer.epoch=5`` would compose and be silently ignored; this walks
+    the composed config and raises ConfigError for any key its dataclass does not have.
+    Dict-typed nodes (``regularizer``, ``sweep.params``, ``extra``) may hold any key, but
+    schema'd nodes inside them (``regularizer.<name>``) are checked.
+    """
+    fields = _schema_fields(cfg)
+    for key in cfg.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if not path and key == "hydra" or full in FREE_FORM:
+            continue
+        if fields is not None and key not in fields:
+            raise ConfigError(unknown_key_message(full, describe_node(path, cfg), fields))
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none() \
+                and not child._is_interpolation():
+            check_known_keys(child, full)
+
+
+def _leaves(node: Any, path: str) -> Iterator[Tuple[str, Any]]:
+    """(dotted key, value) of every leaf below ``node``, in config order; missing values and
+    interpolations that do not resolve are left to whoever reads them."""
+    if isinstance(node, DictConfig):
+        if node._is_missing() or node._is_none() or node._is_interpolation():
+            return
+        items = [(k, f"{path}.{k}" if path else str(k)) for k in node.keys()]
+    elif isinstance(node, ListConfig):
+        if node._is_missing() or node._is_none() or node._is_interpolation():
+            return
+        items = [(i, f"{path}[{i}]") for i in range(len(node))]
+    else:
+        return
+    for k, full in items:
+        if not path and k == "hydra":
+            continue
+        child = node._get_node(k)
+        if isinstance(child, (DictConfig, ListConfig)):
+            yield from _leaves(child, full)
+            continue
+        if child is None or child._is_missing():
+            continue
+        try:
+            value = node[k]
+        except Exception:  # an interpolation that does not resolve: reported where it is used
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            yield from _leaves(value, full)
+        else:
+            yield full, value
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Refuse inf and nan anywhere in the config (``optimizer.lr=inf`` passes ``lr > 0``)."""
+    for key, value in _leaves(cfg, ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a finite number")
+
+
+def _override_values(override: Any) -> List[Any]:
+    """The value(s) an override sets: one, or each of a sweep's (``-m``) values."""
+    if override.is_sweep_override():
+        try:
+            return list(override.sweep_iterator())
+        except Exception:  # e.g. glob(), which needs the config loader: Hydra reports its errors
+            return []
+    return [override.value()]
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Check the command line's overrides before Hydra composes them; raise ConfigError.
+
+    - a malformed override (``model.channels=[1,2``): Hydra's parser error does not name it;
+      this names the key and the override.
+    - a regularizer listed twice (``regularizer=[dropout,dropout]``): Hydra composes both
+      entries into the one ``regularizer.dropout`` node, so the second would silently vanish.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            override = parser.parse_override(line)
+        except HydraException as e:
+            raise ConfigError(override_parse_message(line, e)) from None
+        if override.key_or_group != "regularizer" or override.package is not None \
+                or override.is_delete():
+            continue
+        for value in _override_values(override):
+            names = list(value) if isinstance(value, (list, tuple)) else [value]
+            seen = set()
+            for name in names:
+                if name in seen:
+                    raise ConfigError(
+                        f"regularizer={_fmt_list(names)} is invalid: {name} is listed twice; "
+                        "expected each regularizer at most once (set its parameters with "
+                        f"regularizer.{name}.KEY=VALUE)")
+                seen.add(name)
+
+
+def _fmt_list(values: Sequence[Any]) -> str:
+    return "[" + ",".join(map(str, values)) + "]"
+
+
+GRAMMAR_URL = "https://hydra.cc/docs/1.2/advanced/override_grammar/basic"
+
+
+def override_parse_message(line: str, error: Exception) -> str:
+    """One line for an override Hydra cannot parse, naming its key."""
+    key = line.split("=", 1)[0].lstrip("+~").strip() or line
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if detail.startswith("LexerNoViableAltException"):
+        detail = "unexpected character"
+    return (f"{key}: cannot parse the override {line!r} ({detail}): expected "
+            f"KEY=VALUE in Hydra's override grammar, see {GRAMMAR_URL}")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check the ranges of a composed config; raise ConfigError naming the first bad key."""
+    """Check a composed config; raise ConfigError naming the first bad key.
+
+    In order: keys no schema declares (``+trainer.nosuch=1``), non-finite numbers anywhere,
+    then the ranges of each group.
+    """
     from regexp.models import ACTIVATIONS, INITS, NORMS
     from regexp.regularizers import REGULARIZERS
+
+    check_known_keys(cfg)
+    check_finite(cfg)
+    _check(_seed_ok(cfg.seed), "seed", cfg.seed, SEED_RANGE)
+    if "sweep" in cfg:
+        for i, seed in enumerate(cfg.sweep.seeds):
+            _check(_seed_ok(seed), f"sweep.seeds[{i}]", seed, SEED_RANGE)
 
     d = cfg.data
     _choice("data.name", d.name, DATASETS)
@@ -233,6 +408,8 @@ def validate(cfg: DictConfig) -> None:
     _check(d.n_test is None or d.n_test >= 1, "data.n_test", d.n_test, "an integer >= 1 or null")
     _check(d.folds == 0 or d.folds >= 2, "data.folds", d.folds, "0 (no cross-validation) or an integer >= 2")
     _check(0 <= d.fold < max(d.folds, 1), "data.fold", d.fold, f"an integer in [0, {max(d.folds, 1) - 1}]")
+    _check(d.split_seed is None or _seed_ok(d.split_seed), "data.split_seed", d.split_seed,
+           SEED_RANGE + " or null")
 
     m = cfg.model
     _choice("model.name", m.name, tuple(MODEL_SCHEMAS))
@@ -257,6 +434,10 @@ def validate(cfg: DictConfig) -> None:
                f"an integer >= 1 that divides model.embed_dim={m.embed_dim}")
         _check(m.patch_size is None or m.patch_size >= 1, "model.patch_size", m.patch_size,
                "an integer >= 1 or null")
+        # the feed-forward block has int(embed_dim * mlp_ratio) hidden units (models/transformer.py)
+        _check(m.mlp_ratio > 0 and int(m.embed_dim * m.mlp_ratio) >= 1, "model.mlp_ratio", m.mlp_ratio,
+               f"a number > 0 giving int(model.embed_dim * model.mlp_ratio) >= 1 hidden units "
+               f"(model.embed_dim={m.embed_dim})")
     if "init_std" in m:
         _check(m.init_std > 0, "model.init_std", m.init_std, "a number > 0")
 
@@ -268,6 +449,9 @@ def validate(cfg: DictConfig) -> None:
             _check(0.0 <= o[key] < 1.0, f"optimizer.{key}", o[key], "a number in [0, 1)")
     if "eps" in o:
         _check(o.eps >= 0, "optimizer.eps", o.eps, "a number >= 0")
+    for key in ("weight_decay", "initial_accumulator_value"):
+        if key in o:
+            _check(o[key] >= 0, f"optimizer.{key}", o[key], "a number >= 0")
 
     s = cfg.scheduler
     _choice("scheduler.name", s.name, SCHEDULERS)
@@ -286,7 +470,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _check(t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an integer >= 1")
     _check(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "a number > 0 or null")
-    _check(t.threads is None or t.threads >= 1, "trainer.threads", t.threads, "an integer >= 1 or null")
+    _check(t.threads == "auto" or (isinstance(t.threads, int) and not isinstance(t.threads, bool)
+                                   and t.threads >= 1), "trainer.threads", t.threads, 'an integer >= 1 or "auto"')
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
     _check(t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "an integer >= 1")
     _check(cfg.logger.histogram_every >= 0, "logger.histogram_every", cfg.logger.histogram_every,
@@ -295,6 +480,39 @@ def validate(cfg: DictConfig) -> None:
     for name, rcfg in cfg.regularizer.items():
         _choice("regularizer", name, tuple(REGULARIZERS))
         REGULARIZERS[name].validate(rcfg, f"regularizer.{name}")
+
+
+class ValidateOnRunStart(Callback):
+    """Hydra callback: validate a single run's config before Hydra creates its folder.
+
+    :func:`regexp.tasks.run_task` validates too, but by then Hydra has made the run folder
+    and written ``.hydra/`` into it; this refuses bad input before anything is written. Listed
+    under ``hydra.callbacks`` (configs/hydra/default.yaml); a multirun's jobs are still checked
+    one by one in run_task, so one bad point does not stop the others. Hydra turns a
+    callback's exception into a warning and goes on, so this reports the error itself (the
+    same ``error:`` line and exit status 2 as run_task) and exits.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from regexp.train.rundir import check_output_folder
+
+        _refuse_now(lambda: (check_output_folder("hydra.run.dir", config.hydra.run.dir), validate(config)))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from regexp.train.rundir import check_output_folder
+
+        _refuse_now(lambda: check_output_folder("hydra.sweep.dir", config.hydra.sweep.dir))
+
+
+def _refuse_now(check) -> None:
+    import sys
+
+    try:
+        check()
+    except ConfigError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def to_container(cfg: DictConfig) -> Dict[str, Any]:
