@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from regexp.config import validate
 from regexp.errors import ConfigError
+from regexp.train import signals
 
 log = logging.getLogger("regexp.sweep")
-
 
 
 def grid(params: Dict[str, Sequence[Any]], seeds: Sequence[int]) -> List[Dict[str, Any]]:
@@ -92,6 +92,7 @@ def run_points(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path) 
         return [result_row(p, m) for p, m in zip(points, train_population(base, points, sweep_dir))]
     rows = []
     for i, point in enumerate(points):
+        signals.check()  # once asked to stop, start no new point
         out, overrides = point_job(point, sweep_dir)
         try:
             metrics = train(checked_config(base, point), out, overrides, sweep=True)
@@ -104,6 +105,7 @@ def run_points(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path) 
             metrics = {"status": "failed", "error": msg}
         rows.append(result_row(point, metrics))
         log.info("[%d/%d] %s: %s%s", i + 1, len(points), point_name(point), rows[-1]["status"], _summary(rows[-1]))
+    signals.check()  # the last point was interrupted: the sweep stops here too
     return rows
 
 

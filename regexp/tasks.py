@@ -1,14 +1,15 @@
 """What a run does, chosen by ``task`` (``train`` unless an experiment says otherwise).
 
 ``run_task`` is the one place that turns failures into exit statuses: bad input becomes a
-single ``error:`` line and exit 2; any other exception is logged with its traceback in the
-job's log, recorded as ``status: failed`` and exits 1. Inside a multirun a failing job does
-not stop the sweep: it records its failure and the sweep summary counts it.
+single ``error:`` line and exit 2; a full disk one line naming the file and exit 1; any other
+exception one line on the console, its traceback in the job's ``run.log``, ``status: failed``
+and exit 1; a signal ``status: interrupted`` and exit 128 + N. Inside a multirun a failing
+job does not stop the sweep: it records its failure and the sweep summary counts it. The run
+holds its folder's lock throughout (:mod:`regexp.train.rundir`).
 """
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +21,10 @@ from omegaconf import DictConfig
 
 from regexp.config import validate
 from regexp.errors import ConfigError
-from regexp.train.io import write_json
+from regexp.train import signals
+from regexp.train.io import WriteFailed, write_json
+from regexp.train.rundir import FolderBusy, RunLock, ledger_line, save_hydra_files
+from regexp.train.signals import Interrupted
 
 log = logging.getLogger("regexp")
 
@@ -47,24 +51,23 @@ def _train(cfg, out_dir, overrides, sweep):
 # regexp/experiments/sweep_task.py, registered when run_task imports regexp.experiments.
 
 
-def auto_threads(cfg: DictConfig) -> None:
-    """Give each parallel job its share of the cores: oversubscribed jobs run ~4x slower."""
-    if cfg.trainer.threads is not None:
-        return
-    launcher = HydraConfig.get().launcher
-    jobs = launcher.get("n_jobs") or launcher.get("tasks_per_node") or 1
-    if jobs and jobs > 1 and launcher.get("cpus_per_task") is None:
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(jobs)))
-
-
 def _record_failure(out_dir: Path, message: str, overrides: List[str]) -> None:
     metrics = out_dir / "metrics.json"
     if metrics.exists():  # never replace what an earlier, finished attempt wrote
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(metrics, {"status": "failed", "error": message, "overrides": overrides})
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(metrics, {"status": "failed", "error": message, "overrides": overrides})
+    except (OSError, WriteFailed):
+        pass  # e.g. the disk is still full: the console line is the record
+
+
+def _log_to_file(message: str) -> None:
+    """Put ``message`` (a traceback) in the job's ``run.log`` only: the console gets one line."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for h in logging.getLogger().handlers + log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 def run_task(cfg: DictConfig):
@@ -74,30 +77,56 @@ def run_task(cfg: DictConfig):
     out_dir = Path(hc.runtime.output_dir)
     sweep = hc.mode == RunMode.MULTIRUN
     overrides = list(hc.overrides.task)
+    status = "failed"
     try:
-        if cfg.task not in TASKS:
-            raise ConfigError(f"task={cfg.task!r} is unknown: expected one of {', '.join(TASKS)}")
-        validate(cfg)
-        auto_threads(cfg)
-        metrics = TASKS[cfg.task](cfg, out_dir, overrides, sweep)
+        # The process-wide stop flag (installed here too: a parallel launcher's worker runs jobs
+        # without importing regexp.run), held for the process's life so that a job started after
+        # a SIGTERM stops at once; and this folder is ours for the whole run.
+        signals.install()
+        with RunLock(out_dir):
+            if cfg.task not in TASKS:
+                raise ConfigError(f"task={cfg.task!r} is unknown: expected one of {', '.join(TASKS)}")
+            validate(cfg)
+            if cfg.task != "train":  # train() writes these once it has accepted the folder
+                save_hydra_files(out_dir, cfg)
+            try:
+                metrics = TASKS[cfg.task](cfg, out_dir, overrides, sweep)
+            except Interrupted as e:  # a sweep stopped between points: its state says so
+                metrics = {"status": "interrupted", "signal": e.signum, "task": cfg.task}
+            if cfg.task != "train":  # train() writes its own; a sweep-like task's state goes here
+                write_json(out_dir / "metrics.json", {**metrics, "overrides": overrides})
+            status = metrics.get("status", "completed")
+    except FolderBusy as e:  # another live run owns the folder: write nothing into it
+        status = "refused"
+        print(f"error: {e}", file=sys.stderr)
+        if sweep:
+            return None
+        sys.exit(2)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         if sweep:
             _record_failure(out_dir, str(e), overrides)
             return None
         sys.exit(2)
+    except WriteFailed as e:  # disk full and the like: the message names the file
+        print(f"error: {e}", file=sys.stderr)
+        _record_failure(out_dir, str(e), overrides)
+        if sweep:
+            return None
+        sys.exit(1)
     except Exception as e:  # a bug or an environment problem: keep the traceback in the job log
-        log.error("job failed:\n%s", traceback.format_exc())
-        print(f"error: {type(e).__name__}: {e} (traceback in {out_dir})", file=sys.stderr)
+        _log_to_file(f"job failed:\n{traceback.format_exc()}")
+        print(f"error: {type(e).__name__}: {e} (traceback in {out_dir / 'run.log'})", file=sys.stderr)
         _record_failure(out_dir, f"{type(e).__name__}: {e}", overrides)
         if sweep:
             return None
         sys.exit(1)
-    status = metrics.get("status", "completed")
+    finally:
+        ledger_line(out_dir, status)
     if metrics.get("skipped"):
         print(f"skipped: {out_dir} already holds a {status} run")
     _report(metrics, out_dir)
-    if status == "interrupted":
+    if status == "interrupted" and not sweep:
         sys.exit(128 + int(metrics.get("signal", 15)))
     if status != "completed" and not sweep:
         sys.exit(EXIT_CODES.get(status, 1))

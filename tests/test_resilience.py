@@ -14,9 +14,15 @@ import torch
 from conftest import ROOT, StopAfter, read_scalars
 
 # Long enough epochs (360 steps) that a signal lands mid-epoch; dropout makes the global RNG matter.
-RUN = ["trainer.epochs=4", "data.n_train=1800", "trainer.batch_size=10", "model.width=64",
+RUN = ["trainer.epochs=4", "data.n_train=1800", "trainer.batch_size=5", "model.width=64",
        "regularizer=[dropout]", "regularizer.dropout.p=0.2", "optimizer.lr=0.003", "trainer.checkpoint_every=1",
        "trainer.deterministic=true", "trainer.progress=false", "logger.histogram_every=0"]
+
+
+def files(folder):
+    """Every file below ``folder`` (.hydra/ included) and its bytes, but the lock's holder pid."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def _same_state(a, b):
@@ -36,14 +42,14 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path):
     deadline = time.time() + 120
     while not (run / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.02)
-    time.sleep(0.15)  # into the second epoch
+    time.sleep(0.1)  # into the second epoch (one takes ~0.4 s)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "interrupted" and m["signal"] == signal.SIGTERM
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert ck["epoch"] < 4 and 0 < ck["step_in_epoch"] < 180, "the signal should land mid-epoch"
+    assert ck["epoch"] < 4 and 0 < ck["step_in_epoch"] < 360, "the signal should land mid-epoch"
 
     cli([*RUN, "trainer.resume=true", f"hydra.run.dir={run}"])
     done, expect = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
@@ -56,19 +62,20 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path):
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    import errno
+
     from regexp.train import io
 
     path = tmp_path / "checkpoint.pt"
     io.save_torch(path, {"epoch": 1})
     before = path.read_bytes()
 
-    def exploding_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError("disk full")
+    def full_disk_save(obj, f):  # as a full disk does: part of the file written, then ENOSPC
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", exploding_save)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(io.WriteFailed, match=f"^no space left on device while writing {path}$"):
         io.save_torch(path, {"epoch": 2})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary file left
@@ -110,11 +117,11 @@ def test_failed_job_does_not_stop_the_sweep(cli, tmp_path):
 def test_completed_run_dir_is_not_overwritten(cli, tmp_path):
     run = tmp_path / "done"
     cli(["trainer.epochs=1", f"hydra.run.dir={run}"])
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    before = files(run)
     proc = cli(["trainer.epochs=1", f"hydra.run.dir={run}"], check=False)
     assert proc.returncode == 2
     assert "already holds a completed run; pass trainer.resume=true" in proc.stderr
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert files(run) == before
     cli(["trainer.epochs=1", "trainer.overwrite=true", f"hydra.run.dir={run}"])
 
 

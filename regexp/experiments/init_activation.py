@@ -20,7 +20,6 @@ from typing import Dict, List, Tuple
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from regexp.data import load_data
@@ -31,6 +30,7 @@ from regexp.experiments._settings import require, require_choices, settings
 from regexp.models import ACTIVATIONS, INITS, NORMS
 from regexp.sweep import point_config
 from regexp.tasks import register_task
+from regexp.train.io import load_tensors
 
 KEYS = ("model.activation", "model.init", "model.norm")
 
@@ -59,7 +59,7 @@ def _layer_rows(cfg: DictConfig, rows: List[Dict], probe_size: int) -> List[Dict
         states = {"init": None}
         trained = Path(row["run_dir"]) / "model.pt"
         if trained.exists():
-            states["trained"] = torch.load(trained, map_location="cpu", weights_only=True)
+            states["trained"] = load_tensors(trained, "model file", "delete the sweep folder to retrain it")
         for when, state in states.items():
             if state is not None:
                 model.load_state_dict(state)

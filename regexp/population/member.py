@@ -43,6 +43,7 @@ class Member:
     epochs: int = 0
     signal: Optional[int] = None
     resume: Optional[Dict[str, Any]] = None  # the checkpoint.pt of an interrupted run, to go on from
+    threads_reason: str = ""  # how trainer.threads was chosen for its population
 
     def __post_init__(self) -> None:
         if self.order is None:
@@ -168,8 +169,9 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
         "status": m.status, "epochs": m.epochs, "final": final,
         "best": m.best if m.best is not None else final,
         "params": m.params, "wall_s": round(time.time() - m.t0, 3), "device": str(device),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "threads_reason": m.threads_reason,
         "overrides": list(m.overrides), "extra": extra, "history": m.history,
+        "config": OmegaConf.to_container(m.cfg, resolve=True),
     }
     if diverged_epoch is not None:
         metrics["diverged_epoch"] = diverged_epoch

@@ -22,6 +22,8 @@ from regexp.population.compat import bucket_widths, incompatibility, mlp_cost, s
 from regexp.population.data import data_key, load_cached
 from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
+from regexp.train import signals
+from regexp.train.threads import set_threads
 
 log = logging.getLogger("regexp.population")
 ENGINES = ("auto", "serial", "population")
@@ -80,7 +82,7 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                      opts: Optional[Options] = None) -> List[Dict[str, Any]]:
     """Train every point; return each point's metrics (as ``train()`` returns them), in order."""
     from regexp.sweep import checked_config, point_job, point_name
-    from regexp.train.trainer import _prepare_dir, resumable_checkpoint
+    from regexp.train.trainer import _prepare_dir, resolve_device, resumable_checkpoint
 
     opts = opts or options(base)
     results: List[Optional[Dict[str, Any]]] = [None] * len(points)
@@ -94,12 +96,13 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             build_optimizer(cfg.optimizer, [{"params": [torch.zeros(1, requires_grad=True)]}],
                             torch.device("cpu"))
             out.mkdir(parents=True, exist_ok=True)
-            done = _prepare_dir(out, cfg.trainer, sweep=True)
+            config = OmegaConf.to_container(cfg, resolve=True)
+            done = _prepare_dir(out, cfg.trainer, True, config)
             if done is not None:
                 results[i] = done
             else:
                 # an unfinished run (interrupted population or lone run) goes on from its checkpoint
-                ck = (resumable_checkpoint(out / "checkpoint.pt", OmegaConf.to_container(cfg, resolve=True))
+                ck = (resumable_checkpoint(out / "checkpoint.pt", config)
                       if (out / "checkpoint.pt").exists() else None)
                 members[i] = Member(point, cfg, out, overrides, resume=ck)
                 # all points share the base, so the non-member keys of a point decide its group;
@@ -114,14 +117,19 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
     data_cache: Dict[str, Any] = {}  # each (data config, seed) is loaded once for all buckets
     for idx in pending.values():
         t = members[idx[0]].cfg.trainer
-        if t.threads:
-            torch.set_num_threads(t.threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         first = members[idx[0]].cfg
         ds = load_cached(first, data_cache, data_key(first, members[idx[0]].point))
         cost = mlp_cost(int(torch.tensor(ds.input_shape).prod()), int(first.model.depth), ds.num_classes)
+        # the group's step: every member's forward and backward (3 x 2 FLOPs per multiply-add)
+        bs = len(ds.y_train) if t.batch_size == "full" else int(t.batch_size)
+        _, why = set_threads(t.threads, resolve_device(t.device),
+                             lambda: 6.0 * bs * sum(cost(members[i].width) for i in idx))
+        for i in idx:
+            members[i].threads_reason = why
         for widths in bucket_widths([members[i].width for i in idx], opts.bucket_ratio, opts.small_width, cost):
+            signals.check()  # once asked to stop, start no new bucket
             chosen = [i for i in idx if members[i].width in widths]
             log.info("population: %d members, widths %s padded to %d", len(chosen), widths, max(widths))
             try:
@@ -133,4 +141,5 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                 log.error("population bucket %s failed: %s\n%s", widths, msg, traceback.format_exc())
                 for i in chosen:
                     results[i] = _failed(members[i].out_dir, msg, members[i].overrides)
+    signals.check()  # the last bucket was interrupted: the sweep stops here too
     return [r if r is not None else {"status": "failed"} for r in results]

@@ -16,6 +16,7 @@ import torch
 
 from regexp.errors import ConfigError
 from regexp.regularizers.base import Regularizer, register
+from regexp.train.io import load_tensors
 
 
 def is_head(param_name: str) -> bool:
@@ -39,7 +40,10 @@ class Transfer(Regularizer):
         if not path.is_file():
             raise ConfigError(f"regularizer.transfer.run_dir={self.cfg.run_dir!r} is invalid: "
                               f"{path} does not exist; expected the folder of a finished run")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_tensors(path, "model file", "point regularizer.transfer.run_dir at a run regexp wrote")
+        if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+            raise ConfigError(f"{path}: not a model file (expected a state dict of tensors, as a run's "
+                              f"{self.cfg.file}); point regularizer.transfer.run_dir at a run regexp wrote")
         own = model.state_dict()
         usable = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
         if not usable:

@@ -29,13 +29,16 @@ from regexp.optim import build_optimizer, build_scheduler
 from regexp.regularizers import build_regularizers
 from regexp.regularizers.base import Context, Regularizer
 from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
+from regexp.train.rundir import save_hydra_files
+from regexp.train.threads import set_threads, step_flops
 from regexp.train.signals import StopFlag
 from regexp.train.tblog import TBLogger, layer_grad_norms
 
 SPLITS = ("train", "val", "test")
 # Keys that may differ between a checkpoint's config and the run that resumes it.
+# The device and the data folder may change too: a run moved to another machine goes on there.
 RESUMABLE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.progress", "trainer.checkpoint_every",
-                  "trainer.threads", "logger")
+                  "trainer.threads", "trainer.device", "data.root", "logger")
 RUN_FILES = ("metrics.json", "checkpoint.pt", "model.pt", "best_model.pt", "label_noise.json")
 
 
@@ -54,15 +57,24 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global generator's state as tensors and plain numbers, so that a checkpoint loads
+    with ``torch.load(weights_only=True)`` (numpy's own state tuple holds an ndarray)."""
+    version, mt, gauss_next = random.getstate()
+    name, keys, np_pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -87,12 +99,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int):
 def resumable_checkpoint(path: Path, config: Dict[str, Any]) -> Dict[str, Any]:
     """The checkpoint at ``path``, if it was written with ``config`` (up to RESUMABLE_KEYS)."""
     ck = load_checkpoint(path)
-    changed = [k for k in config_diff(ck["config"], config)
+    if not isinstance(ck, dict) or "config" not in ck:
+        raise ConfigError(f"{path}: not a regexp checkpoint (no config in it); delete it or start over "
+                          "with trainer.overwrite=true")
+    same_config(ck["config"], config, path)
+    return ck
+
+
+def same_config(saved: Dict[str, Any], config: Dict[str, Any], path: Path) -> None:
+    """Refuse to go on from (or skip as done) a run written with another config."""
+    changed = [k for k in config_diff(saved, config)
                if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
     if changed:
         raise ConfigError(f"{path} was written with another config ({', '.join(changed[:5])} differ); "
                           "resume with the same overrides or start over with trainer.overwrite=true")
-    return ck
 
 
 def config_diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
@@ -108,7 +128,7 @@ def config_diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[
     return out
 
 
-def _prepare_dir(out_dir: Path, t, sweep: bool) -> Optional[Dict[str, Any]]:
+def _prepare_dir(out_dir: Path, t, sweep: bool, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Refuse to clobber a finished run; return its metrics when it should be skipped."""
     metrics = out_dir / "metrics.json"
     if t.overwrite:
@@ -120,10 +140,15 @@ def _prepare_dir(out_dir: Path, t, sweep: bool) -> Optional[Dict[str, Any]]:
     if metrics.exists():
         done = read_json(metrics)
         if done.get("status") in ("completed", "diverged"):  # finished: training again changes nothing
-            if t.resume or sweep:
-                return {**done, "skipped": True}  # a re-launched sweep skips it
-            raise ConfigError(f"{out_dir} already holds a {done['status']} run; pass trainer.resume=true "
-                              "to keep it, trainer.overwrite=true to replace it, or another hydra.run.dir")
+            if not (t.resume or sweep):
+                raise ConfigError(f"{out_dir} already holds a {done['status']} run; pass trainer.resume=true "
+                                  "to keep it, trainer.overwrite=true to replace it, or another hydra.run.dir")
+            # kept only if it is this config's run: another config must not pass for it
+            if "config" in done:
+                same_config(done["config"], config, metrics)
+            elif (out_dir / "checkpoint.pt").exists():
+                resumable_checkpoint(out_dir / "checkpoint.pt", config)
+            return {**done, "skipped": True}  # a re-launched sweep skips it
     if (out_dir / "checkpoint.pt").exists() and not (t.resume or sweep):
         raise ConfigError(f"{out_dir} holds an unfinished run (checkpoint.pt); pass trainer.resume=true "
                           "to continue it or trainer.overwrite=true to start over")
@@ -135,14 +160,15 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     t0 = time.time()
     t = cfg.trainer
     out_dir.mkdir(parents=True, exist_ok=True)
-    skipped = _prepare_dir(out_dir, t, sweep)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    skipped = _prepare_dir(out_dir, t, sweep, config)
     if skipped is not None:
         return skipped
     resume = (out_dir / "checkpoint.pt").exists() and (t.resume or sweep)
+    ck = resumable_checkpoint(out_dir / "checkpoint.pt", config) if resume else None
+    save_hydra_files(out_dir, cfg)  # the folder is this run's now: describe it
 
     # ---- set-up
-    if t.threads:
-        torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -162,6 +188,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     regs = build_regularizers(cfg.regularizer, ctx)
     for r in regs:  # regularizer hook: an ensemble replaces the model by K members
         model = r.wrap_model(model)
+    threads, threads_why = set_threads(t.threads, device, lambda: step_flops(model, data.input_shape, bs))
     for r in regs:
         r.attach(model)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -180,15 +207,13 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     tensors = {s: tuple(v.to(device) for v in data.split(s)) for s in SPLITS}
     x_train, y_train = tensors["train"]
     order = torch.Generator().manual_seed(cfg.seed)  # data order, separate from dropout & noise
-    config = OmegaConf.to_container(cfg, resolve=True)
 
     # ---- state, fresh or from the last checkpoint
     epoch, step_in_epoch, perm = 0, 0, None
     history: List[Dict[str, float]] = []
     best: Optional[Dict[str, float]] = None
     best_state = None
-    if resume:
-        ck = resumable_checkpoint(out_dir / "checkpoint.pt", config)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -227,7 +252,9 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
 
     # ---- the loop
     with StopFlag() as stop:
-        while epoch < t.epochs:
+        if stop.requested:  # a signal during start-up: stop before the first step, recorded
+            status, stop_reason = "interrupted", stop.signum
+        while epoch < t.epochs and status == "completed":
             model.train()
             if step_in_epoch == 0:
                 perm = torch.randperm(n, generator=order).to(device)
@@ -318,7 +345,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     bar.close()
 
     # ---- final files; metrics.json last, so its presence marks a finished write
-    if status != "diverged":
+    if status != "diverged" and (epoch or step_in_epoch):  # no step taken: nothing to resume from
         checkpoint(status)
     final = history[-1] if history else None
     extra: Dict[str, float] = {}
@@ -335,8 +362,8 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         "status": status, "epochs": epoch, "final": final,
         "best": best if best is not None else final,
         "params": params, "wall_s": round(time.time() - t0, 3), "device": str(device),
-        "threads": torch.get_num_threads(),
-        "overrides": list(overrides), "extra": extra, "history": history,
+        "threads": threads, "threads_reason": threads_why,
+        "overrides": list(overrides), "extra": extra, "history": history, "config": config,
     }
     if stop_reason == "early_stopping":
         metrics["stopped_epoch"] = epoch
