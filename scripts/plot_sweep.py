@@ -3,9 +3,12 @@
 
     python scripts/plot_sweep.py outputs/multirun/2025-01-01_12-00-00 --x model.width
     python scripts/plot_sweep.py outputs/runs/<double_descent run> --x epoch --name epochs
+    python scripts/plot_sweep.py outputs/multirun/<optimizer × width> --x optimizer --hue model.width
 
 Works on an in-process sweep (task=sweep, +experiment=double_descent...) and on a Hydra
 multirun (-m, any launcher) whose job folders hold metrics.json and .hydra/overrides.yaml.
+An x whose values are not numbers (optimizer, regularizer lists, booleans) gets one tick per
+value and a point with a ±std bar over seeds; --hue picks the one key that splits the curve.
 Failed or unfinished jobs get a row with their status and are left out of the plot. Without
 --name/--title/--invert-x, the settings come from the sweep's own extra.plot when it has one.
 """
@@ -40,13 +43,15 @@ def main(argv=None) -> int:
     ap.add_argument("--title")
     ap.add_argument("--x-label")
     ap.add_argument("--invert-x", action="store_true", help="plot 1/x (e.g. 1/λ for weight decay)")
+    ap.add_argument("--hue", help="the swept key that splits the curve into series (default: every other "
+                                  "swept key; with --hue, the others are averaged with the seeds)")
     args = ap.parse_args(argv)
     try:
         if not args.sweep_dir.is_dir():
             raise ConfigError(f"sweep dir {str(args.sweep_dir)!r} is not a folder")
         settings = saved_settings(args.sweep_dir)
         given = {"name": args.name, "title": args.title, "x_label": args.x_label,
-                 "invert_x": True if args.invert_x else None}
+                 "invert_x": True if args.invert_x else None, "hue": args.hue}
         settings = replace(settings, **{k: v for k, v in given.items() if v is not None})
         if "/" in settings.name or not settings.name:
             raise ConfigError(f"--name={settings.name!r} is invalid: expected a file name without '/'")

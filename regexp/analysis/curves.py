@@ -4,6 +4,10 @@ A *curve* has one *series* per combination of the swept keys other than ``x`` an
 (a single series for a one-key sweep). Each of its points is the mean and standard deviation
 over the completed seeds at one ``x``; failed or diverged runs are left out, so a crashed job
 leaves a gap rather than a wrong number.
+
+An ``x`` whose values are not all numbers (optimizer names, regularizer lists, booleans) is
+*categorical*: each value is a category placed at its index, in the order the values first
+appear in the rows, and the curve keeps the values in ``Curve.categories`` for the axis labels.
 """
 from __future__ import annotations
 
@@ -39,6 +43,22 @@ class Series:
 class Curve:
     x_key: str
     series: List[Series]
+    categories: Optional[List[Any]] = None  # the x values, in axis order, when x is categorical
+
+
+def category_label(v: Any) -> str:
+    """A category as it is written in an override: ``adam``, ``true``, ``[weight_decay,dropout]``."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(category_label(e) for e in v) + "]"
+    return str(v)
+
+
+def _identity(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
 
 
 def number(v: Any) -> Optional[float]:
@@ -52,15 +72,36 @@ def number(v: Any) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
-def x_position(value: Any, key: str) -> float:
-    """Where a swept value sits on the axis; a list (``model.channels=[k,2k,...]``) sits at its first entry."""
+def numeric_position(value: Any) -> Optional[float]:
+    """Where a swept value sits on a numeric axis (a list, ``model.channels=[k,2k,...]``, at its first
+    entry); None when it is not a number."""
     if isinstance(value, (list, tuple)) and value:
         value = value[0]
-    f = number(value)
+    return number(value)
+
+
+def x_position(value: Any, key: str) -> float:
+    """Where a swept value sits on a numeric axis; an error naming the key when it is not a number."""
+    f = numeric_position(value)
     if f is None:
         raise ConfigError(f"sweep.x={key!r} is invalid: its values must be numbers (or lists of numbers) "
                           f"to be plotted, got {value!r}")
     return f
+
+
+def categories(values: Iterable[Any]) -> Optional[List[Any]]:
+    """The distinct values in first-seen order when they cannot share a numeric axis, else None.
+
+    Lists of numbers that start alike (``[4,8]`` and ``[4,16]``) would land on one point of a
+    numeric axis and be averaged together, so they are categories too.
+    """
+    distinct: Dict[str, Any] = {}
+    for v in values:
+        distinct.setdefault(_identity(v), v)
+    positions = [numeric_position(v) for v in distinct.values()]
+    if all(p is not None for p in positions) and len(set(positions)) == len(positions):
+        return None
+    return list(distinct.values())
 
 
 def _mean_std(values: Sequence[float]):
@@ -95,12 +136,13 @@ def _series_name(row: Dict[str, Any], keys: Sequence[str]) -> str:
 
 def aggregate(rows: Iterable[Dict[str, Any]], x_key: str, series_keys: Sequence[str]) -> Curve:
     """Mean and std over seeds of each metric at each ``x``, per series; completed rows only."""
+    done = [row for row in rows if row.get("status") == "completed"]
+    cats = categories(row[x_key] for row in done)
+    index = {_identity(v): float(i) for i, v in enumerate(cats or [])}
     groups: Dict[str, Dict[float, List[Dict[str, Any]]]] = {}
     raws: Dict[float, Any] = {}
-    for row in rows:
-        if row.get("status") != "completed":
-            continue
-        x = x_position(row[x_key], x_key)
+    for row in done:
+        x = index[_identity(row[x_key])] if cats is not None else x_position(row[x_key], x_key)
         raws.setdefault(x, row[x_key])
         groups.setdefault(_series_name(row, series_keys), {}).setdefault(x, []).append(row)
     series = []
@@ -118,9 +160,10 @@ def aggregate(rows: Iterable[Dict[str, Any]], x_key: str, series_keys: Sequence[
             s.points.append(CurvePoint(x, raws[x], len(members), mean, std,
                                        sum(params) / len(params) if params else None,
                                        sum(n_train) / len(n_train) if n_train else None))
-        s.threshold = threshold(s.points)
+        # A threshold is a crossing between neighbouring values: categories have no neighbours.
+        s.threshold = threshold(s.points) if cats is None else None
         series.append(s)
-    return Curve(x_key, series)
+    return Curve(x_key, series, cats)
 
 
 def epoch_rows(point: Dict[str, Any], metrics: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from regexp.analysis.collect import Run, swept_keys
-from regexp.analysis.curves import METRICS, Curve, aggregate, epoch_rows, number
+from regexp.analysis.curves import METRICS, Curve, aggregate, category_label, epoch_rows, numeric_position
 from regexp.analysis.plots import plot_curve
 from regexp.analysis.tb import log_curve
 from regexp.errors import ConfigError
@@ -28,6 +28,7 @@ class PlotSettings:
     title: str = ""
     x_label: Optional[str] = None
     invert_x: bool = False  # plot 1/x (test error against 1/λ)
+    hue: Optional[str] = None  # the one swept key that splits the curve (default: every other swept key)
 
 
 def plot_settings(extra: Any) -> PlotSettings:
@@ -42,6 +43,8 @@ def plot_settings(extra: Any) -> PlotSettings:
         raise ConfigError(f"extra.plot.name={s.name!r} is invalid: expected a file name without '/'")
     if not isinstance(s.invert_x, bool):
         raise ConfigError(f"extra.plot.invert_x={s.invert_x!r} is invalid: expected true or false")
+    if s.hue is not None and (not isinstance(s.hue, str) or not s.hue):
+        raise ConfigError(f"extra.plot.hue={s.hue!r} is invalid: expected a swept key (e.g. optimizer) or null")
     return s
 
 
@@ -73,11 +76,24 @@ def write_curve_csv(curve: Curve, path: Path) -> None:
 
 
 def _order(value: Any):
-    """Sort key of a swept value: numbers (lists by their first entry) by size, before anything else."""
-    if isinstance(value, (list, tuple)) and value:
-        value = value[0]
-    f = number(value)
-    return (0, f, "") if f is not None else (1, 0.0, str(value))
+    """Sort key of a swept value: numbers (lists by their first entry) by size, then anything else
+    by its override text, so categories (whole lists too) come in one order whatever the run order."""
+    f = numeric_position(value)
+    return (0, f, "") if f is not None else (1, 0.0, category_label(value))
+
+
+def _series_keys(runs: Sequence[Run], keys: Sequence[str], x: str, hue: Optional[str], sweep_dir: Path) -> List[str]:
+    """The keys that split the curve: ``hue`` alone when given (any other swept key is pooled with
+    the seeds), else every key other than ``x`` and ``seed`` that varies."""
+    # A key held at one value (a fixed width next to a swept depth) labels no series.
+    varying = [k for k in keys if k not in (x, "seed") and len({str(r.point.get(k)) for r in runs}) > 1]
+    if hue is None:
+        return varying
+    valid = [k for k in keys if k not in (x, "seed")]
+    if hue not in valid:
+        raise ConfigError(f"hue={hue!r} is not a swept key of {sweep_dir} other than x={x!r}: expected one of "
+                          f"{', '.join(valid) if valid else '(none: the sweep varies no other key)'}")
+    return [hue]
 
 
 def report(sweep_dir: Path, runs: Sequence[Run], x: str, settings: PlotSettings,
@@ -95,15 +111,17 @@ def report(sweep_dir: Path, runs: Sequence[Run], x: str, settings: PlotSettings,
     if x != EPOCH:
         keys = [x] + keys
     runs = sorted(runs, key=lambda r: [_order(r.point.get(k)) for k in keys])
+    series_keys = _series_keys(runs, keys, x, settings.hue, sweep_dir)
     rows = result_rows(runs, keys)
-    write_csv(rows, sweep_dir / "results.csv")
-    # A key held at one value (a fixed width next to a swept depth) labels no series.
-    series_keys = [k for k in keys if k not in (x, "seed") and len({str(r.point.get(k)) for r in runs}) > 1]
     if x == EPOCH:
         curve_rows = [r for run in runs for r in epoch_rows({k: run.point.get(k) for k in keys}, run.metrics)]
     else:
         curve_rows = rows
     curve = aggregate(curve_rows, x, series_keys)
+    if curve.categories is not None and settings.invert_x:
+        raise ConfigError(f"invert_x=true is invalid for x={x!r}: its values are categories "
+                          f"({', '.join(category_label(c) for c in curve.categories)}), not numbers")
+    write_csv(rows, sweep_dir / "results.csv")
     write_curve_csv(curve, sweep_dir / "curve.csv")
     fig = plot_curve(curve, sweep_dir / f"{settings.name}.png", settings.title, settings.x_label,
                      settings.invert_x)
@@ -122,7 +140,8 @@ def format_curve(curve: Curve, max_lines: int = 30) -> str:
         for p in s.points[::stride]:
             cells = [f"{p.mean[m]:.4f}±{p.std[m]:.4f}" if m in p.mean else "-" for m in ("train_error", "test_error")]
             params = f"{p.params:.0f}" if p.params is not None else "-"
-            lines.append(f"{str(p.raw):>14} {params:>9} {p.n:>5} {cells[0]:>15} {cells[1]:>15}")
+            raw = category_label(p.raw) if curve.categories is not None else str(p.raw)
+            lines.append(f"{raw:>14} {params:>9} {p.n:>5} {cells[0]:>15} {cells[1]:>15}")
         if s.threshold:
             lines.append(f"interpolation threshold (params = n_train): {curve.x_key} ≈ {s.threshold:.3g}")
     return "\n".join(lines)

@@ -2,22 +2,25 @@
 
 TensorBoard's x axis is an integer step, so the step is the swept value when every value is a
 whole number (widths, sample counts, epochs) and its index otherwise (weight decay λ); the
-``sweep/x`` scalar always holds the value itself. The event file sits in the sweep folder,
-next to the point folders, with the suffix ``.sweep`` so that rewriting it (a re-run, or
-``scripts/plot_sweep.py``) replaces only this file.
+``sweep/x`` scalar holds the value itself. A categorical x (optimizer names) is logged at its
+category's index, and the ``sweep/x_axis`` text names the category of each step. The event file
+sits in the sweep folder, next to the point folders, with the suffix ``.sweep`` so that rewriting
+it (a re-run, or ``scripts/plot_sweep.py``) replaces only this file.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Dict, Optional
 
-from regexp.analysis.curves import METRICS, Curve
+from regexp.analysis.curves import METRICS, Curve, category_label
 
 SUFFIX = ".sweep"
 
 
 def curve_steps(curve: Curve) -> Dict[float, int]:
     xs = sorted({p.x for s in curve.series for p in s.points})
+    if curve.categories is not None:  # x is already the category's index
+        return {x: int(x) for x in xs}
     if all(x == int(x) and x >= 0 for x in xs):
         return {x: int(x) for x in xs}
     return {x: i for i, x in enumerate(xs)}
@@ -46,8 +49,12 @@ def log_curve(sweep_dir: Path, curve: Curve, fig=None) -> Optional[Path]:
                     w.add_scalar(tag(m, s.name), p.mean[m], step)
                     w.add_scalar(tag(f"{m}_std", s.name), p.std[m], step)
     integral = all(k == v for k, v in steps.items())
-    w.add_text("sweep/x_axis", f"step = {curve.x_key}" if integral else
-               f"step = index of {curve.x_key} in " + ", ".join(f"{x:g}" for x in steps))
+    if curve.categories is not None:
+        w.add_text("sweep/x_axis", f"step = index of {curve.x_key} in "
+                   + ", ".join(f"{i}: {category_label(c)}" for i, c in enumerate(curve.categories)))
+    else:
+        w.add_text("sweep/x_axis", f"step = {curve.x_key}" if integral else
+                   f"step = index of {curve.x_key} in " + ", ".join(f"{x:g}" for x in steps))
     if fig is not None:
         w.add_figure("sweep/plot", fig, 0, close=False)
     w.close()
