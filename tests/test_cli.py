@@ -43,7 +43,8 @@ def test_run_writes_events_that_agree_with_metrics(cli, tmp_path):
     acc = EventAccumulator(str(run))
     acc.Reload()
     assert any(t.startswith("weights/hidden.0.weight") for t in acc.Tags()["histograms"])
-    assert "_hparams_/experiment" in acc.summary_metadata
+    assert "_hparams_/session_start_info" in acc.summary_metadata
+    assert "_hparams_/experiment" not in acc.summary_metadata
     assert [p for p in run.iterdir() if p.is_dir() and p.name != ".hydra"] == []
     for name in ("model.pt", "best_model.pt", "checkpoint.pt"):
         assert (run / name).is_file()

@@ -178,6 +178,7 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
     if m.status == "interrupted" and m.signal is not None:
         metrics["signal"] = int(m.signal)
     if m.tb is not None:
+        m.tb.final_metrics(metrics)
         m.tb.close()
     write_json(m.out_dir / "metrics.json", metrics)
     return metrics

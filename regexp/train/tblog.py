@@ -1,17 +1,27 @@
 """TensorBoard logging: scalars per epoch, weight histograms, and an HParams entry.
 
-The HParams summary goes into the run's own event file (not a sub-folder), so
-``tensorboard --logdir <sweep dir>`` lists each job once and compares them in the HParams tab.
+The HParams entry goes into the run's own event file (not a sub-folder), so
+``tensorboard --logdir <dir>`` lists each run once and compares them in the HParams tab: each run
+writes its session start (its hyperparameters) when it starts and, when it ends, its final
+metrics as ``hparams/*`` scalars and its session end. No run writes an HParams *experiment*
+summary, so TensorBoard builds the table from every run under the log dir.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
-HPARAM_METRICS = ("acc/val", "acc/test", "loss/val", "loss/test", "acc/train", "loss/train")
+# metrics.json's status as the number ``hparams/status`` and as the HParams session's end status
+STATUS_CODES = {"completed": 1.0, "interrupted": 0.0, "diverged": -1.0, "failed": -1.0}
+END_STATUS = {"completed": "STATUS_SUCCESS", "diverged": "STATUS_FAILURE", "failed": "STATUS_FAILURE"}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class TBLogger:
@@ -43,16 +53,79 @@ class TBLogger:
         if self.writer:
             self.writer.add_figure(tag, fig, step)
 
-    def hparams(self, hparams: Dict[str, object], metrics: Iterable[str] = HPARAM_METRICS) -> None:
+    def hparams(self, hparams: Dict[str, object]) -> None:
+        """Record the run's hyperparameters as TensorBoard's HParams *session start* (only that).
+
+        No HParams *experiment* summary is written: TensorBoard uses the first one it finds under
+        its log dir for every run there, so the columns would be one run's keys. Without one, it
+        joins the keys of every run's session start, marks those whose values differ, and takes
+        as metrics the scalar tags of those runs (see ``final_metrics``). The session's name is
+        the run's folder relative to the log dir. Values: numbers, booleans and strings as they
+        are, anything else as text.
+        """
         if not self.writer:
             return
-        from torch.utils.tensorboard.summary import hparams as hp_summary
+        from tensorboard.plugins.hparams import metadata, plugin_data_pb2
 
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        exp, ssi, sei = hp_summary(clean, {m: 0.0 for m in metrics})
-        fw = self.writer._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
+        info = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+        for k, v in hparams.items():
+            value = info.hparams[str(k)]
+            if isinstance(v, bool):
+                value.bool_value = v
+            elif isinstance(v, (int, float)):
+                value.number_value = float(v)
+            else:
+                value.string_value = v if isinstance(v, str) else str(v)
+        self._hparams_summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+            session_start_info=info))
+
+    def final_metrics(self, metrics: Dict[str, object]) -> None:
+        """Log a finished run's ``metrics.json`` numbers as ``hparams/*`` scalars, the metric
+        columns of TensorBoard's HParams tab, and end its HParams session.
+
+        Scalars: ``hparams/final_<key>`` and ``hparams/best_<key>`` for each number of the final
+        and best epoch's row (``test_acc``, ``val_loss``, ``epoch``, ...),
+        ``hparams/params``, ``hparams/epochs``, ``hparams/extra_<key>`` for the regularizers'
+        reports, and ``hparams/status``: 1 completed, 0 interrupted, -1 diverged or failed.
+        Their step is the epochs done; for an interrupted run one more, the step from which its
+        resumed run's event file replaces the earlier events, so that they go when it resumes.
+        The session end (its status) is written only for a run that will not go on (completed:
+        success; diverged or failed: failure), since TensorBoard keeps the first one it reads;
+        an interrupted run's session stays "unknown" until it ends.
+        """
+        if not self.writer:
+            return
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+        status = str(metrics.get("status", ""))
+        values: Dict[str, float] = {"hparams/status": STATUS_CODES.get(status, -1.0)}
+        for part in ("final", "best"):
+            for k, v in (metrics.get(part) or {}).items():
+                if _number(v):
+                    values[f"hparams/{part}_{k}"] = float(v)
+        for k in ("params", "epochs"):  # not wall_s: runs that compute the same log the same
+            if _number(metrics.get(k)):
+                values[f"hparams/{k}"] = float(metrics[k])
+        for k, v in (metrics.get("extra") or {}).items():
+            if _number(v):
+                values[f"hparams/extra_{k}"] = float(v)
+        step = int(metrics["epochs"]) if _number(metrics.get("epochs")) else 0
+        step += status == "interrupted"
+        self.scalars(values, step)
+        if status in END_STATUS:
+            self._hparams_summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+                session_end_info=plugin_data_pb2.SessionEndInfo(
+                    status=api_pb2.Status.Value(END_STATUS[status]), end_time_secs=time.time())))
+        self.writer.flush()
+
+    def _hparams_summary(self, tag: str, data) -> None:
+        """One HParams plugin summary (metadata only, as TensorBoard's own ``hparams`` writes it)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.hparams import metadata
+
+        value = Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data),
+                              tensor=metadata.NULL_TENSOR)
+        self.writer._get_file_writer().add_summary(Summary(value=[value]))
 
     def close(self) -> None:
         if self.writer:

@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -155,8 +155,12 @@ def _prepare_dir(out_dir: Path, t, sweep: bool, config: Dict[str, Any]) -> Optio
     return None
 
 
-def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool = False) -> Dict[str, Any]:
-    """Train the model ``cfg`` describes, writing into ``out_dir``; return ``metrics.json``'s content."""
+def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool = False,
+          on_epoch: Optional[Callable[[Dict[str, float]], bool]] = None) -> Dict[str, Any]:
+    """Train the model ``cfg`` describes, writing into ``out_dir``; return ``metrics.json``'s content.
+
+    ``on_epoch(row)`` (a search's pruner) sees each evaluated epoch's metrics; True stops the
+    run there with ``status: pruned`` (checkpointed, so a later launch may go on from it)."""
     t0 = time.time()
     t = cfg.trainer
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -329,6 +333,8 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_acc', float('nan')):.3f}")
                 if any([r.epoch_end(model, row) for r in regs]):  # every one sees the row
                     stop_reason = "early_stopping"
+                if on_epoch is not None and on_epoch(dict(row)):
+                    stop_reason = "pruned"
             tb.scalars(logs, epoch)
             for r in regs:
                 r.log(tb, epoch)
@@ -339,6 +345,9 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                 checkpoint("running")
             if stop.requested:
                 status, stop_reason = "interrupted", stop.signum
+                break
+            if stop_reason == "pruned":
+                status = "pruned"
                 break
             if stop_reason == "early_stopping":
                 break
@@ -369,23 +378,46 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         metrics["stopped_epoch"] = epoch
     if status == "diverged":
         metrics["diverged_epoch"] = epoch
+    if status == "pruned":
+        metrics["pruned_epoch"] = epoch
     if status == "interrupted":
         metrics["signal"] = int(stop_reason)
+    tb.final_metrics(metrics)
     tb.close()
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
-def _hparams(cfg: DictConfig, overrides: List[str], params: int) -> Dict[str, Any]:
-    """The hyperparameters shown in TensorBoard's HParams tab: the core ones and every override."""
-    hp: Dict[str, Any] = {"model": cfg.model.name, "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr,
-                          "seed": cfg.seed, "params": params,
-                          "regularizers": ",".join(cfg.regularizer) or "none"}
-    for o in overrides:
-        if "=" in o:
-            k, v = o.split("=", 1)
-            try:
-                hp[k.lstrip("+~")] = json.loads(v)
-            except ValueError:
-                hp[k.lstrip("+~")] = v
+def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0) -> Dict[str, Any]:
+    """The hyperparameters shown in TensorBoard's HParams tab, by dotted config key.
+
+    Every setting of the resolved config that can change what a run computes, so that every run
+    has the same keys (per model, optimizer, ... kind) whatever its overrides: ``seed``, all of
+    ``data.*``, ``model.*``, ``optimizer.*``, ``scheduler.*``, ``regularizer.<name>.*`` and
+    ``trainer.*``, and ``regularizers``, the regularizers' names ("none" for none). Left out:
+    ``task``, ``sweep.*``, ``logger.*``, ``extra.*`` (plot settings), ``data.root``,
+    ``data.download`` and the trainer's bookkeeping switches. Numbers, booleans and strings
+    stay as they are; None is "None" and a list its JSON text. The overrides need no entry of
+    their own (their keys are config keys), and the parameter count is a metric
+    (``TBLogger.final_metrics``); both arguments are kept for the callers.
+    """
+    skip = {"task", "sweep", "logger", "extra", "hydra", "data.root", "data.download", "trainer.progress",
+            "trainer.resume", "trainer.overwrite", "trainer.checkpoint_every", "trainer.eval_batch_size"}
+    hp: Dict[str, Any] = {}
+
+    def leaves(node: Any, prefix: str) -> None:
+        if prefix in skip:
+            return
+        if isinstance(node, dict):
+            for k, v in node.items():
+                leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, (list, tuple)):
+            hp[prefix] = json.dumps(node)
+        elif node is None:
+            hp[prefix] = "None"
+        else:
+            hp[prefix] = node
+
+    leaves(OmegaConf.to_container(cfg, resolve=True), "")
+    hp["regularizers"] = ",".join(cfg.regularizer) or "none"
     return hp
