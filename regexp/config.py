@@ -168,6 +168,10 @@ class SweepConfig:
     seeds: List[int] = field(default_factory=lambda: [0])
     x: Optional[str] = None  # the key on the x axis of results.csv's plot; default: first of params
     engine: str = "auto"  # auto|serial|population: how the points are trained
+    # Spread the grid over jobs: `-m sweep.shard=0,1,2,3 sweep.shards=4` (any launcher) trains
+    # point i in job i % shards; the points and the report meet in <hydra.sweep.dir>/points/.
+    shard: int = 0
+    shards: int = 1
 
 
 # ---------------------------------------------------------------- the whole run
@@ -399,6 +403,10 @@ def validate(cfg: DictConfig) -> None:
     if "sweep" in cfg:
         for i, seed in enumerate(cfg.sweep.seeds):
             _check(_seed_ok(seed), f"sweep.seeds[{i}]", seed, SEED_RANGE)
+        shards = cfg.sweep.get("shards", 1)
+        _check(shards >= 1, "sweep.shards", shards, "an integer >= 1 (the number of jobs sharing the grid)")
+        _check(0 <= cfg.sweep.get("shard", 0) < shards, "sweep.shard", cfg.sweep.get("shard", 0),
+               f"an integer in [0, {shards - 1}] (sweep.shards={shards})")
 
     d = cfg.data
     _choice("data.name", d.name, DATASETS)

@@ -2,7 +2,7 @@
 
 A *run folder* is what one training leaves: a single run, a multirun job, a point of an
 in-process sweep (``task=sweep``) or a population member. Each holds ``metrics.json``; which
-folders below a root are runs is decided by :func:`regexp.analysis.collect.find_run_dirs`
+folders below a root are runs is decided by :func:`find_run_dirs`
 (a ``metrics.json`` with no run below it, or a Hydra job folder that died before writing one),
 so a sweep folder's own ``metrics.json`` never becomes a row and a crashed job never vanishes.
 
@@ -59,6 +59,7 @@ the overrides alone.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -66,10 +67,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from regexp.analysis.collect import _read_metrics, find_run_dirs
 from regexp.errors import ConfigError
 
-__all__ = ["load", "load_history", "run_row", "flatten"]
+__all__ = ["load", "load_history", "run_row", "flatten", "find_run_dirs", "recorded_overrides"]
 
 # Config groups whose choice (``model=cnn``) names the node's ``name`` field.
 GROUPS = ("data", "model", "optimizer", "scheduler")
@@ -162,7 +162,41 @@ def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def find_run_dirs(root: Path) -> List[Path]:
+    """Folders holding a run: ``metrics.json`` with no run below it, or a Hydra job that left none."""
+    root = Path(root)
+    finished = {p.parent for p in root.rglob("metrics.json")}
+    # A sweep folder that recorded its own failure also holds runs below it: it is not one.
+    runs = {d for d in finished if not any(d in o.parents for o in finished)}
+    for overrides in root.rglob(".hydra/overrides.yaml"):
+        job = overrides.parent.parent
+        if job not in finished and not any(job in d.parents for d in finished):
+            runs.add(job)
+    return sorted(runs)
+
+
+def recorded_overrides(run_dir: PathLike, root: PathLike) -> List[List[str]]:
+    """Every override that made a run, outermost first: the ``.hydra/overrides.yaml`` of each
+    folder from ``root`` down to ``run_dir`` (a multirun job's, an in-process sweep's own), then
+    the overrides ``run_dir``'s ``metrics.json`` records (a sweep point's). The sweep reports
+    take a run's swept point from these (:func:`regexp.analysis.collect.collect_runs`)."""
+    root, run_dir = Path(root), Path(run_dir)
+    rel = run_dir.relative_to(root).parts
+    out = [_hydra_overrides(root.joinpath(*rel[:i])) for i in range(len(rel) + 1)]
+    out.append([str(o) for o in _read_metrics(run_dir / "metrics.json").get("overrides") or []])
+    return out
+
+
 # ---------------------------------------------------------------- internals
+def _read_metrics(path: Path) -> Dict[str, Any]:
+    if not path.exists():
+        return {"status": "failed", "error": "no metrics.json (the job died before finishing)"}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {"status": "failed", "error": f"unreadable metrics.json ({type(e).__name__})"}
+
+
 def _run_dirs(path: PathLike) -> Tuple[Path, List[Path]]:
     root = Path(path)
     if not root.is_dir():

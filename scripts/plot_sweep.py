@@ -6,7 +6,9 @@
     python scripts/plot_sweep.py outputs/multirun/<optimizer × width> --x optimizer --hue model.width
 
 Works on an in-process sweep (task=sweep, +experiment=double_descent...) and on a Hydra
-multirun (-m, any launcher) whose job folders hold metrics.json and .hydra/overrides.yaml.
+multirun (-m, any launcher) whose job folders hold metrics.json and .hydra/overrides.yaml, and
+on the <hydra.sweep.dir>/points folder of a sharded sweep (sweep.shards). The run folders are
+read by regexp.results, as regexp.results.load(sweep_dir) shows them in a notebook.
 An x whose values are not numbers (optimizer, regularizer lists, booleans) gets one tick per
 value and a point with a ±std bar over seeds; --hue picks the one key that splits the curve.
 Failed or unfinished jobs get a row with their status and are left out of the plot. Without
@@ -29,8 +31,11 @@ from regexp.errors import ConfigError  # noqa: E402
 
 
 def saved_settings(sweep_dir: Path):
-    """The sweep's own extra.plot (an in-process sweep keeps its config in .hydra/config.yaml)."""
+    """The sweep's own extra.plot (an in-process sweep keeps its config in .hydra/config.yaml; the
+    points/ folder of a sharded sweep (sweep.shards) has the multirun's multirun.yaml above it)."""
     config = sweep_dir / ".hydra" / "config.yaml"
+    if not config.exists() and sweep_dir.name == "points":
+        config = sweep_dir.parent / "multirun.yaml"
     extra = OmegaConf.load(config).get("extra") if config.exists() else None
     return plot_settings(extra)
 

@@ -1,6 +1,8 @@
 """Find the runs below a sweep folder and recover, for each, the point it trained and its metrics.
 
-Works on both layouts a sweep can have:
+The run folders are read by :mod:`regexp.results` (the one reader of run folders); this module
+turns its table back into :class:`Run` s, the form the reports take. Works on both layouts a
+sweep can have:
 
 - an in-process sweep (``task=sweep``): ``<dir>/.hydra/`` holds the sweep's own config and
   overrides, and each point folder holds ``metrics.json`` whose ``overrides`` name the point;
@@ -14,12 +16,12 @@ out of memory) still counts, as a failed run, so a crash is never silently dropp
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from regexp.errors import ConfigError
 
@@ -71,61 +73,105 @@ def parse_overrides(lines: List[str]) -> Dict[str, Any]:
     return {k: v for k, v in out.items() if not k.startswith("hydra") and k not in RUNTIME_KEYS}
 
 
-def _read_metrics(path: Path) -> Dict[str, Any]:
-    if not path.exists():
-        return {"status": "failed", "error": "no metrics.json (the job died before finishing)"}
+# Numbers the results table holds as floats (a column with a missing value is float) that
+# metrics.json holds as integers: cast back so that results.csv writes ``1234``, not ``1234.0``.
+INT_KEYS = ("params", "epochs", "best.epoch", "final.epoch", "stopped_epoch", "diverged_epoch")
+
+
+def _value(v: Any) -> Any:
+    """A table cell as metrics.json held it: numpy scalars as Python ones, NaN/None as missing."""
+    if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
+        v = v.item()
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return _MISSING
+    return v
+
+
+_MISSING = object()
+
+
+def metrics_of(row: Dict[str, Any], history: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+    """The part of a run's metrics.json the reports use, back from its :func:`regexp.results.load`
+    row (and its :func:`regexp.results.load_history` epochs): status, error, params, epochs,
+    wall_s, ``final``/``best`` and ``history``, with integers as integers."""
+    m: Dict[str, Any] = {"status": str(row.get("status", "failed"))}
+    for key, v in row.items():
+        v = _value(v)
+        if v is _MISSING:
+            continue
+        if key in INT_KEYS and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if key.startswith(("final.", "best.")):
+            part, _, name = key.partition(".")
+            m.setdefault(part, {})[name] = v
+        elif key in ("error", "params", "epochs", "wall_s"):
+            m[key] = v
+    if history:
+        m["history"] = list(history)
+    return m
+
+
+def _history(table: Any) -> Dict[str, List[Dict[str, Any]]]:
+    """run_dir -> its evaluated epochs as metrics.json lists them (``{"epoch": 1, "test_acc": ...}``)."""
+    out: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for run_dir, epoch, metric, value in table[["run_dir", "epoch", "metric", "value"]].itertuples(index=False):
+        epoch = _value(epoch)
+        if isinstance(epoch, float) and epoch.is_integer():
+            epoch = int(epoch)
+        out.setdefault(run_dir, {}).setdefault(epoch, {"epoch": epoch})[metric] = _value(value)
+    return {d: list(by_epoch.values()) for d, by_epoch in out.items()}
+
+
+def _n_train(row: Dict[str, Any]) -> Optional[int]:
+    data = {k: _value(row.get(f"data.{k}")) for k in ("name", "n_train", "val_fraction")}
+    return train_size(OmegaConf.create({k: None if v is _MISSING else v for k, v in data.items()}))
+
+
+def _read(root: Path):
+    """Each run folder below ``root`` with its results row and its metrics (see :func:`metrics_of`)."""
+    from regexp import results
+
+    table = results.load(root)  # raises ConfigError when root holds no run
+    history = _history(results.load_history(root))
+    rows = {r["run_dir"]: r for r in table.to_dict("records")}
+    return [(d, rows[str(d)], metrics_of(rows[str(d)], history.get(str(d), ())))
+            for d in results.find_run_dirs(root)]
+
+
+def run_metrics(root: Path) -> Dict[Path, Dict[str, Any]]:
+    """Run folder -> :func:`metrics_of` its results row, for every run below ``root`` ({} for none)."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return {"status": "failed", "error": f"unreadable metrics.json ({type(e).__name__})"}
-
-
-def _chain(root: Path, run_dir: Path) -> List[Path]:
-    """The folders from ``root`` down to ``run_dir``, both included."""
-    rel = run_dir.relative_to(root).parts
-    return [root.joinpath(*rel[:i]) for i in range(len(rel) + 1)]
-
-
-def _load_run(root: Path, run_dir: Path) -> Run:
-    metrics = _read_metrics(run_dir / "metrics.json")
-    point: Dict[str, Any] = {}
-    config: Optional[DictConfig] = None
-    for d in _chain(root, run_dir):
-        hydra_dir = d / ".hydra"
-        if (hydra_dir / "overrides.yaml").exists():
-            point.update(parse_overrides(yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []))
-        if (hydra_dir / "config.yaml").exists():
-            config = OmegaConf.load(hydra_dir / "config.yaml")
-    point.update(parse_overrides(list(metrics.get("overrides") or [])))
-    if "seed" not in point:
-        point["seed"] = int(config.seed) if config is not None and "seed" in config else 0
-    data = config.data if config is not None and "data" in config else OmegaConf.create({})
-    data = OmegaConf.merge(data, {k[len("data."):]: v for k, v in point.items()
-                                  if k.startswith("data.") and "." not in k[len("data."):]})
-    return Run(run_dir, point, metrics, train_size(data))
-
-
-def find_run_dirs(root: Path) -> List[Path]:
-    """Folders holding a run: ``metrics.json`` with no run below it, or a Hydra job that left none."""
-    finished = {p.parent for p in root.rglob("metrics.json")}
-    # A sweep folder that recorded its own failure also holds runs below it: it is not one.
-    runs = {d for d in finished if not any(d in o.parents for o in finished)}
-    for overrides in root.rglob(".hydra/overrides.yaml"):
-        job = overrides.parent.parent
-        if job not in finished and not any(job in d.parents for d in finished):
-            runs.add(job)
-    return sorted(runs)
+        return {d: metrics for d, _, metrics in _read(root)}
+    except ConfigError:  # no run there yet
+        return {}
 
 
 def collect_runs(root: Path) -> List[Run]:
+    """Every run below ``root``, read by :mod:`regexp.results` (the one reader of run folders):
+    its point from the overrides that made it (:func:`regexp.results.recorded_overrides`), its
+    numbers from its :func:`~regexp.results.load` row, its epochs from
+    :func:`~regexp.results.load_history`."""
+    from regexp import results
+
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"sweep dir {str(root)!r} is not a folder: expected the output folder of a "
                           "sweep (task=sweep) or of a multirun (-m)")
-    runs = [_load_run(root, d) for d in find_run_dirs(root)]
-    if not runs:
+    if not results.find_run_dirs(root):
         raise ConfigError(f"sweep dir {str(root)!r} holds no runs: expected folders with metrics.json "
                           "or .hydra/overrides.yaml below it")
+    runs = []
+    for d, row, metrics in _read(root):
+        point: Dict[str, Any] = {}
+        for lines in results.recorded_overrides(d, root):
+            point.update(parse_overrides(lines))
+        if "seed" not in point:
+            seed = _value(row.get("seed"))
+            point["seed"] = int(seed) if seed is not _MISSING else 0
+        runs.append(Run(d, point, metrics, _n_train(row)))
     return runs
 
 

@@ -3,11 +3,13 @@
 ``results.csv`` (one row per point and seed, numbers straight from each ``metrics.json``),
 ``curve.csv`` (the mean/std over seeds that is plotted), ``<name>.png`` and the sweep-level
 TensorBoard event file. The ``sweep`` task calls :func:`report` after training;
-``scripts/plot_sweep.py`` calls it on any existing sweep folder.
+``scripts/plot_sweep.py`` calls it on any existing sweep folder. The runs come from
+:func:`regexp.analysis.collect.collect_runs`, which reads run folders through :mod:`regexp.results`.
 """
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -121,12 +123,25 @@ def report(sweep_dir: Path, runs: Sequence[Run], x: str, settings: PlotSettings,
     if curve.categories is not None and settings.invert_x:
         raise ConfigError(f"invert_x=true is invalid for x={x!r}: its values are categories "
                           f"({', '.join(category_label(c) for c in curve.categories)}), not numbers")
-    write_csv(rows, sweep_dir / "results.csv")
-    write_curve_csv(curve, sweep_dir / "curve.csv")
-    fig = plot_curve(curve, sweep_dir / f"{settings.name}.png", settings.title, settings.x_label,
-                     settings.invert_x)
-    log_curve(sweep_dir, curve, fig)
+    # Each file appears whole (a temporary file, then a rename): the shards of a sharded sweep
+    # (sweep.shards) that finish together may both write the report.
+    _atomic(sweep_dir / "results.csv", lambda tmp: write_csv(rows, tmp))
+    _atomic(sweep_dir / "curve.csv", lambda tmp: write_curve_csv(curve, tmp))
+    figs = []
+    _atomic(sweep_dir / f"{settings.name}.png", lambda tmp: figs.append(
+        plot_curve(curve, tmp, settings.title, settings.x_label, settings.invert_x)))
+    log_curve(sweep_dir, curve, figs[0])
     return curve
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` a temporary file next to ``path`` (same suffix, for matplotlib), then rename it."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def format_curve(curve: Curve, max_lines: int = 30) -> str:
