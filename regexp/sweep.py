@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regexp.config import validate
 from regexp.errors import ConfigError
+from regexp.progress import SweepProgress, epochs_done, point_epochs
 from regexp.train import signals
 
 log = logging.getLogger("regexp.sweep")
@@ -83,30 +84,51 @@ def result_row(point: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]
 
 
 def run_points(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path) -> List[Dict[str, Any]]:
-    """Train every point one after the other; a failing point is recorded and the rest go on."""
-    from regexp.train.io import write_json
+    """Train every point one after the other; a failing point is recorded and the rest go on.
+
+    Progress (``regexp.progress``): one bar over all points' epochs on a terminal, whatever
+    ``trainer.progress`` says (the per-run bars are off inside a sweep, so that bars do not
+    stack), and one ``[i/n] <point>: <status> ...`` log line per finished point."""
+    from regexp.train.io import read_json, write_json
     from regexp.train.trainer import train
     from regexp.population import train_population, use_population
 
-    if use_population(base, points):  # sweep.engine: population, or auto with every point compatible
-        return [result_row(p, m) for p, m in zip(points, train_population(base, points, sweep_dir))]
-    rows = []
-    for i, point in enumerate(points):
-        signals.check()  # once asked to stop, start no new point
-        out, overrides = point_job(point, sweep_dir)
-        try:
-            metrics = train(checked_config(base, point), out, overrides, sweep=True)
-        except Exception as e:  # recorded in the row and the point's folder; the sweep goes on
-            msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-            log.error("point %s failed: %s\n%s", point_name(point), msg, traceback.format_exc())
-            out.mkdir(parents=True, exist_ok=True)
-            if not (out / "metrics.json").exists():
-                write_json(out / "metrics.json", {"status": "failed", "error": msg, "overrides": overrides})
-            metrics = {"status": "failed", "error": msg}
-        rows.append(result_row(point, metrics))
-        log.info("[%d/%d] %s: %s%s", i + 1, len(points), point_name(point), rows[-1]["status"], _summary(rows[-1]))
-    signals.check()  # the last point was interrupted: the sweep stops here too
-    return rows
+    progress = SweepProgress(points, point_epochs(base, points))
+    try:
+        if use_population(base, points):  # sweep.engine: population, or auto with every point compatible
+            trained = train_population(base, points, sweep_dir, progress=progress)
+            return [result_row(p, m) for p, m in zip(points, trained)]
+        for i, point in enumerate(points):  # how far an earlier launch got: the bar starts there
+            metrics = point_job(point, sweep_dir)[0] / "metrics.json"
+            if metrics.exists() and not base.trainer.get("overwrite", False):
+                try:
+                    progress.start(i, epochs_done(read_json(metrics), progress.epochs[i]))
+                except Exception:  # unreadable: the point's own run reports it
+                    pass
+        progress.open()
+        rows = []
+        for i, point in enumerate(points):
+            signals.check()  # once asked to stop, start no new point
+            out, overrides = point_job(point, sweep_dir)
+            progress.stage(point_name(point))
+            try:
+                cfg = checked_config(base, point)
+                cfg.trainer.progress = False  # the sweep's bar stands for it (a runtime key: resumes, skips alike)
+                metrics = train(cfg, out, overrides, sweep=True,
+                                on_epoch=lambda row, i=i: progress.reach(i, row["epoch"]) or False)
+            except Exception as e:  # recorded in the row and the point's folder; the sweep goes on
+                msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+                log.error("point %s failed: %s\n%s", point_name(point), msg, traceback.format_exc())
+                out.mkdir(parents=True, exist_ok=True)
+                if not (out / "metrics.json").exists():
+                    write_json(out / "metrics.json", {"status": "failed", "error": msg, "overrides": overrides})
+                metrics = {"status": "failed", "error": msg}
+            rows.append(result_row(point, metrics))
+            progress.finish(i, rows[-1])  # logs "[i/n] <point>: <status> ..."
+        signals.check()  # the last point was interrupted: the sweep stops here too
+        return rows
+    finally:
+        progress.close()
 
 
 def _summary(row: Dict[str, Any]) -> str:

@@ -257,8 +257,15 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
     return running, grad_norms, loop.steps_per_epoch
 
 
-def train_bucket(members: List[Member], width: int, opts: Options, data_cache=None) -> List[Dict]:
-    """Train ``members`` (one group, widths <= ``width``) together; return their metrics."""
+def train_bucket(members: List[Member], width: int, opts: Options, data_cache=None,
+                 on_epoch: Optional[Callable[[List[Member]], None]] = None,
+                 on_finish: Optional[Callable[[Member, Dict], None]] = None) -> List[Dict]:
+    """Train ``members`` (one group, widths <= ``width``) together; return their metrics.
+
+    ``on_epoch(live)`` is called after each epoch with the members that trained it (a sweep's
+    progress bar; without it the bucket has its own bar, ``trainer.progress``), and
+    ``on_finish(member, metrics)`` once per member when its result is written (diverged ones
+    during the loop, the others at its end)."""
     from regexp.train.trainer import resolve_device
 
     cfg = members[0].cfg
@@ -282,7 +289,7 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     ids = {id(m): k for k, m in enumerate(members)}
     epoch, perms, running, in_epoch = _restore(b, loop)  # (0, None, None, 0) for a fresh start
     bar = tqdm(total=t.epochs, initial=epoch, desc=f"population w<={width} x{len(members)}", leave=False,
-               disable=None if t.progress else True, dynamic_ncols=True)
+               disable=None if t.progress and on_epoch is None else True, dynamic_ncols=True)
     with StopFlag() as stop:
         while epoch < t.epochs and b.members:
             if in_epoch == 0:
@@ -297,8 +304,12 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
             epoch, in_epoch = epoch + 1, 0
             done = _epoch_end(b, epoch, running / data.n, grad_norms, weight_names, loop.factor(loop.step), cfg, t)
             bar.update(1)
+            if on_epoch is not None:
+                on_epoch(list(b.members))  # the diverged ones trained this epoch too
             for k in done:
                 results[ids[id(b.members[k])]] = finish(b.members[k], device, diverged_epoch=epoch)
+                if on_finish is not None:
+                    on_finish(b.members[k], results[ids[id(b.members[k])]])
             if done:
                 kept = [k for k in range(len(b.members)) if k not in done]
                 b.keep(kept)
@@ -317,6 +328,8 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
         # re-launching the sweep resumes it from there.
         results[ids[id(m)]] = (_finish_completed(b, k, loop, perms, running) if status == "completed"
                                else finish(m, device, checkpoint=_checkpoint(b, k, loop, perms, running, in_epoch)))
+        if on_finish is not None:
+            on_finish(m, results[ids[id(m)]])
     return [results[k] for k in range(len(members))]
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +24,9 @@ from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
 from regexp.train import signals
 from regexp.train.threads import set_threads
+
+if TYPE_CHECKING:
+    from regexp.progress import SweepProgress
 
 log = logging.getLogger("regexp.population")
 ENGINES = ("auto", "serial", "population")
@@ -79,9 +82,15 @@ def _failed(out: Path, msg: str, overrides: List[str]) -> Dict[str, Any]:
 
 
 def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path,
-                     opts: Optional[Options] = None) -> List[Dict[str, Any]]:
-    """Train every point; return each point's metrics (as ``train()`` returns them), in order."""
-    from regexp.sweep import checked_config, point_job, point_name
+                     opts: Optional[Options] = None, progress: Optional["SweepProgress"] = None
+                     ) -> List[Dict[str, Any]]:
+    """Train every point; return each point's metrics (as ``train()`` returns them), in order.
+
+    With ``progress`` (a sweep's :class:`regexp.progress.SweepProgress`, over ``points``): its bar
+    advances by the live members after each epoch of a bucket, names the bucket, and each point
+    logs its ``[i/n]`` line when it finishes; the buckets' own bars are then off. Without it
+    (a direct call), each bucket has its tqdm bar (``trainer.progress``) and no line per point."""
+    from regexp.sweep import checked_config, point_job, point_name, result_row
     from regexp.train.trainer import _prepare_dir, resolve_device, resumable_checkpoint
 
     opts = opts or options(base)
@@ -114,6 +123,25 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             log.error("point %s failed: %s\n%s", point_name(point), msg, traceback.format_exc())
             results[i] = _failed(out, msg, overrides)
 
+    on_epoch = on_finish = None
+    if progress is not None:
+        for i in range(len(points)):  # what earlier launches did: the bar starts there
+            if results[i] is not None:
+                progress.start(i, progress.epochs[i])
+            elif members[i].resume is not None:
+                progress.start(i, members[i].position[0])
+        progress.open()
+        for i, r in enumerate(results):  # skipped as done, or failed at set-up
+            if r is not None:
+                progress.finish(i, result_row(points[i], r))
+        index = {id(m): i for i, m in members.items()}
+
+        def on_epoch(live: List[Member]) -> None:
+            progress.advance(index[id(m)] for m in live)
+
+        def on_finish(m: Member, metrics: Dict[str, Any]) -> None:
+            progress.finish(index[id(m)], result_row(m.point, metrics))
+
     data_cache: Dict[str, Any] = {}  # each (data config, seed) is loaded once for all buckets
     for idx in pending.values():
         t = members[idx[0]].cfg.trainer
@@ -132,8 +160,11 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             signals.check()  # once asked to stop, start no new bucket
             chosen = [i for i in idx if members[i].width in widths]
             log.info("population: %d members, widths %s padded to %d", len(chosen), widths, max(widths))
+            if progress is not None:
+                progress.stage(f"bucket w<={max(widths)} x{len(chosen)}")
             try:
-                trained = train_bucket([members[i] for i in chosen], max(widths), opts, data_cache)
+                trained = train_bucket([members[i] for i in chosen], max(widths), opts, data_cache,
+                                       on_epoch=on_epoch, on_finish=on_finish)
                 for i, metrics in zip(chosen, trained):
                     results[i] = metrics
             except Exception as e:  # the whole bucket failed: record it on every member
@@ -141,5 +172,7 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                 log.error("population bucket %s failed: %s\n%s", widths, msg, traceback.format_exc())
                 for i in chosen:
                     results[i] = _failed(members[i].out_dir, msg, members[i].overrides)
+                    if progress is not None:
+                        progress.finish(i, result_row(points[i], results[i]))
     signals.check()  # the last bucket was interrupted: the sweep stops here too
     return [r if r is not None else {"status": "failed"} for r in results]
