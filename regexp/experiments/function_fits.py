@@ -31,6 +31,7 @@ from regexp.experiments._settings import require, settings
 from regexp.models import build_model, sites
 from regexp.optim import build_optimizer
 from regexp.tasks import register_task
+from regexp.train.threads import set_threads
 from regexp.train.trainer import seed_everything
 
 
@@ -146,8 +147,8 @@ def _check(s: Settings, cfg: DictConfig) -> None:
 def function_fits(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool) -> Dict:
     s = settings(cfg, Settings, "function_fits")
     _check(s, cfg)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    # a few hundred 1-D points through a small MLP: far below auto's threshold for a 2nd thread
+    set_threads(cfg.trainer.threads, torch.device("cpu"), lambda: 0.0)
     p = make_problem(s, cfg.seed)
     fits: Dict[str, Tuple[nn.Module, int]] = {"none": fit(cfg, p, s.steps, cfg.seed)}
     for lam in s.l2:
