@@ -1,7 +1,6 @@
 """Task ``search`` (Optuna): a small study end to end, its resume, pruning, populations, bad settings."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -12,10 +11,8 @@ optuna = pytest.importorskip("optuna")
 
 from regexp.errors import ConfigError  # noqa: E402
 from regexp.experiments.search import _study, run_search, settings  # noqa: E402
-from regexp.train.trainer import train  # noqa: E402
 
 SMALL = ["+experiment=search", "data.n_train=200", "trainer.epochs=2", "trainer.threads=1"]
-HAS_HOOK = "on_epoch" in inspect.signature(train).parameters
 
 
 def _study_trials(folder: Path):
@@ -58,7 +55,6 @@ def test_study_end_to_end_and_resume(cli, tmp_path):
     assert best["value"] == pytest.approx(max(_best_of(r) for r in _run_folders(out)))
 
 
-@pytest.mark.skipif(not HAS_HOOK, reason="needs the trainer's on_epoch hook (train(..., on_epoch=fn))")
 def test_pruned_trial(cli, tmp_path):
     out = tmp_path / "pruned"
     # val_acc can never exceed 1.01: the threshold pruner stops every trial after its first epoch

@@ -29,14 +29,13 @@ point's); two trials with the same values share it. After the trials: ``trials.c
 config) and one line ``best: ...`` on the console.
 
 Pruning stops a serially trained trial after an epoch whose metric the pruner rejects; its
-folder's ``metrics.json`` then says ``status: pruned``. This needs the trainer's per-epoch
+folder's ``metrics.json`` then says ``status: pruned``. It uses the trainer's per-epoch
 hook (``train(..., on_epoch=fn)``); trials trained as a population are never pruned (their
 epochs are reported to the study afterwards, for the pruner's statistics).
 """
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 import traceback
@@ -328,12 +327,6 @@ def _report_history(trial, st: Settings, metrics: Dict[str, Any], reported: set)
             reported.add(row["epoch"])
 
 
-def _hook_supported() -> bool:
-    from regexp.train.trainer import train
-
-    return "on_epoch" in inspect.signature(train).parameters
-
-
 def _train_one(base: DictConfig, st: Settings, trial, point: Dict[str, Any], out_dir: Path,
                reported: set, prune: bool) -> Dict[str, Any]:
     """One trial, trained alone; with ``prune``, the pruner sees each epoch's row and may stop it."""
@@ -462,10 +455,7 @@ def run_search(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool
                 checked_config(cfg, {key: value})
             except ConfigError as e:
                 raise ConfigError(f"{P}.space.{key} is invalid: {e}") from None
-    prune = st.pruner != "none" and _hook_supported()
-    if st.pruner != "none" and not prune:
-        log.warning("%s.pruner=%s: this trainer has no per-epoch hook (train(on_epoch=...)); "
-                    "trials train to the end", P, st.pruner)
+    prune = st.pruner != "none"
     out_dir.mkdir(parents=True, exist_ok=True)
     study = _study(st, out_dir)
     stale = _stale(study, st)
