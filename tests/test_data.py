@@ -1,7 +1,6 @@
 """Data: MNIST-1D defaults, splits, label noise, and torchvision formats on tiny files."""
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
 import re

@@ -112,7 +112,7 @@ def test_grid_population_and_retry(compose_cfg, tmp_path, monkeypatch):
     study = _study(st, tmp_path)
     from regexp.experiments.search import _distributions
 
-    stale = study.ask(_distributions(st.space))  # a launch that died mid-trial leaves it running
+    study.ask(_distributions(st.space))  # a launch that died mid-trial leaves it running
     import regexp.population as population
 
     calls = []
