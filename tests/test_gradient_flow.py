@@ -97,6 +97,13 @@ def test_run_writes_the_three_paths_and_their_distances(compose_cfg, tmp_path):
             assert float(r["loss"]) == pytest.approx(float(surface(torch.tensor(w[0]), torch.tensor(w[1]))))
     assert mine[0]["phi0"] == paths["gradient descent"][0]["phi0"]  # all start together
 
+    # φ0·φ1·x: the flow conserves φ0² − φ1² (d/dt = 2φ0φ1(∂L/∂u − ∂L/∂u) = 0); each descent step
+    # multiplies it by 1 − α²(∂L/∂u)², so descent drifts toward balanced, flatter minima.
+    balance = {name: [float(r["phi0"]) ** 2 - float(r["phi1"]) ** 2 for r in mine] for name, mine in paths.items()}
+    assert all(b < a for a, b in zip(balance["gradient descent"], balance["gradient descent"][1:]))
+    gd_drift = balance["gradient descent"][0] - balance["gradient descent"][-1]
+    assert max(abs(b - balance["gradient flow"][0]) for b in balance["gradient flow"]) < 0.01 * gd_drift  # RK4 error
+
     dist = read_csv(tmp_path / "distances.csv")
     assert [(r["alpha"], r["steps"], r["flow"]) for r in dist] == [
         ("0.1", "12", "gradient flow"), ("0.1", "12", "modified flow"),
