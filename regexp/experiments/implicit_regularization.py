@@ -48,6 +48,7 @@ from regexp.tasks import register_task
 LR, BS, EPOCHS, EVAL = "optimizer.lr", "trainer.batch_size", "trainer.epochs", "trainer.eval_every"
 LAM = "regularizer.gradient_norm_penalty.lam"
 GRID_EVALS = 10  # evaluations per grid run: the grid's figure needs only the final one
+FITTED = 0.01  # train error up to which a cell counts as having fit the training set
 
 
 @dataclass
@@ -89,20 +90,25 @@ def _grid_figure(rows: List[Dict], s: Settings, title: str):
     def table(key):
         return np.array([[mean_of(select(rows, **{LR: lr, BS: b}), key) for b in s.batch_sizes] for lr in s.lrs])
 
-    test = table("test_error")
+    test, train = table("test_error"), table("train_error")
     _heatmap(axes[0], fig, test, s, "test error")
-    _heatmap(axes[1], fig, table("train_error"), s, "train error (the same cells)")
-    for j, b in enumerate(s.batch_sizes):
-        axes[2].plot(s.lrs, test[:, j], "-o", label=f"batch {b}")
-    for i, lr in enumerate(s.lrs):
-        axes[3].plot(s.batch_sizes, test[i, :], "-o", label=f"lr {lr:g}")
-    axes[2].set_xscale("log")
-    axes[2].set_xlabel("learning rate")
-    axes[3].set_xscale("log")
-    axes[3].set_xlabel("batch size")
-    for ax in axes[2:]:
+    _heatmap(axes[1], fig, train, s, "train error (the same cells)")
+    for ax, xs, lines, labels, name in (
+            (axes[2], s.lrs, [(test[:, j], train[:, j]) for j in range(len(s.batch_sizes))],
+             [f"batch {b}" for b in s.batch_sizes], "learning rate"),
+            (axes[3], s.batch_sizes, [(test[i, :], train[i, :]) for i in range(len(s.lrs))],
+             [f"lr {lr:g}" for lr in s.lrs], "batch size")):
+        for k, ((te, tr), label) in enumerate(zip(lines, labels)):
+            ax.plot(xs, te, "-", color=f"C{k}", label=label)
+            fitted = tr <= FITTED
+            ax.plot(np.array(xs)[fitted], te[fitted], "o", color=f"C{k}")
+            ax.plot(np.array(xs)[~fitted], te[~fitted], "o", mfc="none", color=f"C{k}")
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel(name)
         ax.set_ylabel("test error")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title=f"open: train error > {FITTED:g}", title_fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
