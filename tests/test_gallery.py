@@ -255,25 +255,63 @@ def test_normalization_writes_both_parts(compose_cfg, tmp_path):
     assert all(r["status"] == "completed" for r in rows)
 
 
-def test_implicit_regularization_grid_and_gd_vs_sgd(compose_cfg, tmp_path):
-    overrides = [*QUICK, "trainer.epochs=1", "model.width=16", "extra.lrs=[0.05,0.2]", "extra.batch_sizes=[50,200]",
-                 "extra.gd_steps=4", "extra.gd_eval_every=2", "extra.sgd_epochs=1", "extra.sgd_batch_size=40"]
-    run(compose_cfg, "implicit_regularization", overrides, tmp_path)
-    for name in ("lr_batch", "gd_vs_sgd"):
+def test_implicit_regularization_equal_lr_steps_budgets_and_the_penalized_gd_runs(compose_cfg, tmp_path):
+    # 200 examples: batch 50 and 200 take 4 and 1 steps per epoch; lr x steps = 4 in every cell
+    overrides = [*QUICK, "model.width=16", "extra.lrs=[0.5,1.0]", "extra.batch_sizes=[50,200]", "extra.budget=4",
+                 "extra.gd_lr=0.5", "extra.gd_small_lr=0.25", "extra.gd_time=1", "extra.gd_evals=2"]
+    defaults = compose_cfg(["+experiment=implicit_regularization"]).data
+    assert defaults.val_fraction == 0 and defaults.n_train is None and defaults.n_test == 4000  # the book's split
+    run(compose_cfg, "implicit_regularization", [*overrides, "data.n_test=200"], tmp_path)
+    for name in ("lr_batch", "gd_penalty"):
         assert_png(tmp_path / f"{name}.png")
     rows = read_csv(tmp_path / "results.csv")
     grid = [r for r in rows if r["part"] == "grid"]
-    assert [(r["optimizer.lr"], r["trainer.batch_size"]) for r in grid] == [
-        ("0.05", "50"), ("0.05", "200"), ("0.2", "50"), ("0.2", "200")]
-    cmp = [r for r in rows if r["part"] == "gd_vs_sgd"]
-    assert [r["trainer.batch_size"] for r in cmp] == ["full", "40"]
+    assert [(r["optimizer.lr"], r["trainer.batch_size"], r["steps"], r["trainer.epochs"]) for r in grid] == [
+        ("0.5", "50", "8", "2"), ("0.5", "200", "8", "8"), ("1.0", "50", "4", "1"), ("1.0", "200", "4", "4")]
+    for r in grid:
+        assert float(r["lr_x_steps"]) == 4.0
+        assert read_json(Path(r["run_dir"]) / "metrics.json")["epochs"] == int(r["trainer.epochs"])
+        for key in ("train_error", "train_loss", "test_error"):
+            assert 0 <= float(r[key]) < 10, key
+    gd = [r for r in rows if r["part"] == "gd_penalty"]
+    assert [(r["optimizer.lr"], r["steps"], r["lr_x_steps"]) for r in gd] == [
+        ("0.5", "2", "1.0"), ("0.25", "4", "1.0"), ("0.25", "4", "1.0")]
+    assert all(r["trainer.batch_size"] == "full" for r in gd)
+    # the penalty of the third run is the difference of the two steps' implicit terms, (0.5 - 0.25)/4
+    assert gd[2]["regularizer.gradient_norm_penalty.lam"] == "0.0625" and gd[1].get(
+        "regularizer.gradient_norm_penalty.lam", "") == ""
+    pen = read_json(Path(gd[2]["run_dir"]) / "metrics.json")["config"]["regularizer"]
+    assert pen == {"gradient_norm_penalty": {"lam": 0.0625, "mode": "full", "micro_batches": 1}}
+    # distances to the large step's final weights, recomputed from the saved models
+    saved = [torch.load(Path(r["run_dir"]) / "model.pt", weights_only=True) for r in gd]
+    weights = [torch.cat([v.flatten() for v in state.values()]) for state in saved]
+    assert gd[0]["distance_to_large"] == ""
+    for r, w in zip(gd[1:], weights[1:]):
+        assert float(r["distance_to_large"]) == pytest.approx(float((w - weights[0]).norm()), rel=1e-5)
+        assert float(r["grad_norm_sq"]) > 0
     curves = read_csv(tmp_path / "curves.csv")
-    gd = [r for r in curves if r["trainer.batch_size"] == "full"]
-    assert [int(r["epoch"]) for r in gd] == [2, 4] and [int(r["step"]) for r in gd] == [2, 4]
-    sgd = [r for r in curves if r["part"] == "gd_vs_sgd" and r["trainer.batch_size"] == "40"]
-    assert [int(r["step"]) for r in sgd] == [5]  # 200 examples / batch 40
-    gd_run = read_json(Path(cmp[0]["run_dir"]) / "metrics.json")
-    assert gd_run["epochs"] == 4
+    small = [r for r in curves if r["part"] == "gd_penalty" and r["variant"] == gd[1]["variant"]]
+    assert [(int(r["step"]), float(r["lr_x_step"])) for r in small] == [(2, 0.5), (4, 1.0)]
+    cell = [r for r in curves
+            if r["part"] == "grid" and r["optimizer.lr"] == "0.5" and r["trainer.batch_size"] == "200"]
+    assert [(int(r["step"]), float(r["lr_x_step"])) for r in cell] == [(e, 0.5 * e) for e in range(1, 9)]
+
+
+def test_implicit_regularization_budget_rounds_to_whole_epochs_and_bad_settings_are_refused(compose_cfg, tmp_path):
+    from regexp.errors import ConfigError
+    from regexp.experiments.implicit_regularization import grid_steps
+
+    # the defaults' batch sizes divide 4000, so every lr × steps is exactly the budget
+    for lr in (0.1, 0.2, 0.4):
+        for b in (16, 80, 400):
+            assert grid_steps(lr, b, 4000, 1000)["steps"] * lr == pytest.approx(1000)
+    # batch 64: 63 steps per epoch (the last one of 32 examples); 10000 steps round to 159 epochs
+    assert grid_steps(0.1, 64, 4000, 1000) == {"epochs": 159, "steps_per_epoch": 63, "steps": 10017}
+    for bad, key in (("extra.gd_small_lr=0.3", "extra.gd_small_lr"), ("extra.budget=0", "extra.budget"),
+                     ("optimizer=adam", "optimizer.name")):
+        cfg = compose_cfg(["+experiment=implicit_regularization", bad])
+        with pytest.raises(ConfigError, match=f"^{key}="):
+            TASKS["implicit_regularization"](cfg, tmp_path, [bad], False)
 
 
 def test_cross_validation_folds_choice_and_final_run(compose_cfg, tmp_path):
