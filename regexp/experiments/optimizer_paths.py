@@ -208,10 +208,11 @@ def _draw(ax, p: torch.Tensor, box: Box, escaped: bool, label: str, color: str) 
     Returns the step at which it left the frame, or None."""
     exit_ = left_frame(p, box)
     shown = p.numpy() if exit_ is None else np.vstack([p[:exit_[0]].numpy(), exit_[1]])
+    notes = [] if exit_ is None else [f"left frame at step {exit_[0]}"]
     if escaped:
-        label += f" — diverged after step {len(p) - 1}"
-    elif exit_ is not None:
-        label += f" — left the frame at step {exit_[0]}"
+        notes.append(f"diverged after {len(p) - 1}")
+    if notes:
+        label += " — " + ", ".join(notes)
     style = "-o" if len(shown) <= 101 else "-"  # markers show the step sizes, until they crowd
     ax.plot(shown[:, 0], shown[:, 1], style, ms=2, lw=1.2, color=color, label=label)
     if exit_ is not None:
@@ -233,6 +234,7 @@ def optimizer_paths(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep:
     check_settings(s.settings)
     rows, summary = [], []
     fig, axes = subplots(len(s.functions), size=4.2)
+    fig.subplots_adjust(wspace=0.45)  # room for the legends below the panels, side by side
     colors = dict(zip(s.optimizers, [f"C{i}" for i in range(10)] * 2))
     composed = selected_configs(cfg, "optimizer", s.optimizers, overrides)  # once: composing is slow
     for ax, fname in zip(axes, s.functions):
