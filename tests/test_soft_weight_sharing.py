@@ -62,6 +62,8 @@ def test_experiment_pretrains_retrains_from_those_weights_and_quantizes(compose_
     re = read_json(tmp_path / "retrain" / "seed=0" / "metrics.json")
     # the pretraining has no regularizer; the retraining loads every tensor of it, trains all
     assert pre["config"]["regularizer"] == {} and pre["epochs"] == 2 and re["epochs"] == 2
+    # the runs do not carry the experiment's extra, so a relaunch with more seeds reuses them
+    assert pre["config"]["extra"] == {} and re["config"]["extra"] == {}
     assert list(re["config"]["regularizer"]) == ["transfer", "soft_weight_sharing"]
     assert re["config"]["regularizer"]["transfer"]["run_dir"] == str(tmp_path / "pretrain" / "seed=0")
     assert re["extra"]["transfer/kept_fresh_tensors"] == 0

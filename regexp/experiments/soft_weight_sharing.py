@@ -93,18 +93,25 @@ def soft_weight_sharing(cfg: DictConfig, out_dir: Path, overrides: List[str], sw
             "no transfer: the retraining starts from this experiment's own pretrained run")
     pre = copy.deepcopy(cfg)
     pre.regularizer = {}
+    # the runs do not read extra: without it, a relaunch with more seeds or another
+    # retrain_epochs finds the runs it already has as the same configs and skips them
+    pre.extra = {}
     pre_rows = run_grid(pre, {}, s.seeds, out_dir / "pretrain")
     rows = []
     for seed, p in zip(s.seeds, pre_rows):
+        if p["status"] != "completed":  # nothing to retrain from
+            rows.append({"seed": seed, "pretrain_status": p["status"], "retrain_status": "not run",
+                         "pretrain_dir": p["run_dir"], "retrain_dir": ""})
+            continue
         re = copy.deepcopy(cfg)
         re.trainer.epochs = s.retrain_epochs
+        re.extra = {}
         # transfer first: the mixture's means start from the weights it finds (the pretrained ones)
         start = OmegaConf.structured(Transfer.Config(run_dir=p["run_dir"], freeze=False))
         re.regularizer = {"transfer": start, **{k: v for k, v in cfg.regularizer.items()}}
         r = run_grid(re, {}, [seed], out_dir / "retrain")[0]
-        row = {"seed": seed, "pretrain_status": p["status"], "retrain_status": r["status"]}
-        if p["status"] == "completed":
-            row["pretrained_test_acc"] = 1 - p["test_error"]
+        row = {"seed": seed, "pretrain_status": p["status"], "retrain_status": r["status"],
+               "pretrained_test_acc": 1 - p["test_error"]}
         if r["status"] == "completed":
             extra = read_json(Path(r["run_dir"]) / "metrics.json")["extra"]
             row.update({"retrained_test_acc": 1 - r["test_error"],
