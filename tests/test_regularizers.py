@@ -177,7 +177,7 @@ def test_soft_weight_sharing_gradients_equal_bishop(seed):
 def test_soft_weight_sharing_keeps_a_distribution_and_positive_variances():
     torch.manual_seed(0)
     model = Tiny()
-    reg = make("soft_weight_sharing", components=4, lam=1.0, lr=0.5)
+    reg = make("soft_weight_sharing", components=4, tau=20.0, lr=0.5)  # λ = τ/N = 1
     reg.attach(model)
     groups = reg.param_groups()
     assert groups[0]["lr"] == 0.5 and len(groups[0]["params"]) == 3
@@ -207,7 +207,7 @@ def test_soft_weight_sharing_initial_means_span_the_weights():
 def test_soft_weight_sharing_zero_component_with_fixed_pi0():
     torch.manual_seed(0)
     model = Tiny()
-    reg = make("soft_weight_sharing", components=3, zero_component=True, pi0=0.9, lam=1.0)
+    reg = make("soft_weight_sharing", components=3, zero_component=True, pi0=0.9, tau=20.0)
     reg.attach(model)
     opt = torch.optim.SGD([{"params": list(model.parameters())}] + reg.param_groups(), lr=0.1)
     for _ in range(10):
@@ -225,7 +225,7 @@ def test_soft_weight_sharing_zero_component_with_fixed_pi0():
 def test_quantization_snaps_to_at_most_k_means(zero):
     torch.manual_seed(1)
     model = Tiny()
-    reg = make("soft_weight_sharing", components=3, zero_component=zero)
+    reg = make("soft_weight_sharing", components=3, zero_component=zero, merge_distance=0.0)
     reg.attach(model)
     snapped = reg.snap(model)
     mu = reg.mixture.mu.detach()
@@ -252,6 +252,91 @@ def test_soft_weight_sharing_layers_select_parameters():
     assert reg.params == [model.head.weight]
     with pytest.raises(ConfigError, match="layers"):
         make("soft_weight_sharing", layers=["nothing"]).attach(model)
+
+
+def test_soft_weight_sharing_penalty_is_tau_over_n_times_omega_plus_the_gamma_hyperprior():
+    """λ = τ/N (Ullrich et al. 2017's τ, the data term being a mean over N examples); the Gamma
+    hyperprior adds −Σⱼ ln Gamma(1/σⱼ² | α, β), here compared between two sets of variances."""
+    torch.manual_seed(0)
+    model = Tiny()
+    ctx = Context(num_classes=3, n_train=50, device=torch.device("cpu"))
+    reg = make("soft_weight_sharing", ctx, components=3, tau=0.2)
+    reg.attach(model)
+    assert reg.penalty(model).item() == pytest.approx(0.2 / 50 * reg.mixture.omega(reg._weights()).item())
+    alpha, beta = 30.0, 0.5
+    hyper = make("soft_weight_sharing", ctx, components=3, tau=0.2, gamma_alpha=alpha, gamma_beta=beta)
+    hyper.attach(model)
+    gamma = torch.distributions.Gamma(alpha, beta)
+
+    def neg_log_posterior(xi):
+        with torch.no_grad():
+            hyper.mixture.xi.copy_(torch.tensor(xi))
+        prior = hyper.mixture.omega(hyper._weights()) - gamma.log_prob(torch.exp(-torch.tensor(xi))).sum()
+        return hyper.penalty(model).item(), 0.2 / 50 * prior.item()
+
+    (p1, want1), (p2, want2) = neg_log_posterior([-4.0, -3.0, -5.0]), neg_log_posterior([-2.0, -6.0, -3.5])
+    assert p1 - p2 == pytest.approx(want1 - want2, rel=1e-5)
+
+
+def test_merge_joins_close_means_against_a_hand_computed_case():
+    from regexp.regularizers.soft_weight_sharing import merge
+
+    mu = torch.tensor([0.5, 0.1, -0.3, 0.1005], dtype=torch.float64)
+    var = torch.tensor([0.01, 0.02, 0.03, 0.04], dtype=torch.float64)
+    pi = torch.tensor([0.1, 0.2, 0.4, 0.3], dtype=torch.float64)
+    m, v, p = merge(mu, var, pi, distance=0.01)
+    # -0.3 alone, 0.1 and 0.1005 merged, 0.5 alone; sorted by mean
+    joined = (0.2 * 0.1 + 0.3 * 0.1005) / 0.5  # 0.1003
+    joined_var = (0.2 * (0.02 + (0.1 - joined) ** 2) + 0.3 * (0.04 + (0.1005 - joined) ** 2)) / 0.5
+    np.testing.assert_allclose(m.numpy(), [-0.3, joined, 0.5], rtol=1e-12)
+    np.testing.assert_allclose(v.numpy(), [0.03, joined_var, 0.01], rtol=1e-12)
+    np.testing.assert_allclose(p.numpy(), [0.4, 0.5, 0.1], rtol=1e-12)
+    # the zero component keeps its mean at 0 when a neighbour merges into it
+    m, v, p = merge(torch.tensor([0.0, 0.0005, 0.3]), torch.full((3,), 0.01), torch.tensor([0.9, 0.05, 0.05]),
+                    distance=0.001, zero=True)
+    assert m.tolist() == [0.0, pytest.approx(0.3)] and p.tolist() == pytest.approx([0.95, 0.05])
+    assert len(merge(mu, var, pi, distance=0.0)[0]) == 4
+
+
+def test_quantize_takes_the_most_responsible_component_not_the_nearest_mean():
+    from regexp.regularizers.soft_weight_sharing import quantize
+
+    mu = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    var = torch.tensor([0.01, 1.0, 0.01], dtype=torch.float64)
+    pi = torch.full((3,), 1 / 3, dtype=torch.float64)
+    w = torch.tensor([[-0.9, -0.5], [0.2, 0.7], [0.95, 3.0]], dtype=torch.float64)
+    # ln πⱼ𝒩(w|μⱼ,σⱼ²) up to ln π: −½ln(2πσⱼ²) − (w−μⱼ)²/2σⱼ². At w = 0.7: component 2 gives
+    # 1.383 − 0.09/0.02 = −3.12, component 1 gives −0.919 − 0.49/2 = −1.16, so 0 although 1 is
+    # nearer; at w = 3.0 the broad component 1 wins too.
+    assert quantize(w, mu, var, pi).tolist() == [[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0]]
+
+
+def test_mixture_figure_data_is_a_density():
+    torch.manual_seed(0)
+    model = Tiny()
+    reg = make("soft_weight_sharing", components=4, zero_component=True)
+    reg.attach(model)
+    d = reg.figure_data()
+    assert torch.trapezoid(d["density"], d["x"]).item() == pytest.approx(1.0, abs=5e-3)
+    widths = torch.diff(d["edges"])
+    assert (d["hist"] * widths).sum().item() == pytest.approx(1.0, abs=1e-9)
+    mu, var, pi = reg.merged()
+    one = torch.tensor([0.1], dtype=torch.float64)
+    by_hand = sum(p * torch.exp(-(one - m) ** 2 / (2 * v)) / torch.sqrt(2 * math.pi * v)
+                  for m, v, p in zip(mu.double(), var.double(), pi.double()))
+    from regexp.regularizers.soft_weight_sharing import density
+    assert density(one, mu.double(), var.double(), pi.double()).item() == pytest.approx(by_hand.item(), rel=1e-10)
+
+
+def test_storage_bits_of_a_hand_counted_sparse_layer():
+    from regexp.regularizers.soft_weight_sharing import storage_bits
+
+    # non-zeros at 0 and 6: gaps 1 and 6; with 2-bit gaps (at most 4) the second needs one stored
+    # zero in between: 3 entries of (2 gap bits + 1 codebook bit for 2 values), the entry count,
+    # 2 floats; a layer of zeros costs its entry count only
+    t = torch.tensor([[1.0, 0, 0, 0], [0, 0, 2.0, 0]])
+    assert storage_bits([t], index_bits=2) == 3 * (2 + 1) + 32 + 2 * 32
+    assert storage_bits([t, torch.zeros(3, 3)], index_bits=2) == 3 * (2 + 1) + 2 * 32 + 2 * 32
 
 
 # ---------------------------------------------------------------- dropout family

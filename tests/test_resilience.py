@@ -152,7 +152,7 @@ def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch):
 
     overrides = ["regularizer=[ensemble,soft_weight_sharing,dropout,weight_noise,early_stopping]",
                  "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true",
-                 "regularizer.soft_weight_sharing.lam=1e-5", "regularizer.early_stopping.patience=50",
+                 "regularizer.soft_weight_sharing.tau=0.005", "regularizer.early_stopping.patience=50",
                  "data.n_train=600", "model.width=16", "trainer.epochs=3", "trainer.progress=false",
                  "logger.histogram_every=0"]
     cfg = compose_cfg(overrides)

@@ -6,16 +6,27 @@ through unconstrained parameters: πⱼ = softmax(η)ⱼ (always a distribution)
 (always positive), μⱼ free; they form their own optimizer group with their own learning rate.
 Autograd of Ω gives exactly Bishop's gradients (9.25, 9.26, 9.28, 9.31), which the tests check.
 
-Compression variant (Ullrich, Meeds & Welling 2017): ``zero_component`` pins one component at
-μ₀ = 0 with π₀ = ``pi0`` (fixed unless ``learn_pi0``). ``quantize`` snaps every weight to the mean
-of its most responsible component after training and reports the accuracy of that model.
+λ = τ/N. The data loss is the *mean* cross-entropy over a batch, while Ω is a sum over all
+weights: as a log-posterior, N·E + Ω, the prior would weigh λ = 1/N, and Ullrich, Meeds &
+Welling (2017) down-weight it further by τ < 1, −log p(data|w) − τ log p(w). With λ fixed
+instead, a prior strong enough for a small training set swamps a large one. Near λ = 1/N
+(1e-4 on MNIST-1D's 3600 examples) the learned means and the weights run together into two or
+three values (Ω → −∞ as they meet and σ → 0) and the network falls to chance: τ is a few
+thousandths.
+
+Compression variant (Ullrich et al. 2017): ``zero_component`` pins one component at μ₀ = 0 with
+π₀ = ``pi0`` (fixed unless ``learn_pi0``). After training, components whose means lie closer
+than ``merge_distance`` are merged into one (π summed, mean and variance moment-matched; a
+group holding the zero component keeps μ = 0), and ``quantize`` snaps every weight to the mean
+of its most responsible merged component and reports the accuracy of that model, the number
+of distinct values, the fraction of zeros and the storage compression.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +35,12 @@ import torch.nn.functional as F
 from regexp.regularizers.base import Regularizer, register
 
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def log_joint(w: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """ln πⱼ + ln 𝒩(wᵢ | μⱼ, σⱼ²), shape (len(w), K)."""
+    w = w[:, None]
+    return log_pi - 0.5 * (_LOG_2PI + log_var + (w - mu) ** 2 * torch.exp(-log_var))
 
 
 class Mixture(nn.Module):
@@ -53,10 +70,7 @@ class Mixture(nn.Module):
         return F.log_softmax(self.eta, 0)
 
     def joint(self, w: torch.Tensor) -> torch.Tensor:
-        """ln πⱼ + ln 𝒩(wᵢ | μⱼ, σⱼ²), shape (len(w), K)."""
-        w = w[:, None]
-        log_norm = -0.5 * (_LOG_2PI + self.xi + (w - self.mu) ** 2 * torch.exp(-self.xi))
-        return self.log_pi() + log_norm
+        return log_joint(w, self.mu, self.xi, self.log_pi())
 
     def omega(self, w: torch.Tensor) -> torch.Tensor:
         """Ω(w) = −Σᵢ ln Σⱼ πⱼ 𝒩(wᵢ | μⱼ, σⱼ²)."""
@@ -65,6 +79,63 @@ class Mixture(nn.Module):
     def responsibilities(self, w: torch.Tensor) -> torch.Tensor:
         """γⱼ(wᵢ), eq. 9.24."""
         return torch.softmax(self.joint(w), 1)
+
+    def components(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(μ, σ², π), detached."""
+        return self.mu.detach(), self.xi.detach().exp(), self.log_pi().detach().exp()
+
+
+def merge(mu: torch.Tensor, var: torch.Tensor, pi: torch.Tensor, distance: float,
+          zero: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge components whose means lie within ``distance`` of a neighbour (sorted by mean, so a
+    chain of close means becomes one component): π summed, μ and σ² those of the group's
+    two-moment match. With ``zero`` the group holding component 0 keeps μ = 0, so that the
+    weights it claims stay exact zeros. Returned sorted by mean."""
+    order = torch.argsort(mu)
+    groups: List[List[int]] = []
+    for j in order.tolist():
+        if groups and mu[j] - mu[groups[-1][-1]] < distance:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    out_mu, out_var, out_pi = [], [], []
+    for g in groups:
+        p = pi[g]
+        m = (p * mu[g]).sum() / p.sum()
+        if zero and 0 in g:
+            m = torch.zeros_like(m)
+        out_mu.append(m)
+        out_var.append((p * (var[g] + (mu[g] - m) ** 2)).sum() / p.sum())
+        out_pi.append(p.sum())
+    return torch.stack(out_mu), torch.stack(out_var), torch.stack(out_pi)
+
+
+def quantize(w: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """Each weight replaced by the mean of its most responsible component (argmaxⱼ γⱼ(wᵢ))."""
+    j = log_joint(w.reshape(-1), mu, var.log(), pi.log()).argmax(1)
+    return mu[j].reshape(w.shape)
+
+
+def density(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """The mixture density Σⱼ πⱼ 𝒩(x | μⱼ, σⱼ²) at each x."""
+    return torch.logsumexp(log_joint(x, mu, var.log(), pi.log()), 1).exp()
+
+
+def storage_bits(tensors: List[torch.Tensor], index_bits: int = 5) -> int:
+    """Bits to store quantized sparse weights as Han, Mao & Dally (2016) do before Huffman coding:
+    per layer, each non-zero as (gap to the previous non-zero in ``index_bits``, codebook index in
+    ⌈log₂ d⌉ bits), a gap too long for ``index_bits`` bridged by stored zeros, and its number of
+    entries as a 32-bit integer; plus the codebook of d distinct non-zero values as 32-bit floats."""
+    values = torch.unique(torch.cat([t.reshape(-1) for t in tensors]))
+    values = values[values != 0]
+    code_bits = max(math.ceil(math.log2(max(len(values), 1))), 1)
+    entries = 0
+    span = 2 ** index_bits
+    for t in tensors:
+        pos = torch.nonzero(t.reshape(-1)).reshape(-1)
+        gaps = torch.diff(pos, prepend=pos.new_full((1,), -1))
+        entries += len(pos) + int(((gaps - 1) // span).sum())
+    return entries * (index_bits + code_bits) + 32 * len(tensors) + 32 * len(values)
 
 
 def covered(model: nn.Module, layers: List[str], include_biases: bool) -> List[nn.Parameter]:
@@ -80,8 +151,8 @@ class SoftWeightSharing(Regularizer):
 
     @dataclass
     class Config:
-        components: int = 8  # K, including the zero component when there is one
-        lam: float = 1e-4
+        components: int = 16  # K, including the zero component when there is one
+        tau: float = 0.005  # λ = tau / n_train (Ullrich et al. 2017's τ)
         lr: float = 1e-3  # learning rate of the mixture's own optimizer group
         init_sigma: float = 0.0  # 0: (range of the initial weights) / K
         zero_component: bool = False
@@ -89,14 +160,22 @@ class SoftWeightSharing(Regularizer):
         learn_pi0: bool = False
         layers: List[str] = field(default_factory=list)  # substrings of parameter names; []: all
         include_biases: bool = False
+        # Gamma(α, β) hyperprior on each precision 1/σⱼ² (Ullrich et al. 2017): without one a
+        # component can widen to swallow the weights or narrow onto one; α = 0: none
+        gamma_alpha: float = 0.0
+        gamma_beta: float = 0.0
+        merge_distance: float = 1e-3  # after training, merge components whose means are this close
         quantize: bool = False
 
     ranges = {
         "components": (lambda v: v >= 1, "an integer >= 1"),
-        "lam": (lambda v: v >= 0, "a number >= 0"),
+        "tau": (lambda v: v >= 0, "a number >= 0"),
         "lr": (lambda v: v > 0, "a number > 0"),
         "init_sigma": (lambda v: v >= 0, "a number >= 0 (0: from the weight range)"),
         "pi0": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+        "merge_distance": (lambda v: v >= 0, "a number >= 0 (0: no merging)"),
+        "gamma_alpha": (lambda v: v == 0 or v >= 1, "0 (no hyperprior) or a number >= 1"),
+        "gamma_beta": (lambda v: v >= 0, "a number >= 0"),
     }
 
     @classmethod
@@ -115,11 +194,14 @@ class SoftWeightSharing(Regularizer):
             raise ConfigError(f"regularizer.soft_weight_sharing.layers={list(c.layers)!r} is invalid: "
                               "it matches no weights; expected substrings of parameter names")
         w = self._weights().detach()
+        self.initial = w.cpu().clone()  # for the figure: the weights the prior started from
         lo, hi = w.min().item(), w.max().item()
         free = c.components - int(c.zero_component)
         means = torch.linspace(lo, hi, free) if free > 1 else torch.tensor([(lo + hi) / 2])
         sigma = c.init_sigma or max(hi - lo, 1e-3) / c.components
         self.mixture = Mixture(means, sigma, c.zero_component, c.pi0, c.learn_pi0).to(w.device)
+        self.lam = c.tau / max(self.ctx.n_train, 1)
+        self._tb, self._epoch = None, 0
 
     def _weights(self) -> torch.Tensor:
         return torch.cat([p.reshape(-1) for p in self.params])
@@ -128,30 +210,45 @@ class SoftWeightSharing(Regularizer):
         return [{"params": list(self.mixture.parameters()), "lr": self.cfg.lr}]
 
     def penalty(self, model) -> torch.Tensor:
-        return self.cfg.lam * self.mixture.omega(self._weights())
+        omega = self.mixture.omega(self._weights())
+        if self.cfg.gamma_alpha:  # − ln Gamma(1/σ² | α, β) up to a constant, with ln(1/σ²) = −ξ
+            xi = self.mixture.xi
+            omega = omega + ((self.cfg.gamma_alpha - 1) * xi + self.cfg.gamma_beta * torch.exp(-xi)).sum()
+        return self.lam * omega
 
     # ---- after training
+    def merged(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(μ, σ², π) of the learned mixture after merging close components."""
+        mu, var, pi = self.mixture.components()
+        if self.cfg.merge_distance > 0:
+            return merge(mu, var, pi, self.cfg.merge_distance, self.cfg.zero_component)
+        return mu, var, pi
+
     @torch.no_grad()
     def snap(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` whose covered weights are the means of their most responsible components."""
+        """A copy of ``model`` whose covered weights are the means of their most responsible
+        (merged) components."""
         snapped = copy.deepcopy(model)
         names = {id(p): n for n, p in model.named_parameters()}
         targets = dict(snapped.named_parameters())
-        mu = self.mixture.mu
+        mu, var, pi = self.merged()
         for p in self.params:
-            j = self.mixture.responsibilities(p.reshape(-1)).argmax(1)
-            targets[names[id(p)]].copy_(mu[j].reshape(p.shape))
+            targets[names[id(p)]].copy_(quantize(p, mu, var, pi))
         return snapped
 
     def report(self, model, tensors, evaluate) -> Dict[str, float]:
         out = {f"soft_weight_sharing/{k}": v for k, v in self._mixture_values().items()}
-        if not self.cfg.quantize:
+        out["soft_weight_sharing/merged_components"] = len(self.merged()[0])
+        snapped = self.snap(model) if self.cfg.quantize else None
+        if self.ctx.out_dir is not None:
+            self._figure(snapped)
+        if snapped is None:
             return out
-        snapped = self.snap(model)
-        w = torch.cat([p.reshape(-1) for p in covered(snapped, list(self.cfg.layers),
-                                                       self.cfg.include_biases)])
+        ws = [p.detach() for p in covered(snapped, list(self.cfg.layers), self.cfg.include_biases)]
+        w = torch.cat([p.reshape(-1) for p in ws])
         out["soft_weight_sharing/distinct_values"] = int(torch.unique(w).numel())
         out["soft_weight_sharing/zero_fraction"] = (w == 0).float().mean().item()
+        out["soft_weight_sharing/compression"] = 32 * w.numel() / storage_bits(ws)
         for split in ("val", "test"):
             x, y = tensors[split]
             if len(y):
@@ -163,6 +260,51 @@ class SoftWeightSharing(Regularizer):
             save_torch(self.ctx.out_dir / "quantized_model.pt", snapped.state_dict())
         return out
 
+    def figure_data(self, bins: int = 100, points: int = 1000) -> Dict[str, torch.Tensor]:
+        """What ``mixture.png`` draws: the weight histogram as a density, the merged mixture's
+        density on a grid over the weights' range (±3σ), and the quantized means."""
+        w = self._weights().detach().cpu()
+        mu, var, pi = (t.cpu() for t in self.merged())
+        lo = min(w.min().item(), (mu - 3 * var.sqrt()).min().item())
+        hi = max(w.max().item(), (mu + 3 * var.sqrt()).max().item())
+        x = torch.linspace(lo, hi, points, dtype=torch.float64)
+        counts, edges = torch.histogram(w.double(), bins=bins, range=(lo, hi), density=True)
+        return {"x": x, "density": density(x, mu.double(), var.double(), pi.double()),
+                "hist": counts, "edges": edges, "mu": mu, "pi": pi, "weights": w}
+
+    def _figure(self, snapped) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        d = self.figure_data()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        floor = 1e-3
+        init = torch.histogram(self.initial.double(), bins=d["edges"], density=True)[0]
+        ax.stairs(init.clamp_min(floor), d["edges"], color="0.6", label="weights when the prior was attached")
+        ax.stairs(d["hist"].clamp_min(floor), d["edges"], fill=True, alpha=0.5, color="tab:blue",
+                  label="weights after training")
+        ax.plot(d["x"], d["density"].clamp_min(floor), color="tab:red",
+                label="learned prior Σⱼ πⱼ N(w | μⱼ, σⱼ²)")
+        for j, m in enumerate(d["mu"].tolist()):
+            ax.axvline(m, color="k", lw=0.6, ls=":", label="component means (quantized values)" if j == 0 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("weight value")
+        ax.set_ylabel("density (log scale)")
+        title = f"soft weight sharing: {len(d['mu'])} components after merging"
+        if snapped is not None:
+            w = torch.cat([p.detach().reshape(-1) for p in covered(snapped, list(self.cfg.layers),
+                                                                   self.cfg.include_biases)])
+            title += f", {(w == 0).float().mean().item():.1%} zeros"
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(self.ctx.out_dir / "mixture.png", dpi=110)
+        if self._tb is not None:
+            self._tb.figure("soft_weight_sharing/mixture", fig, self._epoch)
+        plt.close(fig)
+
     @torch.no_grad()
     def _mixture_values(self) -> Dict[str, float]:
         m = self.mixture
@@ -172,6 +314,7 @@ class SoftWeightSharing(Regularizer):
         return vals
 
     def log(self, writer, epoch: int) -> None:
+        self._tb, self._epoch = writer, epoch  # the final figure goes into the same event file
         writer.scalars({f"soft_weight_sharing/{k}": v for k, v in self._mixture_values().items()}, epoch)
         if writer.writer is not None and epoch % 5 == 0:  # histograms are large; every 5 epochs
             writer.writer.add_histogram("soft_weight_sharing/weights", self._weights().detach().cpu(), epoch)
