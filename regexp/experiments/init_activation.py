@@ -151,7 +151,9 @@ def _histogram_figure(s: Settings, rows: List[Dict], hists: List[Dict]):
     norm, seed = s.norms[0], s.seeds[0]
     cases = [(a, lab) for a in s.activations for lab in _labels(s)]
     depth = max(int(h["layer"]) for h in hists)
-    fig, axes = plt.subplots(len(cases), depth, squeeze=False, figsize=(2.3 * depth, 1.45 * len(cases)))
+    fig, axes = plt.subplots(len(cases), depth, squeeze=False, figsize=(2.3 * depth, 1.5 * len(cases) + 0.5),
+                             layout="constrained")
+    clipped = False
     for r, (act, lab) in enumerate(cases):
         match = {"model.activation": act, "init_label": lab, "model.norm": norm, "seed": seed}
         run = select(rows, **match)
@@ -176,6 +178,7 @@ def _histogram_figure(s: Settings, rows: List[Dict], hists: List[Dict]):
             # that the spread of the other outputs stays visible
             if act not in BOUNDS and first > 2 * tallest_rest > 0:
                 ax.set_ylim(0, 1.3 * tallest_rest)
+                clipped = True
                 ax.text(0.02, 0.97, f"↑ {first:.0%}", transform=ax.transAxes, va="top", fontsize=7)
             ax.set_yticks([])
             ax.tick_params(labelsize=7)
@@ -183,9 +186,9 @@ def _histogram_figure(s: Settings, rows: List[Dict], hists: List[Dict]):
                 ax.set_title(f"hidden layer {c + 1}", fontsize=9)
     axes[0, -1].legend(fontsize=7)
     fig.suptitle(f"activation histograms on {s.probe_size} training signals (norm={norm}, seed {seed}): "
-                 "at initialization (filled) and after training (outline)\n"
-                 "↑ n%: the first bin, clipped, holds n% of the activations at initialization", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+                 "at initialization (filled) and after training (outline)"
+                 + ("\n↑ n%: the first bin, clipped, holds n% of the activations at initialization" if clipped else ""),
+                 fontsize=10)
     return fig
 
 
