@@ -96,7 +96,8 @@ def histogram_range(acts: List[torch.Tensor], activation: str) -> Tuple[float, f
     range of the values in ``acts`` (one layer at init and trained: both on the same bins)."""
     if activation in BOUNDS:
         return BOUNDS[activation]
-    lo, hi = min(float(a.min()) for a in acts), max(float(a.max()) for a in acts)
+    finite = torch.cat([a[torch.isfinite(a)] for a in acts])  # a diverged run counts only its finite values
+    lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 0.0)
     return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)  # every value equal: a dead layer
 
 
