@@ -48,6 +48,7 @@ class MLPConfig:
     activation: str = "relu"
     init: str = "default"
     init_std: float = 0.01  # used by init=normal
+    init_a: Optional[float] = None  # used by init=uniform: U(-a, a); null: a = 1/sqrt(fan_in)
     norm: str = "none"
     bias: bool = True
 
@@ -62,6 +63,7 @@ class CNNConfig:
     activation: str = "relu"
     init: str = "default"
     init_std: float = 0.01
+    init_a: Optional[float] = None  # used by init=uniform: U(-a, a); null: a = 1/sqrt(fan_in)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class TransformerConfig:
     patch_size: Optional[int] = None  # None: 1 for 1-D signals (40 tokens), 4 for images
     init: str = "default"
     init_std: float = 0.02
+    init_a: Optional[float] = None  # used by init=uniform: U(-a, a); null: a = 1/sqrt(fan_in)
 
 
 # ---------------------------------------------------------------- optimizers
@@ -462,6 +465,8 @@ def validate(cfg: DictConfig) -> None:
                f"(model.embed_dim={m.embed_dim})")
     if "init_std" in m:
         _check(m.init_std > 0, "model.init_std", m.init_std, "a number > 0")
+    if m.get("init_a") is not None:
+        _check(m.init_a > 0, "model.init_a", m.init_a, "a number > 0 or null (1/sqrt(fan_in))")
 
     o = cfg.optimizer
     _choice("optimizer.name", o.name, tuple(OPTIMIZER_SCHEMAS))

@@ -66,6 +66,9 @@ def test_every_experiment_composes(compose_cfg):
     ("model.width=0", "model.width=0 is invalid: expected an integer >= 1"),
     ("model.depth=0", "model.depth=0 is invalid: expected an integer >= 1"),
     ("model.activation=swish", "model.activation='swish' is invalid: expected one of relu, tanh"),
+    ("model.init=glorot", "model.init='glorot' is invalid: expected one of default, xavier, xavier_normal, he, "
+                          "he_uniform, normal, uniform, zeros"),
+    ("model.init_a=0", "model.init_a=0.0 is invalid: expected a number > 0 or null"),
     ("trainer.batch_size=-3", "trainer.batch_size=-3 is invalid"),
     ("trainer.batch_size=half", "trainer.batch_size='half' is invalid: expected an integer >= 1 or \"full\""),
     ("trainer.epochs=0", "trainer.epochs=0 is invalid"),

@@ -312,9 +312,10 @@ def test_optimizer_comparison_curves_are_the_runs_histories(compose_cfg, tmp_pat
 
 def test_init_activation_shows_vanishing_gradients(compose_cfg, tmp_path):
     overrides = [*QUICK, "trainer.epochs=1", "model.depth=5", "model.width=32", "extra.activations=[sigmoid,relu]",
-                 "extra.inits=[normal,he]", "extra.norms=[none,batch]", "extra.probe_size=128"]
+                 "extra.inits=[normal,he]", "extra.init_stds=[0.01]", "extra.norms=[none,batch]",
+                 "extra.probe_size=128"]
     run(compose_cfg, "init_activation", overrides, tmp_path)
-    for name in ("accuracy", "gradients", "activations", "grid"):
+    for name in ("histograms", "accuracy", "gradients", "activations", "grid"):
         assert_png(tmp_path / f"{name}.png")
         assert f"figures/{name}" in tb_images(tmp_path)
     assert len(read_csv(tmp_path / "results.csv")) == 8
@@ -338,6 +339,70 @@ def test_init_activation_shows_vanishing_gradients(compose_cfg, tmp_path):
     acts = [float(r["act_std"]) for r in layers if r["act_std"] != "" and r["model.activation"] == "relu"
             and r["model.init"] == "normal" and r["model.norm"] == "none" and r["when"] == "init"]
     assert len(acts) == 5 and all(a < b / 2 for a, b in zip(acts[1:], acts))  # activations shrink
+    # relu is unbounded: no saturation, and each layer's histogram spans its values at init and
+    # trained alike (one set of bins), every probe × width activation counted once
+    relu = [r for r in layers if r["model.activation"] == "relu" and r["act_std"] != ""]
+    assert len(relu) == 2 * 2 * 2 * 5 and all(r["saturated"] == "" for r in relu)
+    hists = [r for r in read_csv(tmp_path / "histograms.csv") if r["model.activation"] == "relu"]
+    assert len(hists) == len(relu)
+    spans = {}
+    for r in hists:
+        spans.setdefault((r["init_label"], r["model.norm"], r["layer"]), set()).add((r["lo"], r["hi"]))
+        assert sum(int(r[f"count_{b}"]) for b in range(41)) == 128 * 32
+    assert len(spans) == 2 * 2 * 5 and all(len(v) == 1 for v in spans.values())
+
+
+def test_init_activation_histograms(compose_cfg, tmp_path):
+    """Every run × layer × (init, trained) has a histogram of all probe × width activations, and
+    the sigmoid cases show what Glorot & Bengio (2010, fig. 6) show: N(0, 1) saturates, Xavier
+    does not, N(0, 0.01²) collapses onto 0.5."""
+    probe, width, depth, bins = 96, 32, 3, 11
+    overrides = [*QUICK, "trainer.epochs=1", f"model.depth={depth}", f"model.width={width}",
+                 "extra.activations=[sigmoid]", "extra.inits=[normal,xavier]", "extra.init_stds=[1.0,0.01]",
+                 "extra.norms=[none]", f"extra.probe_size={probe}", f"extra.bins={bins}"]
+    run(compose_cfg, "init_activation", overrides, tmp_path)
+    assert "figures/histograms" in tb_images(tmp_path)
+    results = read_csv(tmp_path / "results.csv")
+    cases = {(r["model.activation"], r["init_label"]) for r in results}
+    assert cases == {("sigmoid", i) for i in ("normal(1)", "normal(0.01)", "xavier")}
+    hists = read_csv(tmp_path / "histograms.csv")
+    keys = [(r["model.activation"], r["init_label"], r["when"], int(r["layer"])) for r in hists]
+    assert sorted(keys) == sorted((a, i, w, k) for a, i in cases for w in ("init", "trained")
+                                  for k in range(1, depth + 1))
+    for r in hists:
+        counts = [int(r[f"count_{b}"]) for b in range(bins)]
+        assert f"count_{bins}" not in r and sum(counts) == probe * width
+        assert (float(r["lo"]), float(r["hi"])) == (0.0, 1.0)  # sigmoid's range: saturation shows
+
+    layers = [r for r in read_csv(tmp_path / "layers.csv") if r["when"] == "init" and r["act_std"] != ""]
+
+    def stat(init, key):
+        chosen = sorted((r for r in layers if r["init_label"] == init), key=lambda r: int(r["layer"]))
+        return [float(r[key]) for r in chosen]
+
+    big, xavier, small = (stat(i, "saturated") for i in ("normal(1)", "xavier", "normal(0.01)"))
+    assert len(big) == depth
+    # N(0, 1): the first pre-activation has std ≈ ‖x‖ ≈ √40, so ≈ half its sigmoids sit within
+    # 0.01 of 0 or 1 (|z| > 4.6); Xavier's std ≈ 1 puts that at 4.4 standard deviations
+    assert big[0] > 0.3 and all(b > x for b, x in zip(big, xavier)) and max(xavier) < 0.01
+    assert max(small) == 0.0
+    # N(0, 0.01²): |σ(z) − 1/2| ≤ |z|/4 with z tiny, so every layer collapses onto 0.5
+    assert all(v < 0.03 for v in stat("normal(0.01)", "act_std"))
+    assert all(v < 0.3 * x for v, x in zip(stat("normal(0.01)", "act_std"), stat("xavier", "act_std")))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("extra.init_stds=[1.0,0]", r"extra\.init_stds=\[1\.0, 0\.0\] is invalid: expected a non-empty list of numbers"),
+    ("extra.inits=[glorot]", r"extra\.inits='glorot' is invalid: expected values among default, xavier, xavier_normal"),
+    ("extra.bins=1", r"extra\.bins=1 is invalid: expected an integer >= 2"),
+])
+def test_init_activation_rejects_bad_settings(compose_cfg, tmp_path, override, message):
+    from regexp.errors import ConfigError
+
+    cfg = compose_cfg(["+experiment=init_activation", override])
+    with pytest.raises(ConfigError, match=message):
+        TASKS["init_activation"](cfg, tmp_path, [], False)
+    assert not list(tmp_path.iterdir())  # refused before any run
 
 
 def test_normalization_writes_both_parts(compose_cfg, tmp_path):

@@ -43,20 +43,61 @@ def test_mlp_shape_follows_width_and_depth():
     assert count_params(model) == (40 * 7 + 7) + 2 * (7 * 7 + 7) + (7 * 10 + 10)
 
 
-@pytest.mark.parametrize("scheme, variance", [
-    ("xavier", lambda fi, fo: 2.0 / (fi + fo)),
-    ("he", lambda fi, fo: 2.0 / fi),
-    ("normal", lambda fi, fo: 0.05 ** 2),
-])
-def test_init_variances(scheme, variance):
+UNIFORM_KURTOSIS, NORMAL_KURTOSIS = 1.8, 3.0  # E[w⁴]/E[w²]² of U(−b, b) and of N(0, σ²)
+# /work/shared/reference.md "Initialization": (variance, bound of a uniform or None for a normal)
+# as functions of fan-in and fan-out; uniform: U(−a, a) has variance a²/3.
+INIT_FORMULAS = {
+    "xavier": (lambda fi, fo: 2 / (fi + fo), lambda fi, fo: math.sqrt(6 / (fi + fo))),
+    "xavier_normal": (lambda fi, fo: 2 / (fi + fo), None),
+    "he": (lambda fi, fo: 2 / fi, None),
+    "he_uniform": (lambda fi, fo: 2 / fi, lambda fi, fo: math.sqrt(6 / fi)),
+    "normal": (lambda fi, fo: 0.05 ** 2, None),
+    "uniform": (lambda fi, fo: 0.3 ** 2 / 3, lambda fi, fo: 0.3),
+}
+# (layer, fan_in, fan_out): a convolution's fans count the kernel's taps
+LAYERS = [
+    (lambda: torch.nn.Linear(400, 300), 400, 300),
+    (lambda: torch.nn.Conv1d(64, 96, 7), 64 * 7, 96 * 7),
+    (lambda: torch.nn.Conv2d(32, 64, 5), 32 * 25, 64 * 25),
+]
+
+
+@pytest.mark.parametrize("layer, fan_in, fan_out", LAYERS, ids=["linear", "conv1d", "conv2d"])
+@pytest.mark.parametrize("scheme", INIT_FORMULAS)
+def test_init_matches_its_formula(scheme, layer, fan_in, fan_out):
+    torch.manual_seed(0)
+    layer = layer()
+    init_weights(layer, scheme, std=0.05, a=0.3)
+    w = layer.weight.double()
+    variance, bound = INIT_FORMULAS[scheme]
+    assert w.var().item() == pytest.approx(variance(fan_in, fan_out), rel=0.03)
+    assert w.mean().item() == pytest.approx(0.0, abs=0.02 * math.sqrt(variance(fan_in, fan_out)))
+    kurtosis = (w ** 4).mean().item() / (w ** 2).mean().item() ** 2
+    if bound is None:
+        assert kurtosis == pytest.approx(NORMAL_KURTOSIS, rel=0.05)
+    else:
+        assert kurtosis == pytest.approx(UNIFORM_KURTOSIS, rel=0.05)
+        b = bound(fan_in, fan_out)
+        assert w.abs().max().item() <= b and w.abs().max().item() >= 0.99 * b
+    assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_uniform_without_a_is_glorots_heuristic():
     torch.manual_seed(0)
     layer = torch.nn.Linear(400, 300)
-    init_weights(layer, scheme, std=0.05)
-    w = layer.weight
-    assert w.var().item() == pytest.approx(variance(400, 300), rel=0.03)
-    assert torch.equal(layer.bias, torch.zeros(300))
-    if scheme == "xavier":
-        assert w.abs().max() <= math.sqrt(6 / 700)
+    init_weights(layer, "uniform")  # a = 1/√n_in (Glorot & Bengio 2010, eq. 1)
+    assert layer.weight.abs().max().item() == pytest.approx(1 / math.sqrt(400), rel=0.01)
+    assert layer.weight.abs().max().item() <= 1 / math.sqrt(400)
+    mcfg = cfg(MLPConfig, width=300, depth=1, init="uniform", init_a=0.2)
+    assert build_model(mcfg, (1, 40), 10).hidden[0].weight.abs().max().item() == pytest.approx(0.2, rel=0.01)
+
+
+def test_unknown_init_names_the_valid_ones():
+    from regexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.init='glorot' is invalid: expected one of default, xavier, "
+                                          r"xavier_normal, he, he_uniform, normal, uniform, zeros"):
+        init_weights(torch.nn.Linear(3, 2), "glorot")
 
 
 def test_zero_init_never_breaks_symmetry():

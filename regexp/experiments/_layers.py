@@ -24,8 +24,9 @@ def initial_model(model_cfg, seed: int, input_shape, num_classes: int) -> nn.Mod
     return build_model(model_cfg, input_shape, num_classes)
 
 
-def layer_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, List[float]]:
-    """Std of each hidden activation and norm of each weight matrix's gradient, input to output.
+def layer_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, list]:
+    """Std of each hidden activation and norm of each weight matrix's gradient, input to output;
+    ``acts`` holds the hidden activations themselves (for histograms).
 
     Runs in training mode (batch normalization uses the batch's statistics, as in a step).
     """
@@ -36,11 +37,12 @@ def layer_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str,
     model.train()
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
-    act_std = [float(s.last.detach().std()) for s in hidden]
+    acts = [s.last.detach() for s in hidden]
+    act_std = [float(a.std()) for a in acts]
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     grad_norm = [float(w.grad.norm()) for w in weights]
     for s in hidden:
         s.record, s.last = False, None
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return {"act_std": act_std, "grad_norm": grad_norm}
+    return {"act_std": act_std, "grad_norm": grad_norm, "acts": acts}

@@ -19,7 +19,12 @@ from regexp.train.io import read_json
 def run_grid(cfg: DictConfig, params: Mapping[str, Sequence[Any]], seeds: Sequence[int],
              out_dir: Path) -> List[Dict[str, Any]]:
     """Train ``params`` × ``seeds`` below ``out_dir``; each row also names its run folder."""
-    points = grid(dict(params), list(seeds))
+    return run_listed(cfg, grid(dict(params), list(seeds)), out_dir)
+
+
+def run_listed(cfg: DictConfig, points: Sequence[Dict[str, Any]], out_dir: Path) -> List[Dict[str, Any]]:
+    """Train the given points (not a full grid: they may set different keys) below ``out_dir``."""
+    points = list(points)
     rows = run_points(cfg, points, out_dir)
     for point, row in zip(points, rows):
         row["run_dir"] = str(out_dir / point_name(point))

@@ -36,7 +36,7 @@ def build_model(cfg, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     if cfg.name not in MODELS:
         raise ConfigError(f"model.name={cfg.name!r} is unknown: expected one of {', '.join(MODELS)}")
     model = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
-    init_weights(model, cfg.init, cfg.get("init_std", 0.01))
+    init_weights(model, cfg.init, cfg.get("init_std", 0.01), cfg.get("init_a"))
     return model
 
 
