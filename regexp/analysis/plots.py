@@ -70,10 +70,12 @@ def _thin_labels(ax) -> None:
     """Drop the x tick labels that would overlap their left neighbour (keeping the tick, unlabelled):
     points dense near a threshold (n_train 1750, 2000, 2250) would otherwise print over each other.
     The labels are measured, not drawn: centred on their tick, as wide as the renderer sets them."""
+    locs = list(ax.xaxis.get_majorticklocs())
+    if not locs:
+        return
     renderer = ax.figure.canvas.get_renderer()
     prop = ax.xaxis.get_major_ticks()[0].label1.get_fontproperties()
     formatter = ax.xaxis.get_major_formatter()
-    locs = list(ax.xaxis.get_majorticklocs())
     formatter.set_locs(locs)
     xlim = ax.get_xlim()
     lo, hi = sorted(xlim)
