@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_curve(curve))
+    print(format_curve(curve, invert_x=settings.invert_x))
     statuses = [r.status for r in runs]
     bad = len(statuses) - statuses.count("completed")
     print(f"{len(runs)} runs ({bad} not completed, left out of the plot)")

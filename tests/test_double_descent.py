@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from regexp.analysis.collect import Run, parse_overrides, train_size
-from regexp.analysis.curves import CurvePoint, aggregate, threshold
-from regexp.analysis.report import plot_settings, report
+from regexp.analysis.curves import CurvePoint, aggregate, bump, threshold
+from regexp.analysis.report import format_bump, plot_settings, report
 from regexp.config import register_configs, validate
 from regexp.errors import ConfigError
 from regexp.sweep import grid, point_config
@@ -216,6 +216,42 @@ def test_threshold_of_a_power_law_is_exact():
     # Weight decay changes neither: no threshold.
     pts = [CurvePoint(l, l, 1, {}, {}, params=4234, n_train=4000) for l in (1e-4, 1e-3, 1e-2)]
     assert threshold(pts) is None
+
+
+def _pts(xs, means, stds):
+    return [CurvePoint(x, x, 2, {"test_error": m}, {"test_error": sd}) for x, m, sd in zip(xs, means, stds)]
+
+
+def test_bump_is_the_largest_rise_and_the_fall_after_it_against_twice_the_seed_spread():
+    # Model-wise shape: falls to 0.50 at x=16, peaks at 0.58 at x=40, falls to 0.48 at x=192.
+    pts = _pts([4, 16, 24, 40, 96, 192], [0.70, 0.50, 0.52, 0.58, 0.55, 0.48],
+               [0.01, 0.01, 0.02, 0.03, 0.01, 0.02])
+    b = bump(pts, "test_error")
+    assert (b.trough.x, b.peak.x, b.after.x) == (16, 40, 192)
+    assert b.rise == pytest.approx(0.08) and b.rise_spread == pytest.approx(0.03)  # larger std of 16, 40
+    assert b.fall == pytest.approx(0.10) and b.fall_spread == pytest.approx(0.03)
+    line = format_bump(b)
+    assert "(+0.0800) from 16 to 40, seed spread 0.0300: exceeds 2× spread" in line
+    assert "falls to 0.4800 (−0.1000) at 192, seed spread 0.0300: exceeds 2× spread" in line
+    # A rise of 0.007 against a spread of 0.006 is within twice the spread.
+    b = bump(_pts([1750, 2000, 4000], [0.621, 0.628, 0.565], [0.004, 0.006, 0.01]), "test_error")
+    assert "(+0.0070) from 1750 to 2000, seed spread 0.0060: within 2× spread" in format_bump(b)
+
+
+def test_bump_over_one_over_lambda_of_a_u_has_no_second_descent():
+    # Error against λ: 0.57 for small λ, best 0.41 at λ=0.01, 0.80 at λ=0.1. Against 1/λ (plotted
+    # order) it falls from 0.80 to 0.41 and rises to 0.57 at the smallest λ, the last point.
+    pts = _pts([1e-5, 1e-4, 1e-3, 1e-2, 1e-1], [0.57, 0.56, 0.45, 0.41, 0.80], [0.01] * 5)
+    b = bump(pts, "test_error", invert_x=True)
+    assert (b.trough.x, b.peak.x, b.after) == (1e-2, 1e-5, None) and b.fall == 0.0
+    assert format_bump(b).endswith("the peak is the last point")
+    # Read by λ itself, the largest rise is the underfitting side: 0.41 at 0.01 -> 0.80 at 0.1.
+    b = bump(pts, "test_error")
+    assert (b.trough.x, b.peak.x) == (1e-2, 1e-1) and b.rise == pytest.approx(0.39)
+    # A curve that only falls has no bump; the λ = 0 point has no place on a 1/λ axis.
+    assert bump(_pts([1, 2, 3], [0.9, 0.8, 0.7], [0.0] * 3), "test_error") is None
+    b = bump(_pts([0.0, 1e-3, 1e-2], [0.1, 0.6, 0.5], [0.0] * 3), "test_error", invert_x=True)
+    assert b.peak.x == 1e-3 and b.after is None
 
 
 def test_aggregate_averages_completed_seeds_only():

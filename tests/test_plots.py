@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from regexp.analysis.collect import Run, collect_runs
-from regexp.analysis.curves import aggregate
+from regexp.analysis.curves import Curve, CurvePoint, Series, aggregate
 from regexp.analysis.plots import plot_curve
 from regexp.analysis.report import plot_settings, report
 from regexp.errors import ConfigError
@@ -263,3 +263,46 @@ def test_in_process_sweep_report_with_a_categorical_x_and_extra_plot_hue(tmp_pat
         assert float(c["test_error_mean"]) == pytest.approx(statistics.mean(errs), abs=1e-12)
         assert float(c["test_error_std"]) == pytest.approx(statistics.stdev(errs), abs=1e-12)
     assert (out / "sweep.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- log-x tick labels
+def _flat_curve(xs: List[float]) -> Curve:
+    m = {"test_error": 0.5, "train_error": 0.1, "test_loss": 2.0, "train_loss": 0.5}
+    return Curve("x", [Series("", [CurvePoint(x, x, 2, dict(m), {k: 0.01 for k in m}) for x in xs])])
+
+
+def _labels(ax):
+    """The x tick labels drawn inside the view (plot_curve has drawn the figure), with their boxes in
+    pixels; no two of them overlap."""
+    lo, hi = sorted(ax.get_xlim())
+    labels = [(t.label1.get_text(), t.label1.get_window_extent()) for t in ax.xaxis.get_major_ticks()
+              if lo <= t.get_loc() <= hi and t.label1.get_visible() and t.label1.get_text()]
+    for i, (a, box_a) in enumerate(labels):
+        for b, box_b in labels[i + 1:]:
+            assert not box_a.overlaps(box_b), f"{a!r} overlaps {b!r} in {[t for t, _ in labels]}"
+    return [t for t, _ in labels]
+
+
+@pytest.mark.parametrize("xs", [
+    [100 * 1.05 ** i for i in range(60)],  # 60 points in under two decades
+    [1.5 ** i for i in range(40)],  # 40 points over seven decades
+])
+def test_log_x_tick_labels_of_many_points_never_overlap(tmp_path, xs):
+    fig = plot_curve(_flat_curve(xs), tmp_path / "c.png")
+    ax = fig.axes[0]  # both panels share the x ticks' logic
+    assert ax.get_xscale() == "log" and len(_labels(ax)) >= 3
+    # Every swept value keeps a tick, labelled or not.
+    ticks = list(ax.get_xticks()) + list(ax.get_xticks(minor=True))
+    assert all(any(abs(t / x - 1) < 1e-9 for t in ticks) for x in xs)
+
+
+def test_log_x_labels_are_the_swept_values_or_powers_of_ten(tmp_path):
+    # Under two decades: the swept values that fit (1750 and 2250 crowd 2000 out of its room).
+    fig = plot_curve(_flat_curve([500, 1000, 1500, 1750, 2000, 2250, 2500, 3000, 4000]), tmp_path / "n.png")
+    labels = _labels(fig.axes[0])
+    assert {"500", "1000", "4000"} <= set(labels) and "1750" not in labels
+    assert set(labels) <= {"500", "1000", "1500", "1750", "2000", "2250", "2500", "3000", "4000"}
+    # 1/λ from 10 to 10⁵: the powers of ten, written out, not 3.33e+04.
+    fig = plot_curve(_flat_curve([10.0 ** -k for k in range(1, 6)] + [3 * 10.0 ** -k for k in range(2, 6)]),
+                     tmp_path / "l.png", invert_x=True)
+    assert _labels(fig.axes[0]) == ["10", "100", "1000", "10000", "100000"]

@@ -180,3 +180,55 @@ def epoch_rows(point: Dict[str, Any], metrics: Dict[str, Any]) -> List[Dict[str,
                 row[f"{s}_loss"] = h[f"{s}_loss"]
         rows.append(row)
     return rows
+
+
+@dataclass
+class Bump:
+    """The largest rise of a curve's mean, in the order the points are plotted, and the fall after it.
+
+    A double descent is a rise to a peak (``trough`` → ``peak``) followed by a second descent
+    (``peak`` → ``after``); a U over 1/λ has a rise and no fall. Each change is set beside the
+    seed spread at its two ends (the larger of their standard deviations over seeds): a change
+    within twice that spread is not told apart from the seed-to-seed noise.
+    """
+    metric: str
+    trough: CurvePoint
+    peak: CurvePoint
+    after: Optional[CurvePoint]  # the lowest mean after the peak; None when the peak is the last point
+
+    def _spread(self, a: CurvePoint, b: CurvePoint) -> float:
+        return max(a.std.get(self.metric, 0.0), b.std.get(self.metric, 0.0))
+
+    @property
+    def rise(self) -> float:
+        return self.peak.mean[self.metric] - self.trough.mean[self.metric]
+
+    @property
+    def rise_spread(self) -> float:
+        return self._spread(self.trough, self.peak)
+
+    @property
+    def fall(self) -> float:
+        return self.peak.mean[self.metric] - self.after.mean[self.metric] if self.after else 0.0
+
+    @property
+    def fall_spread(self) -> float:
+        return self._spread(self.peak, self.after) if self.after else 0.0
+
+
+def bump(points: Sequence[CurvePoint], metric: str, invert_x: bool = False) -> Optional[Bump]:
+    """The largest rise of the mean of ``metric`` (a peak above the lowest point plotted before
+    it) and the lowest point after that peak; None when the mean never rises. ``invert_x``
+    orders the points by 1/x, as the plot of test error against 1/λ does."""
+    pts = sorted((p for p in points if metric in p.mean and (p.x or not invert_x)),
+                 key=lambda p: 1.0 / p.x if invert_x else p.x)
+    best: Optional[Bump] = None
+    peak_at = 0
+    for j in range(1, len(pts)):
+        low = min(pts[:j], key=lambda p: p.mean[metric])
+        rise = pts[j].mean[metric] - low.mean[metric]
+        if rise > 0 and (best is None or rise > best.rise):
+            best, peak_at = Bump(metric, low, pts[j], None), j
+    if best is not None and peak_at + 1 < len(pts):
+        best.after = min(pts[peak_at + 1:], key=lambda p: p.mean[metric])
+    return best

@@ -14,13 +14,14 @@ from typing import List, Optional
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from regexp.analysis.curves import Curve, category_label
 
 COLORS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown")
 SPLIT_COLORS = {"test": "tab:red", "train": "tab:blue"}  # one series: the splits get the colours
-PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # 40, not 4×10¹
+PLAIN = FuncFormatter(lambda v, _: f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")  # 40, not 4×10¹; 333, not 333.333
+GAP_PX = 4  # least space between two x tick labels
 
 
 def _panel(ax, curve: Curve, kind: str, invert_x: bool) -> bool:
@@ -50,13 +51,51 @@ def _panel(ax, curve: Curve, kind: str, invert_x: bool) -> bool:
     return positive
 
 
-def _plain_ticks(ax, curve: Curve, invert_x: bool) -> None:
-    """Label a log axis with the swept values themselves when there are few of them."""
+def _log_ticks(ax, curve: Curve, invert_x: bool) -> None:
+    """Label a log axis with round numbers: the swept values themselves when they span under two
+    decades (widths 4…192, n_train 500…4000), else the powers of ten (1/λ from 10 to 10⁵, whose
+    swept values 33.3, 333, ... would read badly). The other swept values get unlabelled ticks."""
     xs = sorted({1.0 / p.x if invert_x and p.x else p.x for s in curve.series for p in s.points})
-    if 0 < len(xs) <= 16:
-        ax.set_xticks(xs)
-        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_formatter(PLAIN)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if not xs or xs[-1] / xs[0] >= 100:
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
+        if xs:
+            ax.set_xticks(xs, minor=True)
+        return
+    ax.set_xticks(xs)
+
+
+def _thin_labels(ax) -> None:
+    """Drop the x tick labels that would overlap their left neighbour (keeping the tick, unlabelled):
+    points dense near a threshold (n_train 1750, 2000, 2250) would otherwise print over each other.
+    The labels are measured, not drawn: centred on their tick, as wide as the renderer sets them."""
+    locs = list(ax.xaxis.get_majorticklocs())
+    if not locs:
+        return
+    renderer = ax.figure.canvas.get_renderer()
+    prop = ax.xaxis.get_major_ticks()[0].label1.get_fontproperties()
+    formatter = ax.xaxis.get_major_formatter()
+    formatter.set_locs(locs)
+    xlim = ax.get_xlim()
+    lo, hi = sorted(xlim)
+    kept, dropped, right = [], [], -float("inf")
+    for x in sorted(locs):
+        text = formatter(x)
+        if not lo <= x <= hi or not text:
+            continue
+        half = renderer.get_text_width_height_descent(text, prop, ismath=False)[0] / 2
+        centre = ax.transData.transform((x, 0))[0]
+        if centre - half < right + GAP_PX:
+            dropped.append(x)
+        else:
+            kept.append(x)
+            right = centre + half
+    if dropped:
+        minor = [x for x in ax.get_xticks(minor=True) if lo <= x <= hi]
+        ax.set_xticks(kept)
+        ax.set_xticks(sorted(set(minor) | set(dropped)), minor=True)
+        ax.set_xlim(xlim)  # set_xticks widens the view to take in every tick it is given
 
 
 def _points(ax, curve: Curve, kind: str) -> None:
@@ -91,13 +130,15 @@ def plot_curve(curve: Curve, path: Path, title: str = "", x_label: Optional[str]
     FigureCanvasAgg(fig)
     invert_x = invert_x and curve.categories is None  # categories have no 1/x
     label = x_label or (f"1 / {curve.x_key}" if invert_x else curve.x_key)
+    log_x = []
     for ax, kind in zip(fig.subplots(1, 2), ("error", "loss")):
         if curve.categories is not None:
             _points(ax, curve, kind)
             _category_ticks(ax, [category_label(c) for c in curve.categories])
         elif _panel(ax, curve, kind, invert_x):
             ax.set_xscale("log")
-            _plain_ticks(ax, curve, invert_x)
+            _log_ticks(ax, curve, invert_x)
+            log_x.append(ax)
         if kind == "loss":
             ax.set_yscale("log")  # interpolating models' test loss runs off any linear scale
             ax.yaxis.set_major_formatter(PLAIN)
@@ -109,6 +150,8 @@ def plot_curve(curve: Curve, path: Path, title: str = "", x_label: Optional[str]
             ax.legend(fontsize=7)
     fig.suptitle(title or f"{curve.x_key} sweep")
     fig.tight_layout()
+    for ax in log_x:  # after the layout: the labels' widths in pixels are final
+        _thin_labels(ax)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return fig

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from regexp.analysis.collect import Run, swept_keys
-from regexp.analysis.curves import METRICS, Curve, aggregate, category_label, epoch_rows, numeric_position
+from regexp.analysis.curves import METRICS, Bump, Curve, aggregate, bump, category_label, epoch_rows, numeric_position
 from regexp.analysis.plots import plot_curve
 from regexp.analysis.tb import log_curve
 from regexp.errors import ConfigError
@@ -144,8 +144,22 @@ def _atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def format_curve(curve: Curve, max_lines: int = 30) -> str:
-    """The curve as a small text table (mean ± std over seeds) for the console."""
+def format_bump(b: Bump) -> str:
+    """One line: the largest rise of the mean and the fall after it, each against twice the seed spread."""
+    def verdict(change: float, spread: float) -> str:
+        return f"seed spread {spread:.4f}: {'exceeds' if change > 2 * spread else 'within'} 2× spread"
+
+    line = (f"{b.metric}: rises {b.trough.mean[b.metric]:.4f} → {b.peak.mean[b.metric]:.4f} (+{b.rise:.4f}) "
+            f"from {b.trough.raw} to {b.peak.raw}, {verdict(b.rise, b.rise_spread)}")
+    if b.after is None:
+        return line + "; the peak is the last point"
+    return line + (f"; then falls to {b.after.mean[b.metric]:.4f} (−{b.fall:.4f}) at {b.after.raw}, "
+                   f"{verdict(b.fall, b.fall_spread)}")
+
+
+def format_curve(curve: Curve, max_lines: int = 30, invert_x: bool = False) -> str:
+    """The curve as a small text table (mean ± std over seeds) for the console, then for a numeric
+    x the largest rise of the test error and loss (in plotted order: by 1/x when ``invert_x``)."""
     lines = []
     for s in curve.series:
         if s.name:
@@ -159,4 +173,7 @@ def format_curve(curve: Curve, max_lines: int = 30) -> str:
             lines.append(f"{raw:>14} {params:>9} {p.n:>5} {cells[0]:>15} {cells[1]:>15}")
         if s.threshold:
             lines.append(f"interpolation threshold (params = n_train): {curve.x_key} ≈ {s.threshold:.3g}")
+        if curve.categories is None:
+            bumps = [bump(s.points, m, invert_x) for m in ("test_error", "test_loss")]
+            lines += [format_bump(b) for b in bumps if b is not None]
     return "\n".join(lines)

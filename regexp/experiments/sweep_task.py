@@ -114,7 +114,7 @@ def run_sweep(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool)
         rows = run_points(cfg, points, out_dir)
         runs = _runs(cfg, points, out_dir, rows, run_metrics(out_dir))
         curve = report(out_dir, runs, x, settings, keys=keys)
-        print(format_curve(curve))
+        print(format_curve(curve, invert_x=settings.invert_x))
         failed = sum(r.status == "failed" for r in runs)
         return {"status": "failed" if failed else "completed", "epochs": cfg.trainer.epochs,
                 "points": len(runs), "failed": failed}
@@ -133,7 +133,7 @@ def run_sweep(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool)
     complete = done == len(points)
     if complete:
         curve = report(shared, _runs(cfg, points, shared, None, found), x, settings, keys=keys)
-        print(format_curve(curve))
+        print(format_curve(curve, invert_x=settings.invert_x))
         print(f"report of all {shards} shards: {shared / 'results.csv'}")
     else:
         print(f"the last shard to finish writes the report: {shared / 'results.csv'}")
