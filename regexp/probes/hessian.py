@@ -1,0 +1,164 @@
+"""Curvature of the loss at the current weights, from Hessian-vector products alone.
+
+The Hessian of a network with P parameters is P × P (225 M entries for the default MLP's
+15 k weights), so it is never formed: every estimate below needs only the product Hv, which
+double backward gives at about twice the cost of a gradient (Pearlmutter 1994):
+Hv = ∇_w (∇_w L · v). On that product:
+
+- ``lanczos``: the Krylov basis of H with full reorthogonalization; its tridiagonal matrix T
+  has the Ritz values, whose extremes converge first to H's extreme eigenvalues (Golub & Van
+  Loan 2013, §10.1). With as many steps as parameters they are H's spectrum, exactly.
+- ``top_eigenvalues``: the k largest Ritz values (the sharpest directions).
+- ``hutchinson_trace``: tr H = E[vᵀHv] for Rademacher v (Hutchinson 1990), with its standard
+  error over the samples.
+- ``slq``: stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Yao et al. 2020,
+  PyHessian): from a random unit start v, vᵀ f(H) v ≈ Σᵢ τᵢ f(θᵢ), with θᵢ the Ritz values and
+  τᵢ the squared first components of T's eigenvectors; averaged over runs this is the
+  spectral density, which ``density`` smooths with a Gaussian of width σ.
+
+All vectors are kept in float64 (reorthogonalization loses precision in float32); only the
+products run in the parameters' dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def hvp_operator(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> MatVec:
+    """v ↦ Hv for the Hessian of ``loss`` w.r.t. ``params``, v a flat float64 vector.
+
+    The gradient's graph is built once (``create_graph``) and kept, so each product is one
+    backward pass through it, not a new forward pass.
+    """
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    g = flat([torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)])
+    dtype = params[0].dtype
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        if not g.requires_grad:  # the loss is linear in the parameters: H = 0
+            return torch.zeros_like(v)
+        hv = torch.autograd.grad(g, params, grad_outputs=v.to(dtype), retain_graph=True, allow_unused=True)
+        return flat([torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]).to(v.dtype)
+
+    return apply
+
+
+def rademacher(dim: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Independent ±1 entries, float64 (drawn on the CPU generator, then moved)."""
+    v = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.float64) * 2 - 1
+    return v.to(device)
+
+
+@dataclass
+class Tridiagonal:
+    """Lanczos' T: diagonal ``alpha`` (m), off-diagonal ``beta`` (m − 1)."""
+    alpha: torch.Tensor
+    beta: torch.Tensor
+
+    def eig(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Ritz values (ascending) and T's eigenvectors (columns), float64 on the CPU."""
+        m = len(self.alpha)
+        T = torch.diag(self.alpha.cpu())
+        if m > 1:
+            b = self.beta.cpu()
+            T += torch.diag(b, 1) + torch.diag(b, -1)
+        return torch.linalg.eigh(T)
+
+
+def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int, tol: float = 1e-10) -> Tridiagonal:
+    """``steps`` Lanczos steps from ``v0`` (float64), each new vector reorthogonalized against
+    all earlier ones (twice: one Gram–Schmidt pass is not enough in floating point). Stops
+    early when the Krylov space is invariant (β below ``tol``·‖H‖'s running estimate): T's
+    eigenvalues are then exact eigenvalues of H."""
+    steps = min(steps, v0.numel())
+    Q: List[torch.Tensor] = [v0 / v0.norm()]
+    alpha: List[float] = []
+    beta: List[float] = []
+    scale = 0.0
+    for j in range(steps):
+        w = matvec(Q[j])
+        a = float(torch.dot(w, Q[j]))
+        alpha.append(a)
+        if j == steps - 1:
+            break
+        basis = torch.stack(Q)
+        for _ in range(2):
+            w = w - basis.T @ (basis @ w)
+        b = float(w.norm())
+        scale = max(scale, abs(a), b)
+        if b <= tol * max(scale, 1e-30):
+            break
+        beta.append(b)
+        Q.append(w / b)
+    return Tridiagonal(torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64))
+
+
+def top_eigenvalues(matvec: MatVec, dim: int, k: int, steps: int, generator: torch.Generator,
+                    device: torch.device = torch.device("cpu")) -> List[float]:
+    """The k largest eigenvalue estimates, largest first (fewer if Lanczos found an invariant
+    space of dimension < k)."""
+    theta, _ = lanczos(matvec, rademacher(dim, generator, device), max(steps, k)).eig()
+    return theta.flip(0)[:k].tolist()
+
+
+def hutchinson_trace(matvec: MatVec, dim: int, samples: int, generator: torch.Generator,
+                     device: torch.device = torch.device("cpu")) -> Tuple[float, float]:
+    """tr H ≈ mean of vᵀHv over ``samples`` Rademacher v; returns (estimate, standard error).
+    Exact for a diagonal H (vᵢ² = 1), with variance 2 Σ_{i≠j} H_ij² per sample otherwise."""
+    values = []
+    for _ in range(samples):
+        v = rademacher(dim, generator, device)
+        values.append(float(torch.dot(v, matvec(v))))
+    x = torch.tensor(values, dtype=torch.float64)
+    err = float(x.std(unbiased=True) / math.sqrt(samples)) if samples > 1 else float("nan")
+    return float(x.mean()), err
+
+
+@dataclass
+class Quadrature:
+    """SLQ nodes and weights: one row per run; each run's weights sum to 1."""
+    nodes: torch.Tensor
+    weights: torch.Tensor
+
+    def moment(self, power: int) -> float:
+        """∫ λ^power ρ(λ) dλ of the unsmoothed density = mean over runs of vᵀH^power v."""
+        return float((self.weights * self.nodes ** power).sum(1).mean())
+
+    def density(self, grid: torch.Tensor, sigma: float) -> torch.Tensor:
+        """ρ(t) = (1/runs) Σ_runs Σᵢ τᵢ N(t; θᵢ, σ²) on ``grid``, float64."""
+        t = grid.to(torch.float64)[:, None, None]
+        g = torch.exp(-0.5 * ((t - self.nodes) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        return (g * self.weights).sum(2).mean(1)
+
+
+def slq(matvec: MatVec, dim: int, runs: int, steps: int, generator: torch.Generator,
+        device: torch.device = torch.device("cpu")) -> Quadrature:
+    """``runs`` Lanczos quadratures from random Rademacher starts (normalized to unit length).
+    A run that stops early (an invariant space) pads its nodes with weight 0."""
+    steps = min(steps, dim)
+    nodes = torch.zeros(runs, steps, dtype=torch.float64)
+    weights = torch.zeros(runs, steps, dtype=torch.float64)
+    for r in range(runs):
+        theta, vecs = lanczos(matvec, rademacher(dim, generator, device), steps).eig()
+        m = len(theta)
+        nodes[r, :m], weights[r, :m] = theta, vecs[0] ** 2
+        nodes[r, m:] = theta[-1]
+    return Quadrature(nodes, weights)
+
+
+def density_grid(q: Quadrature, sigma: float, points: int = 1000, pad: float = 5.0,
+                 span: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+    """A grid covering every node ± ``pad``·σ (the smoothed density's mass lies there)."""
+    lo, hi = span if span is not None else (float(q.nodes.min()), float(q.nodes.max()))
+    return torch.linspace(lo - pad * sigma, hi + pad * sigma, points, dtype=torch.float64)
