@@ -22,12 +22,14 @@ generator it is given, so a run's training never sees it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn as nn
 
 from regexp.optim.sam import perturbation, perturbed
+from regexp.probes.base import Probe, ProbeInputs, register
 
 LossFn = Callable[[], torch.Tensor]
 MARGIN_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -116,3 +118,35 @@ def gradient_noise(grads: torch.Tensor, microbatch: int) -> Dict[str, float]:
     trace = microbatch * float(((grads - mean) ** 2).sum()) / (M - 1)
     g2 = float(mean.pow(2).sum())
     return {"trace": trace, "grad_norm_sq": g2, "simple_scale": trace / g2 if g2 > 0 else float("inf")}
+
+
+@register
+class SharpnessProbe(Probe):
+    name = "sharpness"
+
+    @dataclass
+    class Config:
+        rho: float = 0.05  # radius of the worst-case ball (SAM's default, Foret et al. 2021)
+        adaptive: bool = False  # ASAM's |w|-scaled ball (then rho ~ 0.5 is comparable)
+        eta: float = 0.01  # ASAM's offset in T_w = |w| + eta
+        sigma: float = 0.01  # std of the Gaussian weight noise
+        samples: int = 10  # draws of the noise
+        noise_microbatches: int = 10  # microbatches of the probe batch for tr Σ
+
+    ranges = {"rho": (lambda v: v > 0, "a number > 0"), "eta": (lambda v: v >= 0, "a number >= 0"),
+              "sigma": (lambda v: v > 0, "a number > 0"), "samples": (lambda v: v >= 1, "an integer >= 1"),
+              "noise_microbatches": (lambda v: v >= 2, "an integer >= 2")}
+
+    def measure(self, inputs: ProbeInputs, generator: torch.Generator) -> Dict[str, float]:
+        c = self.cfg
+        with torch.no_grad():
+            out = {"sharpness/loss": float(inputs.loss())}
+        out["sharpness/rho"] = rho_sharpness(inputs.loss, inputs.params, c.rho, c.adaptive, c.eta)
+        out["sharpness/average"] = average_sharpness(inputs.loss, inputs.params, c.sigma, c.samples, generator)
+        out.update({f"norm/{k}": v for k, v in param_norms(inputs.model).items()})
+        m = margins(inputs.model, inputs.x_train, inputs.y_train, inputs.eval_batch_size)
+        out.update({f"margin/{k}": v for k, v in margin_summary(m).items()})
+        parts = min(c.noise_microbatches, len(inputs.y))
+        grads = microbatch_grads(inputs.loss_of, inputs.params, inputs.x, inputs.y, parts)
+        out.update({f"grad_noise/{k}": v for k, v in gradient_noise(grads, len(inputs.y) // parts).items()})
+        return out
