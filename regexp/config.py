@@ -200,7 +200,7 @@ class ProbeConfig:
     """``probe=[hessian,sharpness]``: measurements of the model during and after training
     (regexp/probes/); each chosen probe fills its field with its own schema."""
     every: int = 0  # epochs between measurements; 0: only at the end of the run
-    batch_size: int = 1000  # the fixed probe batch, drawn from the training set by the seed
+    batch_size: int = 256  # the fixed probe batch, drawn from the training set by the seed
     hessian: Optional[Any] = None
     sharpness: Optional[Any] = None
 

@@ -13,8 +13,7 @@ from regexp.train.trainer import train
 
 TINY = ["trainer.epochs=3", "trainer.progress=false", "trainer.threads=1", "data.n_train=200",
         "model.width=16", "logger.histogram_every=0"]
-HESSIAN = ["probe.batch_size=64", "probe.hessian.lanczos_steps=5", "probe.hessian.trace_samples=2",
-           "probe.hessian.slq_steps=6"]
+HESSIAN = ["probe.batch_size=64", "probe.hessian.lanczos_steps=6", "probe.hessian.trace_samples=2"]
 PROBES = ["probe=[hessian,sharpness]", *HESSIAN, "probe.sharpness.samples=2",
           "probe.sharpness.noise_microbatches=4"]
 KEYS = {"hessian/top1", "hessian/top2", "hessian/top3", "hessian/trace", "hessian/trace_stderr",
@@ -84,3 +83,19 @@ def test_every_probe_composes_alone_and_together(compose_cfg):
         assert [n for n in PROBES if cfg.probe[n] is not None] == sorted(chosen, key=list(PROBES).index)
     with pytest.raises(ConfigError, match=r"probe.sharpness.noise_microbatches=1 is invalid: expected an integer >= 2"):
         validate(compose_cfg(["probe=[sharpness]", "probe.sharpness.noise_microbatches=1"]))
+
+
+def test_interrupted_run_resumes_to_the_same_probes(compose_cfg, tmp_path, monkeypatch):
+    from conftest import StopAfter
+    import regexp.train.trainer as trainer
+
+    # 200 examples, batch 100: 2 steps an epoch, and one more check after each epoch's end
+    cfg = compose_cfg(PROBES + TINY + ["probe.every=1", "trainer.batch_size=100"])
+    whole = train(cfg, tmp_path / "whole")
+    monkeypatch.setattr(trainer, "StopFlag", lambda: StopAfter(1 + 3 + 1))  # inside epoch 2
+    stopped = train(cfg, tmp_path / "cut")
+    monkeypatch.undo()
+    assert stopped["status"] == "interrupted" and [r["epoch"] for r in stopped["probe_history"]] == [1]
+    resumed = train(compose_cfg(PROBES + TINY + ["probe.every=1", "trainer.batch_size=100",
+                                                 "trainer.resume=true"]), tmp_path / "cut")
+    assert resumed["probe_history"] == whole["probe_history"]

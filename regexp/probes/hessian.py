@@ -8,7 +8,8 @@ Hv = ∇_w (∇_w L · v). On that product:
 - ``lanczos``: the Krylov basis of H with full reorthogonalization; its tridiagonal matrix T
   has the Ritz values, whose extremes converge first to H's extreme eigenvalues (Golub & Van
   Loan 2013, §10.1). With as many steps as parameters they are H's spectrum, exactly.
-- ``top_eigenvalues``: the k largest Ritz values (the sharpest directions).
+- ``top_eigenvalues``: the k largest Ritz values (the sharpest directions); the probe takes
+  them from the density's first Lanczos run, which costs no extra product.
 - ``hutchinson_trace``: tr H = E[vᵀHv] for Rademacher v (Hutchinson 1990), with its standard
   error over the samples.
 - ``slq``: stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Yao et al. 2020,
@@ -84,7 +85,8 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int, tol: float = 1e-10) ->
     early when the Krylov space is invariant (β below ``tol``·‖H‖'s running estimate): T's
     eigenvalues are then exact eigenvalues of H."""
     steps = min(steps, v0.numel())
-    Q: List[torch.Tensor] = [v0 / v0.norm()]
+    Q = torch.empty(steps, v0.numel(), dtype=torch.float64, device=v0.device)
+    Q[0] = v0 / v0.norm()
     alpha: List[float] = []
     beta: List[float] = []
     scale = 0.0
@@ -94,7 +96,7 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int, tol: float = 1e-10) ->
         alpha.append(a)
         if j == steps - 1:
             break
-        basis = torch.stack(Q)
+        basis = Q[:j + 1]
         for _ in range(2):
             w = w - basis.T @ (basis @ w)
         b = float(w.norm())
@@ -102,16 +104,14 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int, tol: float = 1e-10) ->
         if b <= tol * max(scale, 1e-30):
             break
         beta.append(b)
-        Q.append(w / b)
+        Q[j + 1] = w / b
     return Tridiagonal(torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64))
 
 
-def top_eigenvalues(matvec: MatVec, dim: int, k: int, steps: int, generator: torch.Generator,
-                    device: torch.device = torch.device("cpu")) -> List[float]:
-    """The k largest eigenvalue estimates, largest first (fewer if Lanczos found an invariant
-    space of dimension < k)."""
-    theta, _ = lanczos(matvec, rademacher(dim, generator, device), max(steps, k)).eig()
-    return theta.flip(0)[:k].tolist()
+def top_eigenvalues(T: Tridiagonal, k: int) -> List[float]:
+    """The k largest Ritz values of a Lanczos run, largest first (fewer if it found an invariant
+    space of dimension < k). Each is a lower bound of the eigenvalue of the same rank."""
+    return T.eig()[0].flip(0)[:k].tolist()
 
 
 def hutchinson_trace(matvec: MatVec, dim: int, samples: int, generator: torch.Generator,
@@ -129,9 +129,11 @@ def hutchinson_trace(matvec: MatVec, dim: int, samples: int, generator: torch.Ge
 
 @dataclass
 class Quadrature:
-    """SLQ nodes and weights: one row per run; each run's weights sum to 1."""
+    """SLQ nodes and weights: one row per run; each run's weights sum to 1. ``runs`` keeps each
+    run's tridiagonal matrix (its Ritz values are also the top-eigenvalue estimates)."""
     nodes: torch.Tensor
     weights: torch.Tensor
+    runs: List[Tridiagonal]
 
     def moment(self, power: int) -> float:
         """∫ λ^power ρ(λ) dλ of the unsmoothed density = mean over runs of vᵀH^power v."""
@@ -151,12 +153,14 @@ def slq(matvec: MatVec, dim: int, runs: int, steps: int, generator: torch.Genera
     steps = min(steps, dim)
     nodes = torch.zeros(runs, steps, dtype=torch.float64)
     weights = torch.zeros(runs, steps, dtype=torch.float64)
+    tridiagonals = []
     for r in range(runs):
-        theta, vecs = lanczos(matvec, rademacher(dim, generator, device), steps).eig()
+        tridiagonals.append(lanczos(matvec, rademacher(dim, generator, device), steps))
+        theta, vecs = tridiagonals[-1].eig()
         m = len(theta)
         nodes[r, :m], weights[r, :m] = theta, vecs[0] ** 2
         nodes[r, m:] = theta[-1]
-    return Quadrature(nodes, weights)
+    return Quadrature(nodes, weights, tridiagonals)
 
 
 def density_grid(q: Quadrature, sigma: float, points: int = 1000, pad: float = 5.0,
@@ -174,16 +178,21 @@ def density_figure(q: Quadrature, sigma: float, title: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    grid = density_grid(q, sigma, points=2000)
+    grid = density_grid(q, sigma, points=600)
     rho = q.density(grid, sigma).clamp_min(1e-12)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
     ax.semilogy(grid.numpy(), rho.numpy())
     ax.set_ylim(bottom=max(float(rho.min()), 1e-8))
     ax.set_xlabel("eigenvalue λ of the Hessian")
     ax.set_ylabel("density (log scale)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    # fixed margins, no minor log ticks, plain-text decade labels: tight_layout's measuring and
+    # mathtext labels would cost more than all the Hessian-vector products of the probe
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"1e{math.log10(v):.0f}"))
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
     return fig
 
 
@@ -193,15 +202,14 @@ class HessianProbe(Probe):
 
     @dataclass
     class Config:
-        top_k: int = 3  # largest eigenvalues reported
-        lanczos_steps: int = 20  # Krylov dimension for them
-        trace_samples: int = 10  # Hutchinson's Rademacher vectors
+        top_k: int = 3  # largest eigenvalues reported (the first Lanczos run's Ritz values)
+        lanczos_steps: int = 30  # Krylov dimension of each run (quadrature nodes per run)
         slq_runs: int = 1  # random starts of the density
-        slq_steps: int = 40  # Lanczos steps (quadrature nodes) per start
+        trace_samples: int = 10  # Hutchinson's Rademacher vectors
         density_sigma: float = 0.01  # Gaussian width, as a fraction of the nodes' range
 
     ranges = {k: (lambda v: v >= 1, "an integer >= 1")
-              for k in ("top_k", "lanczos_steps", "trace_samples", "slq_runs", "slq_steps")}
+              for k in ("top_k", "lanczos_steps", "trace_samples", "slq_runs")}
     ranges["density_sigma"] = (lambda v: v > 0, "a number > 0")
 
     def __init__(self, cfg):
@@ -213,9 +221,9 @@ class HessianProbe(Probe):
         with torch.enable_grad():
             matvec = hvp_operator(inputs.loss(), inputs.params)
         dim, device = sum(p.numel() for p in inputs.params), inputs.x.device
-        top = top_eigenvalues(matvec, dim, c.top_k, c.lanczos_steps, generator, device)
+        q = slq(matvec, dim, c.slq_runs, max(c.lanczos_steps, c.top_k), generator, device)
+        top = top_eigenvalues(q.runs[0], c.top_k)
         trace, err = hutchinson_trace(matvec, dim, c.trace_samples, generator, device)
-        q = slq(matvec, dim, c.slq_runs, c.slq_steps, generator, device)
         self.last = q
         out = {f"hessian/top{i + 1}": v for i, v in enumerate(top)}
         out.update({"hessian/trace": trace, "hessian/trace_stderr": err,

@@ -57,14 +57,20 @@ class Probes:
         """Each probe's figures of its last measurement: ``<name>.png`` and the TensorBoard
         image ``probe/<name>``."""
         import matplotlib.pyplot as plt
+        import numpy as np
+        from PIL import Image
 
         paths = []
         for p in self.probes:
             for name, fig in p.figures(epoch).items():
-                path = Path(out_dir) / f"{name}.png"
-                fig.savefig(path, dpi=110, bbox_inches="tight")
-                tb.figure(f"probe/{name}", fig, epoch)
+                # drawn once for both (savefig and add_figure would each render it: most of
+                # the end-of-run probe time of a small model)
+                fig.canvas.draw()
+                rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
                 plt.close(fig)
+                path = Path(out_dir) / f"{name}.png"
+                Image.fromarray(rgb).save(path)
+                tb.image(f"probe/{name}", rgb, epoch)
                 paths.append(path)
         return paths
 

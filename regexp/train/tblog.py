@@ -53,6 +53,11 @@ class TBLogger:
         if self.writer:
             self.writer.add_figure(tag, fig, step)
 
+    def image(self, tag: str, rgb, step: int = 0) -> None:
+        """An (H, W, 3) uint8 image."""
+        if self.writer:
+            self.writer.add_image(tag, rgb, step, dataformats="HWC")
+
     def hparams(self, hparams: Dict[str, object]) -> None:
         """Record the run's hyperparameters as TensorBoard's HParams *session start* (only that).
 
