@@ -128,3 +128,38 @@ def test_slq_first_moment_of_rotated_spectrum_is_mean_eigenvalue():
     # standard error is about 0.02
     assert q.moment(1) == pytest.approx(2.0, abs=0.1)
     assert torch.allclose(q.weights.sum(1), torch.ones(200, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_hvp_of_every_model_equals_finite_difference_of_gradients(name, compose_cfg):
+    from regexp.models import build_model
+    from regexp.probes.base import ProbeInputs
+    from regexp.probes.hessian import loss_hvp
+
+    over = {"transformer": ["model.embed_dim=8", "model.heads=2", "model.depth=1"],
+            "cnn": ["model.channels=[4,4]"], "mlp": ["model.width=8"]}[name]
+    torch.manual_seed(0)
+    model = build_model(compose_cfg([f"model={name}", *over]).model, (1, 40), 10).double().eval()
+    x, y = torch.randn(6, 1, 40, dtype=torch.float64), torch.randint(0, 10, (6,))
+    params = list(model.parameters())
+    inputs = ProbeInputs(model, params, x, y, x, y, 6)
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, generator=gen(1))
+    hv = loss_hvp(inputs)(v)
+
+    def grad_at(shift):
+        with torch.no_grad():
+            i = 0
+            for p in params:
+                p.add_(shift[i:i + p.numel()].view_as(p))
+                i += p.numel()
+        g = flat(torch.autograd.grad(inputs.loss(), params))
+        with torch.no_grad():
+            i = 0
+            for p in params:
+                p.sub_(shift[i:i + p.numel()].view_as(p))
+                i += p.numel()
+        return g
+
+    h = 1e-5
+    fd = (grad_at(h * v) - grad_at(-h * v)) / (2 * h)
+    torch.testing.assert_close(hv, fd, rtol=1e-5, atol=1e-7)

@@ -171,6 +171,15 @@ def density_grid(q: Quadrature, sigma: float, points: int = 1000, pad: float = 5
 
 
 # ---------------------------------------------------------------- the probe
+def loss_hvp(inputs: ProbeInputs) -> MatVec:
+    """v ↦ Hv for the probe batch's loss. Attention runs in plain ops here: torch's fused
+    attention kernels have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        return hvp_operator(inputs.loss(), inputs.params)
+
+
 def density_figure(q: Quadrature, sigma: float, title: str):
     """The smoothed eigenvalue density on a log scale (as Yao et al. 2020, Fig. 1, draw it:
     the bulk near 0 and the few outliers are both visible)."""
@@ -218,8 +227,7 @@ class HessianProbe(Probe):
 
     def measure(self, inputs: ProbeInputs, generator: torch.Generator) -> Dict[str, float]:
         c = self.cfg
-        with torch.enable_grad():
-            matvec = hvp_operator(inputs.loss(), inputs.params)
+        matvec = loss_hvp(inputs)
         dim, device = sum(p.numel() for p in inputs.params), inputs.x.device
         q = slq(matvec, dim, c.slq_runs, max(c.lanczos_steps, c.top_k), generator, device)
         top = top_eigenvalues(q.runs[0], c.top_k)
