@@ -40,6 +40,10 @@ def test_probes_write_metrics_history_scalars_and_density_figure(compose_cfg, tm
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     assert acc.Tags()["images"] == ["probe/hessian_density"]
+    # a sweep's results row carries the final values
+    from regexp.results import run_row
+    row = run_row(tmp_path)
+    assert {k: v for k, v in row.items() if k.startswith("probes.")} == {f"probes.{k}": v for k, v in m["probes"].items()}
     # the norm probe agrees with the final weights in model.pt
     w = torch.load(tmp_path / "model.pt", weights_only=True)
     assert saved["probes"]["norm/l2"] == pytest.approx(float(sum(v.double().pow(2).sum() for v in w.values())) ** 0.5)
@@ -64,9 +68,13 @@ def test_probe_draws_are_fixed_by_the_seed(compose_cfg, tmp_path):
     assert one["probes"] == two["probes"]
 
 
-def test_population_refuses_probes(compose_cfg):
+def test_population_refuses_probes_and_a_sweep_reports_them(compose_cfg, tmp_path):
     base = ["trainer.epochs=1", "data.n_train=200"]
     assert not use_population(compose_cfg(base + PROBES), [{"seed": 0}])  # auto: lone runs
+    from regexp.sweep import run_points
+    (row,) = run_points(compose_cfg(PROBES + TINY + ["trainer.epochs=1"]), [{"model.width": 8}], tmp_path)
+    probes = json.loads(next(tmp_path.rglob("metrics.json")).read_text())["probes"]
+    assert {k: v for k, v in row.items() if k.startswith("probes.")} == {f"probes.{k}": v for k, v in probes.items()}
     with pytest.raises(ConfigError, match=r"probe=\[hessian,sharpness\] \(population runs no probes"):
         use_population(compose_cfg(base + PROBES + ["sweep.engine=population"]), [{"seed": 0}])
 

@@ -68,7 +68,9 @@ class SAM(torch.optim.Optimizer):
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
         if closure is None:
-            raise RuntimeError("SAM.step needs a closure that recomputes the loss and its gradients")
+            raise RuntimeError("optimizer=sam needs step(closure), a function that recomputes the batch's "
+                               "loss and gradients (two passes per step): regexp's trainer passes one, "
+                               "a task with a loop of its own does not support sam")
         params = self._params()
         eps = perturbation(params, [p.grad for p in params], self.rho, self.adaptive, self.eta)
         with perturbed(params, eps), torch.enable_grad():
