@@ -435,6 +435,24 @@ def override_parse_message(line: str, error: Exception) -> str:
             f"KEY=VALUE in Hydra's override grammar, see {GRAMMAR_URL}")
 
 
+def check_optimizer(o: DictConfig, where: str = "optimizer") -> None:
+    """The ranges of an optimizer's hyperparameters; ``where`` prefixes the key in the message
+    (experiments that set several optimizers' keys name their own ``extra.*`` entry)."""
+    _check(o.lr > 0, f"{where}.lr", o.lr, "a number > 0")
+    for key in ("momentum", "alpha", "rho", "beta1", "beta2", "dampening"):
+        if key in o and not (key == "rho" and o.name == "sam"):  # SAM's rho is a radius
+            _check(0.0 <= o[key] < 1.0, f"{where}.{key}", o[key], "a number in [0, 1)")
+    if "eps" in o:
+        _check(o.eps >= 0, f"{where}.eps", o.eps, "a number >= 0")
+    if o.name == "sam":
+        _choice(f"{where}.base", o.base, SAM_BASES)
+        _check(o.rho > 0, f"{where}.rho", o.rho, "a number > 0 (the radius of SAM's ascent step)")
+        _check(o.eta >= 0, f"{where}.eta", o.eta, "a number >= 0")
+    for key in ("weight_decay", "initial_accumulator_value"):
+        if key in o:
+            _check(o[key] >= 0, f"{where}.{key}", o[key], "a number >= 0")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed config; raise ConfigError naming the first bad key.
 
@@ -499,19 +517,7 @@ def validate(cfg: DictConfig) -> None:
 
     o = cfg.optimizer
     _choice("optimizer.name", o.name, tuple(OPTIMIZER_SCHEMAS))
-    _check(o.lr > 0, "optimizer.lr", o.lr, "a number > 0")
-    for key in ("momentum", "alpha", "rho", "beta1", "beta2", "dampening"):
-        if key in o and not (key == "rho" and o.name == "sam"):
-            _check(0.0 <= o[key] < 1.0, f"optimizer.{key}", o[key], "a number in [0, 1)")
-    if "eps" in o:
-        _check(o.eps >= 0, "optimizer.eps", o.eps, "a number >= 0")
-    if o.name == "sam":
-        _choice("optimizer.base", o.base, SAM_BASES)
-        _check(o.rho > 0, "optimizer.rho", o.rho, "a number > 0 (the radius of SAM's ascent step)")
-        _check(o.eta >= 0, "optimizer.eta", o.eta, "a number >= 0")
-    for key in ("weight_decay", "initial_accumulator_value"):
-        if key in o:
-            _check(o[key] >= 0, f"optimizer.{key}", o[key], "a number >= 0")
+    check_optimizer(o)
 
     s = cfg.scheduler
     _choice("scheduler.name", s.name, SCHEDULERS)

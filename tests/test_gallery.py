@@ -11,7 +11,7 @@ import torch
 
 from regexp.config import validate
 from regexp.experiments import _groups
-from regexp.experiments.optimizer_paths import FUNCTIONS, path
+from regexp.experiments.optimizer_paths import FUNCTIONS, frame, left_frame, path
 from regexp.sweep import read_csv
 from regexp.tasks import TASKS
 from regexp.train.io import read_json
@@ -90,21 +90,25 @@ def grad_ellipse(w):  # E(w) = 0.1 w1² + 2 w2²
     return torch.tensor([0.2 * w[0], 4.0 * w[1]], dtype=torch.float64)
 
 
-def by_hand(name, steps, lr, **h):
-    """The textbook updates on the ellipse from (-5, -2), written out formula by formula."""
-    w = torch.tensor([-5.0, -2.0], dtype=torch.float64)
+def grad_bowl(w):  # f(x, y) = x²/20 + y², the course report's test function
+    return torch.tensor([w[0] / 10, 2.0 * w[1]], dtype=torch.float64)
+
+
+def by_hand(name, steps, lr, grad=grad_ellipse, start=(-5.0, -2.0), **h):
+    """The textbook updates (shared/reference.md) from ``start``, written out formula by formula."""
+    w = torch.tensor(start, dtype=torch.float64)
     v = torch.zeros(2, dtype=torch.float64)   # velocity / first moment
     r = torch.zeros(2, dtype=torch.float64)   # accumulated / averaged squared gradient
     u = torch.zeros(2, dtype=torch.float64)   # AdaDelta's averaged squared update
     out = [w.clone()]
     for t in range(1, steps + 1):
         if name == "nesterov":  # Sutskever: gradient at the look-ahead point w + ρv
-            g = grad_ellipse(w + h["rho"] * v)
+            g = grad(w + h["rho"] * v)
             v = h["rho"] * v - lr * g
             w = w + v
             out.append(w + h["rho"] * v)  # torch stores the look-ahead point itself
             continue
-        g = grad_ellipse(w)
+        g = grad(w)
         if name == "sgd":
             w = w - lr * g
         elif name == "momentum":  # v ← ρv − ηg, w ← w + v
@@ -170,6 +174,103 @@ def test_optimizer_paths_run_uses_command_line_optimizer(compose_cfg, tmp_path):
     assert {r["lr"] for r in sgd} == {"0.002"} and len(sgd) == 4
     summary = read_csv(tmp_path / "summary.csv")
     assert len(summary) == 14 and all(r["escaped"] == "False" for r in summary)
+
+
+# The report's settings on the bowl (Saito 2016, fig. 6-8), written out here, not read from the YAML.
+REPORT = {
+    "sgd": (0.95, {}),
+    "momentum": (0.1, {"rho": 0.9}),
+    "nesterov": (0.1, {"rho": 0.9}),
+    "adagrad": (1.5, {"eps": 1e-7}),
+    "rmsprop": (0.1, {"rho": 0.9, "eps": 1e-7}),
+    "adadelta": (10.0, {"rho": 0.9, "eps": 1e-6}),
+    "adam": (0.3, {"b1": 0.9, "b2": 0.999, "eps": 1e-7}),
+}
+
+
+def bowl_paths(compose_cfg, tmp_path, overrides=()):
+    """optimizer -> [[x, y], ...] and the summary rows of a bowl-only run at the defaults."""
+    run(compose_cfg, "optimizer_paths", ["extra.functions=[bowl]", "logger.tensorboard=false", *overrides], tmp_path)
+    rows = read_csv(tmp_path / "paths.csv")
+    paths = {}
+    for r in rows:
+        paths.setdefault(r["optimizer"], []).append([float(r["x"]), float(r["y"])])
+    return paths, read_csv(tmp_path / "summary.csv")
+
+
+def test_default_bowl_paths_are_the_report_settings_by_hand(compose_cfg, tmp_path):
+    paths, summary = bowl_paths(compose_cfg, tmp_path)
+    assert list(paths) == list(REPORT)
+    # GD η=0.95 from (−7, 2): x1 = −7 − 0.95·(−7/10), y1 = 2 − 0.95·(2·2)
+    assert paths["sgd"][1] == pytest.approx([-6.335, -1.8], abs=1e-12)
+    for name, (lr, hyper) in REPORT.items():
+        want = by_hand(name, 30, lr, grad=grad_bowl, start=(-7.0, 2.0), **hyper)
+        assert len(paths[name]) == 31, name  # 30 steps, the start included
+        assert paths[name] == [pytest.approx(p, rel=1e-9, abs=1e-12) for p in want.tolist()], name
+    for r in summary:  # the distance the README quotes is the last iterate's
+        x, y = paths[r["optimizer"]][-1]
+        assert float(r["final_distance"]) == pytest.approx(math.hypot(x, y))
+        assert r["escaped"] == "False" and r["left_frame_at"] == ""
+
+
+def test_one_optimizer_setting_override_changes_only_its_path(compose_cfg, tmp_path):
+    paths, summary = bowl_paths(compose_cfg, tmp_path, ["extra.steps.bowl=5", "extra.settings.bowl.rmsprop.alpha=0.99"])
+    for name, (lr, hyper) in REPORT.items():
+        hyper = {**hyper, "rho": 0.99} if name == "rmsprop" else hyper
+        want = by_hand(name, 5, lr, grad=grad_bowl, start=(-7.0, 2.0), **hyper)
+        assert paths[name] == [pytest.approx(p, rel=1e-9, abs=1e-12) for p in want.tolist()], name
+    report_rmsprop = by_hand("rmsprop", 5, 0.1, grad=grad_bowl, start=(-7.0, 2.0), rho=0.9, eps=1e-7)
+    assert paths["rmsprop"][1:] != [pytest.approx(p, rel=1e-3) for p in report_rmsprop.tolist()[1:]]
+    assert [r["settings"] for r in summary if r["optimizer"] == "rmsprop"] == ["η=0.1, ρ=0.99, ε=1e-07"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+extra.settings.bowl.rmsprop.alpah=0.9",
+     r"^extra\.settings\.bowl\.rmsprop\.alpah is not a key of optimizer=rmsprop: expected one of "
+     r"lr, alpha, eps, momentum, centered$"),
+    ("+extra.settings.bowl.rmsprob={lr:0.1}",
+     r"^extra\.settings\.bowl\.rmsprob is not a key of .*: expected one of sgd, momentum, .*adam, adamw$"),
+    ("+extra.settings.himmelblau={sgd:{lr:0.1}}",
+     r"^extra\.settings\.himmelblau is not a key of extra\.settings: expected one of bowl, ellipse, "
+     r"saddle, rosenbrock$"),
+    ("extra.settings.bowl.rmsprop.alpha=1.5",
+     r"^extra\.settings\.bowl\.rmsprop\.alpha=1\.5 is invalid: expected a number in \[0, 1\)$"),
+    ("extra.settings.bowl.sgd.lr=fast",
+     r"^extra\.settings\.bowl\.sgd\.lr='fast' is invalid: expected a value of the type"),
+    ("extra.optimizers=[sgd,rmsprob]", r"^extra\.optimizers='rmsprob' is invalid: expected values among sgd"),
+])
+def test_optimizer_paths_refuses_bad_settings_naming_the_key(compose_cfg, tmp_path, override, message):
+    from regexp.errors import ConfigError
+
+    cfg = compose_cfg(["+experiment=optimizer_paths", "extra.functions=[bowl]", override])
+    with pytest.raises(ConfigError, match=message):
+        TASKS["optimizer_paths"](cfg, tmp_path, [override], False)
+    assert not (tmp_path / "paths.png").exists()
+
+
+def test_optimizer_paths_yaml_states_the_schema_defaults(compose_cfg):
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from regexp.experiments.optimizer_paths import Settings
+
+    cfg = compose_cfg(["+experiment=optimizer_paths"])
+    assert OmegaConf.to_container(cfg.extra) == asdict(Settings())
+
+
+def test_paths_leaving_the_frame_end_on_its_edge():
+    box = (-2.0, 2.0, -1.0, 1.0)
+    p = torch.tensor([[0.0, 0.0], [1.0, 0.5], [3.0, 0.5], [0.0, 0.0]], dtype=torch.float64)
+    # the segment (1, 0.5) -> (3, 0.5) crosses x = 2 halfway
+    assert left_frame(p, box) == (2, (2.0, 0.5))
+    # (0, 0) -> (0, 3) -> the top edge, a third of the way; a jump to NaN ends at the last point
+    assert left_frame(torch.tensor([[0.0, 0.0], [0.0, 3.0]]), box) == (1, (0.0, 1.0))
+    assert left_frame(torch.tensor([[0.5, 0.5], [math.nan, 0.0]]), box) == (1, (0.5, 0.5))
+    assert left_frame(p[:2], box) is None
+    # the frame takes in a small overshoot whole, a runaway path up to half the box's span
+    assert frame(box, [p[:2], torch.tensor([[2.5, -1.2]], dtype=torch.float64)]) == (-2.0, 2.5, -1.2, 1.0)
+    assert frame(box, [torch.tensor([[100.0, -50.0], [math.inf, 0.0]])]) == (-2.0, 4.0, -2.0, 1.0)
 
 
 def test_schedules_curves_follow_the_scheduler_formulas(compose_cfg, tmp_path):
@@ -255,25 +356,63 @@ def test_normalization_writes_both_parts(compose_cfg, tmp_path):
     assert all(r["status"] == "completed" for r in rows)
 
 
-def test_implicit_regularization_grid_and_gd_vs_sgd(compose_cfg, tmp_path):
-    overrides = [*QUICK, "trainer.epochs=1", "model.width=16", "extra.lrs=[0.05,0.2]", "extra.batch_sizes=[50,200]",
-                 "extra.gd_steps=4", "extra.gd_eval_every=2", "extra.sgd_epochs=1", "extra.sgd_batch_size=40"]
-    run(compose_cfg, "implicit_regularization", overrides, tmp_path)
-    for name in ("lr_batch", "gd_vs_sgd"):
+def test_implicit_regularization_equal_lr_steps_budgets_and_the_penalized_gd_runs(compose_cfg, tmp_path):
+    # 200 examples: batch 50 and 200 take 4 and 1 steps per epoch; lr x steps = 4 in every cell
+    overrides = [*QUICK, "model.width=16", "extra.lrs=[0.5,1.0]", "extra.batch_sizes=[50,200]", "extra.budget=4",
+                 "extra.gd_lr=0.5", "extra.gd_small_lr=0.25", "extra.gd_time=1", "extra.gd_evals=2"]
+    defaults = compose_cfg(["+experiment=implicit_regularization"]).data
+    assert defaults.val_fraction == 0 and defaults.n_train is None and defaults.n_test == 4000  # the book's split
+    run(compose_cfg, "implicit_regularization", [*overrides, "data.n_test=200"], tmp_path)
+    for name in ("lr_batch", "gd_penalty"):
         assert_png(tmp_path / f"{name}.png")
     rows = read_csv(tmp_path / "results.csv")
     grid = [r for r in rows if r["part"] == "grid"]
-    assert [(r["optimizer.lr"], r["trainer.batch_size"]) for r in grid] == [
-        ("0.05", "50"), ("0.05", "200"), ("0.2", "50"), ("0.2", "200")]
-    cmp = [r for r in rows if r["part"] == "gd_vs_sgd"]
-    assert [r["trainer.batch_size"] for r in cmp] == ["full", "40"]
+    assert [(r["optimizer.lr"], r["trainer.batch_size"], r["steps"], r["trainer.epochs"]) for r in grid] == [
+        ("0.5", "50", "8", "2"), ("0.5", "200", "8", "8"), ("1.0", "50", "4", "1"), ("1.0", "200", "4", "4")]
+    for r in grid:
+        assert float(r["lr_x_steps"]) == 4.0
+        assert read_json(Path(r["run_dir"]) / "metrics.json")["epochs"] == int(r["trainer.epochs"])
+        for key in ("train_error", "train_loss", "test_error"):
+            assert 0 <= float(r[key]) < 10, key
+    gd = [r for r in rows if r["part"] == "gd_penalty"]
+    assert [(r["optimizer.lr"], r["steps"], r["lr_x_steps"]) for r in gd] == [
+        ("0.5", "2", "1.0"), ("0.25", "4", "1.0"), ("0.25", "4", "1.0")]
+    assert all(r["trainer.batch_size"] == "full" for r in gd)
+    # the penalty of the third run is the difference of the two steps' implicit terms, (0.5 - 0.25)/4
+    assert gd[2]["regularizer.gradient_norm_penalty.lam"] == "0.0625" and gd[1].get(
+        "regularizer.gradient_norm_penalty.lam", "") == ""
+    pen = read_json(Path(gd[2]["run_dir"]) / "metrics.json")["config"]["regularizer"]
+    assert pen == {"gradient_norm_penalty": {"lam": 0.0625, "mode": "full", "micro_batches": 1}}
+    # distances to the large step's final weights, recomputed from the saved models
+    saved = [torch.load(Path(r["run_dir"]) / "model.pt", weights_only=True) for r in gd]
+    weights = [torch.cat([v.flatten() for v in state.values()]) for state in saved]
+    assert gd[0]["distance_to_large"] == ""
+    for r, w in zip(gd[1:], weights[1:]):
+        assert float(r["distance_to_large"]) == pytest.approx(float((w - weights[0]).norm()), rel=1e-5)
+        assert float(r["grad_norm_sq"]) > 0
     curves = read_csv(tmp_path / "curves.csv")
-    gd = [r for r in curves if r["trainer.batch_size"] == "full"]
-    assert [int(r["epoch"]) for r in gd] == [2, 4] and [int(r["step"]) for r in gd] == [2, 4]
-    sgd = [r for r in curves if r["part"] == "gd_vs_sgd" and r["trainer.batch_size"] == "40"]
-    assert [int(r["step"]) for r in sgd] == [5]  # 200 examples / batch 40
-    gd_run = read_json(Path(cmp[0]["run_dir"]) / "metrics.json")
-    assert gd_run["epochs"] == 4
+    small = [r for r in curves if r["part"] == "gd_penalty" and r["variant"] == gd[1]["variant"]]
+    assert [(int(r["step"]), float(r["lr_x_step"])) for r in small] == [(2, 0.5), (4, 1.0)]
+    cell = [r for r in curves
+            if r["part"] == "grid" and r["optimizer.lr"] == "0.5" and r["trainer.batch_size"] == "200"]
+    assert [(int(r["step"]), float(r["lr_x_step"])) for r in cell] == [(e, 0.5 * e) for e in range(1, 9)]
+
+
+def test_implicit_regularization_budget_rounds_to_whole_epochs_and_bad_settings_are_refused(compose_cfg, tmp_path):
+    from regexp.errors import ConfigError
+    from regexp.experiments.implicit_regularization import grid_steps
+
+    # the defaults' batch sizes divide 4000, so every lr × steps is exactly the budget
+    for lr in (0.1, 0.2, 0.4):
+        for b in (16, 80, 400):
+            assert grid_steps(lr, b, 4000, 1000)["steps"] * lr == pytest.approx(1000)
+    # batch 64: 63 steps per epoch (the last one of 32 examples); 10000 steps round to 159 epochs
+    assert grid_steps(0.1, 64, 4000, 1000) == {"epochs": 159, "steps_per_epoch": 63, "steps": 10017}
+    for bad, key in (("extra.gd_small_lr=0.3", "extra.gd_small_lr"), ("extra.budget=0", "extra.budget"),
+                     ("optimizer=adam", "optimizer.name")):
+        cfg = compose_cfg(["+experiment=implicit_regularization", bad])
+        with pytest.raises(ConfigError, match=f"^{key}="):
+            TASKS["implicit_regularization"](cfg, tmp_path, [bad], False)
 
 
 def test_cross_validation_folds_choice_and_final_run(compose_cfg, tmp_path):

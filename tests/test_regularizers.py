@@ -1,6 +1,7 @@
 """The regularizer catalogue: each test checks the mathematics a regularizer promises."""
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from conftest import read_scalars
 from regexp.errors import ConfigError
 from regexp.regularizers import REGULARIZERS
 from regexp.regularizers.base import Context
@@ -397,6 +399,130 @@ def test_activity_penalties_match_their_formulas(name):
     assert torch.allclose(g, want, atol=1e-7)
 
 
+# ---------------------------------------------------------------- gradient-norm penalty
+def test_gradient_norm_penalty_full_mode_equals_the_closed_form_of_a_quadratic():
+    # L(w) = ‖Xw − t‖²/(2n): ∇L = A w − c with A = XᵀX/n, c = Xᵀt/n, so
+    # Ω = λ‖Aw − c‖² and ∇Ω = 2λA(Aw − c) (Barrett & Dherin 2021's implicit term, by hand)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    x, t = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    loss = 0.5 * (model(x).squeeze(1) - t).pow(2).mean()
+    pen = make("gradient_norm_penalty", lam=0.3).batch_penalty(model, loss, x, t, {})
+    a, c, w = x.T @ x / 8, x.T @ t / 8, model.weight.detach().squeeze(0)
+    g = a @ w - c
+    assert pen.item() == pytest.approx(0.3 * g.dot(g).item(), rel=1e-12)
+    pen.backward()
+    assert torch.allclose(model.weight.grad.squeeze(0), 2 * 0.3 * a @ g, rtol=1e-10, atol=0)
+
+
+def _softmax_regression_grads(w, b, x, y):
+    """∇ of the mean cross-entropy of softmax(Wx + b), by hand: ((P − Y)ᵀX/n, mean(P − Y))."""
+    r = torch.softmax(x @ w.T + b, 1) - F.one_hot(y, w.shape[0]).to(x.dtype)
+    return r.T @ x / len(y), r.mean(0)
+
+
+def _sq(gs):
+    return sum(g.pow(2).sum() for g in gs)
+
+
+def test_gradient_norm_penalty_sgd_mode_is_the_mean_micro_batch_gradient_norm():
+    # Smith et al. 2021: (1/k)Σⱼ‖∇L_j‖² = ‖∇L‖² + (1/k)Σⱼ‖∇L_j − ∇L‖² for k equal micro-batches
+    torch.manual_seed(1)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    w, b = model.weight.detach(), model.bias.detach()
+    parts = [_softmax_regression_grads(w, b, x[j:j + 4], y[j:j + 4]) for j in (0, 4, 8)]
+    whole = _softmax_regression_grads(w, b, x, y)
+    expected = sum(_sq(g) for g in parts) / 3
+    variance = sum(_sq([gj - gi for gj, gi in zip(g, whole)]) for g in parts) / 3
+    assert expected.item() == pytest.approx((_sq(whole) + variance).item(), rel=1e-12)
+
+    def penalty(mode, k=3):
+        loss = F.cross_entropy(model(x), y)
+        return make("gradient_norm_penalty", lam=0.2, mode=mode, micro_batches=k).batch_penalty(
+            model, loss, x, y, {})
+
+    assert penalty("sgd").item() == pytest.approx(0.2 * expected.item(), rel=1e-12)
+    assert penalty("full").item() == pytest.approx(0.2 * _sq(whole).item(), rel=1e-12)
+    assert penalty("sgd", k=1).item() == pytest.approx(penalty("full").item(), rel=1e-12)
+    assert penalty("sgd", k=50).item() == pytest.approx(penalty("sgd", k=12).item(), rel=1e-12)  # one per example
+    # its gradient (double backward) against central differences of the hand-written value
+    pen = penalty("sgd")
+    pen.backward()
+    eps, numeric = 1e-6, torch.zeros_like(w)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            e = torch.zeros_like(w)
+            e[i, j] = eps
+            f = [sum(_sq(_softmax_regression_grads(w + s * e, b, x[k:k + 4], y[k:k + 4])) for k in (0, 4, 8))
+                 for s in (1, -1)]
+            numeric[i, j] = 0.2 * (f[0] - f[1]) / 3 / (2 * eps)
+    assert torch.allclose(model.weight.grad, numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_gradient_norm_penalty_in_the_trainer_is_gradient_descent_on_the_modified_loss(tmp_path):
+    # one full-batch step: w ← w − η∇(L + λ‖∇L‖²), recomputed here from the same initial weights
+    from regexp.data import load_data
+    from regexp.models import build_model
+    from regexp.train.trainer import seed_everything, train
+
+    cfg = compose("optimizer=sgd", "optimizer.lr=0.5", "regularizer=[gradient_norm_penalty]",
+                  "regularizer.gradient_norm_penalty.lam=0.25", "trainer.batch_size=full", "trainer.epochs=1",
+                  "data.n_train=64", "model.width=8", "trainer.threads=1", "trainer.progress=false")
+    m = train(cfg, tmp_path)
+    data = load_data(cfg.data, cfg.seed)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    x, y = data.split("train")
+    params = list(model.parameters())
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    total = loss + 0.25 * sum(g.pow(2).sum() for g in grads)
+    step = torch.autograd.grad(total, params)
+    expected = {k: p.detach() - 0.5 * s for (k, p), s in zip(model.named_parameters(), step)}
+    trained = torch.load(tmp_path / "model.pt", weights_only=True)
+    for k, v in expected.items():
+        assert torch.allclose(trained[k], v, atol=1e-6), k
+    g2 = sum(g.pow(2).sum() for g in grads).item()
+    (_, logged), = read_scalars(tmp_path)["penalty/gradient_norm_penalty"]
+    assert logged == pytest.approx(0.25 * g2, rel=1e-5)
+    assert m["status"] == "completed"
+
+
+def test_small_step_gradient_descent_plus_the_penalty_follows_the_large_step():
+    # Barrett & Dherin 2021: GD with step h follows the flow of L + (h/4)‖∇L‖² up to O(h²), so
+    # step h/4 plus λ = (h − h/4)/4 (what the small step's own term lacks) lands near step h,
+    # while plain step h/4 is O(h) away. Smooth (tanh) model, float64, same time h·steps = 2.
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
+    start = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+    def gd(lr, lam):
+        model, reg = copy.deepcopy(start), make("gradient_norm_penalty", lam=lam)
+        params = list(model.parameters())
+        for _ in range(round(2.0 / lr)):
+            loss = F.cross_entropy(model(x), y)
+            step = torch.autograd.grad(loss + reg.batch_penalty(model, loss, x, y, {}), params)
+            with torch.no_grad():
+                for p, g in zip(params, step):
+                    p -= lr * g
+        return torch.cat([p.detach().flatten() for p in params])
+
+    large, small, penalized = gd(0.2, 0.0), gd(0.05, 0.0), gd(0.05, 0.0375)
+    assert (penalized - large).norm() < 0.25 * (small - large).norm()
+
+
+def test_gradient_norm_penalty_is_refused_by_the_population_engine():
+    from regexp.population import use_population
+
+    points = [{"optimizer.lr": 0.1, "seed": 0}]
+    cfg = compose("regularizer=[gradient_norm_penalty]", "data.n_train=64")
+    assert not use_population(cfg, points)  # auto: trained one run at a time
+    cfg = compose("regularizer=[gradient_norm_penalty]", "data.n_train=64", "sweep.engine=population")
+    with pytest.raises(ConfigError, match="regularizer gradient_norm_penalty .population supports"):
+        use_population(cfg, points)
+
+
 # ---------------------------------------------------------------- early stopping
 def test_early_stopping_counts_patience_on_the_monitor():
     reg = make("early_stopping", monitor="val_loss", patience=2)
@@ -577,6 +703,9 @@ def test_every_regularizer_composes_together():
     ("regularizer.dropconnect.p=1.5", "regularizer.dropconnect.p"),
     ("regularizer.l1.lam=-0.5", "regularizer.l1.lam"),
     ("regularizer.early_stopping.monitor=val_f1", "regularizer.early_stopping.monitor"),
+    ("regularizer.gradient_norm_penalty.mode=batch", "regularizer.gradient_norm_penalty.mode"),
+    ("regularizer.gradient_norm_penalty.micro_batches=0", "regularizer.gradient_norm_penalty.micro_batches"),
+    ("regularizer.gradient_norm_penalty.lam=-1", "regularizer.gradient_norm_penalty.lam"),
 ])
 def test_bad_parameters_give_clear_errors(override, key):
     from regexp.config import validate

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping
+from typing import Any, Dict, Iterable, List, Mapping
 
 from omegaconf import DictConfig
 
@@ -42,11 +42,11 @@ def _given(overrides: Iterable[str], key: str) -> bool:
 
 
 def selected_configs(cfg: DictConfig, group: str, names: List[str], overrides: Iterable[str],
-                     lrs: Mapping[str, float] = None) -> Dict[str, DictConfig]:
-    """One config per name of ``group``; the command line's choice stands in for its own name.
+                     lrs: Mapping[str, float] = None,
+                     settings: Mapping[str, Mapping[str, Any]] = None) -> Dict[str, DictConfig]:
+    """One config per name of ``group``; the command line's choice stands in for its own name,
+    with ``settings`` / ``lrs`` applied as ``with_settings`` does.
 
-    ``lrs`` (optimizers only) replaces each config's ``lr`` — the figure's per-option learning
-    rates — unless ``optimizer.lr`` was given on the command line for the selected optimizer.
     An option chosen on the command line but missing from ``names`` is appended.
     """
     overrides = list(overrides)
@@ -54,11 +54,28 @@ def selected_configs(cfg: DictConfig, group: str, names: List[str], overrides: I
     names = list(names)
     if _given(overrides, group) and chosen.name not in names:
         names.append(chosen.name)
+    configs = {name: copy.deepcopy(chosen) if name == chosen.name else group_config(group, name)
+               for name in names}
+    return with_settings(cfg, group, configs, overrides, lrs, settings)
+
+
+def with_settings(cfg: DictConfig, group: str, configs: Mapping[str, DictConfig], overrides: Iterable[str],
+                  lrs: Mapping[str, float] = None,
+                  settings: Mapping[str, Mapping[str, Any]] = None) -> Dict[str, DictConfig]:
+    """Copies of ``configs`` with the figure's own per-option values: ``settings`` (name ->
+    {key: value}, checked by the caller) replaces those keys, ``lrs`` (name -> lr) the ``lr``.
+    A key given on the command line for the selected option (``optimizer.lr=...``) wins over both.
+    """
+    overrides = list(overrides)
     out: Dict[str, DictConfig] = {}
-    for name in names:
-        own = name == chosen.name
-        c = copy.deepcopy(chosen) if own else group_config(group, name)
-        if lrs and name in lrs and not (own and _given(overrides, f"{group}.lr")):
-            c.lr = float(lrs[name])
+    for name, base in configs.items():
+        own = name == cfg[group].name
+        c = copy.deepcopy(base)
+        replace = dict((settings or {}).get(name, {}))
+        if lrs and name in lrs:
+            replace["lr"] = float(lrs[name])
+        for key, value in replace.items():
+            if not (own and _given(overrides, f"{group}.{key}")):
+                c[key] = value
         out[name] = c
     return out

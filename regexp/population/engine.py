@@ -33,7 +33,6 @@ from regexp.population.member import Member, checkpoint_dict, finish, finite, wr
 from regexp.population.noise import StepNoise
 from regexp.population.optim import StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
-from regexp.regularizers.base import Regularizer
 from regexp.train.io import save_torch
 from regexp.train.signals import StopFlag
 
@@ -75,7 +74,7 @@ class LossTerms:
 
     def __init__(self, members: List[Member], device: torch.device):
         # As in train(): only regularizers that define a penalty add a term (and a curve).
-        self.reg_names = [r.name for r in members[0].regs if type(r).penalty is not Regularizer.penalty]
+        self.reg_names = [r.name for r in members[0].regs if r.penalizes()]
         eps = [_reg(m, "label_smoothing", "eps") for m in members]
         self.eps_common = eps[0] if all(e == eps[0] for e in eps) else None
         self.eps = torch.tensor(eps, device=device).view(-1, 1)

@@ -14,6 +14,9 @@ default, so a regularizer overrides only what it changes:
   losses of an ensemble; None keeps the ordinary cross-entropy.
 - ``penalty(model)``: a term added to the loss (norm penalties, priors); logged as
   ``penalty/<name>``.
+- ``batch_penalty(model, loss, x, y, loss_kwargs)``: the same, for a term that needs the
+  training batch and its data loss (a penalty on the loss's gradient differentiates the
+  loss); by default the ``penalty(model)`` above.
 - ``before_step(model)``: after backward and gradient clipping, right before the optimizer
   step (decoupled weight decay shrinks the weights there, as AdamW does).
 - ``after_step(model)``: after each optimizer step.
@@ -100,6 +103,15 @@ class Regularizer:
 
     def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
         return None
+
+    def batch_penalty(self, model: nn.Module, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      loss_kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+        return self.penalty(model)
+
+    @classmethod
+    def penalizes(cls) -> bool:
+        """Whether it adds a loss term (and a ``penalty/<name>`` curve)."""
+        return cls.penalty is not Regularizer.penalty or cls.batch_penalty is not Regularizer.batch_penalty
 
     def before_step(self, model: nn.Module) -> None:
         pass

@@ -27,7 +27,7 @@ from regexp.models import build_model, count_params
 from regexp.optim import build_optimizer, build_scheduler
 from regexp.probes.runner import build_probes, tags as probe_tags
 from regexp.regularizers import build_regularizers
-from regexp.regularizers.base import Context, Regularizer
+from regexp.regularizers.base import Context
 from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
 from regexp.train.rundir import save_hydra_files
 from regexp.train.threads import set_threads, step_flops
@@ -206,7 +206,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     total_steps = t.epochs * steps_per_epoch
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     # Only regularizers that define a penalty add a loss term (and a penalty/<name> curve).
-    penalizers = [r for r in regs if type(r).penalty is not Regularizer.penalty]
+    penalizers = [r for r in regs if r.penalizes()]
     loss_kwargs: Dict[str, Any] = {}
     for r in regs:
         loss_kwargs.update(r.loss_kwargs())
@@ -286,7 +286,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                                  if l is not None), None)
                     if loss is None:
                         loss = F.cross_entropy(logits, yb, **loss_kwargs)
-                    terms = [loss] + [r.penalty(model) for r in penalizers]
+                    terms = [loss] + [r.batch_penalty(model, loss, xb, yb, loss_kwargs) for r in penalizers]
                     total = loss if len(terms) == 1 else sum(terms)
                     optimizer.zero_grad(set_to_none=True)
                     total.backward()
