@@ -123,3 +123,10 @@ def test_sam_config_checks_and_population_refusal(compose_cfg):
         use_population(compose_cfg(base + ["sweep.engine=population"]), [{"seed": 0}])
     # ASAM's radius may exceed 1 (Adadelta's rho may not)
     validate(compose_cfg(["optimizer=sam", "optimizer.rho=2.0", "optimizer.adaptive=true"]))
+
+
+@pytest.mark.parametrize("experiment", ["function_fits", "optimizer_paths"])
+def test_tasks_with_their_own_loop_refuse_sam(cli, experiment):
+    bad = cli([f"+experiment={experiment}", "optimizer=sam"], check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: optimizer='sam' is invalid: expected ")
