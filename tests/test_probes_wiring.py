@@ -40,6 +40,8 @@ def test_probes_write_metrics_history_scalars_and_density_figure(compose_cfg, tm
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     assert acc.Tags()["images"] == ["probe/hessian_density"]
+    (image,) = acc.Images("probe/hessian_density")
+    assert image.step == 3 and image.encoded_image_string == (tmp_path / "hessian_density.png").read_bytes()
     # a sweep's results row carries the final values
     from regexp.results import run_row
     row = run_row(tmp_path)

@@ -7,6 +7,7 @@ carries, so a resumed run measures as an uninterrupted one would.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -68,9 +69,11 @@ class Probes:
                 fig.canvas.draw()
                 rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
                 plt.close(fig)
+                buf = io.BytesIO()
+                Image.fromarray(rgb).save(buf, format="PNG")
                 path = Path(out_dir) / f"{name}.png"
-                Image.fromarray(rgb).save(path)
-                tb.image(f"probe/{name}", rgb, epoch)
+                path.write_bytes(buf.getvalue())
+                tb.png(f"probe/{name}", buf.getvalue(), *rgb.shape[:2], epoch)
                 paths.append(path)
         return paths
 
