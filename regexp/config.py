@@ -126,6 +126,26 @@ class AdamConfig:
     weight_decay: float = 0.0  # decoupled (AdamW) decay; only adamw sets it
 
 
+@dataclass
+class SAMConfig:
+    """SAM / ASAM (regexp/optim/sam.py) around a base optimizer; the base's own keys (momentum
+    for sgd/momentum/nesterov, betas and eps for adam/adamw) keep their meaning."""
+    name: str = "sam"
+    base: str = "sgd"  # sgd|momentum|nesterov|adam|adamw
+    lr: float = 0.05
+    rho: float = 0.05  # radius of the ascent step (Foret et al. 2021 use 0.05 with SGD)
+    adaptive: bool = False  # ASAM (Kwon et al. 2021): the ball scaled by |w| + eta
+    eta: float = 0.01
+    momentum: float = 0.0
+    nesterov: bool = False
+    dampening: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    amsgrad: bool = False
+    weight_decay: float = 0.0  # decoupled decay of base=adamw
+
+
 # ---------------------------------------------------------------- schedulers
 @dataclass
 class SchedulerConfig:
@@ -177,6 +197,17 @@ class SweepConfig:
     shards: int = 1
 
 
+# ---------------------------------------------------------------- probes
+@dataclass
+class ProbeConfig:
+    """``probe=[hessian,sharpness]``: measurements of the model during and after training
+    (regexp/probes/); each chosen probe fills its field with its own schema."""
+    every: int = 0  # epochs between measurements; 0: only at the end of the run
+    batch_size: int = 256  # the fixed probe batch, drawn from the training set by the seed
+    hessian: Optional[Any] = None
+    sharpness: Optional[Any] = None
+
+
 # ---------------------------------------------------------------- the whole run
 @dataclass
 class RunConfig:
@@ -188,6 +219,7 @@ class RunConfig:
     scheduler: Any = MISSING
     # One entry per active regularizer, keyed by its name (``regularizer=[a,b]``).
     regularizer: Dict[str, Any] = field(default_factory=dict)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # In-process sweeps (task=sweep and the experiments built on it).
@@ -200,14 +232,16 @@ MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig, "transformer": TransformerC
 OPTIMIZER_SCHEMAS = {
     "sgd": SGDConfig, "momentum": SGDConfig, "nesterov": SGDConfig,
     "adagrad": AdagradConfig, "rmsprop": RMSpropConfig, "adadelta": AdadeltaConfig,
-    "adam": AdamConfig, "adamw": AdamConfig,
+    "adam": AdamConfig, "adamw": AdamConfig, "sam": SAMConfig,
 }
+SAM_BASES = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULERS = ("constant", "step", "cosine", "warmup_cosine", "cosine_restarts")
 DATASETS = ("mnist1d", "mnist", "fashion_mnist", "cifar10")
 
 
 def register_configs() -> None:
     """Put every schema into Hydra's ConfigStore (idempotent)."""
+    from regexp.probes import PROBES
     from regexp.regularizers import REGULARIZERS
 
     cs = ConfigStore.instance()
@@ -221,6 +255,8 @@ def register_configs() -> None:
     for name, reg in REGULARIZERS.items():
         cs.store(group="regularizer", name=f"base_{name}", node=reg.Config,
                  package=f"regularizer.{name}")
+    for name, probe in PROBES.items():
+        cs.store(group="probe", name=f"base_{name}", node=probe.Config, package=f"probe.{name}")
 
 
 # ---------------------------------------------------------------- range checks
@@ -231,6 +267,13 @@ def _check(ok: bool, key: str, value: Any, valid: str) -> None:
 
 def _choice(key: str, value: Any, options) -> None:
     _check(value in options, key, value, "one of " + ", ".join(map(str, options)))
+
+
+def check_ranges(ranges: Dict[str, Tuple[Any, str]], cfg: Any, prefix: str) -> None:
+    """Each ``key -> (predicate, description of valid values)`` of a regularizer's or probe's
+    ``ranges``, on its config node ``prefix``."""
+    for key, (ok, valid) in ranges.items():
+        _check(ok(cfg[key]), f"{prefix}.{key}", cfg[key], valid)
 
 
 # numpy's global seed (np.random.seed) takes 0 <= seed < 2**32; torch and random take more, so
@@ -342,13 +385,17 @@ def _override_values(override: Any) -> List[Any]:
     return [override.value()]
 
 
+# Groups chosen as a list (``regularizer=[a,b]``), each entry composed into ``<group>.<name>``.
+LIST_GROUPS = ("regularizer", "probe")
+
+
 def check_overrides(overrides: Sequence[str]) -> None:
     """Check the command line's overrides before Hydra composes them; raise ConfigError.
 
     - a malformed override (``model.channels=[1,2``): Hydra's parser error does not name it;
       this names the key and the override.
-    - a regularizer listed twice (``regularizer=[dropout,dropout]``): Hydra composes both
-      entries into the one ``regularizer.dropout`` node, so the second would silently vanish.
+    - a regularizer or probe listed twice (``regularizer=[dropout,dropout]``): Hydra composes
+      both entries into the one ``regularizer.dropout`` node, so the second would silently vanish.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -359,8 +406,8 @@ def check_overrides(overrides: Sequence[str]) -> None:
             override = parser.parse_override(line)
         except HydraException as e:
             raise ConfigError(override_parse_message(line, e)) from None
-        if override.key_or_group != "regularizer" or override.package is not None \
-                or override.is_delete():
+        group = override.key_or_group
+        if group not in LIST_GROUPS or override.package is not None or override.is_delete():
             continue
         for value in _override_values(override):
             names = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -368,9 +415,9 @@ def check_overrides(overrides: Sequence[str]) -> None:
             for name in names:
                 if name in seen:
                     raise ConfigError(
-                        f"regularizer={_fmt_list(names)} is invalid: {name} is listed twice; "
-                        "expected each regularizer at most once (set its parameters with "
-                        f"regularizer.{name}.KEY=VALUE)")
+                        f"{group}={_fmt_list(names)} is invalid: {name} is listed twice; "
+                        f"expected each {group} at most once (set its parameters with "
+                        f"{group}.{name}.KEY=VALUE)")
                 seen.add(name)
 
 
@@ -396,10 +443,14 @@ def check_optimizer(o: DictConfig, where: str = "optimizer") -> None:
     (experiments that set several optimizers' keys name their own ``extra.*`` entry)."""
     _check(o.lr > 0, f"{where}.lr", o.lr, "a number > 0")
     for key in ("momentum", "alpha", "rho", "beta1", "beta2", "dampening"):
-        if key in o:
+        if key in o and not (key == "rho" and o.name == "sam"):  # SAM's rho is a radius
             _check(0.0 <= o[key] < 1.0, f"{where}.{key}", o[key], "a number in [0, 1)")
     if "eps" in o:
         _check(o.eps >= 0, f"{where}.eps", o.eps, "a number >= 0")
+    if o.name == "sam":
+        _choice(f"{where}.base", o.base, SAM_BASES)
+        _check(o.rho > 0, f"{where}.rho", o.rho, "a number > 0 (the radius of SAM's ascent step)")
+        _check(o.eta >= 0, f"{where}.eta", o.eta, "a number >= 0")
     for key in ("weight_decay", "initial_accumulator_value"):
         if key in o:
             _check(o[key] >= 0, f"{where}.{key}", o[key], "a number >= 0")
@@ -412,6 +463,7 @@ def validate(cfg: DictConfig) -> None:
     then the ranges of each group.
     """
     from regexp.models import ACTIVATIONS, INITS, NORMS
+    from regexp.probes import PROBES
     from regexp.regularizers import REGULARIZERS
 
     check_known_keys(cfg)
@@ -499,6 +551,13 @@ def validate(cfg: DictConfig) -> None:
     for name, rcfg in cfg.regularizer.items():
         _choice("regularizer", name, tuple(REGULARIZERS))
         REGULARIZERS[name].validate(rcfg, f"regularizer.{name}")
+
+    p = cfg.probe
+    _check(p.every >= 0, "probe.every", p.every, "an integer >= 0 (epochs between probes; 0: only at the end)")
+    _check(p.batch_size >= 2, "probe.batch_size", p.batch_size, "an integer >= 2")
+    for name, probe in PROBES.items():
+        if p[name] is not None:
+            probe.validate(p[name], f"probe.{name}")
 
 
 class ValidateOnRunStart(Callback):

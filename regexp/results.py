@@ -148,6 +148,8 @@ def run_row(run_dir: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     row["overrides"] = " ".join(overrides)
     for k, v in flatten(metrics.get("extra") or {}, "extra").items():
         row[k] = v
+    for k, v in (metrics.get("probes") or {}).items():  # the final weights' probe values
+        row[f"probes.{k}"] = _number(v)
     return row
 
 

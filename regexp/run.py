@@ -153,6 +153,10 @@ def _missing_config(e: Any) -> str:
         from regexp.regularizers import REGULARIZERS
 
         options = sorted(REGULARIZERS)
+    if not options and group == "probe":
+        from regexp.probes import PROBES
+
+        options = sorted(PROBES)
     valid = f"expected one of {', '.join(options)}" if options else "no such config"
     return f"{group}={name} is invalid: could not find '{e.missing_cfg_file}'; {valid}"
 

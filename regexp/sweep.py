@@ -80,6 +80,8 @@ def result_row(point: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]
     row["best_val_error"] = 1.0 - best["val_acc"] if "val_acc" in best else ""
     row["best_test_error"] = 1.0 - best["test_acc"] if "test_acc" in best else ""
     row["wall_s"] = metrics.get("wall_s", "")
+    for k, v in (metrics.get("probes") or {}).items():  # probe=[...]: the final weights' values
+        row[f"probes.{k}"] = v
     return row
 
 

@@ -27,6 +27,12 @@ crossover FLOP count above which 2 threads are >= 1.2x faster.
 
     python scripts/bench.py --thread-scaling [--repeats 5] [--batches 32,100,300,1000] [--wait-idle 20]
 
+``--probes``: the default run (MLP 40-100-100-10, MNIST-1D, Adam, 20 epochs) without and
+with ``probe=[...]`` at its defaults (or ``--set`` overrides), alternating; prints the median
+wall and CPU time of each and their ratio (the probes' budget: at most 1.2x).
+
+    python scripts/bench.py --probes [hessian,sharpness] [--set probe.every=5] [--repeats 3]
+
 Use ``--threads`` (default 1) for all contenders alike; timings on a shared machine vary, so
 the ratio of interleaved runs is the figure to read, not an absolute time.
 """
@@ -163,6 +169,35 @@ def single(args) -> None:
     print(f"plain PyTorch (DataLoader): {p:8.1f} steps/s   {[round(v) for v in rates['plain']]}")
     print(f"regexp trainer:             {q:8.1f} steps/s   {[round(v) for v in rates['regexp']]}")
     print(f"ratio regexp / plain: {q / p:.2f}x (target >= 1.5x)")
+
+
+def probes(args) -> None:
+    """The default run (MLP on MNIST-1D, Adam, 20 epochs) with and without probes, alternating."""
+    from regexp.train.trainer import train
+
+    base = ["trainer.progress=false", f"trainer.threads={args.threads}", f"trainer.epochs={args.epochs}"]
+    contenders = {"no probes": base, "probes": base + [f"probe=[{args.probes}]", *args.set]}
+    wall: Dict[str, List[float]] = {k: [] for k in contenders}
+    cpu: Dict[str, List[float]] = {k: [] for k in contenders}
+    probe_s: List[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, over in contenders.items():  # warm-up, not timed (imports, caches)
+            train(compose(over + ["trainer.epochs=1"]), Path(tmp) / f"warm {name}", [])
+        for r in range(args.repeats):
+            for name, over in contenders.items():
+                torch.set_num_threads(args.threads)
+                t, c = time.perf_counter(), time.process_time()
+                train(compose(over), Path(tmp) / f"{name} {r}", [])
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+    med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in contenders}
+    (w0, c0), (w1, c1) = med["no probes"], med["probes"]
+    print(f"workload: MLP 40-100-100-10, MNIST-1D, batch 100, Adam, {args.epochs} epochs, "
+          f"probe=[{args.probes}] {' '.join(args.set)} (defaults otherwise), {args.threads} thread(s), "
+          f"{args.repeats} alternating repeats (medians)")
+    for k, (w, c) in med.items():
+        print(f"{k:10s} wall {w:6.2f} s  cpu {c:6.2f} s   walls {[round(v, 2) for v in wall[k]]}")
+    print(f"ratio probes / no probes: wall {w1 / w0:.2f}x, cpu {c1 / c0:.2f}x (target <= 1.20x)")
 
 
 def sweep(args) -> None:
@@ -349,6 +384,8 @@ def thread_scaling(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="the three-way sweep comparison (A, B, C)")
+    ap.add_argument("--probes", nargs="?", const="hessian,sharpness", default=None, metavar="NAMES",
+                    help="the default run with and without probes (default: hessian,sharpness)")
     ap.add_argument("--thread-scaling", action="store_true",
                     help="1 vs 2 threads per training step across model sizes (trainer.threads=auto)")
     ap.add_argument("--batches", default="32,100,300,1000", help="thread-scaling batch sizes")
@@ -364,13 +401,14 @@ def main(argv=None) -> None:
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"), help="sweep optimizer")
     ap.add_argument("--eval-every", type=int, default=1, help="sweep: evaluate every this many epochs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="sweep: extra Hydra override for B and C (e.g. logger.histogram_every=0)")
+                    help="sweep: extra Hydra override for B and C (e.g. logger.histogram_every=0); "
+                         "probes: for the run with probes")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="sweep device for B and C")
     args = ap.parse_args(argv)
     args.epochs = args.epochs or (3 if args.sweep else 20)
     args.repeats = args.repeats or (5 if args.thread_scaling else 2 if args.sweep else 3)
     torch.set_num_threads(args.threads)
-    (thread_scaling if args.thread_scaling else sweep if args.sweep else single)(args)
+    (thread_scaling if args.thread_scaling else sweep if args.sweep else probes if args.probes else single)(args)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ from regexp.tasks import register_task
 
 LABELS = {"sgd": "gd"}  # full-batch on a known function: plain gradient descent
 
+# Every optimizer but SAM, whose step needs the loss again at w + ε (a closure); a path steps
+# on a bare gradient.
+PATH_OPTIMIZERS = {k: v for k, v in OPTIMIZER_SCHEMAS.items() if k != "sam"}
+
 
 @dataclass(frozen=True)
 class TestFunction:
@@ -104,10 +108,10 @@ def check_settings(table: Dict[str, Dict[str, Dict[str, Any]]]) -> None:
             raise ConfigError(unknown_key_message(f"extra.settings.{fname}", "extra.settings", list(FUNCTIONS)))
         for oname, values in per_optimizer.items():
             where = f"extra.settings.{fname}.{oname}"
-            if oname not in OPTIMIZER_SCHEMAS:
+            if oname not in PATH_OPTIMIZERS:
                 raise ConfigError(unknown_key_message(where, f"extra.settings.{fname} (the optimizers)",
-                                                      list(OPTIMIZER_SCHEMAS)))
-            base = OmegaConf.structured(OPTIMIZER_SCHEMAS[oname])
+                                                      list(PATH_OPTIMIZERS)))
+            base = OmegaConf.structured(PATH_OPTIMIZERS[oname])
             keys = [k for k in base if k != "name"]
             for key in values:
                 if key not in keys:
@@ -227,7 +231,9 @@ def _draw(ax, p: torch.Tensor, box: Box, escaped: bool, label: str, color: str) 
 def optimizer_paths(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool) -> Dict:
     s = settings(cfg, Settings, "optimizer_paths")
     require_choices("extra.functions", s.functions, FUNCTIONS)
-    require_choices("extra.optimizers", s.optimizers, OPTIMIZER_SCHEMAS)
+    require_choices("extra.optimizers", s.optimizers, PATH_OPTIMIZERS)
+    require(cfg.optimizer.name in PATH_OPTIMIZERS, "optimizer", cfg.optimizer.name,
+            "one of " + ", ".join(PATH_OPTIMIZERS) + " (sam's two passes need a loss, not a test function's gradient)")
     require_choices("extra.steps", s.steps, FUNCTIONS)
     for name in s.functions:
         require(s.steps.get(name, 0) >= 1, f"extra.steps.{name}", s.steps.get(name), "an integer >= 1")

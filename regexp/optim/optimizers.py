@@ -1,6 +1,7 @@
 """``optimizer=NAME``: torch optimizers under the textbooks' names.
 
-``sgd`` is plain (stochastic) gradient descent; with ``trainer.batch_size=full`` it is
+``sam`` wraps any of sgd, momentum, nesterov, adam, adamw (``optimizer.base``) in SAM's
+two-pass step (``regexp/optim/sam.py``). ``sgd`` is plain (stochastic) gradient descent; with ``trainer.batch_size=full`` it is
 gradient descent. ``momentum`` and ``nesterov`` are SGD with heavy-ball / Nesterov momentum.
 SGD, Adagrad, Adam and AdamW use torch's fused kernels; RMSprop and AdaDelta, which have
 none, the ``foreach`` (multi-tensor) implementation.
@@ -14,6 +15,7 @@ from typing import Callable, Dict, List
 import torch
 
 from regexp.errors import ConfigError
+from regexp.optim.sam import SAM
 
 
 def _impl(device: torch.device) -> dict:
@@ -51,15 +53,26 @@ def _adamw(c, groups, dev):
                              amsgrad=c.amsgrad, weight_decay=c.weight_decay, **_impl(dev))
 
 
+def _sam(c, groups, dev):
+    # the base reads its own keys (lr, momentum, betas ...) from the same config node
+    _check_momentum(c.base, c.momentum)
+    return SAM(OPTIMIZERS[c.base](c, groups, dev), c.rho, c.adaptive, c.eta)
+
+
 OPTIMIZERS: Dict[str, Callable] = {
     "sgd": _sgd, "momentum": _sgd, "nesterov": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop,
-    "adadelta": _adadelta, "adam": _adam, "adamw": _adamw,
+    "adadelta": _adadelta, "adam": _adam, "adamw": _adamw, "sam": _sam,
 }
+
+
+def _check_momentum(name: str, momentum: float) -> None:
+    if name == "nesterov" and momentum <= 0:
+        raise ConfigError(f"optimizer.momentum={momentum} is invalid for {name}: expected > 0")
 
 
 def build_optimizer(cfg, groups: List[dict], device: torch.device) -> torch.optim.Optimizer:
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name={cfg.name!r} is unknown: expected one of {', '.join(OPTIMIZERS)}")
-    if cfg.name == "nesterov" and cfg.momentum <= 0:
-        raise ConfigError(f"optimizer.momentum={cfg.momentum} is invalid for nesterov: expected > 0")
+    if cfg.name == "nesterov":
+        _check_momentum(cfg.name, cfg.momentum)
     return OPTIMIZERS[cfg.name](cfg, groups, device)

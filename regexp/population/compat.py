@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from regexp.probes.runner import active
+
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 REGULARIZERS = ("weight_decay", "dropout", "label_smoothing", "input_noise", "weight_noise")
@@ -41,7 +43,14 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
     if cfg.trainer.grad_clip:
         return "trainer.grad_clip is set"
+    probes = active(cfg.probe)
+    if probes:
+        return f"probe={_fmt(probes)} (population runs no probes; a lone run measures them)"
     return None
+
+
+def _fmt(names: Sequence[str]) -> str:
+    return "[" + ",".join(names) + "]"
 
 
 def shared_part(point: Dict[str, Any]) -> Dict[str, Any]:

@@ -36,7 +36,6 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 
-from regexp.errors import ConfigError
 
 REGULARIZERS: Dict[str, Type["Regularizer"]] = {}
 
@@ -79,9 +78,9 @@ class Regularizer:
 
     @classmethod
     def validate(cls, cfg, prefix: str) -> None:
-        for key, (ok, valid) in cls.ranges.items():
-            if not ok(cfg[key]):
-                raise ConfigError(f"{prefix}.{key}={cfg[key]!r} is invalid: expected {valid}")
+        from regexp.config import check_ranges
+
+        check_ranges(cls.ranges, cfg, prefix)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model

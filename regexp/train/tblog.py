@@ -53,6 +53,14 @@ class TBLogger:
         if self.writer:
             self.writer.add_figure(tag, fig, step)
 
+    def png(self, tag: str, data: bytes, height: int, width: int, step: int = 0) -> None:
+        """An RGB image already encoded as PNG (``add_image`` would encode it once more)."""
+        if self.writer:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=data)
+            self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
     def hparams(self, hparams: Dict[str, object]) -> None:
         """Record the run's hyperparameters as TensorBoard's HParams *session start* (only that).
 

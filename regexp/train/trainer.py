@@ -25,6 +25,7 @@ from regexp.data import load_data
 from regexp.errors import ConfigError
 from regexp.models import build_model, count_params
 from regexp.optim import build_optimizer, build_scheduler
+from regexp.probes.runner import build_probes, tags as probe_tags
 from regexp.regularizers import build_regularizers
 from regexp.regularizers.base import Context
 from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
@@ -38,7 +39,8 @@ SPLITS = ("train", "val", "test")
 # The device and the data folder may change too: a run moved to another machine goes on there.
 RESUMABLE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.progress", "trainer.checkpoint_every",
                   "trainer.threads", "trainer.device", "data.root", "logger")
-RUN_FILES = ("metrics.json", "checkpoint.pt", "model.pt", "best_model.pt", "label_noise.json")
+RUN_FILES = ("metrics.json", "checkpoint.pt", "model.pt", "best_model.pt", "label_noise.json",
+             "hessian_density.png")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,6 +200,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     for r in regs:
         groups += r.param_groups()
     optimizer = build_optimizer(cfg.optimizer, groups, device)
+    two_pass = getattr(optimizer, "needs_closure", False)
     ctx.optimizer = optimizer
     steps_per_epoch = math.ceil(n / bs)
     total_steps = t.epochs * steps_per_epoch
@@ -210,10 +213,12 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     tensors = {s: tuple(v.to(device) for v in data.split(s)) for s in SPLITS}
     x_train, y_train = tensors["train"]
     order = torch.Generator().manual_seed(cfg.seed)  # data order, separate from dropout & noise
+    probes = build_probes(cfg.probe, x_train, y_train, cfg.seed, t.eval_batch_size)
 
     # ---- state, fresh or from the last checkpoint
     epoch, step_in_epoch, perm = 0, 0, None
     history: List[Dict[str, float]] = []
+    probe_history: List[Dict[str, float]] = []  # one row per measurement: epoch and probe values
     best: Optional[Dict[str, float]] = None
     best_state = None
     if ck is not None:
@@ -224,6 +229,9 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
             r.load_state_dict(s)
         epoch, step_in_epoch, history = ck["epoch"], ck["step_in_epoch"], ck["history"]
         best, best_state = ck["best"], ck["best_state"]
+        probe_history = ck["probe_history"]
+        if probes is not None:
+            probes.load_state_dict(ck["probes"])
         perm = ck["perm"].to(device) if ck["perm"] is not None else None
         running = list(ck["running"].to(device).unbind())
         order.set_state(ck["order"])
@@ -236,7 +244,8 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "regularizers": [r.state_dict() for r in regs],
             "history": history, "best": best, "best_state": best_state, "order": order.get_state(),
-            "rng": rng_state()})
+            "rng": rng_state(), "probe_history": probe_history,
+            "probes": probes.state_dict() if probes is not None else None})
 
     # The best epoch: highest val accuracy (ties: lower val loss), unless a regularizer such as
     # early stopping on val_loss says otherwise.
@@ -269,23 +278,31 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                 xb, yb = x_train[idx], y_train[idx]
                 for r in regs:
                     xb, yb = r.transform_batch(xb, yb, model)
-                logits = model(xb)
-                # regularizer hook: a regularizer may replace the data loss (ensemble, bagging)
-                loss = next((l for l in (r.data_loss(model, logits, yb, idx, loss_kwargs) for r in regs)
-                             if l is not None), None)
-                if loss is None:
-                    loss = F.cross_entropy(logits, yb, **loss_kwargs)
-                terms = [loss] + [r.batch_penalty(model, loss, xb, yb, loss_kwargs) for r in penalizers]
-                total = loss if len(terms) == 1 else sum(terms)
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if t.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+
+                def backward(xb=xb, yb=yb, idx=idx):
+                    logits = model(xb)
+                    # regularizer hook: a regularizer may replace the data loss (ensemble, bagging)
+                    loss = next((l for l in (r.data_loss(model, logits, yb, idx, loss_kwargs) for r in regs)
+                                 if l is not None), None)
+                    if loss is None:
+                        loss = F.cross_entropy(logits, yb, **loss_kwargs)
+                    terms = [loss] + [r.batch_penalty(model, loss, xb, yb, loss_kwargs) for r in penalizers]
+                    total = loss if len(terms) == 1 else sum(terms)
+                    optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    if t.grad_clip:
+                        nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    return terms
+
+                terms = backward()
                 if i == steps_per_epoch - 1 and cfg.logger.grad_norms:
                     grad_norms = layer_grad_norms(model)
                 for r in regs:  # regularizer hook: decoupled weight decay acts here
                     r.before_step(model)
-                optimizer.step()
+                if two_pass:  # SAM: the same batch's gradient once more, at the ascended weights
+                    optimizer.step(lambda: backward()[0])
+                else:
+                    optimizer.step()
                 scheduler.step()
                 for r in regs:
                     r.after_step(model)
@@ -334,6 +351,11 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                     stop_reason = "early_stopping"
                 if on_epoch is not None and on_epoch(dict(row)):
                     stop_reason = "pruned"
+            # periodic probes; the last epoch's is the end-of-run measurement below
+            if probes is not None and probes.due(epoch) and epoch < t.epochs and stop_reason is None:
+                values = probes.measure(model)
+                probe_history.append({"epoch": epoch, **values})
+                logs.update(probe_tags(values))
             tb.scalars(logs, epoch)
             for r in regs:
                 r.log(tb, epoch)
@@ -357,12 +379,18 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         checkpoint(status)
     final = history[-1] if history else None
     extra: Dict[str, float] = {}
+    final_probes: Dict[str, float] = {}
     if status == "completed":
         if best_state is not None and any(r.restores_best for r in regs):
             model.load_state_dict(best_state)
             final = best
         for r in regs:
             extra.update(r.report(model, tensors, lambda m, x, y: evaluate(m, x, y, t.eval_batch_size)))
+        if probes is not None:  # on the final weights, those model.pt holds
+            final_probes = probes.measure(model)
+            probe_history.append({"epoch": epoch, **final_probes})
+            tb.scalars(probe_tags(final_probes), epoch)
+            probes.save_figures(out_dir, tb, epoch)
         save_torch(out_dir / "model.pt", model.state_dict())
         if best_state is not None:
             save_torch(out_dir / "best_model.pt", best_state)
@@ -373,6 +401,9 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         "threads": threads, "threads_reason": threads_why,
         "overrides": list(overrides), "extra": extra, "history": history, "config": config,
     }
+    if probes is not None:
+        metrics["probes"] = final_probes  # the final weights' values; none if the run did not complete
+        metrics["probe_history"] = probe_history
     if stop_reason == "early_stopping":
         metrics["stopped_epoch"] = epoch
     if status == "diverged":
@@ -394,13 +425,13 @@ def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0) -> Dic
     has the same keys (per model, optimizer, ... kind) whatever its overrides: ``seed``, all of
     ``data.*``, ``model.*``, ``optimizer.*``, ``scheduler.*``, ``regularizer.<name>.*`` and
     ``trainer.*``, and ``regularizers``, the regularizers' names ("none" for none). Left out:
-    ``task``, ``sweep.*``, ``logger.*``, ``extra.*`` (plot settings), ``data.root``,
+    ``task``, ``sweep.*``, ``logger.*``, ``probe.*`` (measurements, not training), ``extra.*`` (plot settings), ``data.root``,
     ``data.download`` and the trainer's bookkeeping switches. Numbers, booleans and strings
     stay as they are; None is "None" and a list its JSON text. The overrides need no entry of
     their own (their keys are config keys), and the parameter count is a metric
     (``TBLogger.final_metrics``); both arguments are kept for the callers.
     """
-    skip = {"task", "sweep", "logger", "extra", "hydra", "data.root", "data.download", "trainer.progress",
+    skip = {"task", "sweep", "logger", "extra", "hydra", "probe", "data.root", "data.download", "trainer.progress",
             "trainer.resume", "trainer.overwrite", "trainer.checkpoint_every", "trainer.eval_batch_size"}
     hp: Dict[str, Any] = {}
 
