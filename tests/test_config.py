@@ -13,6 +13,10 @@ from regexp.regularizers import REGULARIZERS, build_regularizers
 from regexp.regularizers.base import Context
 
 
+# Options that configure another option's model (the MNIST-1D paper's CNN is model.name=cnn).
+PRESETS = {"cnn_mnist1d": "cnn"}
+
+
 def options(group: str):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
@@ -23,7 +27,7 @@ def test_every_group_option_composes_and_validates(compose_cfg, group):
         cfg = compose_cfg([f"{group}={name}"])
         validate(cfg)
         if group in ("model", "optimizer", "scheduler", "data"):
-            assert cfg[group].name == name
+            assert cfg[group].name == PRESETS.get(name, name)
 
 
 def test_every_model_optimizer_scheduler_instantiates(compose_cfg):
@@ -64,7 +68,7 @@ def test_every_experiment_composes(compose_cfg):
     ("data.label_noise=1.5", "data.label_noise=1.5 is invalid: expected a number in [0, 1]"),
     ("data.val_fraction=1", "data.val_fraction=1.0 is invalid"),
     ("model.width=0", "model.width=0 is invalid: expected an integer >= 1"),
-    ("model.depth=0", "model.depth=0 is invalid: expected an integer >= 1"),
+    ("model.depth=-1", "model.depth=-1 is invalid: expected an integer >= 0 (0: logistic regression)"),
     ("model.activation=swish", "model.activation='swish' is invalid: expected one of relu, tanh"),
     ("trainer.batch_size=-3", "trainer.batch_size=-3 is invalid"),
     ("trainer.batch_size=half", "trainer.batch_size='half' is invalid: expected an integer >= 1 or \"full\""),
@@ -106,6 +110,16 @@ def test_out_of_range_values_are_rejected(compose_cfg, override, message):
     (["optimizer=adamw", "optimizer.weight_decay=-0.01"], "optimizer.weight_decay=-0.01 is invalid: expected a number >= 0"),
     (["optimizer=adagrad", "optimizer.initial_accumulator_value=-1"],
      "optimizer.initial_accumulator_value=-1.0 is invalid: expected a number >= 0"),
+    (["model=cnn", "model.kernel_size=[5,3,3]"], "model.kernel_size=[5, 3, 3] is invalid: expected an integer "
+     ">= 1 or a list of 2 of them, one per entry of model.channels"),
+    (["model=cnn_mnist1d", "model.stride=[2,2]"], "model.stride=[2, 2] is invalid: expected an integer >= 1 or a "
+     "list of 3 of them"),
+    (["model=cnn", "model.padding=-1"], "model.padding=-1 is invalid: expected an integer >= 0 or a list of 2 of "
+     "them, one per entry of model.channels, or null (kernel_size // 2)"),
+    (["model=cnn", "model.head=pool"], "model.head='pool' is invalid: expected one of gap, flatten"),
+    (["model=gru", "model.head=mean"], "model.head='mean' is invalid: expected one of flatten, last"),
+    (["model=gru", "model.hidden_size=0"], "model.hidden_size=0 is invalid: expected an integer >= 1"),
+    (["model=gru", "model.init=xavier"], "model.init='xavier' is invalid: expected default (model=gru keeps"),
     (["model=transformer", "model.mlp_ratio=0"], "model.mlp_ratio=0.0 is invalid: expected a number > 0"),
     (["model=transformer", "model.mlp_ratio=-2"], "model.mlp_ratio=-2.0 is invalid: expected a number > 0"),
     # > 0 but int(64 * 0.01) = 0 hidden units in the feed-forward block

@@ -209,3 +209,19 @@ def test_hidden_unit_regularizers_refuse_a_model_without_hidden_units(reg):
     # input dropout alone still applies to logistic regression
     REGULARIZERS["dropout"](OmegaConf.create({"p": 0.0, "input_p": 0.2, "mc_samples": 0}), None).attach(model)
     assert sites(model, "input")[0].p == 0.2
+
+
+@pytest.mark.parametrize("reg, model, message", [
+    ("dropconnect", "logistic", r"regularizer\.dropconnect\.include_head=false leaves this model no layer"),
+    ("weight_noise", "gru", r"regularizer\.weight_noise perturbs Linear/Conv weights, not a GRU's recurrent ones"),
+    ("dropconnect", "gru", r"regularizer\.dropconnect perturbs Linear/Conv weights"),
+])
+def test_weight_perturbations_refuse_models_they_would_miss(reg, model, message):
+    from regexp.config import GRUConfig
+    from regexp.errors import ConfigError
+    from regexp.regularizers import REGULARIZERS
+
+    net = build_model(cfg(MLPConfig, depth=0) if model == "logistic" else cfg(GRUConfig), (1, 40), 10)
+    r = REGULARIZERS[reg](OmegaConf.structured(REGULARIZERS[reg].Config), None)
+    with pytest.raises(ConfigError, match=message):
+        r.attach(net)
