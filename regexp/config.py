@@ -44,7 +44,7 @@ class DataConfig:
 class MLPConfig:
     name: str = "mlp"
     width: int = 100
-    depth: int = 2
+    depth: int = 2  # hidden layers; 0: one linear layer, i.e. (multinomial) logistic regression
     activation: str = "relu"
     init: str = "default"
     init_std: float = 0.01  # used by init=normal
@@ -57,13 +57,27 @@ class MLPConfig:
 class CNNConfig:
     name: str = "cnn"
     channels: List[int] = field(default_factory=lambda: [16, 32])
-    kernel_size: int = 5
+    # kernel_size, stride, padding: an integer for every stage, or a list with one per stage.
+    kernel_size: Any = 5
+    stride: Any = 1
+    padding: Any = None  # None: kernel_size // 2 (the length is kept when stride is 1)
     pool: str = "max"
+    head: str = "gap"  # gap: global average pooling, then Linear; flatten: flatten, then Linear
     norm: str = "none"
     activation: str = "relu"
     init: str = "default"
     init_std: float = 0.01
     init_a: Optional[float] = None  # used by init=uniform: U(-a, a); null: a = 1/sqrt(fan_in)
+
+
+@dataclass
+class GRUConfig:
+    name: str = "gru"
+    hidden_size: int = 6
+    layers: int = 1
+    bidirectional: bool = True
+    head: str = "flatten"  # flatten: every step's output into Linear; last: the final states only
+    init: str = "default"  # PyTorch's GRU initialization (the other schemes are for Linear/Conv)
 
 
 @dataclass
@@ -228,7 +242,7 @@ class RunConfig:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig, "transformer": TransformerConfig}
+MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig, "gru": GRUConfig, "transformer": TransformerConfig}
 OPTIMIZER_SCHEMAS = {
     "sgd": SGDConfig, "momentum": SGDConfig, "nesterov": SGDConfig,
     "adagrad": AdagradConfig, "rmsprop": RMSpropConfig, "adadelta": AdadeltaConfig,
@@ -456,6 +470,25 @@ def check_optimizer(o: DictConfig, where: str = "optimizer") -> None:
             _check(o[key] >= 0, f"{where}.{key}", o[key], "a number >= 0")
 
 
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def stage_values(m: DictConfig, key: str, low: int) -> List[int]:
+    """``model.<key>`` of a CNN as one integer per stage (a scalar means every stage); the
+    padding's None is each stage's ``kernel_size // 2``. Raises ConfigError naming the key."""
+    n = len(m.channels)
+    value = m[key]
+    if key == "padding" and value is None:
+        return [k // 2 for k in stage_values(m, "kernel_size", 1)]
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value] * n
+    valid = (f"an integer >= {low} or a list of {n} of them, one per entry of model.channels"
+             + (", or null (kernel_size // 2)" if key == "padding" else ""))
+    _check(len(values) == n and all(_int(v) and v >= low for v in values), f"model.{key}",
+           OmegaConf.to_container(value) if isinstance(value, ListConfig) else value, valid)
+    return values
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed config; raise ConfigError naming the first bad key.
 
@@ -498,12 +531,20 @@ def validate(cfg: DictConfig) -> None:
         _choice("model.norm", m.norm, norms)
     if m.name == "mlp":
         _check(m.width >= 1, "model.width", m.width, "an integer >= 1")
-        _check(m.depth >= 1, "model.depth", m.depth, "an integer >= 1")
+        _check(m.depth >= 0, "model.depth", m.depth, "an integer >= 0 (0: logistic regression)")
     elif m.name == "cnn":
         _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels",
                list(m.channels), "a non-empty list of integers >= 1")
-        _check(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "an integer >= 1")
+        for key, low in (("kernel_size", 1), ("stride", 1), ("padding", 0)):
+            stage_values(m, key, low)
         _choice("model.pool", m.pool, ("max", "avg", "none"))
+        _choice("model.head", m.head, ("gap", "flatten"))
+    elif m.name == "gru":
+        _check(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "an integer >= 1")
+        _check(m.layers >= 1, "model.layers", m.layers, "an integer >= 1")
+        _choice("model.head", m.head, ("flatten", "last"))
+        _check(m.init == "default", "model.init", m.init,
+               "default (model=gru keeps PyTorch's GRU initialization)")
     elif m.name == "transformer":
         _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "an integer >= 1")
         _check(m.depth >= 1, "model.depth", m.depth, "an integer >= 1")

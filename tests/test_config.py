@@ -13,6 +13,10 @@ from regexp.regularizers import REGULARIZERS, build_regularizers
 from regexp.regularizers.base import Context
 
 
+# Options that configure another option's model (the MNIST-1D paper's CNN is model.name=cnn).
+PRESETS = {"cnn_mnist1d": "cnn"}
+
+
 def options(group: str):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
@@ -23,7 +27,7 @@ def test_every_group_option_composes_and_validates(compose_cfg, group):
         cfg = compose_cfg([f"{group}={name}"])
         validate(cfg)
         if group in ("model", "optimizer", "scheduler", "data"):
-            assert cfg[group].name == name
+            assert cfg[group].name == PRESETS.get(name, name)
 
 
 def test_every_model_optimizer_scheduler_instantiates(compose_cfg):
@@ -64,7 +68,7 @@ def test_every_experiment_composes(compose_cfg):
     ("data.label_noise=1.5", "data.label_noise=1.5 is invalid: expected a number in [0, 1]"),
     ("data.val_fraction=1", "data.val_fraction=1.0 is invalid"),
     ("model.width=0", "model.width=0 is invalid: expected an integer >= 1"),
-    ("model.depth=0", "model.depth=0 is invalid: expected an integer >= 1"),
+    ("model.depth=-1", "model.depth=-1 is invalid: expected an integer >= 0 (0: logistic regression)"),
     ("model.activation=swish", "model.activation='swish' is invalid: expected one of relu, tanh"),
     ("model.init=glorot", "model.init='glorot' is invalid: expected one of default, xavier, xavier_normal, he, "
                           "he_uniform, normal, uniform, zeros"),
@@ -109,6 +113,16 @@ def test_out_of_range_values_are_rejected(compose_cfg, override, message):
     (["optimizer=adamw", "optimizer.weight_decay=-0.01"], "optimizer.weight_decay=-0.01 is invalid: expected a number >= 0"),
     (["optimizer=adagrad", "optimizer.initial_accumulator_value=-1"],
      "optimizer.initial_accumulator_value=-1.0 is invalid: expected a number >= 0"),
+    (["model=cnn", "model.kernel_size=[5,3,3]"], "model.kernel_size=[5, 3, 3] is invalid: expected an integer "
+     ">= 1 or a list of 2 of them, one per entry of model.channels"),
+    (["model=cnn_mnist1d", "model.stride=[2,2]"], "model.stride=[2, 2] is invalid: expected an integer >= 1 or a "
+     "list of 3 of them"),
+    (["model=cnn", "model.padding=-1"], "model.padding=-1 is invalid: expected an integer >= 0 or a list of 2 of "
+     "them, one per entry of model.channels, or null (kernel_size // 2)"),
+    (["model=cnn", "model.head=pool"], "model.head='pool' is invalid: expected one of gap, flatten"),
+    (["model=gru", "model.head=mean"], "model.head='mean' is invalid: expected one of flatten, last"),
+    (["model=gru", "model.hidden_size=0"], "model.hidden_size=0 is invalid: expected an integer >= 1"),
+    (["model=gru", "model.init=xavier"], "model.init='xavier' is invalid: expected default (model=gru keeps"),
     (["model=transformer", "model.mlp_ratio=0"], "model.mlp_ratio=0.0 is invalid: expected a number > 0"),
     (["model=transformer", "model.mlp_ratio=-2"], "model.mlp_ratio=-2.0 is invalid: expected a number > 0"),
     # > 0 but int(64 * 0.01) = 0 hidden units in the feed-forward block
@@ -200,7 +214,7 @@ def _assert_one_error_line(proc, code, needle):
     (["model.nosuch=1"], "error: model.nosuch is not a key of model=mlp: expected one of name, width", True),
     (["trainer.epochs=abc"],
      "error: trainer.epochs='abc' is invalid: Value 'abc' of type 'str' could not be converted to Integer", True),
-    (["model=nosuch"], "error: model=nosuch is invalid: could not find 'model/nosuch'; expected one of cnn, mlp, transformer",
+    (["model=nosuch"], "error: model=nosuch is invalid: could not find 'model/nosuch'; expected one of cnn, cnn_mnist1d, gru, mlp, transformer",
      True),
     (["regularizer=[nosuch]"], "error: regularizer=nosuch is invalid: could not find 'regularizer/nosuch'; expected one of",
      True),
@@ -273,7 +287,7 @@ def test_hydra_full_error_still_gives_the_trace(cli):
     (["optimizer.lr=0"], 2, "error: optimizer.lr=0.0 is invalid: expected a number > 0"),
     (["regularizer=[dropout]", "regularizer.dropout.p=1"], 2, "error: regularizer.dropout.p=1.0 is invalid"),
     (["data.label_noise=-0.5"], 2, "error: data.label_noise=-0.5 is invalid"),
-    (["model.depth=0"], 2, "error: model.depth=0 is invalid"),
+    (["model.depth=-1"], 2, "error: model.depth=-1 is invalid"),
     (["trainer.batch_size=5000"], 2, "error: trainer.batch_size=5000 is invalid: expected at most 3600"),
     (["data=mnist", "data.root=/nonexistent/regexp", "data.download=false"], 2,
      "error: data=mnist: no files under /nonexistent/regexp/MNIST/raw (data.download=false)"),

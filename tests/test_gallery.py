@@ -72,6 +72,17 @@ def test_unknown_extra_key_is_a_config_error(compose_cfg, tmp_path):
         TASKS["optimizer_paths"](cfg, tmp_path, [], False)
 
 
+@pytest.mark.parametrize("name", ["function_fits", "init_activation"])
+def test_experiments_drawn_per_hidden_unit_refuse_logistic_regression(compose_cfg, tmp_path, name):
+    from regexp.errors import ConfigError
+
+    cfg = compose_cfg([f"+experiment={name}", "model.depth=0"])
+    validate(cfg)  # depth 0 is a valid model (logistic regression) ...
+    with pytest.raises(ConfigError, match=r"^model\.depth=0 is invalid: expected an integer >= 1 "):
+        TASKS[name](cfg, tmp_path, [], False)  # ... but these figures need hidden units
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------ optimizer paths: the mathematics
 def optimizer(name, **kw):
     c = _groups.group_config("optimizer", name)

@@ -189,6 +189,17 @@ def test_buckets_group_similar_widths_and_never_pad_all_to_the_largest(depth):
         assert [700] in buckets and [1024] in buckets
 
 
+def test_logistic_regression_members_match_lone_runs(compose_cfg, tmp_path):
+    # depth 0: one linear layer; its width is unused, so every width shares one bucket
+    points = [{"model.width": w, "optimizer.lr": lr, "seed": s} for w, lr, s in ((8, 0.01, 0), (64, 0.02, 1))]
+    assert bucket_widths([8, 64], cost=mlp_cost(40, 0, 10)) == [[8, 64]]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, ["optimizer=adam", "model.depth=0"], points)
+    assert use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+        assert a["params"] == 410
+
+
 def test_engine_choice(compose_cfg, tmp_path):
     points = [{"model.width": 8, "seed": 0}]
     assert use_population(compose_cfg(BASE), points)
@@ -196,6 +207,9 @@ def test_engine_choice(compose_cfg, tmp_path):
     assert not use_population(compose_cfg(BASE + ["model=cnn"]), [{"seed": 0}])
     with pytest.raises(ConfigError, match="model.name=cnn"):
         use_population(compose_cfg(BASE + ["model=cnn", "sweep.engine=population"]), [{"seed": 0}])
+    assert not use_population(compose_cfg(BASE + ["model=gru"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match=r"model.name=gru \(population supports mlp\)"):
+        use_population(compose_cfg(BASE + ["model=gru", "sweep.engine=population"]), [{"seed": 0}])
     with pytest.raises(ConfigError, match="sweep.engine"):
         use_population(compose_cfg(BASE + ["sweep.engine=fast"]), points)
 

@@ -93,7 +93,7 @@ def test_step_flops_falls_back_to_the_weights_when_the_probe_fails():
     assert step_flops(Odd(), (1, 40), 10) == 6 * 10 * (40 * 10 + 10)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "cnn_mnist1d", "gru", "transformer"])
 def test_step_flops_of_the_project_models(compose_cfg, name):
     from regexp.models import build_model
 

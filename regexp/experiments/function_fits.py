@@ -137,6 +137,8 @@ def _check(s: Settings, cfg: DictConfig) -> None:
     require(cfg.model.name == "mlp", "model.name", cfg.model.name, "mlp (fitted to 1-D inputs)")
     require(cfg.optimizer.name != "sam", "optimizer", cfg.optimizer.name,
             "an optimizer other than sam (this task's own loop takes one pass per step)")
+    # depth 0 is a straight line, and the dropout fits would have no hidden unit to drop
+    require(cfg.model.depth >= 1, "model.depth", cfg.model.depth, "an integer >= 1 (hidden units to fit with)")
     for key in ("n_points", "n_val", "steps", "ensemble", "mc_samples", "grid", "eval_every"):
         require(getattr(s, key) >= 1, f"extra.{key}", getattr(s, key), "an integer >= 1")
     require(0.0 <= s.dropout < 1.0, "extra.dropout", s.dropout, "a number in [0, 1)")

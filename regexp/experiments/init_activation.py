@@ -224,6 +224,8 @@ def _layer_mean(layers: List[Dict], metric: str, **match) -> Tuple[List[int], Li
 def init_activation(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool) -> Dict:
     s = settings(cfg, Settings, "init_activation")
     require(cfg.model.name == "mlp", "model.name", cfg.model.name, "mlp (the experiment's deep MLP)")
+    require(cfg.model.depth >= 1, "model.depth", cfg.model.depth,
+            "an integer >= 1 (the figures are per hidden layer)")
     require_choices("extra.activations", s.activations, ACTIVATIONS)
     require_choices("extra.inits", s.inits, INITS)
     require_choices("extra.norms", s.norms, NORMS["mlp"])

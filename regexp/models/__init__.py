@@ -1,4 +1,4 @@
-"""Models chosen by name (``model=mlp|cnn|transformer``) through a registry.
+"""Models chosen by name (``model=mlp|cnn|gru|transformer``) through a registry.
 
 Every model takes inputs shaped ``(N, C, L)`` (1-D signals such as MNIST-1D) or
 ``(N, C, H, W)`` (images) and returns class logits. Hidden activations pass through
@@ -45,7 +45,7 @@ def count_params(model: nn.Module) -> int:
 
 
 # Importing the modules fills the registry.
-from regexp.models import cnn, mlp, transformer  # noqa: E402,F401
+from regexp.models import cnn, gru, mlp, transformer  # noqa: E402,F401
 
 __all__ = ["ACTIVATIONS", "INITS", "MODELS", "NORMS", "Site", "build_model", "count_params",
            "register_model", "sites"]

@@ -1,4 +1,8 @@
-"""Multilayer perceptron: ``depth`` hidden layers of ``width`` units."""
+"""Multilayer perceptron: ``depth`` hidden layers of ``width`` units.
+
+``depth=0`` leaves only the output layer: logits = W x + b, multinomial logistic regression
+(the MNIST-1D paper's linear baseline, 410 parameters; Bishop & Bishop, 2024, ch. 5).
+"""
 from __future__ import annotations
 
 import torch

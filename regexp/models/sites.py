@@ -35,3 +35,15 @@ class Site(nn.Module):
 
 def sites(model: nn.Module, kind: Optional[str] = None) -> List[Site]:
     return [m for m in model.modules() if isinstance(m, Site) and (kind is None or m.kind == kind)]
+
+
+def hidden_sites(model: nn.Module, regularizer: str) -> List[Site]:
+    """The hidden sites ``regularizer`` acts on; a model without any (an MLP of depth 0,
+    logistic regression) is refused, so the regularizer never silently does nothing."""
+    from regexp.errors import ConfigError
+
+    found = sites(model, "hidden")
+    if not found:
+        raise ConfigError(f"regularizer.{regularizer} acts on hidden units, but this model has none "
+                          "(model.depth=0 is logistic regression): expected model.depth >= 1")
+    return found

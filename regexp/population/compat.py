@@ -59,7 +59,10 @@ def shared_part(point: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def mlp_cost(in_dim: int, depth: int, classes: int) -> Callable[[int], float]:
-    """Multiply-adds per example of an MLP as a function of its width."""
+    """Multiply-adds per example of an MLP as a function of its width (depth 0, logistic
+    regression, has no hidden layer: its width is unused and its cost fixed)."""
+    if depth == 0:
+        return lambda w: float(in_dim * classes)
     return lambda w: in_dim * w + (depth - 1) * w * w + w * classes
 
 

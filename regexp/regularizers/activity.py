@@ -6,11 +6,11 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from regexp.models.sites import sites
+from regexp.models.sites import hidden_sites, sites
 
 
-def record_hidden(model: nn.Module) -> None:
-    for s in sites(model, "hidden"):
+def record_hidden(model: nn.Module, regularizer: str) -> None:
+    for s in hidden_sites(model, regularizer):
         s.record = True
 
 

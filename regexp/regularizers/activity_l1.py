@@ -24,7 +24,7 @@ class ActivityL1(Regularizer):
     ranges = {"alpha": (lambda v: v >= 0, "a number >= 0")}
 
     def attach(self, model) -> None:
-        record_hidden(model)
+        record_hidden(model, self.name)
 
     def penalty(self, model) -> torch.Tensor:
         return self.cfg.alpha * sum(h.abs().sum() / len(h) for h in hidden_activations(model))

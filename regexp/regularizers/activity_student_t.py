@@ -25,7 +25,7 @@ class ActivityStudentT(Regularizer):
     ranges = {"alpha": (lambda v: v >= 0, "a number >= 0"), "gamma": (lambda v: v > 0, "a number > 0")}
 
     def attach(self, model) -> None:
-        record_hidden(model)
+        record_hidden(model, self.name)
 
     def penalty(self, model) -> torch.Tensor:
         g = self.cfg.gamma

@@ -27,7 +27,7 @@ class DropConnect(Regularizer):
     ranges = {"p": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")}
 
     def attach(self, model) -> None:
-        for layer in target_layers(model, self.cfg.include_head):
+        for layer in target_layers(model, self.cfg.include_head, self.name):
             add_weight_transform(layer, self._mask_fn(layer))
 
     def _mask_fn(self, layer):

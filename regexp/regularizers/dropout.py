@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from regexp.models.sites import sites
+from regexp.models.sites import hidden_sites, sites
 from regexp.regularizers.base import Regularizer, register
 from regexp.regularizers.mc_dropout import mc_evaluate
 
@@ -30,7 +30,7 @@ class Dropout(Regularizer):
     ranges = {"p": _P, "input_p": _P, "mc_samples": (lambda v: v >= 0, "an integer >= 0")}
 
     def attach(self, model) -> None:
-        for s in sites(model, "hidden"):
+        for s in hidden_sites(model, self.name) if self.cfg.p > 0 else sites(model, "hidden"):
             s.p = self.cfg.p
         for s in sites(model, "input"):
             s.p = self.cfg.input_p

@@ -27,7 +27,7 @@ class WeightNoise(Regularizer):
 
     def attach(self, model) -> None:
         sigma = self.cfg.sigma
-        for layer in target_layers(model, self.cfg.include_head):
+        for layer in target_layers(model, self.cfg.include_head, self.name):
             add_weight_transform(layer, lambda w: w + sigma * torch.randn_like(w))
 
     def log(self, writer, epoch: int) -> None:

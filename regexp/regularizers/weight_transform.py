@@ -28,11 +28,23 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return self._conv_forward(x, w, self.bias)
 
 
-def target_layers(model: nn.Module, include_head: bool) -> List[nn.Module]:
+def target_layers(model: nn.Module, include_head: bool, regularizer: str) -> List[nn.Module]:
     """Every Linear/Conv layer, except output layers (modules named ``head``, one per ensemble
-    member) unless asked."""
-    return [m for name, m in model.named_modules() if isinstance(m, LAYERS)
-            and (include_head or name.split(".")[-1] != "head")]
+    member) unless asked. A model whose weights these miss (a GRU's recurrent weights) or that
+    leaves none (logistic regression without its head) is refused: the regularizer would
+    silently not act where the user expects it to."""
+    from regexp.errors import ConfigError
+
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        raise ConfigError(f"regularizer.{regularizer} perturbs Linear/Conv weights, not a GRU's recurrent "
+                          "ones: expected a model without recurrent layers (mlp, cnn, transformer)")
+    layers = [m for name, m in model.named_modules() if isinstance(m, LAYERS)
+              and (include_head or name.split(".")[-1] != "head")]
+    if not layers:
+        raise ConfigError(f"regularizer.{regularizer}.include_head=false leaves this model no layer "
+                          "(model.depth=0 has only its output layer): expected include_head=true or "
+                          "model.depth >= 1")
+    return layers
 
 
 def add_weight_transform(layer: nn.Module, fn: Transform) -> None:
