@@ -136,6 +136,7 @@ def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[D
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "regularizers": [r.state_dict() for r in m.regs], "history": m.history, "best": m.best,
         "best_state": best_state, "order": m.order.get_state(), "rng": rng,
+        "probe_history": [], "probes": None,  # the population refuses probes (compat.py)
     }
 
 
