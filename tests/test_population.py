@@ -62,6 +62,8 @@ def _assert_same_run(tmp_path: Path, point, pop, lone):
     # every file a lone run leaves, with the same checkpoint layout
     files = {p.name for p in (tmp_path / "lone" / name).iterdir() if not p.name.startswith("events")}
     assert files <= {p.name for p in (tmp_path / "pop" / name).iterdir()}
+    ip, il = (torch.load(tmp_path / d / name / "init_model.pt", weights_only=True) for d in ("pop", "lone"))
+    assert ip.keys() == il.keys() and all(torch.equal(ip[k], il[k]) for k in il)  # the same start
     cp = torch.load(tmp_path / "pop" / name / "checkpoint.pt", weights_only=False)
     cl = torch.load(tmp_path / "lone" / name / "checkpoint.pt", weights_only=False)
     assert cp.keys() == cl.keys()

@@ -403,8 +403,8 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
     from regexp.models import build_model
     from regexp.regularizers import build_regularizers
     from regexp.regularizers.base import Context
-    from regexp.train.io import write_json
-    from regexp.train.trainer import seed_everything
+    from regexp.train.io import save_torch, write_json
+    from regexp.train.trainer import INIT_MODEL, seed_everything
 
     for i, m in enumerate(members):
         m.out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,6 +421,8 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
         m.regs = build_regularizers(m.cfg.regularizer, ctx)
         for r in m.regs:
             r.attach(m.model)
+        if m.resume is None or not (m.out_dir / INIT_MODEL).exists():  # as train() writes it
+            save_torch(m.out_dir / INIT_MODEL, m.model.state_dict())
         if m.resume is not None:
             m.restore()
         m.open_log()

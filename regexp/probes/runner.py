@@ -26,14 +26,39 @@ def active(cfg) -> List[str]:
     return [name for name in PROBES if cfg.get(name) is not None]
 
 
+def probe_batch(x_train: torch.Tensor, y_train: torch.Tensor, seed: int, size: int):
+    """``size`` training examples (all when there are fewer), drawn from ``seed`` by a generator
+    of their own and kept in the training set's order: the same for every run with that seed
+    and data, whatever it trained with."""
+    n = len(y_train)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed + BATCH_STREAM))
+    idx = pick[:min(size, n)].sort().values.to(x_train.device)
+    return x_train[idx], y_train[idx]
+
+
+def save_figure(fig, path: Path, tb, tag: str, step: int) -> Path:
+    """Write a matplotlib figure to ``path`` and as the TensorBoard image ``tag``, and close it."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    # drawn once for both (savefig and add_figure would each render it: most of the end-of-run
+    # probe time of a small model)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    plt.close(fig)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    tb.png(tag, buf.getvalue(), *rgb.shape[:2], step)
+    return path
+
+
 class Probes:
     def __init__(self, cfg, x_train: torch.Tensor, y_train: torch.Tensor, seed: int, eval_batch_size: int):
         self.every = int(cfg.every)
         self.probes: List[Probe] = [PROBES[name](cfg[name]) for name in active(cfg)]
-        n = len(y_train)
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed + BATCH_STREAM))
-        idx = pick[:min(int(cfg.batch_size), n)].sort().values.to(x_train.device)
-        self.x, self.y = x_train[idx], y_train[idx]
+        self.x, self.y = probe_batch(x_train, y_train, seed, int(cfg.batch_size))
         self.x_train, self.y_train, self.eval_batch_size = x_train, y_train, eval_batch_size
         self.generator = torch.Generator().manual_seed(seed + DRAW_STREAM)
 
@@ -57,24 +82,10 @@ class Probes:
     def save_figures(self, out_dir: Path, tb, epoch: int) -> List[Path]:
         """Each probe's figures of its last measurement: ``<name>.png`` and the TensorBoard
         image ``probe/<name>``."""
-        import matplotlib.pyplot as plt
-        import numpy as np
-        from PIL import Image
-
         paths = []
         for p in self.probes:
             for name, fig in p.figures(epoch).items():
-                # drawn once for both (savefig and add_figure would each render it: most of
-                # the end-of-run probe time of a small model)
-                fig.canvas.draw()
-                rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-                plt.close(fig)
-                buf = io.BytesIO()
-                Image.fromarray(rgb).save(buf, format="PNG")
-                path = Path(out_dir) / f"{name}.png"
-                path.write_bytes(buf.getvalue())
-                tb.png(f"probe/{name}", buf.getvalue(), *rgb.shape[:2], epoch)
-                paths.append(path)
+                paths.append(save_figure(fig, Path(out_dir) / f"{name}.png", tb, f"probe/{name}", epoch))
         return paths
 
     def state_dict(self) -> Dict[str, Any]:

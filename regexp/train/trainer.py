@@ -39,7 +39,8 @@ SPLITS = ("train", "val", "test")
 # The device and the data folder may change too: a run moved to another machine goes on there.
 RESUMABLE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.progress", "trainer.checkpoint_every",
                   "trainer.threads", "trainer.device", "data.root", "logger")
-RUN_FILES = ("metrics.json", "checkpoint.pt", "model.pt", "best_model.pt", "label_noise.json",
+INIT_MODEL = "init_model.pt"
+RUN_FILES = ("metrics.json", "checkpoint.pt", "model.pt", "best_model.pt", INIT_MODEL, "label_noise.json",
              "hessian_density.png")
 
 
@@ -129,6 +130,21 @@ def config_diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[
     return out
 
 
+def build_initial_model(cfg: DictConfig, data, device: torch.device, out_dir: Optional[Path]):
+    """The model a run starts from, with its regularizers: seeded, built and wrapped (an
+    ensemble replaces the model by K members). The caller attaches the regularizers (the
+    trainer first counts a step's FLOPs on the bare model). ``regexp.landscape`` rebuilds a
+    run's initial weights through this same path."""
+    seed_everything(cfg.seed)  # after data generation, which may reseed the global generators
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    ctx = Context(data.num_classes, len(data.y_train), device, data.input_shape, cfg.seed, out_dir,
+                  model_cfg=cfg.model)
+    regs = build_regularizers(cfg.regularizer, ctx)
+    for r in regs:  # regularizer hook: an ensemble replaces the model by K members
+        model = r.wrap_model(model)
+    return model, ctx, regs
+
+
 def _prepare_dir(out_dir: Path, t, sweep: bool, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Refuse to clobber a finished run; return its metrics when it should be skipped."""
     metrics = out_dir / "metrics.json"
@@ -187,15 +203,14 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     if len(data.noisy_indices):
         write_json(out_dir / "label_noise.json", {"indices": data.noisy_indices.tolist(),
                                                   "original_labels": data.clean_labels.tolist()})
-    seed_everything(cfg.seed)  # after data generation, which may reseed the global generators
-    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-    ctx = Context(data.num_classes, n, device, data.input_shape, cfg.seed, out_dir, model_cfg=cfg.model)
-    regs = build_regularizers(cfg.regularizer, ctx)
-    for r in regs:  # regularizer hook: an ensemble replaces the model by K members
-        model = r.wrap_model(model)
+    model, ctx, regs = build_initial_model(cfg, data, device, out_dir)
     threads, threads_why = set_threads(t.threads, device, lambda: step_flops(model, data.input_shape, bs))
     for r in regs:
         r.attach(model)
+    if ck is None or not (out_dir / INIT_MODEL).exists():
+        # the weights before any step, for the loss along the line from them to the final ones
+        # (regexp.landscape); a resumed run built the same ones, so an existing file stays
+        save_torch(out_dir / INIT_MODEL, model.state_dict())
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     for r in regs:
         groups += r.param_groups()
