@@ -117,3 +117,32 @@ def test_two_submitit_local_shards_train_the_grid_once_and_report_it_together(cl
     assert {n: ((points / n / "metrics.json").stat().st_mtime_ns, (points / n / "metrics.json").read_bytes())
             for n in names} == stamps
     assert len(_read_rows(points / "results.csv")) == 4
+
+
+def test_a_run_folder_appearing_while_a_shard_reads_is_not_there_yet(tmp_path, monkeypatch):
+    """Regression: a shard listed the run folders twice (the table, then the folders) and failed
+    with a KeyError when the other shard finished a point between the two listings."""
+    from regexp import results
+    from regexp.analysis.collect import run_metrics
+
+    def write_run(name):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"status": "completed", "epochs": 1, "final": {"test_acc": 0.5}}))
+        return d
+
+    first = write_run("model.width=4,seed=0")
+    listing = results.find_run_dirs
+    calls = []
+
+    def racing_listing(root):
+        calls.append(root)
+        if len(calls) == 2:  # the other shard finishes a point after the first listing
+            write_run("model.width=8,seed=0")
+        return listing(root)
+
+    monkeypatch.setattr(results, "find_run_dirs", racing_listing)
+    found = run_metrics(tmp_path)
+    assert len(calls) >= 2
+    assert list(found) == [first] and found[first]["status"] == "completed"
+    assert set(run_metrics(tmp_path)) == {first, tmp_path / "model.width=8,seed=0"}  # seen on the next read

@@ -133,9 +133,10 @@ def _read(root: Path):
 
     table = results.load(root)  # raises ConfigError when root holds no run
     history = _history(results.load_history(root))
-    rows = {r["run_dir"]: r for r in table.to_dict("records")}
-    return [(d, rows[str(d)], metrics_of(rows[str(d)], history.get(str(d), ())))
-            for d in results.find_run_dirs(root)]
+    # The folders are the table's, listed once: another shard of a sweep may add a run folder
+    # while this one reads, and that run is simply not there yet.
+    return [(Path(r["run_dir"]), r, metrics_of(r, history.get(r["run_dir"], ())))
+            for r in table.to_dict("records")]
 
 
 def run_metrics(root: Path) -> Dict[Path, Dict[str, Any]]:
