@@ -62,6 +62,12 @@ class Problem:
     def truth(x: torch.Tensor) -> torch.Tensor:
         return torch.sin(2 * math.pi * x)
 
+    def rows(self) -> List[Dict[str, object]]:
+        """The training and validation points, one table row each."""
+        return [{"split": split, "x": float(a), "y": float(b)}
+                for split, xs, ys in (("train", self.x, self.y), ("val", self.x_val, self.y_val))
+                for a, b in zip(xs[:, 0], ys[:, 0])]
+
 
 def make_problem(s: Settings, seed: int) -> Problem:
     g = torch.Generator().manual_seed(seed)
@@ -133,6 +139,14 @@ def mc_dropout(model: nn.Module, x: torch.Tensor, samples: int) -> torch.Tensor:
             site.mc = False
 
 
+def bagged(cfg: DictConfig, p: Problem, s: Settings) -> List[nn.Module]:
+    """``s.ensemble`` fits, each on its own bootstrap resample of the training points."""
+    boot = torch.Generator().manual_seed(cfg.seed + 1)
+    return [fit(cfg, p, s.steps, cfg.seed + 1 + i,
+                sample=torch.randint(0, s.n_points, (s.n_points,), generator=boot))[0]
+            for i in range(s.ensemble)]
+
+
 def _check(s: Settings, cfg: DictConfig) -> None:
     require(cfg.model.name == "mlp", "model.name", cfg.model.name, "mlp (fitted to 1-D inputs)")
     require(cfg.optimizer.name != "sam", "optimizer", cfg.optimizer.name,
@@ -162,11 +176,7 @@ def function_fits(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: b
     fits["early stopping"] = fit(cfg, p, s.steps, cfg.seed, eval_every=s.eval_every)
     curves = {name: predict(m, p.grid) for name, (m, _) in fits.items()}
     bands = {}
-    boot = torch.Generator().manual_seed(cfg.seed + 1)
-    members = [fit(cfg, p, s.steps, cfg.seed + 1 + i,
-                   sample=torch.randint(0, s.n_points, (s.n_points,), generator=boot))[0]
-               for i in range(s.ensemble)]
-    bands[f"bagging ({s.ensemble} models)"] = torch.stack([predict(m, p.grid) for m in members])
+    bands[f"bagging ({s.ensemble} models)"] = torch.stack([predict(m, p.grid) for m in bagged(cfg, p, s)])
     bands[f"MC dropout ({s.mc_samples} samples)"] = mc_dropout(fits[f"dropout p={s.dropout:g}"][0], p.grid,
                                                                s.mc_samples)
     for name, preds in bands.items():
@@ -209,7 +219,5 @@ def function_fits(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: b
         out.figure("fits", fig)
         out.table("curves", rows)
         out.table("summary", summary)
-        out.table("points", [{"split": split, "x": float(a), "y": float(b)}
-                             for split, xs, ys in (("train", p.x, p.y), ("val", p.x_val, p.y_val))
-                             for a, b in zip(xs[:, 0], ys[:, 0])])
+        out.table("points", p.rows())
     return {"status": "completed", "fits": len(curves)}
