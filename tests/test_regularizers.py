@@ -695,6 +695,9 @@ def test_ensemble_report_puts_members_beside_the_ensemble(tmp_path):
     assert {"ensemble/member_mean_test_acc", "ensemble/member_mean_test_loss"} <= set(e)
     # the log of the mean probability is at most the mean log probability (Jensen)
     assert e["ensemble/test_loss"] <= e["ensemble/member_mean_test_loss"] + 1e-6
+    # Goodfellow §7.11 on the members' Brier errors: E[ε̄²] = v/K + (K − 1)c/K
+    v, c = e["ensemble/test_member_sq_error"], e["ensemble/test_member_error_cov"]
+    assert e["ensemble/test_sq_error"] == pytest.approx(v / 2 + c / 2, rel=1e-9)
 
 
 # ---------------------------------------------------------------- augmentation

@@ -6,7 +6,8 @@ plain run). Each member is trained on its own cross-entropy (the data loss is Σ
 not see each other); with ``bootstrap`` member k's per-example losses are weighted by its
 bootstrap counts (bagging, see :mod:`bootstrap`). The ensemble predicts
 p(y|x) = (1/K) Σₖ pₖ(y|x) and returns its log, so the trainer's metrics are the ensemble's;
-``report`` puts the mean member's metrics beside them.
+``report`` puts the mean member's metrics beside them, and the members' squared-error variance v
+and covariance c beside the ensemble's squared error and v/K + (K − 1)c/K (:mod:`ensemble_error`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from regexp.regularizers.base import Regularizer, register
 from regexp.regularizers.bootstrap import bootstrap_counts
+from regexp.regularizers.ensemble_error import decomposition, probability_errors
 
 
 class Ensemble(nn.Module):
@@ -37,6 +39,20 @@ class Ensemble(nn.Module):
 
 def member_seed(seed: int, k: int) -> int:
     return seed * 1_000_003 + k  # distinct for every (run seed, member) pair in practice
+
+
+@torch.no_grad()
+def _error_terms(model: Ensemble, x: torch.Tensor, y: torch.Tensor, split: str) -> Dict[str, float]:
+    """Goodfellow §7.11 on the Brier errors pₖ(·|x) − onehot(y) of the members' probabilities."""
+    was_training = model.training
+    model.eval()
+    try:
+        probs = torch.stack([F.softmax(m(x), 1) for m in model.members])
+    finally:
+        model.train(was_training)
+    d = decomposition(probability_errors(probs, y))
+    return {f"ensemble/{split}_member_sq_error": d["v"], f"ensemble/{split}_member_error_cov": d["c"],
+            f"ensemble/{split}_sq_error": d["measured"], f"ensemble/{split}_sq_error_v_c": d["theory"]}
 
 
 @register
@@ -87,6 +103,8 @@ class EnsembleRegularizer(Regularizer):
             out[f"ensemble/{split}_loss"] = loss.item()
             out[f"ensemble/member_mean_{split}_acc"] = torch.stack([a for _, a in member]).mean().item()
             out[f"ensemble/member_mean_{split}_loss"] = torch.stack([l for l, _ in member]).mean().item()
+            if len(model.members) > 1:
+                out.update(_error_terms(model, x, y, split))
         if self.counts is not None:
             out["ensemble/bootstrap_unique_fraction"] = (self.counts > 0).float().mean().item()
         return out
