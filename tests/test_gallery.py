@@ -18,7 +18,8 @@ from regexp.train.io import read_json
 
 GALLERY = ["optimizer_paths", "init_activation", "normalization", "implicit_regularization",
            "function_fits", "schedules", "optimizer_comparison", "cross_validation",
-           "gradient_flow", "soft_weight_sharing", "mnist1d_benchmark"]
+           "gradient_flow", "soft_weight_sharing", "mnist1d_benchmark", "bayesian_regression",
+           "ensemble_theory", "dropout_ensemble"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A small, fast MNIST-1D setting for the shortened runs.
 QUICK = ["trainer.threads=1", "trainer.progress=false", "data.n_train=200", "trainer.epochs=2",

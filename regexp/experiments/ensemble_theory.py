@@ -176,6 +176,8 @@ def _figure(s: Settings, curves: List[Dict]):
         ax_sq.plot(ks, mean["v_c_all"], "-", color=color, label=f"{variant}: v/k + (k−1)c/k")
         ax_sq.axhline(c, color=color, ls=":", lw=0.8)
         ax_err.plot(ks, mean["test_error"], "o-", color=color, label=variant)
+    ax_sq.set_xticks(ks)
+    ax_err.set_xticks(ks)
     ax_sq.set_xlabel("members k")
     ax_sq.set_ylabel("test squared error ‖p̄ − onehot(y)‖²")
     ax_sq.set_title("ensemble squared error (dotted: c, the limit k → ∞)", fontsize=9)
