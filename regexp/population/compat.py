@@ -3,8 +3,9 @@
 A population is one batched computation, so its members must agree on everything that
 shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
 epochs, batch size ...). They may differ in the values that enter elementwise
-(``MEMBER_KEYS``: seed, lr, momentum/betas, weight decay, dropout p, label smoothing,
-input and weight noise σ, label noise) and in width. Widths are grouped into buckets of similar size and padded
+(``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
+start, weight decay, dropout p, label smoothing, input and weight noise σ, label noise, the
+gradient-clipping norm) and in width. Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 from regexp.probes.runner import active
 
 MODELS = ("mlp",)
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
 REGULARIZERS = ("weight_decay", "dropout", "label_smoothing", "input_noise", "weight_noise")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
@@ -27,6 +28,7 @@ MEMBER_KEYS = (
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
     "regularizer.label_smoothing.eps", "regularizer.input_noise.sigma", "regularizer.weight_noise.sigma",
+    "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "trainer.grad_clip",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -41,8 +43,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     extra = [r for r in cfg.regularizer if r not in REGULARIZERS]
     if extra:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
-    if cfg.trainer.grad_clip:
-        return "trainer.grad_clip is set"
     probes = active(cfg.probe)
     if probes:
         return f"probe={_fmt(probes)} (population runs no probes; a lone run measures them)"

@@ -31,7 +31,7 @@ from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
-from regexp.population.optim import StackedOptimizer
+from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.train.io import save_torch
 from regexp.train.signals import StopFlag
@@ -60,6 +60,10 @@ def _member_hypers(members: List[Member]) -> Dict[str, List[float]]:
     if o[0].name in ("adam", "adamw"):
         return {"lr": [c.lr for c in o], "beta1": [c.beta1 for c in o], "beta2": [c.beta2 for c in o],
                 "eps": [c.eps for c in o], "weight_decay": [c.weight_decay for c in o]}
+    if o[0].name in ADAPTIVE:  # each rule's own keys, as its config names them
+        keys = {"adagrad": ("eps", "initial_accumulator_value"), "rmsprop": ("alpha", "eps", "momentum"),
+                "adadelta": ("rho", "eps")}[o[0].name]
+        return {"lr": [c.lr for c in o], **{k: [c[k] for c in o] for k in keys}}
     return {"lr": [c.lr for c in o], "momentum": [c.momentum for c in o],
             "dampening": [c.dampening for c in o]}
 
@@ -164,7 +168,8 @@ class Bucket:
         self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
                               cfg.model.activation, device, loop)
         self.opt = StackedOptimizer(cfg.optimizer.name, self.net.params, _member_hypers(members),
-                                    bool(cfg.optimizer.get("nesterov", False)), device)
+                                    bool(cfg.optimizer.get("nesterov", False)), device,
+                                    bool(cfg.optimizer.get("centered", False)))
         self.terms = LossTerms(members, device)
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
@@ -175,6 +180,9 @@ class Bucket:
         self.noise = _step_noise(members, self.drop, len(self.net.weights), device)
         self.member_set = data.member_set.clone()
         self.best: Optional[List[torch.Tensor]] = None
+        clip = [m.cfg.trainer.grad_clip for m in members]  # None: that member never clips
+        self.clip = (torch.tensor([math.inf if c is None else float(c) for c in clip], device=device)
+                     if any(c is not None for c in clip) else None)
         self.forward = torch.compile(self.net.forward) if opts.compile else self.net.forward
 
     def keep(self, idx: List[int]) -> None:
@@ -187,8 +195,22 @@ class Bucket:
         self.noise.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
         self.terms = LossTerms(self.members, self.device)
+        if self.clip is not None:
+            self.clip = self.clip.index_select(0, sel.to(self.clip.device))
         if self.best is not None:
             self.best = [b.index_select(0, sel.to(b.device)) for b in self.best]
+
+
+@torch.no_grad()
+def clip_grad_norms_(params: List[torch.Tensor], max_norm: torch.Tensor) -> None:
+    """``nn.utils.clip_grad_norm_`` per member: member m's gradient, all parameters together, is
+    scaled by min(1, max_norm[m] / (‖g_m‖ + 1e-6)), its global norm taken as torch takes it
+    (each tensor's norm, then the norm of those). Padded units have an exactly zero gradient,
+    so the norm is over the member's real units; an infinite max_norm (no clipping) scales by 1."""
+    norms = torch.stack([torch.linalg.vector_norm(p.grad, dim=tuple(range(1, p.dim()))) for p in params], 1)
+    coef = (max_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp_(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))
 
 
 def _step_noise(members: List[Member], drop: MemberDropout, layers: int, device: torch.device) -> StepNoise:
@@ -230,6 +252,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
         if loop.manual:
             loss = b.net.manual_step(xb, yb, masks, weights)
+            if b.clip is not None:
+                clip_grad_norms_(b.net.params, b.clip)
             if i == loop.steps_per_epoch - 1 and loop.grad_norms:
                 grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
             b.opt.step(loop.factor(loop.step))
@@ -246,6 +270,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             p.grad = None
         # members are independent: the sum's gradient is each member's own gradient
         (loss.sum() + sum(pen.sum() for pen in pens)).backward()
+        if b.clip is not None:
+            clip_grad_norms_(b.net.params, b.clip)
         if i == loop.steps_per_epoch - 1 and loop.grad_norms:
             grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
         b.opt.step(loop.factor(loop.step))
