@@ -160,3 +160,58 @@ def test_population_equals_torch_nn_and_optim_for_200_steps(name, members):
     if members == 2:  # padding stays exactly zero under every rule
         assert torch.count_nonzero(net.weights[0][1, widths[1]:]) == 0
         assert torch.count_nonzero(net.weights[1][1, :, widths[1]:]) == 0
+
+
+# ---------------------------------------------------------------- penalties written once
+def test_penalty_of_stacked_weights_is_each_members_penalty_values_and_gradients():
+    from regexp.regularizers.base import REGULARIZERS
+
+    torch.manual_seed(0)
+    stacked = [torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 1, 4, requires_grad=True)]
+    lam, lam1, lam2 = torch.tensor([0.1, 0.0, 0.3]), torch.tensor([0.2, 0.5, 0.0]), torch.tensor([0.4, 0.1, 0.7])
+    cases = {  # name -> (hp, hand-written Ω of member m, its gradient dΩ/dw)
+        "l1": (SimpleNamespace(lam=lam), lambda m, ws: lam[m] * sum(w.abs().sum() for w in ws),
+               lambda m, w: lam[m] * w.sign()),
+        "elastic_net": (SimpleNamespace(lam1=lam1, lam2=lam2),
+                        lambda m, ws: sum(lam1[m] * w.abs().sum() + lam2[m] / 2 * (w * w).sum() for w in ws),
+                        lambda m, w: lam1[m] * w.sign() + lam2[m] * w),
+        "weight_decay": (SimpleNamespace(lam=lam), lambda m, ws: lam[m] / 2 * sum((w * w).sum() for w in ws),
+                         lambda m, w: lam[m] * w),
+    }
+    for name, (hp, omega, grad) in cases.items():
+        pen = REGULARIZERS[name].penalty_of(stacked, hp, True)
+        assert pen.shape == (3,)
+        for m in range(3):
+            ws = [p.detach()[m] for p in stacked]
+            assert pen[m].item() == pytest.approx(omega(m, ws).item(), rel=1e-6)
+        for p in stacked:
+            p.grad = None
+        pen.sum().backward()  # members are independent: the sum's gradient is each one's own
+        for p in stacked:
+            for m in range(3):
+                torch.testing.assert_close(p.grad[m], grad(m, p.detach()[m]), rtol=1e-6, atol=1e-7)
+
+
+def test_l1_and_elastic_net_per_member_match_lone_runs(compose_cfg, tmp_path):
+    points = [{"model.width": 16, "regularizer.l1.lam": 1e-3, "regularizer.elastic_net.lam1": 0.0,
+               "regularizer.elastic_net.lam2": 1e-2, "seed": 0},
+              {"model.width": 12, "regularizer.l1.lam": 0.0, "regularizer.elastic_net.lam1": 2e-3,
+               "regularizer.elastic_net.lam2": 0.0, "seed": 1}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + ["optimizer=adam", "regularizer=[l1,elastic_net]"],
+                                    points)
+    assert use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+    assert pop[0]["history"] != pop[1]["history"]
+
+
+def test_decoupled_weight_decay_per_member_matches_lone_runs(compose_cfg, tmp_path):
+    # the shrink (1 - ηλ) with each member's scheduled η and own λ, biases decayed too
+    points = [{"model.width": 16, "optimizer.lr": 0.01, "regularizer.decoupled_weight_decay.lam": 0.5, "seed": 0},
+              {"model.width": 12, "optimizer.lr": 0.003, "regularizer.decoupled_weight_decay.lam": 0.05, "seed": 1}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + [
+        "optimizer=adam", "scheduler=cosine", "regularizer=[decoupled_weight_decay]",
+        "regularizer.decoupled_weight_decay.exclude_bias_and_norm=false"], points)
+    assert use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)  # includes the decoupled_weight_decay/shrink curve

@@ -3,13 +3,15 @@
 Each hyperparameter is a Python float when all members share it and a float64 tensor
 (M, 1, 1) otherwise; the per-step values are formed in float64 and rounded to float32
 once, as torch does with its Python-float hyperparameters. With every hyperparameter
-shared, the update is torch's own fused kernel (``_fused_sgd_`` / ``_fused_adam(w)_``, on
-CPU and CUDA alike), applied to the stacked tensors: the same per-element arithmetic as
+shared, the update is torch's own fused kernel (``_fused_sgd_`` / ``_fused_adagrad_`` /
+``_fused_adam(w)_``, on CPU and CUDA alike; RMSprop and AdaDelta, which have none, torch's
+foreach steps), applied to the stacked tensors: the same per-element arithmetic as
 ``torch.optim`` on a lone member. Otherwise the same steps as torch's foreach
 implementation run with broadcast per-member values.
 
 Padded units stay zero under every rule: their parameter and gradient are zero, so the
-momentum buffer, Adam's moments and the decoupled decay all leave them at zero.
+momentum buffer, Adam's moments and the decoupled decay all leave them at zero, and the
+adaptive rules' steps g/(√h + ε) (AdaGrad, RMSprop) and AdaDelta's √(Δ+ε)/√(h+ε)·g are zero.
 """
 from __future__ import annotations
 
