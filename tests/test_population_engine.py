@@ -47,11 +47,17 @@ def test_auto_serial_logs_why_once_and_the_sweep_records_it(compose_cfg, caplog)
     assert _engine(compose_cfg(["task=sweep"]), points) == {"engine": "population"}
 
 
-def test_engine_choice_names_its_reason(compose_cfg, caplog):
+def test_engine_choice_names_its_reason(compose_cfg, caplog, monkeypatch):
+    from regexp.population import compat
+
     points = [{"model.width": 8, "seed": 0}]
     assert choose_engine(compose_cfg(), points) == ("population", None)
     assert choose_engine(compose_cfg(["sweep.engine=serial"]), points) == ("serial", "sweep.engine=serial")
-    assert choose_engine(compose_cfg(["regularizer=[l1]"]), points)[1].startswith("regularizer l1 (")
+    assert choose_engine(compose_cfg(["regularizer=[adversarial]"]), points)[1].startswith("regularizer adversarial (")
+    # a penalty listed as supported but without a stacked form is refused, never trained as zero
+    monkeypatch.setattr(compat, "REGULARIZERS", compat.REGULARIZERS + ("gradient_norm_penalty",))
+    assert choose_engine(compose_cfg(["regularizer=[gradient_norm_penalty]"]), points) == (
+        "serial", "regularizer gradient_norm_penalty (its penalty has no penalty_of for stacked weights)")
     caplog.set_level(logging.INFO, logger="regexp.population")
     assert not use_population(compose_cfg(["sweep.engine=serial"]), points)  # asked for: no line
     assert not [r for r in caplog.records if r.name == "regexp.population"]
