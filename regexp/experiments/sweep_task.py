@@ -117,7 +117,7 @@ def run_sweep(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool)
         print(format_curve(curve, invert_x=settings.invert_x))
         failed = sum(r.status == "failed" for r in runs)
         return {"status": "failed" if failed else "completed", "epochs": cfg.trainer.epochs,
-                "points": len(runs), "failed": failed}
+                "points": len(runs), "failed": failed, **_engine(cfg, points)}
 
     # A shard: train this job's share into the shared folder; the shard that finds the whole
     # grid finished (the last one to end) writes the report over every shard's points.
@@ -141,4 +141,13 @@ def run_sweep(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool)
     return {"status": "failed" if failed else "completed", "epochs": cfg.trainer.epochs,
             "points": len(own), "failed": failed, "shard": shard, "shards": shards,
             "grid": len(points), "done": done, "report": complete, "points_dir": str(shared),
-            "share": [point_name(p) for p in mine]}
+            "share": [point_name(p) for p in mine], **_engine(cfg, mine)}
+
+
+def _engine(cfg: DictConfig, points: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """How the points were trained, for the sweep's metrics.json: ``engine`` (population or
+    serial) and, when serial, ``engine_reason`` (what kept them out of a population)."""
+    from regexp.population.run import choose_engine
+
+    engine, why = choose_engine(cfg, points)
+    return {"engine": engine} if why is None else {"engine": engine, "engine_reason": why}

@@ -3,8 +3,9 @@
 A population is one batched computation, so its members must agree on everything that
 shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
 epochs, batch size ...). They may differ in the values that enter elementwise
-(``MEMBER_KEYS``: seed, lr, momentum/betas, weight decay, dropout p, label smoothing,
-input and weight noise σ, label noise) and in width. Widths are grouped into buckets of similar size and padded
+(``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
+start, weight decay, dropout p, label smoothing, input and weight noise σ, label noise, the
+gradient-clipping norm) and in width. Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
@@ -16,10 +17,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig
 
 from regexp.probes.runner import active
+from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp",)
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-REGULARIZERS = ("weight_decay", "dropout", "label_smoothing", "input_noise", "weight_noise")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
+REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
+                "input_noise", "weight_noise")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise",
@@ -27,6 +30,9 @@ MEMBER_KEYS = (
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
     "regularizer.label_smoothing.eps", "regularizer.input_noise.sigma", "regularizer.weight_noise.sigma",
+    "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "trainer.grad_clip",
+    "regularizer.l1.lam", "regularizer.elastic_net.lam1", "regularizer.elastic_net.lam2",
+    "regularizer.decoupled_weight_decay.lam",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -41,8 +47,10 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     extra = [r for r in cfg.regularizer if r not in REGULARIZERS]
     if extra:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
-    if cfg.trainer.grad_clip:
-        return "trainer.grad_clip is set"
+    # a penalty trains in a population only through its own penalty_of (never as a silent zero)
+    unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
+    if unstacked:
+        return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
     probes = active(cfg.probe)
     if probes:
         return f"probe={_fmt(probes)} (population runs no probes; a lone run measures them)"

@@ -19,6 +19,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -31,8 +32,9 @@ from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
-from regexp.population.optim import StackedOptimizer
+from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
+from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
 from regexp.train.io import save_torch
 from regexp.train.signals import StopFlag
 
@@ -60,6 +62,10 @@ def _member_hypers(members: List[Member]) -> Dict[str, List[float]]:
     if o[0].name in ("adam", "adamw"):
         return {"lr": [c.lr for c in o], "beta1": [c.beta1 for c in o], "beta2": [c.beta2 for c in o],
                 "eps": [c.eps for c in o], "weight_decay": [c.weight_decay for c in o]}
+    if o[0].name in ADAPTIVE:  # each rule's own keys, as its config names them
+        keys = {"adagrad": ("eps", "initial_accumulator_value"), "rmsprop": ("alpha", "eps", "momentum"),
+                "adadelta": ("rho", "eps")}[o[0].name]
+        return {"lr": [c.lr for c in o], **{k: [c[k] for c in o] for k in keys}}
     return {"lr": [c.lr for c in o], "momentum": [c.momentum for c in o],
             "dampening": [c.dampening for c in o]}
 
@@ -78,11 +84,15 @@ class LossTerms:
         eps = [_reg(m, "label_smoothing", "eps") for m in members]
         self.eps_common = eps[0] if all(e == eps[0] for e in eps) else None
         self.eps = torch.tensor(eps, device=device).view(-1, 1)
-        lam = [_reg(m, "weight_decay", "lam") for m in members]
-        self.decay = "weight_decay" in self.reg_names and any(v > 0 for v in lam)
-        self.half_lam = torch.tensor([0.5 * v for v in lam], device=device)  # float32(λ/2), as train()
-        wd = members[0].cfg.regularizer.get("weight_decay")
-        self.decay_biases = wd is not None and not wd.exclude_bias_and_norm
+        # Each penalty is its regularizer's own penalty_of, on the stacked weights, with each
+        # numeric value as an (M,) float32 tensor (float32(λ)·Σ, as train()'s float λ gives).
+        self.forms = {}
+        for r in members[0].regs:
+            if r.penalizes():
+                cfgs = [m.cfg.regularizer[r.name] for m in members]
+                hp = {k: torch.tensor([float(c[k]) for c in cfgs], device=device) for k, v in cfgs[0].items()
+                      if isinstance(v, float)}
+                self.forms[r.name] = (type(r), SimpleNamespace(**hp), not cfgs[0].get("exclude_bias_and_norm", True))
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m, b, c = logits.shape
@@ -98,16 +108,12 @@ class LossTerms:
         return ((1 - self.eps) * nll + self.eps * smooth).mean(1)
 
     def penalties(self, net: StackedMLP, like: torch.Tensor) -> List[torch.Tensor]:
-        """One (M,) tensor per penalizing regularizer, in config order (weight_decay is the one
-        population-compatible regularizer with a penalty)."""
+        """One (M,) tensor per penalizing regularizer, in config order."""
         out = []
         for name in self.reg_names:
-            if name == "weight_decay" and self.decay:
-                ps = [p for _, p, is_w in net.named_params() if is_w or self.decay_biases]
-                sq = sum(p.pow(2).sum(dim=tuple(range(1, p.dim()))) for p in ps)
-                out.append(self.half_lam * sq)
-            else:
-                out.append(torch.zeros_like(like))
+            cls, hp, biases = self.forms[name]
+            ps = [p for _, p, is_w in net.named_params() if is_w or biases]
+            out.append(cls.penalty_of(ps, hp, True))
         return out
 
 
@@ -164,7 +170,8 @@ class Bucket:
         self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
                               cfg.model.activation, device, loop)
         self.opt = StackedOptimizer(cfg.optimizer.name, self.net.params, _member_hypers(members),
-                                    bool(cfg.optimizer.get("nesterov", False)), device)
+                                    bool(cfg.optimizer.get("nesterov", False)), device,
+                                    bool(cfg.optimizer.get("centered", False)))
         self.terms = LossTerms(members, device)
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
@@ -175,6 +182,12 @@ class Bucket:
         self.noise = _step_noise(members, self.drop, len(self.net.weights), device)
         self.member_set = data.member_set.clone()
         self.best: Optional[List[torch.Tensor]] = None
+        dwd = [m.cfg.regularizer.get("decoupled_weight_decay") for m in members]
+        self.decoupled = (torch.tensor([float(c.lam) for c in dwd], dtype=torch.float64, device=device),
+                          not dwd[0].exclude_bias_and_norm) if dwd[0] is not None else None
+        clip = [m.cfg.trainer.grad_clip for m in members]  # None: that member never clips
+        self.clip = (torch.tensor([math.inf if c is None else float(c) for c in clip], device=device)
+                     if any(c is not None for c in clip) else None)
         self.forward = torch.compile(self.net.forward) if opts.compile else self.net.forward
 
     def keep(self, idx: List[int]) -> None:
@@ -187,8 +200,35 @@ class Bucket:
         self.noise.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
         self.terms = LossTerms(self.members, self.device)
+        if self.clip is not None:
+            self.clip = self.clip.index_select(0, sel.to(self.clip.device))
+        if self.decoupled is not None:
+            self.decoupled = (self.decoupled[0].index_select(0, sel.to(self.device)), self.decoupled[1])
         if self.best is not None:
             self.best = [b.index_select(0, sel.to(b.device)) for b in self.best]
+
+    def before_step(self, factor: float) -> None:
+        """Gradient clipping, then decoupled weight decay, each member with its own values, in
+        train()'s order (both act between the backward pass and the optimizer step)."""
+        if self.clip is not None:
+            clip_grad_norms_(self.net.params, self.clip)
+        if self.decoupled is not None:
+            lam, biases = self.decoupled
+            lr = self.opt.hp["lr"]
+            lr = (lr.view(-1) if isinstance(lr, torch.Tensor) else lr) * factor
+            DecoupledWeightDecay.shrink_([p for _, p, is_w in self.net.named_params() if is_w or biases], lr, lam)
+
+
+@torch.no_grad()
+def clip_grad_norms_(params: List[torch.Tensor], max_norm: torch.Tensor) -> None:
+    """``nn.utils.clip_grad_norm_`` per member: member m's gradient, all parameters together, is
+    scaled by min(1, max_norm[m] / (‖g_m‖ + 1e-6)), its global norm taken as torch takes it
+    (each tensor's norm, then the norm of those). Padded units have an exactly zero gradient,
+    so the norm is over the member's real units; an infinite max_norm (no clipping) scales by 1."""
+    norms = torch.stack([torch.linalg.vector_norm(p.grad, dim=tuple(range(1, p.dim()))) for p in params], 1)
+    coef = (max_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp_(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))
 
 
 def _step_noise(members: List[Member], drop: MemberDropout, layers: int, device: torch.device) -> StepNoise:
@@ -230,6 +270,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
         if loop.manual:
             loss = b.net.manual_step(xb, yb, masks, weights)
+            b.before_step(loop.factor(loop.step))
             if i == loop.steps_per_epoch - 1 and loop.grad_norms:
                 grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
             b.opt.step(loop.factor(loop.step))
@@ -246,6 +287,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             p.grad = None
         # members are independent: the sum's gradient is each member's own gradient
         (loss.sum() + sum(pen.sum() for pen in pens)).backward()
+        b.before_step(loop.factor(loop.step))
         if i == loop.steps_per_epoch - 1 and loop.grad_norms:
             grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
         b.opt.step(loop.factor(loop.step))
@@ -418,6 +460,9 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
         m.t0 = time.time()  # a member's wall_s is its bucket's: they train together
         ctx = Context(data.num_classes, data.n, device, data.input_shape, int(m.cfg.seed), m.out_dir,
                       model_cfg=m.cfg.model)
+        # A member has no torch optimizer; what regularizers read of one (the current lr, for
+        # decoupled decay's log) is a stand-in whose lr each epoch's end sets.
+        ctx.optimizer = SimpleNamespace(param_groups=[{"lr": float(m.cfg.optimizer.lr)}])
         m.regs = build_regularizers(m.cfg.regularizer, ctx)
         for r in m.regs:
             r.attach(m.model)
@@ -490,6 +535,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         m.epochs = epoch
         write_scalars(m.tb, logs, epoch)
         for r in m.regs:
+            r.ctx.optimizer.param_groups[0]["lr"] = lrs[k]  # the stand-in's lr (_build_models)
             r.log(m.tb, epoch)
         if hist_every and epoch % hist_every == 0:
             write_histograms(m.tb, b.net.member_state(k), epoch)

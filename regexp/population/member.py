@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regexp.optim import build_optimizer, build_scheduler
 from regexp.train.io import save_torch, write_json
+from regexp.train.records import best_score, improves, run_metrics
 from regexp.train.tblog import TBLogger
 from regexp.train.trainer import _hparams, rng_state
 
@@ -84,11 +85,8 @@ class Member:
         self.tb.hparams(_hparams(self.cfg, self.overrides, self.params))
 
     def improves(self, row: Dict[str, float]) -> bool:
-        """Whether an evaluated epoch beats the best so far by (val acc, -val loss), as in train()."""
-        if "val_acc" not in row:
-            return False
-        key = (row["val_acc"], -row["val_loss"])
-        return self.best is None or key > (self.best["val_acc"], -self.best["val_loss"])
+        """Whether an evaluated epoch beats the best so far, ranked as train() ranks it."""
+        return improves(row, self.best, best_score(self.regs))
 
 
 def write_scalars(tb: TBLogger, values: Dict[str, float], step: int) -> None:
@@ -166,14 +164,9 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
         save_torch(m.out_dir / "model.pt", state)
         if best_state is not None:
             save_torch(m.out_dir / "best_model.pt", best_state)
-    metrics: Dict[str, Any] = {
-        "status": m.status, "epochs": m.epochs, "final": final,
-        "best": m.best if m.best is not None else final,
-        "params": m.params, "wall_s": round(time.time() - m.t0, 3), "device": str(device),
-        "threads": torch.get_num_threads(), "threads_reason": m.threads_reason,
-        "overrides": list(m.overrides), "extra": extra, "history": m.history,
-        "config": OmegaConf.to_container(m.cfg, resolve=True),
-    }
+    metrics = run_metrics(m.status, m.epochs, final, m.best, m.history, m.params, m.t0, device,
+                          torch.get_num_threads(), m.threads_reason, m.overrides, extra,
+                          OmegaConf.to_container(m.cfg, resolve=True))
     if diverged_epoch is not None:
         metrics["diverged_epoch"] = diverged_epoch
     if m.status == "interrupted" and m.signal is not None:

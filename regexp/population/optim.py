@@ -3,13 +3,15 @@
 Each hyperparameter is a Python float when all members share it and a float64 tensor
 (M, 1, 1) otherwise; the per-step values are formed in float64 and rounded to float32
 once, as torch does with its Python-float hyperparameters. With every hyperparameter
-shared, the update is torch's own fused kernel (``_fused_sgd_`` / ``_fused_adam(w)_``, on
-CPU and CUDA alike), applied to the stacked tensors: the same per-element arithmetic as
+shared, the update is torch's own fused kernel (``_fused_sgd_`` / ``_fused_adagrad_`` /
+``_fused_adam(w)_``, on CPU and CUDA alike; RMSprop and AdaDelta, which have none, torch's
+foreach steps), applied to the stacked tensors: the same per-element arithmetic as
 ``torch.optim`` on a lone member. Otherwise the same steps as torch's foreach
 implementation run with broadcast per-member values.
 
 Padded units stay zero under every rule: their parameter and gradient are zero, so the
-momentum buffer, Adam's moments and the decoupled decay all leave them at zero.
+momentum buffer, Adam's moments and the decoupled decay all leave them at zero, and the
+adaptive rules' steps g/(√h + ε) (AdaGrad, RMSprop) and AdaDelta's √(Δ+ε)/√(h+ε)·g are zero.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Dict, List, Sequence, Union
 import torch
 
 Hyper = Union[float, torch.Tensor]
+ADAPTIVE = ("adagrad", "rmsprop", "adadelta")
 
 
 def hyper(values: Sequence[float], device: torch.device) -> Hyper:
@@ -37,11 +40,13 @@ def _select(h: Hyper, idx: torch.Tensor) -> Hyper:
 
 
 class StackedOptimizer:
-    """sgd / momentum / nesterov / adam / adamw over stacked parameters, lr = base · factor(t)."""
+    """sgd / momentum / nesterov / adagrad / rmsprop / adadelta / adam / adamw over stacked
+    parameters, lr = base · factor(t)."""
 
     def __init__(self, name: str, params: List[torch.Tensor], hp: Dict[str, Sequence[float]],
-                 nesterov: bool, device: torch.device):
+                 nesterov: bool, device: torch.device, centered: bool = False):
         self.name, self.nesterov, self.device = name, nesterov, device
+        self.centered = centered  # RMSprop's centred variant (shared: it adds a state tensor)
         self.params = params
         self.adam = name in ("adam", "adamw")
         self.hp = {k: hyper(v, device) for k, v in hp.items()}
@@ -72,6 +77,8 @@ class StackedOptimizer:
         lr = self.hp["lr"] * factor
         if self.adam:
             self._adam(grads, lr)
+        elif self.name in ADAPTIVE:
+            getattr(self, "_" + self.name)(grads, lr)
         else:
             self._sgd(grads, lr)
 
@@ -126,6 +133,105 @@ class StackedOptimizer:
             va.mul_(_f32(hp["beta2"])).addcmul_(g * _f32(1.0 - hp["beta2"]), g)
             denom = va.sqrt().div_(bc2_sqrt).add_(_f32(hp["eps"]))
             p.sub_(ma / denom * step_size)
+
+    # AdaGrad, RMSprop and AdaDelta: torch's own per-element steps (the fused AdaGrad kernel, the
+    # foreach RMSprop and AdaDelta, as regexp.optim builds them) on the stacked tensors when the
+    # hyperparameters are shared; otherwise the same steps with per-member (M, 1, 1) values.
+    def _count(self) -> None:
+        if "step" not in self.state:
+            self.state["step"] = [torch.zeros((), device=self.device) for _ in self.params]
+        torch._foreach_add_(self.state["step"], 1.0)
+
+    def _zeros(self, *keys: str) -> None:
+        for key in keys:
+            if key not in self.state:
+                self.state[key] = [torch.zeros_like(p) for p in self.params]
+
+    def _adagrad(self, grads: List[torch.Tensor], lr: Hyper) -> None:
+        hp = self.hp
+        if "sum" not in self.state:  # torch's initial accumulator, G_0 = initial_accumulator_value
+            init = _f32(hp["initial_accumulator_value"])
+            self.state["sum"] = [torch.zeros_like(p).add_(init) for p in self.params]
+        self._count()
+        sums = self.state["sum"]
+        if self.fused:
+            torch._fused_adagrad_(self.params, grads, sums, self.state["step"], lr=lr, lr_decay=0.0,
+                                  weight_decay=0.0, eps=hp["eps"], maximize=False)
+            return
+        neg, eps = _f32(-lr), _f32(hp["eps"])
+        for p, g, h in zip(self.params, grads, sums):
+            h.addcmul_(g, g)
+            p.add_(g / h.sqrt().add_(eps) * neg)
+
+    def _rmsprop(self, grads: List[torch.Tensor], lr: Hyper) -> None:
+        hp = self.hp
+        mom = hp["momentum"]
+        heavy = isinstance(mom, torch.Tensor) or mom > 0
+        self._zeros("square_avg", *(["momentum_buffer"] if heavy else []),
+                    *(["grad_avg"] if self.centered else []))
+        self._count()
+        sq = self.state["square_avg"]
+        if self.fused:  # torch's _multi_tensor_rmsprop, line for line
+            torch._foreach_mul_(sq, hp["alpha"])
+            torch._foreach_addcmul_(sq, grads, grads, value=1 - hp["alpha"])
+            if self.centered:
+                ga = self.state["grad_avg"]
+                torch._foreach_lerp_(ga, grads, 1 - hp["alpha"])
+                avg = torch._foreach_addcmul(sq, ga, ga, value=-1)
+                torch._foreach_sqrt_(avg)
+            else:
+                avg = torch._foreach_sqrt(sq)
+            torch._foreach_add_(avg, hp["eps"])
+            if heavy:
+                bufs = self.state["momentum_buffer"]
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_addcdiv_(bufs, grads, avg)
+                torch._foreach_add_(self.params, bufs, alpha=-lr)
+            else:
+                torch._foreach_addcdiv_(self.params, grads, avg, value=-lr)
+            return
+        alpha, keep = _f32(hp["alpha"]), _f32(1.0 - hp["alpha"])
+        neg, eps = _f32(-lr), _f32(hp["eps"])
+        for j, (p, g, v) in enumerate(zip(self.params, grads, sq)):
+            v.mul_(alpha).addcmul_(g * keep, g)
+            if self.centered:
+                ga = self.state["grad_avg"][j]
+                ga.lerp_(g, keep)
+                avg = v.addcmul(ga, ga, value=-1).sqrt_().add_(eps)
+            else:
+                avg = v.sqrt().add_(eps)
+            if heavy:
+                buf = self.state["momentum_buffer"][j]
+                buf.mul_(_f32(mom)).add_(g / avg)
+                p.add_(buf * neg)
+            else:
+                p.add_(g / avg * neg)
+
+    def _adadelta(self, grads: List[torch.Tensor], lr: Hyper) -> None:
+        hp = self.hp
+        self._zeros("square_avg", "acc_delta")
+        self._count()
+        sq, acc = self.state["square_avg"], self.state["acc_delta"]
+        if self.fused:  # torch's _multi_tensor_adadelta, line for line
+            rho, eps = hp["rho"], hp["eps"]
+            torch._foreach_mul_(sq, rho)
+            torch._foreach_addcmul_(sq, grads, grads, value=1 - rho)
+            std = torch._foreach_add(sq, eps)
+            torch._foreach_sqrt_(std)
+            deltas = torch._foreach_add(acc, eps)
+            torch._foreach_sqrt_(deltas)
+            torch._foreach_div_(deltas, std)
+            torch._foreach_mul_(deltas, grads)
+            torch._foreach_mul_(acc, rho)
+            torch._foreach_addcmul_(acc, deltas, deltas, value=1 - rho)
+            torch._foreach_add_(self.params, deltas, alpha=-lr)
+            return
+        rho, keep, eps, neg = _f32(hp["rho"]), _f32(1.0 - hp["rho"]), _f32(hp["eps"]), _f32(-lr)
+        for p, g, v, a in zip(self.params, grads, sq, acc):
+            v.mul_(rho).addcmul_(g * keep, g)
+            delta = (a + eps).sqrt_().div_((v + eps).sqrt_()).mul_(g)
+            a.mul_(rho).addcmul_(delta * keep, delta)
+            p.add_(delta * neg)
 
     def member_state(self, i: int) -> List[Dict[str, torch.Tensor]]:
         """Member ``i``'s per-parameter state slices, in torch.optim's key names."""

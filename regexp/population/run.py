@@ -11,7 +11,7 @@ import json
 import logging
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -46,30 +46,49 @@ def options(base: DictConfig) -> Options:
     return opts
 
 
-def use_population(base: DictConfig, points: List[Dict[str, Any]]) -> bool:
-    """Whether ``sweep.engine`` asks for (or, on auto, allows) population training."""
-    from regexp.sweep import point_config
+def choose_engine(base: DictConfig, points: List[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
+    """``("population", None)``, or ``("serial", why)`` when the points train one at a time.
+
+    ``sweep.engine=population`` with an incompatible point raises ConfigError instead."""
+    from regexp.sweep import point_config, point_name
 
     engine = base.sweep.get("engine", "auto")
     if engine not in ENGINES:
         raise ConfigError(f"sweep.engine={engine!r} is invalid: expected one of {', '.join(ENGINES)}")
-    if engine == "serial" or not points:
-        return False
+    if engine == "serial":
+        return "serial", "sweep.engine=serial"
+    if not points:
+        return "serial", "no points to train"
     # Points differ from the base only in their keys, and member keys never change what a
     # population supports: one config per distinct combination of the other keys suffices.
     distinct = {json.dumps(shared_part(p), sort_keys=True, default=str): p for p in points}
     for point in distinct.values():
         try:
             cfg = point_config(base, point)
-        except ConfigError:
-            return engine == "population"  # run_points' own error handling reports it
+        except ConfigError as e:  # run_points' own error handling reports it, point by point
+            if engine == "population":
+                return "population", None
+            return "serial", f"point {point_name(point)} has an invalid config ({e})"
         why = incompatibility(cfg)
         if why is not None:
             if engine == "population":
                 raise ConfigError(f"sweep.engine=population is invalid for this sweep: {why}; "
                                   "use sweep.engine=serial or auto")
-            return False
-    return True
+            return "serial", why
+    return "population", None
+
+
+def use_population(base: DictConfig, points: List[Dict[str, Any]]) -> bool:
+    """Whether ``sweep.engine`` asks for (or, on auto, allows) population training. On auto,
+    training serially is never silent: one line says why (``choose_engine``)."""
+    engine, why = choose_engine(base, points)
+    if engine == "serial" and base.sweep.get("engine", "auto") == "auto" and points:
+        log.info(auto_serial_message(why))
+    return engine == "population"
+
+
+def auto_serial_message(why: Optional[str]) -> str:
+    return f"sweep.engine=auto trains the points serially, one run at a time: {why}"
 
 
 def _failed(out: Path, msg: str, overrides: List[str]) -> Dict[str, Any]:

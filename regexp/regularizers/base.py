@@ -14,6 +14,10 @@ default, so a regularizer overrides only what it changes:
   losses of an ensemble; None keeps the ordinary cross-entropy.
 - ``penalty(model)``: a term added to the loss (norm penalties, priors); logged as
   ``penalty/<name>``.
+- ``penalty_of(params, hp, stacked)`` (classmethod, optional): a penalty on the weights alone,
+  written once for both engines: ``penalty(model)`` calls it on the model's weights with the
+  config's values, the population engine on its stacked weights (leading dimension: the
+  member) with an (M,) tensor per numeric key, and gets one value per member.
 - ``batch_penalty(model, loss, x, y, loss_kwargs)``: the same, for a term that needs the
   training batch and its data loss (a penalty on the loss's gradient differentiates the
   loss); by default the ``penalty(model)`` above.
@@ -71,6 +75,8 @@ class Regularizer:
     restores_best: bool = False
     # The validation metric that picks the "best" epoch (val_acc by default); None: no opinion.
     selects_best_by: Optional[str] = None
+    # classmethod penalty_of(params, hp, stacked) -> Tensor, for weight penalties (see above)
+    penalty_of: ClassVar[Optional[Callable]] = None
 
     def __init__(self, cfg, ctx: Context):
         self.cfg = cfg
@@ -145,3 +151,9 @@ def weight_params(model: nn.Module, exclude_bias_and_norm: bool) -> List[nn.Para
     one-dimensional parameters, so ``exclude_bias_and_norm`` keeps those of two or more."""
     return [p for p in model.parameters()
             if p.requires_grad and (p.dim() >= 2 or not exclude_bias_and_norm)]
+
+
+def member_sum(t: torch.Tensor, stacked: bool) -> torch.Tensor:
+    """Σ of a parameter's entries: all of them for a lone model's tensor (0-dim), each member's
+    for a population's stacked tensor, whose leading dimension is the member ((M,))."""
+    return t.sum(dim=tuple(range(1, t.dim()))) if stacked else t.sum()

@@ -37,7 +37,20 @@ class DecoupledWeightDecay(Regularizer):
         for group in self.ctx.optimizer.param_groups:
             params = [p for p in group["params"] if id(p) in self._targets and p.grad is not None]
             if params:
-                torch._foreach_mul_(params, 1.0 - group["lr"] * self.cfg.lam)
+                self.shrink_(params, group["lr"], self.cfg.lam)
+
+    @staticmethod
+    @torch.no_grad()
+    def shrink_(params, lr, lam) -> None:
+        """w ← (1 − ηλ)·w, written once for both engines: η and λ floats for a lone model's
+        parameters, or (M,) float64 tensors for a population's stacked ones (leading dimension:
+        the member), the factor formed in float64 and rounded to float32 once either way."""
+        factor = 1.0 - lr * lam
+        if not isinstance(factor, torch.Tensor):
+            torch._foreach_mul_(params, factor)
+            return
+        for p in params:
+            p.mul_(factor.to(p.dtype).view(-1, *([1] * (p.dim() - 1))))
 
     def log(self, writer, epoch: int) -> None:
         writer.scalars({"decoupled_weight_decay/shrink": 1.0 - self.ctx.optimizer.param_groups[0]["lr"]

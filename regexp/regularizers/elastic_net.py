@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from regexp.regularizers.base import Regularizer, register, weight_params
+from regexp.regularizers.base import Regularizer, member_sum, register, weight_params
 from regexp.regularizers.l1 import NONNEG
 
 
@@ -23,5 +23,9 @@ class ElasticNet(Regularizer):
     ranges = {"lam1": NONNEG, "lam2": NONNEG}
 
     def penalty(self, model) -> torch.Tensor:
-        params = weight_params(model, self.cfg.exclude_bias_and_norm)
-        return sum(self.cfg.lam1 * p.abs().sum() + 0.5 * self.cfg.lam2 * p.pow(2).sum() for p in params)
+        return self.penalty_of(weight_params(model, self.cfg.exclude_bias_and_norm), self.cfg, False)
+
+    @classmethod
+    def penalty_of(cls, params, hp, stacked: bool) -> torch.Tensor:
+        return sum(hp.lam1 * member_sum(p.abs(), stacked) + 0.5 * hp.lam2 * member_sum(p.pow(2), stacked)
+                   for p in params)

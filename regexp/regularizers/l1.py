@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from regexp.regularizers.base import Regularizer, register, weight_params
+from regexp.regularizers.base import Regularizer, member_sum, register, weight_params
 
 NONNEG = (lambda v: v >= 0, "a number >= 0")
 
@@ -22,5 +22,8 @@ class L1(Regularizer):
     ranges = {"lam": NONNEG}
 
     def penalty(self, model) -> torch.Tensor:
-        params = weight_params(model, self.cfg.exclude_bias_and_norm)
-        return self.cfg.lam * sum(p.abs().sum() for p in params)
+        return self.penalty_of(weight_params(model, self.cfg.exclude_bias_and_norm), self.cfg, False)
+
+    @classmethod
+    def penalty_of(cls, params, hp, stacked: bool) -> torch.Tensor:
+        return hp.lam * sum(member_sum(p.abs(), stacked) for p in params)

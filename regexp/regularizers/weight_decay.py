@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from regexp.regularizers.base import Regularizer, register, weight_params
+from regexp.regularizers.base import Regularizer, member_sum, register, weight_params
 
 
 @register
@@ -25,5 +25,8 @@ class WeightDecay(Regularizer):
     ranges = {"lam": (lambda v: v >= 0, "a number >= 0")}
 
     def penalty(self, model) -> torch.Tensor:
-        params = weight_params(model, self.cfg.exclude_bias_and_norm)
-        return 0.5 * self.cfg.lam * sum(p.pow(2).sum() for p in params)
+        return self.penalty_of(weight_params(model, self.cfg.exclude_bias_and_norm), self.cfg, False)
+
+    @classmethod
+    def penalty_of(cls, params, hp, stacked: bool) -> torch.Tensor:
+        return 0.5 * hp.lam * sum(member_sum(p.pow(2), stacked) for p in params)

@@ -29,6 +29,7 @@ from regexp.probes.runner import build_probes, tags as probe_tags
 from regexp.regularizers import build_regularizers
 from regexp.regularizers.base import Context
 from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
+from regexp.train.records import best_score, improves, run_metrics
 from regexp.train.rundir import save_hydra_files
 from regexp.train.threads import set_threads, step_flops
 from regexp.train.signals import StopFlag
@@ -262,12 +263,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
             "rng": rng_state(), "probe_history": probe_history,
             "probes": probes.state_dict() if probes is not None else None})
 
-    # The best epoch: highest val accuracy (ties: lower val loss), unless a regularizer such as
-    # early stopping on val_loss says otherwise.
-    monitor = next((r.selects_best_by for r in regs if r.selects_best_by), "val_acc")
-    score = ((lambda r: (r["val_acc"], -r["val_loss"])) if monitor == "val_acc"
-             else (lambda r: (-r["val_loss"], r["val_acc"])))
-    better = lambda row, old: score(row) > score(old)  # noqa: E731
+    score = best_score(regs)  # the population ranks epochs with the same function
 
     params = count_params(model)
     tb = TBLogger(out_dir, cfg.logger.tensorboard, purge_step=epoch + 1 if resume else None)
@@ -357,10 +353,9 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                     tb.scalars({"diverged": 1.0}, epoch)
                     break
                 history.append(row)
-                if "val_acc" in row:
-                    if best is None or better(row, best):
-                        best = dict(row)
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if improves(row, best, score):
+                    best = dict(row)
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_acc', float('nan')):.3f}")
                 if any([r.epoch_end(model, row) for r in regs]):  # every one sees the row
                     stop_reason = "early_stopping"
@@ -409,13 +404,8 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         save_torch(out_dir / "model.pt", model.state_dict())
         if best_state is not None:
             save_torch(out_dir / "best_model.pt", best_state)
-    metrics = {
-        "status": status, "epochs": epoch, "final": final,
-        "best": best if best is not None else final,
-        "params": params, "wall_s": round(time.time() - t0, 3), "device": str(device),
-        "threads": threads, "threads_reason": threads_why,
-        "overrides": list(overrides), "extra": extra, "history": history, "config": config,
-    }
+    metrics = run_metrics(status, epoch, final, best, history, params, t0, device, threads, threads_why,
+                          overrides, extra, config)
     if probes is not None:
         metrics["probes"] = final_probes  # the final weights' values; none if the run did not complete
         metrics["probe_history"] = probe_history
