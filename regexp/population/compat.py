@@ -3,7 +3,7 @@
 A population is one batched computation, so its members must agree on everything that
 shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
 epochs, batch size ...). They may differ in the values that enter elementwise
-(``MEMBER_KEYS``: seed, lr, momentum/betas, weight decay, dropout p, label smoothing,
+(``MEMBER_KEYS``: seed, lr, momentum/betas, SAM's rho, weight decay, dropout p, label smoothing,
 input and weight noise σ, label noise) and in width. Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
@@ -15,16 +15,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from regexp.probes.runner import active
-
 MODELS = ("mlp",)
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "dropout", "label_smoothing", "input_noise", "weight_noise")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
-    "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
+    "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay", "optimizer.rho",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
     "regularizer.label_smoothing.eps", "regularizer.input_noise.sigma", "regularizer.weight_noise.sigma",
 )
@@ -43,14 +41,11 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
     if cfg.trainer.grad_clip:
         return "trainer.grad_clip is set"
-    probes = active(cfg.probe)
-    if probes:
-        return f"probe={_fmt(probes)} (population runs no probes; a lone run measures them)"
+    noisy = [r for r in ("dropout", "input_noise", "weight_noise") if r in cfg.regularizer]
+    if cfg.optimizer.name == "sam" and noisy:
+        return (f"optimizer=sam with regularizer {noisy[0]} (the population draws a step's noise once; "
+                "SAM's second pass would need draws of its own)")
     return None
-
-
-def _fmt(names: Sequence[str]) -> str:
-    return "[" + ",".join(names) + "]"
 
 
 def shared_part(point: Dict[str, Any]) -> Dict[str, Any]:
