@@ -125,24 +125,25 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int, tol: float = 1e-10,
     V = v0.reshape(1, -1) if single else v0
     M, P = V.shape
     caps = [min(steps, d) for d in (dims if dims is not None else [P] * M)]
-    Q = torch.zeros(max(caps), M, P, dtype=torch.float64, device=V.device)
-    Q[0] = V / V.norm(dim=1, keepdim=True)
+    Q = torch.zeros(M, max(caps), P, dtype=torch.float64, device=V.device)  # each member's basis, row by row
+    Q[:, 0] = V / V.norm(dim=1, keepdim=True)
     alpha: List[List[float]] = [[] for _ in range(M)]
     beta: List[List[float]] = [[] for _ in range(M)]
     scale = [0.0] * M
     live = [c > 0 for c in caps]
     for j in range(max(caps)):
-        w = matvec(Q[j].view(-1) if single else Q[j]).reshape(M, P)
-        a = (w * Q[j]).sum(1).tolist()
+        q = Q[:, j]
+        w = matvec(q.reshape(-1) if single else q).reshape(M, P)
+        a = (w * q).sum(1).tolist()
         for m in range(M):
             if live[m]:
                 alpha[m].append(a[m])
                 live[m] = j < caps[m] - 1
         if not any(live):
             break
-        basis = Q[:j + 1]
+        basis = Q[:, :j + 1]  # (M, j + 1, P)
         for _ in range(2):
-            w = w - torch.einsum("jm,jmp->mp", torch.einsum("jmp,mp->jm", basis, w), basis)
+            w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
         b = w.norm(dim=1)
         for m, bm in enumerate(b.tolist()):
             if not live[m]:
@@ -152,7 +153,7 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int, tol: float = 1e-10,
                 live[m] = False
                 continue
             beta[m].append(bm)
-            Q[j + 1, m] = w[m] / bm
+            Q[m, j + 1] = w[m] / bm
     out = [Tridiagonal(torch.tensor(al, dtype=torch.float64), torch.tensor(be, dtype=torch.float64))
            for al, be in zip(alpha, beta)]
     return out[0] if single else out
