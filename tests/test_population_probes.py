@@ -190,3 +190,23 @@ def test_sam_with_a_noise_regularizer_is_refused_in_one_line(compose_cfg):
     with pytest.raises(ConfigError, match=r"optimizer=sam with regularizer dropout \(the population draws"):
         use_population(cfg, [{"seed": 0}])
     assert not use_population(compose_cfg(TINY + ["optimizer=sam", "regularizer=[dropout]"]), [{"seed": 0}])
+
+
+def test_interrupted_population_resumes_to_the_same_probes(compose_cfg, tmp_path, monkeypatch):
+    # each member's probe generator and history travel in its checkpoint: the resumed members
+    # measure exactly what the uninterrupted population measures
+    from conftest import StopAfter
+    import regexp.population.engine as engine
+
+    base = compose_cfg(TINY + PROBES + ["trainer.epochs=3", "trainer.batch_size=100"])
+    points = [{"model.width": 12, "seed": 0}, {"model.width": 16, "seed": 1}]
+    whole = train_population(base, points, tmp_path / "whole")
+    # 2 steps an epoch and one more check after its end: the 4th check is inside epoch 2
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(3))
+    stopped = train_population(base, points, tmp_path / "cut")
+    monkeypatch.undo()
+    assert [[r["epoch"] for r in m["probe_history"]] for m in stopped] == [[1], [1]]
+    resumed = train_population(base, points, tmp_path / "cut")
+    for a, b in zip(resumed, whole):
+        assert [r["epoch"] for r in a["probe_history"]] == [1, 2, 3]
+        assert a["probe_history"] == b["probe_history"] and a["probes"] == b["probes"]

@@ -76,7 +76,10 @@ class MemberAxis:
         """(M, P) float64 with member m's real entries ``draw(dims[m], generators[m])``, zeros elsewhere."""
         out = torch.zeros(self.members, self.mask.shape[1], dtype=torch.float64, device=self.mask.device)
         for m, g in enumerate(generators):
-            out[m, self.mask[m]] = draw(self.dims[m], g).to(out.device)
+            if self.padded:
+                out[m, self.mask[m]] = draw(self.dims[m], g).to(out.device)
+            else:
+                out[m] = draw(self.dims[m], g)
         return out
 
     def randn(self, sigma: float, generators: Sequence[torch.Generator]) -> List[torch.Tensor]:

@@ -52,20 +52,18 @@ def hvp_operator(loss: torch.Tensor, params: Sequence[torch.Tensor], members: in
     """
     params = list(params)
     grads = torch.autograd.grad(loss.sum(), params, create_graph=True, allow_unused=True)
-    g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+    # one (M, P) tensor with the graph: each product is then a single backward from it
+    g = torch.cat([(torch.zeros_like(p) if gr is None else gr).reshape(members, -1) for p, gr in zip(params, grads)], 1)
     dtype = params[0].dtype
-    sizes = [p.numel() // members for p in params]
-    linear = not any(gi.requires_grad for gi in g)  # the loss is linear in the parameters: H = 0
     keep = mask.to(torch.float64) if mask is not None else None
 
     def apply(v: torch.Tensor) -> torch.Tensor:
-        rows = v.reshape(members, -1)
-        if linear:
+        if not g.requires_grad:  # the loss is linear in the parameters: H = 0
             return torch.zeros_like(v)
+        rows = v.reshape(members, -1)
         if keep is not None:
             rows = rows * keep
-        vs = [c.reshape(p.shape).to(dtype) for c, p in zip(rows.split(sizes, 1), params)]
-        hv = torch.autograd.grad(g, params, grad_outputs=vs, retain_graph=True, allow_unused=True)
+        hv = torch.autograd.grad(g, params, grad_outputs=rows.to(dtype), retain_graph=True, allow_unused=True)
         out = torch.cat([(torch.zeros_like(p) if h is None else h).reshape(members, -1)
                          for p, h in zip(params, hv)], 1).to(v.dtype)
         if keep is not None:
