@@ -161,10 +161,13 @@ def test_population_sam_step_equals_hand_written_update(compose_cfg, tmp_path, a
             torch.testing.assert_close(got[name], e.to(got[name].dtype), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra", [[], ["model.activation=tanh", "regularizer=[weight_decay]",
-                                        "optimizer.base=adam", "optimizer.lr=0.01"]])
+@pytest.mark.parametrize("extra", [["regularizer=[input_noise,dropout]", "regularizer.dropout.p=0.2"],
+                                   ["model.activation=tanh", "regularizer=[weight_decay]", "optimizer.base=adam",
+                                    "optimizer.lr=0.01"]])
 def test_sam_members_match_lone_sam_runs(compose_cfg, tmp_path, extra):
-    # relu without a penalty takes the hand-written backward; tanh + weight decay takes autograd
+    # relu without a penalty takes the hand-written backward (with input noise drawn once per
+    # batch and dropout masks drawn again for the second pass, as a lone run draws them);
+    # tanh + weight decay takes autograd
     over = ["optimizer=sam", "optimizer.base=momentum", "optimizer.momentum=0.9", "optimizer.lr=0.05", *extra]
     points = [{"model.width": 12, "optimizer.rho": 0.1, "seed": 0}, {"model.width": 16, "optimizer.rho": 0.02, "seed": 1}]
     pop, lone = _runs(compose_cfg, tmp_path, over, points)
@@ -186,10 +189,10 @@ def test_sam_members_match_lone_sam_runs(compose_cfg, tmp_path, extra):
 def test_sam_with_a_noise_regularizer_is_refused_in_one_line(compose_cfg):
     from regexp.errors import ConfigError
 
-    cfg = compose_cfg(TINY + ["optimizer=sam", "regularizer=[dropout]", "sweep.engine=population"])
-    with pytest.raises(ConfigError, match=r"optimizer=sam with regularizer dropout \(the population draws"):
+    cfg = compose_cfg(TINY + ["optimizer=sam", "regularizer=[weight_noise]", "sweep.engine=population"])
+    with pytest.raises(ConfigError, match=r"optimizer=sam with regularizer weight_noise \(the population draws"):
         use_population(cfg, [{"seed": 0}])
-    assert not use_population(compose_cfg(TINY + ["optimizer=sam", "regularizer=[dropout]"]), [{"seed": 0}])
+    assert not use_population(compose_cfg(TINY + ["optimizer=sam", "regularizer=[weight_noise]"]), [{"seed": 0}])
 
 
 def test_interrupted_population_resumes_to_the_same_probes(compose_cfg, tmp_path, monkeypatch):

@@ -41,10 +41,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
     if cfg.trainer.grad_clip:
         return "trainer.grad_clip is set"
-    noisy = [r for r in ("dropout", "input_noise", "weight_noise") if r in cfg.regularizer]
-    if cfg.optimizer.name == "sam" and noisy:
-        return (f"optimizer=sam with regularizer {noisy[0]} (the population draws a step's noise once; "
-                "SAM's second pass would need draws of its own)")
+    if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
+        return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
+                "once; SAM's second pass would need draws of its own)")
     return None
 
 

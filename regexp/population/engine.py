@@ -262,7 +262,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             if i == loop.steps_per_epoch - 1 and loop.grad_norms:
                 grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
             if b.sam:  # the same batch's gradient once more, at each member's ascended weights
-                _ascend(b, lambda: b.net.manual_step(xb, yb, masks, weights))
+                _ascend(b, lambda: b.net.manual_step(xb, yb, _second_masks(b, xb, masks), weights))
             b.opt.step(loop.factor(loop.step))
             loop.step += 1
             running[:, 0] += loss * xb.shape[1]
@@ -285,7 +285,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         if i == loop.steps_per_epoch - 1 and loop.grad_norms:
             grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
         if b.sam:
-            _ascend(b, backward)
+            _ascend(b, lambda: backward(masks=_second_masks(b, xb, masks)))
         b.opt.step(loop.factor(loop.step))
         loop.step += 1
         running += torch.stack([loss] + pens, 1) * xb.shape[1]
@@ -298,6 +298,12 @@ def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
     ascended_gradient(b.net.params, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
+
+
+def _second_masks(b: Bucket, xb: torch.Tensor, masks):
+    """SAM's second forward draws fresh dropout masks, as a lone run's second forward does
+    (input noise, added to the batch once, stays)."""
+    return b.drop.masks(xb.shape[1]) if b.drop.active else masks
 
 
 def train_bucket(members: List[Member], width: int, opts: Options, data_cache=None,
