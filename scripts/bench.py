@@ -34,7 +34,10 @@ crossover FLOP count above which 2 threads are >= 1.2x faster.
 with ``probe=[...]`` at its defaults (or ``--set`` overrides), alternating; prints the median
 wall and CPU time of each and their ratio (the probes' budget: at most 1.2x).
 
-    python scripts/bench.py --probes [hessian,sharpness] [--set probe.every=5] [--repeats 3]
+    python scripts/bench.py --probes [hessian,sharpness] [--set probe.every=5] [--repeats 3] [--members 5]
+
+With ``--members M`` both contenders are a population of M seeds of that run
+(``train_population``), whose probes are measured batched across the members.
 
 Use ``--threads`` (default 1) for all contenders alike; timings on a shared machine vary, so
 the ratio of interleaved runs is the figure to read, not an absolute time.
@@ -239,8 +242,15 @@ def single(args) -> None:
 
 
 def probes(args) -> None:
-    """The default run (MLP on MNIST-1D, Adam, 20 epochs) with and without probes, alternating."""
+    """The default run (MLP on MNIST-1D, Adam, 20 epochs) with and without probes, alternating;
+    with ``--members`` M, a population of M seeds of it."""
     from regexp.train.trainer import train
+
+    if args.members:
+        from regexp.population import train_population
+
+        def train(cfg, out, _overrides):  # noqa: F811 (the same call, M members at once)
+            train_population(cfg, [{"seed": s} for s in range(args.members)], out)
 
     base = ["trainer.progress=false", f"trainer.threads={args.threads}", f"trainer.epochs={args.epochs}"]
     contenders = {"no probes": base, "probes": base + [f"probe=[{args.probes}]", *args.set]}
@@ -259,7 +269,8 @@ def probes(args) -> None:
                 cpu[name].append(time.process_time() - c)
     med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in contenders}
     (w0, c0), (w1, c1) = med["no probes"], med["probes"]
-    print(f"workload: MLP 40-100-100-10, MNIST-1D, batch 100, Adam, {args.epochs} epochs, "
+    who = f"a population of {args.members} seeds" if args.members else "one run"
+    print(f"workload: {who}, MLP 40-100-100-10, MNIST-1D, batch 100, Adam, {args.epochs} epochs, "
           f"probe=[{args.probes}] {' '.join(args.set)} (defaults otherwise), {args.threads} thread(s), "
           f"{args.repeats} alternating repeats (medians)")
     for k, (w, c) in med.items():
@@ -467,6 +478,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true", help="the four-way sweep comparison (A, B, C, D)")
     ap.add_argument("--probes", nargs="?", const="hessian,sharpness", default=None, metavar="NAMES",
                     help="the default run with and without probes (default: hessian,sharpness)")
+    ap.add_argument("--members", type=int, default=0,
+                    help="probes: a population of this many seeds instead of one run")
     ap.add_argument("--thread-scaling", action="store_true",
                     help="1 vs 2 threads per training step across model sizes (trainer.threads=auto)")
     ap.add_argument("--batches", default="32,100,300,1000", help="thread-scaling batch sizes")

@@ -20,7 +20,7 @@ def test_rho_sharpness_of_isotropic_quadratic():
     a, rho = 3.0, 0.1
     w = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64, requires_grad=True)
     before = w.detach().clone()
-    s = rho_sharpness(quad(a, w), [w], rho)
+    (s,) = rho_sharpness(quad(a, w), [w], rho)  # one member: a lone model
     assert s == pytest.approx(rho * a * float(before.norm()) + rho ** 2 * a / 2, rel=1e-12)
     assert torch.equal(w.detach(), before)  # restored bit for bit
 
@@ -33,7 +33,7 @@ def test_adaptive_rho_sharpness_of_quadratic():
     g, T = a * wd, wd.abs() + eta
     eps = rho * T ** 2 * g / (T * g).norm()
     expected = a * float(wd @ eps) + 0.5 * a * float(eps @ eps)
-    assert rho_sharpness(quad(a, w), [w], rho, adaptive=True, eta=eta) == pytest.approx(expected, rel=1e-12)
+    assert rho_sharpness(quad(a, w), [w], rho, adaptive=True, eta=eta) == pytest.approx([expected], rel=1e-12)
 
 
 def test_average_sharpness_replays_the_generator_draws():
@@ -41,7 +41,7 @@ def test_average_sharpness_replays_the_generator_draws():
     w = torch.tensor([1.0, -0.5], dtype=torch.float64, requires_grad=True)
     v = torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64, requires_grad=True)
     loss = lambda: 0.5 * a * ((w ** 2).sum() + (v ** 2).sum())  # noqa: E731
-    s = average_sharpness(loss, [w, v], sigma, samples=3, generator=torch.Generator().manual_seed(7))
+    (s,) = average_sharpness(loss, [w, v], sigma, samples=3, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     by_hand = []
     for _ in range(3):
@@ -60,7 +60,7 @@ def test_param_norms():
         lin1.bias.copy_(torch.tensor([1.0, 2.0]))
         lin2.weight.copy_(torch.tensor([[2.0, 0.0]]))
         lin2.bias.copy_(torch.tensor([0.0]))
-    n = param_norms(torch.nn.Sequential(lin1, lin2))
+    n = {k: v[0] for k, v in param_norms(list(torch.nn.Sequential(lin1, lin2).parameters())).items()}
     assert n["l2"] == pytest.approx(math.sqrt(9 + 16 + 1 + 4 + 4))
     assert n["l2_weights"] == pytest.approx(math.sqrt(9 + 16 + 4))
     assert n["frobenius_product"] == pytest.approx(5.0 * 2.0)
@@ -88,10 +88,10 @@ def test_gradient_noise_of_softmax_regression_per_example():
     W = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
     loss_of = lambda xb, yb: F.cross_entropy(xb @ W.T, yb)  # noqa: E731
-    grads = microbatch_grads(loss_of, [W], x, y, parts=12)
+    grads = microbatch_grads(loss_of, [W], x, y, parts=12)[:, 0]  # (parts, members, P)
     G = per_example_grads_by_hand(W.detach(), x, y)
     torch.testing.assert_close(grads, G)
-    noise = gradient_noise(grads, microbatch=1)
+    noise = {k: v[0] for k, v in gradient_noise(grads[:, None], microbatch=1).items()}
     mean = G.mean(0)
     assert noise["trace"] == pytest.approx(float(((G - mean) ** 2).sum()) / 11, rel=1e-12)
     assert noise["grad_norm_sq"] == pytest.approx(float(mean @ mean), rel=1e-12)
@@ -102,8 +102,8 @@ def test_gradient_noise_from_microbatches_scales_by_their_size():
     torch.manual_seed(1)
     W = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     x, y = torch.randn(13, 4, dtype=torch.float64), torch.randint(0, 3, (13,))
-    grads = microbatch_grads(lambda xb, yb: F.cross_entropy(xb @ W.T, yb), [W], x, y, parts=4)
+    grads = microbatch_grads(lambda xb, yb: F.cross_entropy(xb @ W.T, yb), [W], x, y, parts=4)[:, 0]
     G = per_example_grads_by_hand(W.detach(), x[:12], y[:12]).reshape(4, 3, -1).mean(1)  # 13th left out
     torch.testing.assert_close(grads, G)
-    assert gradient_noise(grads, microbatch=3)["trace"] == pytest.approx(
-        3 * float(((G - G.mean(0)) ** 2).sum()) / 3, rel=1e-12)
+    assert gradient_noise(grads[:, None], microbatch=3)["trace"] == pytest.approx(
+        [3 * float(((G - G.mean(0)) ** 2).sum()) / 3], rel=1e-12)

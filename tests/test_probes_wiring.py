@@ -70,15 +70,14 @@ def test_probe_draws_are_fixed_by_the_seed(compose_cfg, tmp_path):
     assert one["probes"] == two["probes"]
 
 
-def test_population_refuses_probes_and_a_sweep_reports_them(compose_cfg, tmp_path):
+def test_population_measures_probes_and_a_sweep_reports_them(compose_cfg, tmp_path):
     base = ["trainer.epochs=1", "data.n_train=200"]
-    assert not use_population(compose_cfg(base + PROBES), [{"seed": 0}])  # auto: lone runs
+    assert use_population(compose_cfg(base + PROBES), [{"seed": 0}])  # auto: the population measures them
     from regexp.sweep import run_points
     (row,) = run_points(compose_cfg(PROBES + TINY + ["trainer.epochs=1"]), [{"model.width": 8}], tmp_path)
     probes = json.loads(next(tmp_path.rglob("metrics.json")).read_text())["probes"]
+    assert set(probes) == KEYS
     assert {k: v for k, v in row.items() if k.startswith("probes.")} == {f"probes.{k}": v for k, v in probes.items()}
-    with pytest.raises(ConfigError, match=r"probe=\[hessian,sharpness\] \(population runs no probes"):
-        use_population(compose_cfg(base + PROBES + ["sweep.engine=population"]), [{"seed": 0}])
 
 
 def test_every_probe_composes_alone_and_together(compose_cfg):

@@ -19,16 +19,22 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import torch
 
 
-def perturbation(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], rho: float,
-                 adaptive: bool = False, eta: float = 0.01) -> List[torch.Tensor]:
-    """SAM's ascent step ε̂ (ASAM's with ``adaptive``); a zero gradient gives ε̂ = 0."""
+def perturbation(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], rho,
+                 adaptive: bool = False, eta: float = 0.01, members: int = 1) -> List[torch.Tensor]:
+    """SAM's ascent step ε̂ (ASAM's with ``adaptive``); a zero gradient gives ε̂ = 0.
+
+    With ``members`` > 1 the parameters are M models stacked along a leading dimension
+    (a population): each member's ε̂ has its own norm ‖g_m‖ (and ``rho`` may be an (M,) tensor,
+    one radius per member). A lone model is the case M = 1."""
     with torch.no_grad():
         g = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
         t = [p.detach().abs() + eta for p in params] if adaptive else [None] * len(g)
         scaled = [gi if ti is None else ti * gi for gi, ti in zip(g, t)]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
-        factor = rho / norm if float(norm) > 0 else 0.0
-        return [factor * (s if ti is None else ti * s) for s, ti in zip(scaled, t)]
+        norms = torch.stack([torch.linalg.vector_norm(s.reshape(members, -1), dim=1) for s in scaled])
+        norm = torch.linalg.vector_norm(norms, dim=0)  # (M,)
+        factor = torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
+        return [factor.reshape(-1, *([1] * (s.dim() - 1))) * (s if ti is None else ti * s)
+                for s, ti in zip(scaled, t)]
 
 
 @contextlib.contextmanager
@@ -44,6 +50,16 @@ def perturbed(params: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]) ->
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+
+
+def ascended_gradient(params: Sequence[torch.Tensor], closure: Callable[[], torch.Tensor], rho,
+                      adaptive: bool = False, eta: float = 0.01, members: int = 1):
+    """SAM's first half, shared by lone runs and populations: from ∇L(w) in ``.grad``, move to
+    w + ε̂, let ``closure`` put ∇L(w + ε̂) into ``.grad``, and put the weights back to w
+    exactly. The base optimizer's step follows."""
+    eps = perturbation(params, [p.grad for p in params], rho, adaptive, eta, members)
+    with perturbed(params, eps), torch.enable_grad():
+        return closure()
 
 
 class SAM(torch.optim.Optimizer):
@@ -71,10 +87,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("optimizer=sam needs step(closure), a function that recomputes the batch's "
                                "loss and gradients (two passes per step): regexp's trainer passes one, "
                                "a task with a loop of its own does not support sam")
-        params = self._params()
-        eps = perturbation(params, [p.grad for p in params], self.rho, self.adaptive, self.eta)
-        with perturbed(params, eps), torch.enable_grad():
-            loss = closure()  # ∇L(w + ε̂) into .grad; the weights go back to w after it
+        loss = ascended_gradient(self._params(), closure, self.rho, self.adaptive, self.eta)
         self.base.step()
         return loss
 

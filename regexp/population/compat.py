@@ -4,8 +4,8 @@ A population is one batched computation, so its members must agree on everything
 shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
-start, weight decay, dropout p, label smoothing, input and weight noise σ, label noise, the
-gradient-clipping norm) and in width. Widths are grouped into buckets of similar size and padded
+start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, label
+noise, the gradient-clipping norm) and in width. Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
@@ -16,11 +16,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp",)
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
                 "input_noise", "weight_noise")
 # Values members of one population may differ in (everything else must be equal).
@@ -51,14 +50,10 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
-    probes = active(cfg.probe)
-    if probes:
-        return f"probe={_fmt(probes)} (population runs no probes; a lone run measures them)"
+    if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
+        return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
+                "once; SAM's second pass would need draws of its own)")
     return None
-
-
-def _fmt(names: Sequence[str]) -> str:
-    return "[" + ",".join(names) + "]"
 
 
 def shared_part(point: Dict[str, Any]) -> Dict[str, Any]:

@@ -28,12 +28,15 @@ from tqdm import tqdm
 
 from regexp.errors import ConfigError
 from regexp.optim import lr_factor
+from regexp.optim.sam import ascended_gradient
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
+from regexp.probes.base import ProbeInputs
+from regexp.probes.runner import build_probes, record as probe_record
 from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
 from regexp.train.io import save_torch
 from regexp.train.signals import StopFlag
@@ -57,9 +60,14 @@ class Options:
     exact_dropout: Optional[bool] = None  # None: exact (lone-run) masks on CPU, batched on GPU
 
 
+def _base_name(opt_cfg) -> str:
+    """The update rule: SAM's base optimizer, or the optimizer itself."""
+    return opt_cfg.base if opt_cfg.name == "sam" else opt_cfg.name
+
+
 def _member_hypers(members: List[Member]) -> Dict[str, List[float]]:
     o = [m.cfg.optimizer for m in members]
-    if o[0].name in ("adam", "adamw"):
+    if _base_name(o[0]) in ("adam", "adamw"):
         return {"lr": [c.lr for c in o], "beta1": [c.beta1 for c in o], "beta2": [c.beta2 for c in o],
                 "eps": [c.eps for c in o], "weight_decay": [c.weight_decay for c in o]}
     if o[0].name in ADAPTIVE:  # each rule's own keys, as its config names them
@@ -169,9 +177,12 @@ class Bucket:
         loop = device.type == "cpu" and 0 < opts.loop_width <= width
         self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
                               cfg.model.activation, device, loop)
-        self.opt = StackedOptimizer(cfg.optimizer.name, self.net.params, _member_hypers(members),
+        self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.net.params, _member_hypers(members),
                                     bool(cfg.optimizer.get("nesterov", False)), device,
                                     bool(cfg.optimizer.get("centered", False)))
+        # SAM (regexp/optim/sam.py): each member's own radius and gradient norm
+        self.sam = cfg.optimizer.name == "sam"
+        self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
         self.terms = LossTerms(members, device)
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
@@ -189,6 +200,20 @@ class Bucket:
         self.clip = (torch.tensor([math.inf if c is None else float(c) for c in clip], device=device)
                      if any(c is not None for c in clip) else None)
         self.forward = torch.compile(self.net.forward) if opts.compile else self.net.forward
+        x_train, y_train = data.split("train", self.member_set)
+        self.probes = build_probes(cfg.probe, x_train, y_train, [int(m.cfg.seed) for m in members],
+                                   int(cfg.trainer.eval_batch_size))
+        if self.probes is not None and members[0].resume is not None:  # members resume together
+            for k, m in enumerate(members):
+                self.probes.load_state_dict(m.resume["probes"], k)
+
+    def probe_inputs(self) -> ProbeInputs:
+        """The members as the probes see them: the stacked forward without dropout or noise (a
+        lone run's eval mode), padded units masked out."""
+        net, pr = self.net, self.probes
+        return ProbeInputs(net.forward, net.params, pr.x, pr.y, pr.x_train, pr.y_train, pr.eval_batch_size,
+                           members=len(self.members), batched=True, masks=net.param_masks(),
+                           is_weight=[is_w for _, _, is_w in net.named_params()])
 
     def keep(self, idx: List[int]) -> None:
         sel = torch.tensor(idx, dtype=torch.long)
@@ -204,14 +229,22 @@ class Bucket:
             self.clip = self.clip.index_select(0, sel.to(self.clip.device))
         if self.decoupled is not None:
             self.decoupled = (self.decoupled[0].index_select(0, sel.to(self.device)), self.decoupled[1])
+        if self.rho is not None:
+            self.rho = self.rho.index_select(0, sel.to(self.rho.device))
+        if self.probes is not None:
+            self.probes.keep(idx)
         if self.best is not None:
             self.best = [b.index_select(0, sel.to(b.device)) for b in self.best]
 
-    def before_step(self, factor: float) -> None:
-        """Gradient clipping, then decoupled weight decay, each member with its own values, in
-        train()'s order (both act between the backward pass and the optimizer step)."""
+    def clip_(self) -> None:
+        """Gradient clipping, each member with its own norm, right after every backward pass
+        (SAM's second one included), as train() clips."""
         if self.clip is not None:
             clip_grad_norms_(self.net.params, self.clip)
+
+    def before_step(self, factor: float) -> None:
+        """Decoupled weight decay, each member with its own values, where train() applies it:
+        after the (clipped) gradient, before the optimizer step."""
         if self.decoupled is not None:
             lam, biases = self.decoupled
             lr = self.opt.hp["lr"]
@@ -270,32 +303,55 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
         if loop.manual:
             loss = b.net.manual_step(xb, yb, masks, weights)
+            b.clip_()
             b.before_step(loop.factor(loop.step))
             if i == loop.steps_per_epoch - 1 and loop.grad_norms:
                 grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
+            if b.sam:  # the same batch's gradient once more, at each member's ascended weights
+                _ascend(b, lambda: (b.net.manual_step(xb, yb, _second_masks(b, xb, masks), weights), b.clip_()))
             b.opt.step(loop.factor(loop.step))
             loop.step += 1
             running[:, 0] += loss * xb.shape[1]
             if stop.requested:
                 return running, grad_norms, i + 1
             continue
-        with loop.autocast:
-            logits = b.forward(xb, masks, weights)
-        loss = b.terms.loss(logits, yb)
-        pens = b.terms.penalties(b.net, loss)
-        for p in b.net.params:
-            p.grad = None
-        # members are independent: the sum's gradient is each member's own gradient
-        (loss.sum() + sum(pen.sum() for pen in pens)).backward()
+
+        def backward(xb=xb, yb=yb, masks=masks, weights=weights):
+            with loop.autocast:
+                logits = b.forward(xb, masks, weights)
+            loss = b.terms.loss(logits, yb)
+            pens = b.terms.penalties(b.net, loss)
+            for p in b.net.params:
+                p.grad = None
+            # members are independent: the sum's gradient is each member's own gradient
+            (loss.sum() + sum(pen.sum() for pen in pens)).backward()
+            b.clip_()
+            return loss, pens
+
+        loss, pens = backward()
         b.before_step(loop.factor(loop.step))
         if i == loop.steps_per_epoch - 1 and loop.grad_norms:
             grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
+        if b.sam:
+            _ascend(b, lambda: backward(masks=_second_masks(b, xb, masks)))
         b.opt.step(loop.factor(loop.step))
         loop.step += 1
         running += torch.stack([loss] + pens, 1) * xb.shape[1]
         if stop.requested:
             return running, grad_norms, i + 1
     return running, grad_norms, loop.steps_per_epoch
+
+
+def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
+    """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
+    o = b.members[0].cfg.optimizer
+    ascended_gradient(b.net.params, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
+
+
+def _second_masks(b: Bucket, xb: torch.Tensor, masks):
+    """SAM's second forward draws fresh dropout masks, as a lone run's second forward does
+    (input noise, added to the batch once, stays)."""
+    return b.drop.masks(xb.shape[1]) if b.drop.active else masks
 
 
 def train_bucket(members: List[Member], width: int, opts: Options, data_cache=None,
@@ -363,11 +419,15 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 break
     bar.close()
     status = "completed" if epoch >= t.epochs else "interrupted"
+    # as train(): the checkpoint first, then the final probes on the weights model.pt holds
+    cks = [_checkpoint(b, k, loop, perms, running, 0) for k in range(len(b.members))] if status == "completed" else []
+    if cks and b.probes is not None:
+        _final_probes(b, epoch)
     for k, m in enumerate(b.members):
         m.status, m.epochs, m.signal = status, epoch, stop.signum
         # An interrupted member leaves train()'s checkpoint of where it stopped (mid-epoch too);
         # re-launching the sweep resumes it from there.
-        results[ids[id(m)]] = (_finish_completed(b, k, loop, perms, running) if status == "completed"
+        results[ids[id(m)]] = (_finish_completed(b, k, cks[k]) if status == "completed"
                                else finish(m, device, checkpoint=_checkpoint(b, k, loop, perms, running, in_epoch)))
         if on_finish is not None:
             on_finish(m, results[ids[id(m)]])
@@ -401,15 +461,25 @@ def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], ru
     sums = running[k].cpu() if running is not None else torch.zeros(1 + len(b.terms.reg_names))
     return checkpoint_dict(m, b.net.member_state(k), _member_opt_state(b, k), loop.total_steps,
                            b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu() if perms is not None else None,
-                           sums, best, steps_done=loop.step, step_in_epoch=in_epoch)
+                           sums, best, steps_done=loop.step, step_in_epoch=in_epoch,
+                           probe_state=b.probes.state_dict(k) if b.probes is not None else None)
 
 
-def _finish_completed(b: Bucket, k: int, loop: Loop, perms: torch.Tensor, running: torch.Tensor) -> Dict:
+def _final_probes(b: Bucket, epoch: int) -> None:
+    """Every member's end-of-run measurement, batched: its history row, scalars and figures."""
+    for k, (m, values) in enumerate(zip(b.members, b.probes.measure_members(b.probe_inputs()))):
+        logs: Dict[str, float] = {}
+        probe_record(m.probe_history, epoch, values, logs)
+        m.final_probes = values
+        write_scalars(m.tb, logs, epoch)
+        b.probes.save_figures(m.out_dir, m.tb, epoch, k)
+
+
+def _finish_completed(b: Bucket, k: int, ck: Dict) -> Dict:
     """Member k's final weights, best weights, checkpoint and reports, as train() leaves them."""
     m = b.members[k]
     state = b.net.member_state(k)
     best = b.net.member_state(k, b.best) if b.best is not None else None
-    ck = _checkpoint(b, k, loop, perms, running, 0)
     ds = b.data.sets[int(b.member_set[k])]  # the lone run's tensors, for report()
     tensors = {s: tuple(v.to(b.device) for v in ds.split(s)) for s in SPLITS}
     return finish(m, b.device, state, best, ck, tensors=tensors, eval_batch=m.cfg.trainer.eval_batch_size)
@@ -504,6 +574,9 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 chunk = max(1, min(t.eval_batch_size, budget // (4 * per_chunk)))
                 l, a = evaluate_members(b.net, x, y, chunk)
                 evals[s] = (l.tolist(), a.tolist())
+    # periodic probes of every member at once; the last epoch's is the end-of-run measurement
+    probed = (b.probes.measure_members(b.probe_inputs())
+              if b.probes is not None and b.probes.due(epoch) and epoch < t.epochs else None)
     diverged, improved = [], []
     hist_every = cfg.logger.histogram_every
     lrs = [b.opt.lr_of(k, lr_factor_now) for k in range(len(b.members))]
@@ -533,6 +606,8 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 m.best = dict(row)
                 improved.append(k)
         m.epochs = epoch
+        if probed is not None:
+            probe_record(m.probe_history, epoch, probed[k], logs)
         write_scalars(m.tb, logs, epoch)
         for r in m.regs:
             r.ctx.optimizer.param_groups[0]["lr"] = lrs[k]  # the stand-in's lr (_build_models)

@@ -18,6 +18,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from regexp.optim import build_optimizer, build_scheduler
+from regexp.probes.runner import active, checkpoint_fields, metrics_fields
 from regexp.train.io import save_torch, write_json
 from regexp.train.records import best_score, improves, run_metrics
 from regexp.train.tblog import TBLogger
@@ -45,6 +46,8 @@ class Member:
     signal: Optional[int] = None
     resume: Optional[Dict[str, Any]] = None  # the checkpoint.pt of an interrupted run, to go on from
     threads_reason: str = ""  # how trainer.threads was chosen for its population
+    probe_history: List[Dict[str, float]] = field(default_factory=list)  # as train()'s, one row per measurement
+    final_probes: Dict[str, float] = field(default_factory=dict)  # the final weights' values (completed only)
 
     def __post_init__(self) -> None:
         if self.order is None:
@@ -67,6 +70,7 @@ class Member:
         self.dropout_gen.set_state(ck["rng"]["torch"])
         self.order.set_state(ck["order"])
         self.history, self.best, self.epochs = list(ck["history"]), ck["best"], ck["epoch"]
+        self.probe_history = list(ck["probe_history"])
 
     @property
     def width(self) -> int:
@@ -107,12 +111,13 @@ def write_histograms(tb: TBLogger, state: Dict[str, torch.Tensor], epoch: int) -
 def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[Dict[str, torch.Tensor]],
                     total_steps: int, lr_final: float, perm: Optional[torch.Tensor],
                     running: torch.Tensor, best_state, steps_done: Optional[int] = None,
-                    step_in_epoch: int = 0) -> Dict[str, Any]:
+                    step_in_epoch: int = 0, probe_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The dict train() saves as checkpoint.pt, rebuilt from the member's slices.
 
     ``total_steps`` is the schedule's length, ``steps_done`` the optimizer steps taken (all of
     them by default), ``step_in_epoch`` those of the unfinished epoch ``m.epochs + 1``: with
-    them train() resumes an interrupted member where it stopped."""
+    them train() resumes an interrupted member where it stopped. ``probe_state``: its probes'
+    generator (None without probes)."""
     done = total_steps if steps_done is None else steps_done
     m.model.load_state_dict(state)
     params = [p for p in m.model.parameters() if p.requires_grad]
@@ -134,7 +139,7 @@ def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[D
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "regularizers": [r.state_dict() for r in m.regs], "history": m.history, "best": m.best,
         "best_state": best_state, "order": m.order.get_state(), "rng": rng,
-        "probe_history": [], "probes": None,  # the population refuses probes (compat.py)
+        **checkpoint_fields(probe_state, m.probe_history),
     }
 
 
@@ -167,6 +172,7 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
     metrics = run_metrics(m.status, m.epochs, final, m.best, m.history, m.params, m.t0, device,
                           torch.get_num_threads(), m.threads_reason, m.overrides, extra,
                           OmegaConf.to_container(m.cfg, resolve=True))
+    metrics.update(metrics_fields(bool(active(m.cfg.probe)), m.final_probes, m.probe_history))
     if diverged_epoch is not None:
         metrics["diverged_epoch"] = diverged_epoch
     if m.status == "interrupted" and m.signal is not None:

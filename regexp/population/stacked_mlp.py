@@ -92,6 +92,20 @@ class StackedMLP:
                 out.append((bn, b, False))
         return out
 
+    def param_masks(self) -> Optional[List[torch.Tensor]]:
+        """Each parameter's real entries (bool, its shape) per member; None without padding."""
+        if bool((self.widths == self.width).all()):
+            return None
+        real = self.unit_mask[:, 0].bool()  # (M, width)
+        last, out = len(self.weights) - 1, []
+        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+            rows = torch.ones(w.shape[0], w.shape[1], dtype=torch.bool, device=w.device) if l == last else real
+            cols = torch.ones(w.shape[0], w.shape[2], dtype=torch.bool, device=w.device) if l == 0 else real
+            out.append(rows[:, :, None] & cols[:, None, :])
+            if b is not None:
+                out.append(rows[:, None, :].clone())
+        return out
+
     def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
                 weights: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Logits (M, B, C) of inputs (M, B, D); ``masks[0]`` scales the input, ``masks[l+1]``

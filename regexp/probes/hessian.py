@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from regexp.probes.base import Probe, ProbeInputs, register
+from regexp.probes.base import MemberAxis, Probe, ProbeInputs, register
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,22 +37,38 @@ def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def hvp_operator(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> MatVec:
-    """v ↦ Hv for the Hessian of ``loss`` w.r.t. ``params``, v a flat float64 vector.
+def hvp_operator(loss: torch.Tensor, params: Sequence[torch.Tensor], members: int = 1,
+                 mask: Optional[torch.Tensor] = None) -> MatVec:
+    """v ↦ Hv for the Hessian of ``loss`` w.r.t. ``params``, v a flat float64 vector (P,), or
+    (M, P) rows for M members (``params`` stacked along a leading member dimension, ``loss``
+    their (M,) losses).
 
-    The gradient's graph is built once (``create_graph``) and kept, so each product is one
-    backward pass through it, not a new forward pass.
+    Members are independent, so the Hessian of the summed loss is block diagonal: one double
+    backward gives every member's own product. ``mask`` (M, P) keeps each member's real
+    entries: padded units are projected out of v and of Hv (the padded network's Hessian
+    restricted to the real entries is the member's own; its padded block is not, e.g. tanh
+    couples a padded unit's incoming and outgoing weights). The gradient's graph is built
+    once (``create_graph``) and kept, so each product is one backward pass through it.
     """
     params = list(params)
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    g = flat([torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)])
+    grads = torch.autograd.grad(loss.sum(), params, create_graph=True, allow_unused=True)
+    # one (M, P) tensor with the graph: each product is then a single backward from it
+    g = torch.cat([(torch.zeros_like(p) if gr is None else gr).reshape(members, -1) for p, gr in zip(params, grads)], 1)
     dtype = params[0].dtype
+    keep = mask.to(torch.float64) if mask is not None else None
 
     def apply(v: torch.Tensor) -> torch.Tensor:
         if not g.requires_grad:  # the loss is linear in the parameters: H = 0
             return torch.zeros_like(v)
-        hv = torch.autograd.grad(g, params, grad_outputs=v.to(dtype), retain_graph=True, allow_unused=True)
-        return flat([torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]).to(v.dtype)
+        rows = v.reshape(members, -1)
+        if keep is not None:
+            rows = rows * keep
+        hv = torch.autograd.grad(g, params, grad_outputs=rows.to(dtype), retain_graph=True, allow_unused=True)
+        out = torch.cat([(torch.zeros_like(p) if h is None else h).reshape(members, -1)
+                         for p, h in zip(params, hv)], 1).to(v.dtype)
+        if keep is not None:
+            out = out * keep
+        return out.reshape(v.shape)
 
     return apply
 
@@ -61,6 +77,18 @@ def rademacher(dim: int, generator: torch.Generator, device: torch.device) -> to
     """Independent ±1 entries, float64 (drawn on the CPU generator, then moved)."""
     v = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.float64) * 2 - 1
     return v.to(device)
+
+
+def _space(space: Union[int, torch.Tensor], generators, device) -> Tuple[MemberAxis, List[torch.Generator], bool]:
+    """A member mask (M, P) with one generator per member, or a plain dimension and one generator."""
+    if isinstance(space, int):
+        return MemberAxis([torch.empty(space, device=device)]), [generators], True
+    axis = MemberAxis([torch.empty(space.shape, device=space.device)], space.shape[0], [space])
+    return axis, list(generators), False
+
+
+def _rademacher_rows(axis: MemberAxis, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    return axis.rows(lambda n, g: rademacher(n, g, torch.device("cpu")), generators)
 
 
 @dataclass
@@ -76,36 +104,57 @@ class Tridiagonal:
         if m > 1:
             b = self.beta.cpu()
             T += torch.diag(b, 1) + torch.diag(b, -1)
+        if not bool(torch.isfinite(T).all()):  # a diverged member's weights: nothing to decompose
+            return torch.full((m,), float("nan"), dtype=torch.float64), torch.full((m, m), float("nan"), dtype=torch.float64)
         return torch.linalg.eigh(T)
 
 
-def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int, tol: float = 1e-10) -> Tridiagonal:
+def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int, tol: float = 1e-10,
+            dims: Optional[Sequence[int]] = None) -> Union[Tridiagonal, List[Tridiagonal]]:
     """``steps`` Lanczos steps from ``v0`` (float64), each new vector reorthogonalized against
     all earlier ones (twice: one Gram–Schmidt pass is not enough in floating point). Stops
     early when the Krylov space is invariant (β below ``tol``·‖H‖'s running estimate): T's
-    eigenvalues are then exact eigenvalues of H."""
-    steps = min(steps, v0.numel())
-    Q = torch.empty(steps, v0.numel(), dtype=torch.float64, device=v0.device)
-    Q[0] = v0 / v0.norm()
-    alpha: List[float] = []
-    beta: List[float] = []
-    scale = 0.0
-    for j in range(steps):
-        w = matvec(Q[j])
-        a = float(torch.dot(w, Q[j]))
-        alpha.append(a)
-        if j == steps - 1:
+    eigenvalues are then exact eigenvalues of H.
+
+    ``v0`` of shape (M, P) runs M members' iterations together (one batched product per step;
+    dot products and norms per row), each at most ``dims[m]`` steps (its real dimension) and
+    stopping on its own; a stopped member's row stays zero. Returns one T per row."""
+    single = v0.dim() == 1
+    V = v0.reshape(1, -1) if single else v0
+    M, P = V.shape
+    caps = [min(steps, d) for d in (dims if dims is not None else [P] * M)]
+    Q = torch.zeros(M, max(caps), P, dtype=torch.float64, device=V.device)  # each member's basis, row by row
+    Q[:, 0] = V / V.norm(dim=1, keepdim=True)
+    alpha: List[List[float]] = [[] for _ in range(M)]
+    beta: List[List[float]] = [[] for _ in range(M)]
+    scale = [0.0] * M
+    live = [c > 0 for c in caps]
+    for j in range(max(caps)):
+        q = Q[:, j]
+        w = matvec(q.reshape(-1) if single else q).reshape(M, P)
+        a = (w * q).sum(1).tolist()
+        for m in range(M):
+            if live[m]:
+                alpha[m].append(a[m])
+                live[m] = j < caps[m] - 1
+        if not any(live):
             break
-        basis = Q[:j + 1]
+        basis = Q[:, :j + 1]  # (M, j + 1, P)
         for _ in range(2):
-            w = w - basis.T @ (basis @ w)
-        b = float(w.norm())
-        scale = max(scale, abs(a), b)
-        if b <= tol * max(scale, 1e-30):
-            break
-        beta.append(b)
-        Q[j + 1] = w / b
-    return Tridiagonal(torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64))
+            w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
+        b = w.norm(dim=1)
+        for m, bm in enumerate(b.tolist()):
+            if not live[m]:
+                continue
+            scale[m] = max(scale[m], abs(a[m]), bm)
+            if bm <= tol * max(scale[m], 1e-30):
+                live[m] = False
+                continue
+            beta[m].append(bm)
+            Q[m, j + 1] = w[m] / bm
+    out = [Tridiagonal(torch.tensor(al, dtype=torch.float64), torch.tensor(be, dtype=torch.float64))
+           for al, be in zip(alpha, beta)]
+    return out[0] if single else out
 
 
 def top_eigenvalues(T: Tridiagonal, k: int) -> List[float]:
@@ -114,17 +163,24 @@ def top_eigenvalues(T: Tridiagonal, k: int) -> List[float]:
     return T.eig()[0].flip(0)[:k].tolist()
 
 
-def hutchinson_trace(matvec: MatVec, dim: int, samples: int, generator: torch.Generator,
-                     device: torch.device = torch.device("cpu")) -> Tuple[float, float]:
+def hutchinson_trace(matvec: MatVec, space: Union[int, torch.Tensor], samples: int, generator,
+                     device: torch.device = torch.device("cpu")):
     """tr H ≈ mean of vᵀHv over ``samples`` Rademacher v; returns (estimate, standard error).
-    Exact for a diagonal H (vᵢ² = 1), with variance 2 Σ_{i≠j} H_ij² per sample otherwise."""
+    Exact for a diagonal H (vᵢ² = 1), with variance 2 Σ_{i≠j} H_ij² per sample otherwise.
+
+    ``space`` is the dimension P (one model, one ``generator``) or a member mask (M, P) with a
+    list of M generators: then one (estimate, error) per member, each v drawn on the member's
+    real entries from its own generator."""
+    axis, gens, single = _space(space, generator, device)
     values = []
     for _ in range(samples):
-        v = rademacher(dim, generator, device)
-        values.append(float(torch.dot(v, matvec(v))))
-    x = torch.tensor(values, dtype=torch.float64)
-    err = float(x.std(unbiased=True) / math.sqrt(samples)) if samples > 1 else float("nan")
-    return float(x.mean()), err
+        v = _rademacher_rows(axis, gens)
+        hv = matvec(v.view(-1) if single else v).reshape(v.shape)
+        values.append((v * hv).sum(1))
+    x = torch.stack(values).cpu()  # (samples, M)
+    err = (x.std(0, unbiased=True) / math.sqrt(samples)).tolist() if samples > 1 else [float("nan")] * len(gens)
+    out = list(zip(x.mean(0).tolist(), err))
+    return out[0] if single else out
 
 
 @dataclass
@@ -146,21 +202,27 @@ class Quadrature:
         return (g * self.weights).sum(2).mean(1)
 
 
-def slq(matvec: MatVec, dim: int, runs: int, steps: int, generator: torch.Generator,
-        device: torch.device = torch.device("cpu")) -> Quadrature:
+def slq(matvec: MatVec, space: Union[int, torch.Tensor], runs: int, steps: int, generator,
+        device: torch.device = torch.device("cpu")):
     """``runs`` Lanczos quadratures from random Rademacher starts (normalized to unit length).
-    A run that stops early (an invariant space) pads its nodes with weight 0."""
-    steps = min(steps, dim)
-    nodes = torch.zeros(runs, steps, dtype=torch.float64)
-    weights = torch.zeros(runs, steps, dtype=torch.float64)
-    tridiagonals = []
+    A run that stops early (an invariant space) pads its nodes with weight 0. ``space`` as in
+    :func:`hutchinson_trace`: a member mask gives one quadrature per member."""
+    axis, gens, single = _space(space, generator, device)
+    M = len(gens)
+    caps = [min(steps, d) for d in axis.dims]
+    nodes = [torch.zeros(runs, c, dtype=torch.float64) for c in caps]
+    weights = [torch.zeros(runs, c, dtype=torch.float64) for c in caps]
+    tridiagonals: List[List[Tridiagonal]] = [[] for _ in range(M)]
     for r in range(runs):
-        tridiagonals.append(lanczos(matvec, rademacher(dim, generator, device), steps))
-        theta, vecs = tridiagonals[-1].eig()
-        m = len(theta)
-        nodes[r, :m], weights[r, :m] = theta, vecs[0] ** 2
-        nodes[r, m:] = theta[-1]
-    return Quadrature(nodes, weights, tridiagonals)
+        v = _rademacher_rows(axis, gens)
+        for m, T in enumerate(lanczos(matvec, v, steps, dims=axis.dims)):
+            tridiagonals[m].append(T)
+            theta, vecs = T.eig()
+            k = len(theta)
+            nodes[m][r, :k], weights[m][r, :k] = theta, vecs[0] ** 2
+            nodes[m][r, k:] = theta[-1]
+    out = [Quadrature(n, w, t) for n, w, t in zip(nodes, weights, tridiagonals)]
+    return out[0] if single else out
 
 
 def density_grid(q: Quadrature, sigma: float, points: int = 1000, pad: float = 5.0,
@@ -172,12 +234,13 @@ def density_grid(q: Quadrature, sigma: float, points: int = 1000, pad: float = 5
 
 # ---------------------------------------------------------------- the probe
 def loss_hvp(inputs: ProbeInputs) -> MatVec:
-    """v ↦ Hv for the probe batch's loss. Attention runs in plain ops here: torch's fused
-    attention kernels have no double backward."""
+    """v ↦ Hv for the probe batch's loss, every member's at once. Attention runs in plain ops
+    here: torch's fused attention kernels have no double backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    ax = inputs.axis
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-        return hvp_operator(inputs.loss(), inputs.params)
+        return hvp_operator(inputs.loss(), inputs.params, ax.members, ax.mask if ax.padded else None)
 
 
 def density_figure(q: Quadrature, sigma: float, title: str):
@@ -225,23 +288,25 @@ class HessianProbe(Probe):
         super().__init__(cfg)
         self.last = None
 
-    def measure(self, inputs: ProbeInputs, generator: torch.Generator) -> Dict[str, float]:
+    def measure(self, inputs: ProbeInputs, generators: Sequence[torch.Generator]) -> List[Dict[str, float]]:
         c = self.cfg
         matvec = loss_hvp(inputs)
-        dim, device = sum(p.numel() for p in inputs.params), inputs.x.device
-        q = slq(matvec, dim, c.slq_runs, max(c.lanczos_steps, c.top_k), generator, device)
-        top = top_eigenvalues(q.runs[0], c.top_k)
-        trace, err = hutchinson_trace(matvec, dim, c.trace_samples, generator, device)
-        self.last = q
-        out = {f"hessian/top{i + 1}": v for i, v in enumerate(top)}
-        out.update({"hessian/trace": trace, "hessian/trace_stderr": err,
-                    "hessian/density_min": float(q.nodes.min()), "hessian/density_max": float(q.nodes.max())})
+        mask, device = inputs.axis.mask, inputs.x.device
+        qs = slq(matvec, mask, c.slq_runs, max(c.lanczos_steps, c.top_k), generators, device)
+        traces = hutchinson_trace(matvec, mask, c.trace_samples, generators, device)
+        self.last = qs
+        out = []
+        for q, (trace, err) in zip(qs, traces):
+            row = {f"hessian/top{i + 1}": v for i, v in enumerate(top_eigenvalues(q.runs[0], c.top_k))}
+            row.update({"hessian/trace": trace, "hessian/trace_stderr": err,
+                        "hessian/density_min": float(q.nodes.min()), "hessian/density_max": float(q.nodes.max())})
+            out.append(row)
         return out
 
-    def figures(self, epoch: int) -> Dict[str, Any]:
+    def figures(self, epoch: int, member: int = 0) -> Dict[str, Any]:
         if self.last is None:
             return {}
-        q = self.last
+        q = self.last[member]
         span = float(q.nodes.max() - q.nodes.min())
         sigma = self.cfg.density_sigma * (span if span > 0 else 1.0)
         title = (f"Hessian eigenvalue density at epoch {epoch} (SLQ: {self.cfg.slq_runs} run(s) × "

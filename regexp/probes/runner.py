@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -55,47 +55,71 @@ def save_figure(fig, path: Path, tb, tag: str, step: int) -> Path:
 
 
 class Probes:
-    def __init__(self, cfg, x_train: torch.Tensor, y_train: torch.Tensor, seed: int, eval_batch_size: int):
+    """The probes of one run (``seed`` an int, data without a member dimension) or of the M
+    members of a population (``seed`` one per member, ``x_train`` (M, n, ...), ``y_train``
+    (M, n)): each member has its own probe batch and generator, those its lone run would have."""
+
+    def __init__(self, cfg, x_train: torch.Tensor, y_train: torch.Tensor, seed: Union[int, Sequence[int]],
+                 eval_batch_size: int):
         self.every = int(cfg.every)
         self.probes: List[Probe] = [PROBES[name](cfg[name]) for name in active(cfg)]
-        self.x, self.y = probe_batch(x_train, y_train, seed, int(cfg.batch_size))
+        self.batched = not isinstance(seed, int)
+        seeds = list(seed) if self.batched else [seed]
+        if self.batched:
+            picks = [probe_batch(x_train[m], y_train[m], s, int(cfg.batch_size)) for m, s in enumerate(seeds)]
+            self.x, self.y = torch.stack([x for x, _ in picks]), torch.stack([y for _, y in picks])
+        else:
+            self.x, self.y = probe_batch(x_train, y_train, seed, int(cfg.batch_size))
         self.x_train, self.y_train, self.eval_batch_size = x_train, y_train, eval_batch_size
-        self.generator = torch.Generator().manual_seed(seed + DRAW_STREAM)
+        self.generators = [torch.Generator().manual_seed(s + DRAW_STREAM) for s in seeds]
 
     def due(self, epoch: int) -> bool:
         """Whether ``epoch`` is a periodic probe epoch (the end of the run is probed anyway)."""
         return self.every > 0 and epoch % self.every == 0
 
     def measure(self, model: nn.Module) -> Dict[str, float]:
+        """A lone model's values (in eval mode)."""
         was_training = model.training
         model.eval()
         try:
             inputs = ProbeInputs(model, [p for p in model.parameters() if p.requires_grad], self.x, self.y,
                                  self.x_train, self.y_train, self.eval_batch_size)
-            out: Dict[str, float] = {}
-            for p in self.probes:
-                out.update(p.measure(inputs, self.generator))
-            return out
+            return self.measure_members(inputs)[0]
         finally:
             model.train(was_training)
 
-    def save_figures(self, out_dir: Path, tb, epoch: int) -> List[Path]:
-        """Each probe's figures of its last measurement: ``<name>.png`` and the TensorBoard
+    def measure_members(self, inputs: ProbeInputs) -> List[Dict[str, float]]:
+        """Every member's values, each probe measuring all members at once."""
+        out: List[Dict[str, float]] = [{} for _ in range(inputs.members)]
+        for p in self.probes:
+            for row, values in zip(out, p.measure(inputs, self.generators)):
+                row.update(values)
+        return out
+
+    def keep(self, idx: Sequence[int]) -> None:
+        """Only the members ``idx`` go on (the others finished or diverged)."""
+        sel = torch.tensor(list(idx), dtype=torch.long, device=self.x.device)
+        self.x, self.y = self.x.index_select(0, sel), self.y.index_select(0, sel)
+        self.x_train, self.y_train = self.x_train.index_select(0, sel), self.y_train.index_select(0, sel)
+        self.generators = [self.generators[i] for i in idx]
+
+    def save_figures(self, out_dir: Path, tb, epoch: int, member: int = 0) -> List[Path]:
+        """Each probe's figures of a member's last measurement: ``<name>.png`` and the TensorBoard
         image ``probe/<name>``."""
         paths = []
         for p in self.probes:
-            for name, fig in p.figures(epoch).items():
+            for name, fig in p.figures(epoch, member).items():
                 paths.append(save_figure(fig, Path(out_dir) / f"{name}.png", tb, f"probe/{name}", epoch))
         return paths
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+    def state_dict(self, member: int = 0) -> Dict[str, Any]:
+        return {"generator": self.generators[member].get_state()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: Dict[str, Any], member: int = 0) -> None:
+        self.generators[member].set_state(state["generator"])
 
 
-def build_probes(cfg, x_train: torch.Tensor, y_train: torch.Tensor, seed: int,
+def build_probes(cfg, x_train: torch.Tensor, y_train: torch.Tensor, seed: Union[int, Sequence[int]],
                  eval_batch_size: int) -> Optional[Probes]:
     """None when no probe is on (``probe=[]``, the default)."""
     return Probes(cfg, x_train, y_train, seed, eval_batch_size) if active(cfg) else None
@@ -104,3 +128,23 @@ def build_probes(cfg, x_train: torch.Tensor, y_train: torch.Tensor, seed: int,
 def tags(values: Dict[str, float]) -> Dict[str, float]:
     """TensorBoard tags of measured values: ``probe/<key>``."""
     return {f"probe/{k}": v for k, v in values.items()}
+
+
+def record(history: List[Dict[str, float]], epoch: int, values: Dict[str, float],
+           logs: Dict[str, float]) -> None:
+    """A measurement at ``epoch``: a row of the run's ``probe_history`` and its TensorBoard
+    scalars (added to the epoch's ``logs``)."""
+    history.append({"epoch": epoch, **values})
+    logs.update(tags(values))
+
+
+def checkpoint_fields(state: Optional[Dict[str, Any]], history: List[Dict[str, float]]) -> Dict[str, Any]:
+    """What ``checkpoint.pt`` holds of the probes (lone runs and population members alike):
+    the measurements so far and the generator ``state`` (None without probes)."""
+    return {"probe_history": list(history), "probes": state}  # a copy: the run's list grows on
+
+
+def metrics_fields(on: bool, final: Dict[str, float], history: List[Dict[str, float]]) -> Dict[str, Any]:
+    """What ``metrics.json`` holds of the probes: the final weights' values (empty if the run did
+    not complete) and every measurement; nothing when no probe is on."""
+    return {"probes": final, "probe_history": history} if on else {}

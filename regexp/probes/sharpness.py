@@ -23,65 +23,78 @@ generator it is given, so a run's training never sees it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn as nn
 
 from regexp.optim.sam import perturbation, perturbed
-from regexp.probes.base import Probe, ProbeInputs, register
+from regexp.probes.base import MemberAxis, Probe, ProbeInputs, register
 
 LossFn = Callable[[], torch.Tensor]
 MARGIN_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def rho_sharpness(loss_fn: LossFn, params: Sequence[torch.Tensor], rho: float, adaptive: bool = False,
-                  eta: float = 0.01) -> float:
+                  eta: float = 0.01, members: int = 1) -> List[float]:
+    """One value per member: ``loss_fn`` gives the (M,) member losses (a lone model's, M = 1)
+    and each member ascends along its own gradient, of its own norm."""
     with torch.enable_grad():
-        loss = loss_fn()
-        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-    eps = perturbation(params, grads, rho, adaptive, eta)
+        loss = loss_fn().reshape(-1)
+        grads = torch.autograd.grad(loss.sum(), list(params), allow_unused=True)
+    eps = perturbation(params, grads, rho, adaptive, eta, members)
     with torch.no_grad(), perturbed(params, eps):
-        return float(loss_fn() - loss.detach())
+        return (loss_fn().reshape(-1) - loss.detach()).tolist()
 
 
 @torch.no_grad()
 def average_sharpness(loss_fn: LossFn, params: Sequence[torch.Tensor], sigma: float, samples: int,
-                      generator: torch.Generator) -> float:
-    """Mean over ``samples`` draws of L(w + σz) − L(w); z is drawn parameter by parameter, in
-    order, on the CPU ``generator``."""
-    base = loss_fn()
-    total = 0.0
+                      generator: Union[torch.Generator, Sequence[torch.Generator]],
+                      axis: Optional[MemberAxis] = None) -> List[float]:
+    """Mean over ``samples`` draws of L(w + σz) − L(w), one value per member; z is drawn
+    parameter by parameter, in order, on the CPU ``generator`` (one per member, each drawing
+    only its member's real entries: see :meth:`MemberAxis.randn`)."""
+    gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
+    axis = axis if axis is not None else MemberAxis(params)
+    base = loss_fn().reshape(-1)
+    totals = [0.0] * len(gens)
     for _ in range(samples):
-        z = [sigma * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
-        with perturbed(params, z):
-            total += float(loss_fn() - base)
-    return total / samples
+        with perturbed(params, axis.randn(sigma, gens)):
+            for m, d in enumerate((loss_fn().reshape(-1) - base).tolist()):
+                totals[m] += d
+    return [t / samples for t in totals]
 
 
 @torch.no_grad()
-def param_norms(model: nn.Module) -> Dict[str, float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    weights = [p for p in params if p.dim() >= 2]
-    sq = lambda ps: float(sum(p.double().pow(2).sum() for p in ps)) if ps else 0.0  # noqa: E731
-    product = 1.0
-    for w in weights:
-        product *= float(w.double().norm())
-    return {"l2": sq(params) ** 0.5, "l2_weights": sq(weights) ** 0.5, "frobenius_product": product}
+def param_norms(params: Sequence[torch.Tensor], is_weight: Optional[Sequence[bool]] = None,
+                members: int = 1) -> Dict[str, List[float]]:
+    """Per member: ‖w‖₂ of all parameters, of the weight matrices, and the product of the weight
+    matrices' Frobenius norms (padding is zero: it adds nothing)."""
+    is_weight = is_weight if is_weight is not None else [p.dim() >= 2 for p in params]
+    sq = [p.double().pow(2).reshape(members, -1).sum(1) for p in params]
+    zero = torch.zeros(members, dtype=torch.float64, device=params[0].device)
+    l2 = sum(sq, zero).sqrt()
+    l2_weights = sum((q for q, w in zip(sq, is_weight) if w), zero).sqrt()
+    product = torch.ones_like(zero)
+    for q, w in zip(sq, is_weight):
+        if w:
+            product = product * q.sqrt()
+    return {"l2": l2.tolist(), "l2_weights": l2_weights.tolist(), "frobenius_product": product.tolist()}
 
 
 @torch.no_grad()
 def margins(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
             batch: int) -> torch.Tensor:
-    """Correct-class logit minus the largest other logit, one per example."""
+    """Correct-class logit minus the largest other logit, one per example: (N,) for a lone
+    model, (M, N) for members (``x`` (M, N, ...), ``y`` (M, N), logits (M, B, C))."""
+    d = y.dim() - 1  # the examples' dimension
     out = []
-    for i in range(0, len(y), batch):
-        logits = model(x[i:i + batch])
-        yb = y[i:i + batch]
-        correct = logits.gather(1, yb[:, None]).squeeze(1)
-        other = logits.scatter(1, yb[:, None], float("-inf")).amax(1)
+    for i in range(0, y.shape[d], batch):
+        logits = model(x.narrow(d, i, min(batch, y.shape[d] - i)))
+        yb = y.narrow(d, i, min(batch, y.shape[d] - i)).unsqueeze(-1)
+        correct = logits.gather(-1, yb).squeeze(-1)
+        other = logits.scatter(-1, yb, float("-inf")).amax(-1)
         out.append(correct - other)
-    return torch.cat(out)
+    return torch.cat(out, d)
 
 
 def margin_summary(m: torch.Tensor) -> Dict[str, float]:
@@ -94,30 +107,33 @@ def margin_summary(m: torch.Tensor) -> Dict[str, float]:
 
 
 def microbatch_grads(loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], params: Sequence[torch.Tensor],
-                     x: torch.Tensor, y: torch.Tensor, parts: int) -> torch.Tensor:
-    """The flat gradient of each of ``parts`` equal consecutive microbatches, (parts, P) float64;
-    examples beyond parts · ⌊n/parts⌋ are left out, so all microbatches have one size."""
-    b = len(y) // parts
+                     x: torch.Tensor, y: torch.Tensor, parts: int, axis: Optional[MemberAxis] = None) -> torch.Tensor:
+    """The flat gradient of each of ``parts`` equal consecutive microbatches, (parts, M, P)
+    float64 (M = 1 for a lone model; members' examples along ``y``'s last dimension); examples
+    beyond parts · ⌊n/parts⌋ are left out, so all microbatches have one size."""
+    axis = axis if axis is not None else MemberAxis(params)
+    d = y.dim() - 1
+    b = y.shape[d] // parts
     rows: List[torch.Tensor] = []
     with torch.enable_grad():
         for m in range(parts):
-            loss = loss_of(x[m * b:(m + 1) * b], y[m * b:(m + 1) * b])
-            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
-                                   for p, g in zip(params, grads)]))
+            loss = loss_of(x.narrow(d, m * b, b), y.narrow(d, m * b, b))
+            grads = torch.autograd.grad(loss.sum(), list(params), allow_unused=True)
+            rows.append(axis.flat(grads, torch.float64))
     return torch.stack(rows)
 
 
-def gradient_noise(grads: torch.Tensor, microbatch: int) -> Dict[str, float]:
-    """tr Σ of one example's gradient from M ≥ 2 microbatch-mean gradients (rows of ``grads``)
-    of ``microbatch`` examples each, with ‖ḡ‖² and the simple noise scale tr Σ/‖ḡ‖²."""
+def gradient_noise(grads: torch.Tensor, microbatch: int) -> Dict[str, List[float]]:
+    """tr Σ of one example's gradient from M ≥ 2 microbatch-mean gradients (``grads`` (M, members,
+    P)) of ``microbatch`` examples each, with ‖ḡ‖² and the simple noise scale tr Σ/‖ḡ‖², per member."""
     M = grads.shape[0]
     if M < 2:
         raise ValueError("gradient_noise needs at least 2 microbatch gradients")
     mean = grads.mean(0)
-    trace = microbatch * float(((grads - mean) ** 2).sum()) / (M - 1)
-    g2 = float(mean.pow(2).sum())
-    return {"trace": trace, "grad_norm_sq": g2, "simple_scale": trace / g2 if g2 > 0 else float("inf")}
+    trace = microbatch * ((grads - mean) ** 2).sum((0, 2)) / (M - 1)
+    g2 = mean.pow(2).sum(1)
+    scale = torch.where(g2 > 0, trace / g2, torch.full_like(g2, float("inf")))
+    return {"trace": trace.tolist(), "grad_norm_sq": g2.tolist(), "simple_scale": scale.tolist()}
 
 
 @register
@@ -137,16 +153,24 @@ class SharpnessProbe(Probe):
               "sigma": (lambda v: v > 0, "a number > 0"), "samples": (lambda v: v >= 1, "an integer >= 1"),
               "noise_microbatches": (lambda v: v >= 2, "an integer >= 2")}
 
-    def measure(self, inputs: ProbeInputs, generator: torch.Generator) -> Dict[str, float]:
-        c = self.cfg
+    def measure(self, inputs: ProbeInputs, generators: Sequence[torch.Generator]) -> List[Dict[str, float]]:
+        c, ax = self.cfg, inputs.axis
+        per_key: Dict[str, List[float]] = {}
         with torch.no_grad():
-            out = {"sharpness/loss": float(inputs.loss())}
-        out["sharpness/rho"] = rho_sharpness(inputs.loss, inputs.params, c.rho, c.adaptive, c.eta)
-        out["sharpness/average"] = average_sharpness(inputs.loss, inputs.params, c.sigma, c.samples, generator)
-        out.update({f"norm/{k}": v for k, v in param_norms(inputs.model).items()})
-        m = margins(inputs.model, inputs.x_train, inputs.y_train, inputs.eval_batch_size)
-        out.update({f"margin/{k}": v for k, v in margin_summary(m).items()})
-        parts = min(c.noise_microbatches, len(inputs.y))
-        grads = microbatch_grads(inputs.loss_of, inputs.params, inputs.x, inputs.y, parts)
-        out.update({f"grad_noise/{k}": v for k, v in gradient_noise(grads, len(inputs.y) // parts).items()})
+            per_key["sharpness/loss"] = inputs.loss().tolist()
+        per_key["sharpness/rho"] = rho_sharpness(inputs.loss, inputs.params, c.rho, c.adaptive, c.eta, ax.members)
+        per_key["sharpness/average"] = average_sharpness(inputs.loss, inputs.params, c.sigma, c.samples,
+                                                         generators, ax)
+        per_key.update({f"norm/{k}": v for k, v in param_norms(inputs.params, inputs.is_weight, ax.members).items()})
+        m = margins(inputs.model, inputs.x_train, inputs.y_train, inputs.eval_batch_size).reshape(ax.members, -1)
+        n = inputs.y.shape[-1]
+        parts = min(c.noise_microbatches, n)
+        grads = microbatch_grads(inputs.loss_of, inputs.params, inputs.x, inputs.y, parts, ax)
+        per_key.update({f"grad_noise/{k}": v for k, v in gradient_noise(grads, n // parts).items()})
+        out = []
+        for i in range(ax.members):
+            row = {k: v[i] for k, v in per_key.items() if not k.startswith("grad_noise/")}
+            row.update({f"margin/{k}": v for k, v in margin_summary(m[i]).items()})
+            row.update({k: v[i] for k, v in per_key.items() if k.startswith("grad_noise/")})
+            out.append(row)
         return out

@@ -25,7 +25,7 @@ from regexp.data import load_data
 from regexp.errors import ConfigError
 from regexp.models import build_model, count_params
 from regexp.optim import build_optimizer, build_scheduler
-from regexp.probes.runner import build_probes, tags as probe_tags
+from regexp.probes.runner import build_probes, checkpoint_fields, metrics_fields, record as probe_record
 from regexp.regularizers import build_regularizers
 from regexp.regularizers.base import Context
 from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
@@ -260,8 +260,8 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "regularizers": [r.state_dict() for r in regs],
             "history": history, "best": best, "best_state": best_state, "order": order.get_state(),
-            "rng": rng_state(), "probe_history": probe_history,
-            "probes": probes.state_dict() if probes is not None else None})
+            "rng": rng_state(),
+            **checkpoint_fields(probes.state_dict() if probes is not None else None, probe_history)})
 
     score = best_score(regs)  # the population ranks epochs with the same function
 
@@ -363,9 +363,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                     stop_reason = "pruned"
             # periodic probes; the last epoch's is the end-of-run measurement below
             if probes is not None and probes.due(epoch) and epoch < t.epochs and stop_reason is None:
-                values = probes.measure(model)
-                probe_history.append({"epoch": epoch, **values})
-                logs.update(probe_tags(values))
+                probe_record(probe_history, epoch, probes.measure(model), logs)
             tb.scalars(logs, epoch)
             for r in regs:
                 r.log(tb, epoch)
@@ -397,18 +395,16 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         for r in regs:
             extra.update(r.report(model, tensors, lambda m, x, y: evaluate(m, x, y, t.eval_batch_size)))
         if probes is not None:  # on the final weights, those model.pt holds
-            final_probes = probes.measure(model)
-            probe_history.append({"epoch": epoch, **final_probes})
-            tb.scalars(probe_tags(final_probes), epoch)
+            final_probes, probe_logs = probes.measure(model), {}
+            probe_record(probe_history, epoch, final_probes, probe_logs)
+            tb.scalars(probe_logs, epoch)
             probes.save_figures(out_dir, tb, epoch)
         save_torch(out_dir / "model.pt", model.state_dict())
         if best_state is not None:
             save_torch(out_dir / "best_model.pt", best_state)
     metrics = run_metrics(status, epoch, final, best, history, params, t0, device, threads, threads_why,
                           overrides, extra, config)
-    if probes is not None:
-        metrics["probes"] = final_probes  # the final weights' values; none if the run did not complete
-        metrics["probe_history"] = probe_history
+    metrics.update(metrics_fields(probes is not None, final_probes, probe_history))
     if stop_reason == "early_stopping":
         metrics["stopped_epoch"] = epoch
     if status == "diverged":

@@ -1,0 +1,215 @@
+"""Probes and SAM in a population, batched across members, against lone runs and exact maths.
+
+Stated tolerance (float32 runs): a member's probe values equal its lone run's within
+|a - b| <= 1e-6 + 1e-4·|b|. The batched products only change the summation order; the
+loss differences (sharpness) lose digits to cancellation, hence the absolute term. In float64
+(the padding test) the values agree to 1e-9.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import read_scalars
+from regexp.data import load_data
+from regexp.models import build_model
+from regexp.models.mlp import MLP
+from regexp.population import train_population, use_population
+from regexp.population.stacked_mlp import StackedMLP
+from regexp.probes.base import ProbeInputs
+from regexp.probes.hessian import HessianProbe, hvp_operator
+from regexp.probes.sharpness import SharpnessProbe
+from regexp.sweep import point_config, point_name
+from regexp.train.trainer import seed_everything, train
+from test_optim_sam import by_hand
+
+TINY = ["trainer.epochs=2", "trainer.progress=false", "trainer.threads=1", "data.n_train=200",
+        "logger.histogram_every=0", "trainer.batch_size=50"]
+PROBES = ["probe=[hessian,sharpness]", "probe.every=1", "probe.batch_size=64", "probe.hessian.lanczos_steps=6",
+          "probe.hessian.trace_samples=2", "probe.sharpness.samples=2", "probe.sharpness.noise_microbatches=4"]
+ATOL, RTOL = 1e-6, 1e-4
+
+
+def _runs(compose_cfg, tmp_path, overrides, points):
+    base = compose_cfg(TINY + overrides)
+    assert use_population(base, points)  # auto picks the population: nothing is refused
+    pop = train_population(base, points, tmp_path / "pop")
+    lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
+    return pop, lone
+
+
+def test_member_probes_equal_lone_run_probes(compose_cfg, tmp_path):
+    # tanh: a padded unit's incoming and outgoing weights are coupled in the padded Hessian,
+    # so the narrow member (width 12 padded to 16) is right only if padding is masked out
+    points = [{"model.width": 12, "seed": 0}, {"model.width": 16, "seed": 1}]
+    pop, lone = _runs(compose_cfg, tmp_path, PROBES + ["model.activation=tanh"], points)
+    for p, a, b in zip(points, pop, lone):
+        assert [r["epoch"] for r in a["probe_history"]] == [r["epoch"] for r in b["probe_history"]] == [1, 2]
+        for ra, rb in zip(a["probe_history"], b["probe_history"]):
+            assert ra.keys() == rb.keys()
+            for k in rb:
+                assert ra[k] == pytest.approx(rb[k], rel=RTOL, abs=ATOL), (p, ra["epoch"], k)
+        assert a["probes"] == {k: v for k, v in a["probe_history"][-1].items() if k != "epoch"}
+        name = point_name(p)
+        saved = json.loads((tmp_path / "pop" / name / "metrics.json").read_text())
+        assert list(saved)[-3:] == ["config", "probes", "probe_history"] == list(b)[-3:]
+        sp, sl = read_scalars(tmp_path / "pop" / name), read_scalars(tmp_path / "lone" / name)
+        tags = {t for t in sl if t.startswith("probe/")}
+        assert tags and {t for t in sp if t.startswith("probe/")} == tags
+        for t in tags:
+            assert [s for s, _ in sp[t]] == [s for s, _ in sl[t]] == [1, 2], t
+            assert [v for _, v in sp[t]] == pytest.approx([v for _, v in sl[t]], rel=1e-3, abs=ATOL), t
+        assert (tmp_path / "pop" / name / "hessian_density.png").stat().st_size > 1000
+        # the checkpoint carries the same probe history and the same generator position
+        cp, cl = (torch.load(tmp_path / d / name / "checkpoint.pt", weights_only=True) for d in ("pop", "lone"))
+        assert torch.equal(cp["probes"]["generator"], cl["probes"]["generator"])
+        assert [r["epoch"] for r in cp["probe_history"]] == [r["epoch"] for r in cl["probe_history"]] == [1]
+
+
+def _two_members(dtype=torch.float64):
+    """A 6-3-4 and a 6-5-4 tanh MLP stacked (the first padded to width 5) with their data."""
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        models = [MLP(6, 4, w, 1, "tanh") for w in (3, 5)]
+        with torch.no_grad():  # biases away from 0, so the padded block of the Hessian is not 0 by chance
+            for mdl in models:
+                for q in mdl.parameters():
+                    q.add_(0.3 * torch.randn_like(q))
+        net = StackedMLP(models, [3, 5], 5, "tanh", torch.device("cpu"))
+    finally:
+        torch.set_default_dtype(old)
+    x, y = torch.randn(2, 40, 6, dtype=dtype), torch.randint(0, 4, (2, 40))
+    return models, net, x, y
+
+
+def _stacked_inputs(net, x, y, masks="auto"):
+    return ProbeInputs(net.forward, net.params, x, y, x, y, 16, members=2, batched=True,
+                       masks=net.param_masks() if masks == "auto" else masks,
+                       is_weight=[w for _, _, w in net.named_params()])
+
+
+def test_padded_member_probes_ignore_padding():
+    models, net, x, y = _two_members()
+    inputs = _stacked_inputs(net, x, y)
+    # the narrow member's operator, restricted to its real entries, is its lone exact Hessian
+    mask = inputs.axis.mask
+    assert inputs.axis.dims == [sum(q.numel() for q in m.parameters()) for m in models]
+    hv = hvp_operator(inputs.loss(), inputs.params, 2, mask)
+    lone = models[0]
+    names = [n for n, _ in lone.named_parameters()]
+    shapes = [q.shape for q in lone.parameters()]
+
+    def loss_of(w):
+        chunks, i = [], 0
+        for s in shapes:
+            chunks.append(w[i:i + math.prod(s)].reshape(s))
+            i += math.prod(s)
+        return F.cross_entropy(torch.func.functional_call(lone, dict(zip(names, chunks)), (x[0],)), y[0])
+
+    w0 = torch.cat([q.detach().reshape(-1) for q in lone.parameters()])
+    H = torch.autograd.functional.hessian(loss_of, w0)
+    V = torch.randn(2, mask.shape[1], dtype=torch.float64) * mask
+    torch.testing.assert_close(hv(V)[0, mask[0]], H @ V[0, mask[0]], rtol=1e-10, atol=1e-12)
+    assert torch.equal(hv(V)[0, ~mask[0]], torch.zeros(int((~mask[0]).sum()), dtype=torch.float64))
+    # unmasked, the padded block (tanh'(0) = 1 couples a padded unit's in- and out-weights) leaks in
+    unmasked = hvp_operator(inputs.loss(), inputs.params, 2)(torch.ones_like(V))
+    assert unmasked[0, ~mask[0]].abs().max() > 1e-3
+    # every probe value of each member equals its lone model's (the same draws, in the same order)
+    for probe in (HessianProbe(HessianProbe.Config(lanczos_steps=40, trace_samples=5, top_k=3)),
+                  SharpnessProbe(SharpnessProbe.Config(samples=3, noise_microbatches=4))):
+        got = probe.measure(inputs, [torch.Generator().manual_seed(s) for s in (5, 6)])
+        last = getattr(probe, "last", None)
+        for m, (mdl, g) in enumerate(zip(models, got)):
+            alone = ProbeInputs(mdl, list(mdl.parameters()), x[m], y[m], x[m], y[m], 16)
+            want = probe.measure(alone, [torch.Generator().manual_seed(5 + m)])[0]
+            assert g.keys() == want.keys()
+            for k in want:
+                assert g[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), (m, k)
+        if isinstance(probe, HessianProbe):
+            # 40 steps exhaust the narrow member's 37 dimensions (Lanczos stops on an invariant
+            # space, one Ritz value per distinct eigenvalue): every Ritz value is an eigenvalue of
+            # its lone Hessian, the extremes included, none of the padded block's
+            theta, exact = last[0].runs[0].eig()[0], torch.linalg.eigvalsh(H)
+            assert float((theta[:, None] - exact[None]).abs().min(1).values.max()) < 1e-9
+            torch.testing.assert_close(theta[[0, -1]], exact[[0, -1]], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_population_sam_step_equals_hand_written_update(compose_cfg, tmp_path, adaptive):
+    # one full-batch step per member, two widths (one padded), one radius each
+    base = compose_cfg(["optimizer=sam", "optimizer.lr=0.5", f"optimizer.adaptive={str(adaptive).lower()}",
+                        "data.n_train=200", "trainer.batch_size=full", "trainer.epochs=1", "trainer.progress=false",
+                        "trainer.threads=1", "logger.histogram_every=0", "data.val_fraction=0"])
+    points = [{"model.width": 12, "optimizer.rho": 0.2}, {"model.width": 16, "optimizer.rho": 0.05}]
+    train_population(base, points, tmp_path)
+    for p in points:
+        cfg = point_config(base, p)
+        data = load_data(cfg.data, cfg.seed)
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model, data.input_shape, data.num_classes)
+        x, y = data.split("train")
+        expected = by_hand(model, x, y, p["optimizer.rho"], adaptive, 0.01,
+                           lambda w, g: [wi - 0.5 * gi for wi, gi in zip(w, g)])
+        got = torch.load(tmp_path / point_name(p) / "model.pt", weights_only=True)
+        for (name, _), e in zip(model.named_parameters(), expected):
+            torch.testing.assert_close(got[name], e.to(got[name].dtype), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [["regularizer=[input_noise,dropout]", "regularizer.dropout.p=0.2"],
+                                   ["model.activation=tanh", "regularizer=[weight_decay]", "optimizer.base=adam",
+                                    "optimizer.lr=0.01"]])
+def test_sam_members_match_lone_sam_runs(compose_cfg, tmp_path, extra):
+    # relu without a penalty takes the hand-written backward (with input noise drawn once per
+    # batch and dropout masks drawn again for the second pass, as a lone run draws them);
+    # tanh + weight decay takes autograd
+    over = ["optimizer=sam", "optimizer.base=momentum", "optimizer.momentum=0.9", "optimizer.lr=0.05", *extra]
+    points = [{"model.width": 12, "optimizer.rho": 0.1, "seed": 0}, {"model.width": 16, "optimizer.rho": 0.02, "seed": 1}]
+    pop, lone = _runs(compose_cfg, tmp_path, over, points)
+    for p, a, b in zip(points, pop, lone):
+        name = point_name(p)
+        wa, wb = (torch.load(tmp_path / d / name / "model.pt", weights_only=True) for d in ("pop", "lone"))
+        assert wa.keys() == wb.keys()
+        for k in wb:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+        for ra, rb in zip(a["history"], b["history"]):
+            assert ra == pytest.approx(rb, rel=1e-4, abs=1e-6)
+    # the radius matters: without it (ρ → 0) a member ends outside that tolerance
+    train(point_config(compose_cfg(TINY + over), {**points[0], "optimizer.rho": 1e-9}), tmp_path / "plain")
+    wp = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
+    wa = torch.load(tmp_path / "pop" / point_name(points[0]) / "model.pt", weights_only=True)
+    assert max(float(((wp[k] - wa[k]).abs() - 1e-4 * wa[k].abs()).max()) for k in wa) > 1e-5
+
+
+def test_sam_with_a_noise_regularizer_is_refused_in_one_line(compose_cfg):
+    from regexp.errors import ConfigError
+
+    cfg = compose_cfg(TINY + ["optimizer=sam", "regularizer=[weight_noise]", "sweep.engine=population"])
+    with pytest.raises(ConfigError, match=r"optimizer=sam with regularizer weight_noise \(the population draws"):
+        use_population(cfg, [{"seed": 0}])
+    assert not use_population(compose_cfg(TINY + ["optimizer=sam", "regularizer=[weight_noise]"]), [{"seed": 0}])
+
+
+def test_interrupted_population_resumes_to_the_same_probes(compose_cfg, tmp_path, monkeypatch):
+    # each member's probe generator and history travel in its checkpoint: the resumed members
+    # measure exactly what the uninterrupted population measures
+    from conftest import StopAfter
+    import regexp.population.engine as engine
+
+    base = compose_cfg(TINY + PROBES + ["trainer.epochs=3", "trainer.batch_size=100"])
+    points = [{"model.width": 12, "seed": 0}, {"model.width": 16, "seed": 1}]
+    whole = train_population(base, points, tmp_path / "whole")
+    # 2 steps an epoch and one more check after its end: the 4th check is inside epoch 2
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(3))
+    stopped = train_population(base, points, tmp_path / "cut")
+    monkeypatch.undo()
+    assert [[r["epoch"] for r in m["probe_history"]] for m in stopped] == [[1], [1]]
+    resumed = train_population(base, points, tmp_path / "cut")
+    for a, b in zip(resumed, whole):
+        assert [r["epoch"] for r in a["probe_history"]] == [1, 2, 3]
+        assert a["probe_history"] == b["probe_history"] and a["probes"] == b["probes"]
