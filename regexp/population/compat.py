@@ -4,7 +4,7 @@ A population is one batched computation, so its members must agree on everything
 shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, weight decay, dropout p, label smoothing,
-input and weight noise σ, label noise) and in width. Widths are grouped into buckets of similar size and padded
+input and weight noise σ, label noise, random inputs: each member loads its own data) and in width. Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
@@ -22,7 +22,7 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 REGULARIZERS = ("weight_decay", "dropout", "label_smoothing", "input_noise", "weight_noise")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
-    "seed", "model.width", "data.label_noise",
+    "seed", "model.width", "data.label_noise", "data.random_inputs",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
