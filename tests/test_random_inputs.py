@@ -104,7 +104,7 @@ def test_population_members_may_differ_in_random_inputs(compose_cfg, tmp_path):
 def test_memorization_experiment_writes_its_tables_from_its_runs(compose_cfg, tmp_path):
     import regexp.experiments  # noqa: F401  (registers the task)
 
-    overrides = ["+experiment=memorization", "data.n_train=60", "trainer.epochs=25", "model.width=64",
+    overrides = ["+experiment=memorization", "data.n_train=60", "trainer.epochs=15", "model.width=64", "optimizer.lr=0.01",
                  "trainer.batch_size=30", "extra.conditions=[true_labels,random_labels,gaussian]",
                  "extra.corruption=[0.0,0.5,1.0]", "extra.seeds=[0,1]", *QUICK]
     cfg = compose_cfg(overrides)
@@ -126,6 +126,8 @@ def test_memorization_experiment_writes_its_tables_from_its_runs(compose_cfg, tm
         expected = {"true_labels": (0.0, "none"), "random_labels": (0.9, "none"), "gaussian": (0.0, "gaussian"),
                     "corruption=0": (0.0, "none"), "corruption=0.5": (0.45, "none"), "corruption=1": (0.9, "none")}
         assert (d["label_noise"], d["random_inputs"]) == expected[r["group"]]
+    # the small net at a large lr fits 60 signals exactly within the 15 epochs, random labels too
+    assert all(r["epochs_to_zero_train_error"] != "" for r in rows if r["group"] in ("true_labels", "random_labels"))
     noise = read_json(tmp_path / "data.label_noise=0.9,data.random_inputs=none,seed=0" / "label_noise.json")
     assert len(noise["indices"]) == round(0.9 * 60)
     # the summary holds the mean over seeds of the table's numbers

@@ -87,7 +87,7 @@ def _experiment(compose_cfg, tmp_path, extra_overrides=()):
     import regexp.experiments  # noqa: F401  (registers the task)
 
     overrides = ["+experiment=self_supervised", "model.width=16", "trainer.epochs=3", "extra.pretrain_epochs=1",
-                 "extra.labels=[20,40]", "extra.seeds=[0,1]", "data.val_fraction=0.95", *QUICK, *extra_overrides]
+                 "extra.labels=[20]", "extra.seeds=[0,1]", "data.val_fraction=0.95", *QUICK, *extra_overrides]
     cfg = compose_cfg(overrides)
     validate(cfg)
     torch.set_num_threads(1)
@@ -96,14 +96,14 @@ def _experiment(compose_cfg, tmp_path, extra_overrides=()):
 
 def test_fine_tuning_starts_from_the_pretrained_trunk_and_the_tables_hold_the_runs_numbers(compose_cfg, tmp_path):
     metrics = _experiment(compose_cfg, tmp_path)
-    assert metrics == {"status": "completed", "runs": 14, "failed": 0}
+    assert metrics == {"status": "completed", "runs": 8, "failed": 0}  # 2 pretrain + 2 seeds × 3 arms
     for seed in (0, 1):
         pre_dir = tmp_path / "pretrain" / f"seed={seed}"
         pre = read_json(pre_dir / "metrics.json")
         assert list(pre["config"]["regularizer"]) == ["masked_reconstruction"] and pre["config"]["data"]["n_train"] is None
         trained = torch.load(pre_dir / "model.pt", weights_only=True)
         assert trained["head.weight"].shape == (40, 16)
-        for n in (20, 40):
+        for n in (20,):
             name = f"data.n_train={n},trainer.batch_size={n},seed={seed}"
             fine = read_json(tmp_path / "finetune" / name / "metrics.json")
             assert fine["config"]["regularizer"]["transfer"] == {"run_dir": str(pre_dir), "file": "model.pt",
