@@ -37,6 +37,8 @@ class DataConfig:
     # validation set (val_fraction is then ignored) and the other k-1 folds are trained on.
     folds: int = 0
     fold: int = 0
+    # Zhang et al. (2017): none|gaussian|random_pixels|shuffled_pixels (regexp/data/random_inputs.py)
+    random_inputs: str = "none"
 
 
 # ---------------------------------------------------------------- models
@@ -495,6 +497,7 @@ def validate(cfg: DictConfig) -> None:
     In order: keys no schema declares (``+trainer.nosuch=1``), non-finite numbers anywhere,
     then the ranges of each group.
     """
+    from regexp.data.random_inputs import MODES as RANDOM_INPUT_MODES
     from regexp.models import ACTIVATIONS, INITS, NORMS
     from regexp.probes import PROBES
     from regexp.regularizers import REGULARIZERS
@@ -514,6 +517,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("data.name", d.name, DATASETS)
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in [0, 1)")
     _check(0.0 <= d.label_noise <= 1.0, "data.label_noise", d.label_noise, "a number in [0, 1]")
+    _choice("data.random_inputs", d.random_inputs, RANDOM_INPUT_MODES)
     _check(d.n_train is None or d.n_train >= 1, "data.n_train", d.n_train, "an integer >= 1 or null")
     _check(d.n_test is None or d.n_test >= 1, "data.n_test", d.n_test, "an integer >= 1 or null")
     _check(d.folds == 0 or d.folds >= 2, "data.folds", d.folds, "0 (no cross-validation) or an integer >= 2")

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from regexp.errors import ConfigError
+from regexp.data.random_inputs import randomize_inputs
 from regexp.data.splits import corrupt_labels, fold_split, split_train_val
 
 Tensors = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -49,8 +50,8 @@ class Dataset:
 
 
 def load_data(cfg, seed: int) -> Dataset:
-    """Load ``cfg.name`` and apply the split (or k-fold), subset and label noise, seeded with
-    ``cfg.split_seed`` (or the run's seed)."""
+    """Load ``cfg.name`` and apply the split (or k-fold), subset, label noise and random inputs,
+    seeded with ``cfg.split_seed`` (or the run's seed)."""
     x, y, x_test, y_test = SOURCES[cfg.name](cfg)
     num_classes = int(max(y.max(), y_test.max()).item()) + 1
     g = torch.Generator().manual_seed(cfg.split_seed if cfg.split_seed is not None else seed)
@@ -70,6 +71,7 @@ def load_data(cfg, seed: int) -> Dataset:
     if len(noisy):
         y = y.clone()
         y[noisy] = (y[noisy] + torch.randint(1, num_classes, (len(noisy),), generator=g)) % num_classes
+    x, x_val, x_test = randomize_inputs(cfg.get("random_inputs", "none"), x, x_val, x_test, g)
     return Dataset(x, y, x_val, y_val, x_test, y_test, num_classes, noisy, clean)
 
 

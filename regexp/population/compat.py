@@ -5,7 +5,8 @@ shapes the computation (data set and size, depth, activation, optimizer kind, sc
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
 start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, label
-noise, the gradient-clipping norm) and in width. Widths are grouped into buckets of similar size and padded
+noise, random inputs (each member loads its own data), the gradient-clipping norm) and in
+width. Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
@@ -24,7 +25,7 @@ REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "
                 "input_noise", "weight_noise")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
-    "seed", "model.width", "data.label_noise",
+    "seed", "model.width", "data.label_noise", "data.random_inputs",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
