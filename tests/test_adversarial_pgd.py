@@ -72,7 +72,8 @@ def test_experiment_measures_the_linearity_and_the_attacks(compose_cfg, tmp_path
     import regexp.experiments  # noqa: F401  (registers the task)
 
     overrides = ["data.n_train=100", "trainer.epochs=1", "extra.seeds=[0]", "extra.dims=[4,64]",
-                 "extra.linear_seeds=2", "extra.eps_list=[0.0,0.2]", "regularizer.adversarial.pgd_steps=2", *QUICK]
+                 "extra.linear_seeds=2", "extra.eps_list=[0.0,0.2]", "regularizer.adversarial.pgd_steps=2",
+                 "logger.tensorboard=false", *QUICK]
     cfg = compose_cfg(["+experiment=adversarial", *overrides])
     validate(cfg)
     torch.set_num_threads(1)

@@ -73,24 +73,8 @@ def test_rule_matches_the_real_shapes(compose_cfg, overrides, shape, sizes):
     assert [r["out"][1:] for r in stages] == expected
 
 
-def test_training_logs_the_summary_with_each_stage_rule(compose_cfg, tmp_path, caplog):
-    from regexp.train.trainer import train
-
-    torch.set_num_threads(1)
-    cfg = compose_cfg(["model=cnn_mnist1d", "data.n_train=100", "trainer.epochs=1", *QUICK])
-    with caplog.at_level(logging.INFO, logger="regexp"):
-        train(cfg, tmp_path)
-    [summary] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model cnn")]
-    lines = summary.splitlines()
-    assert lines[0] == ("model cnn: 5,210 parameters, input (1, 40); output size of each conv/pool stage: "
-                        "⌊(n + 2p − k)/s⌋ + 1")
-    assert lines[1].split() == ["features.0", "Conv1d", "(1,", "40)", "->", "(25,", "19)", "150", "params",
-                                "⌊(40", "+", "2·1", "−", "5)/2⌋", "+", "1", "=", "19"]
-    assert lines[3].endswith("⌊(10 + 2·1 − 3)/2⌋ + 1 = 5")
-    assert lines[4].split()[:2] == ["head", "Linear"]
-
-
-def test_experiment_writes_shapes_im2col_and_the_sharing_comparison(compose_cfg, tmp_path):
+def test_experiment_writes_shapes_im2col_and_the_sharing_comparison(compose_cfg, tmp_path, caplog):
+    """Also: each training run logs the model summary with every stage's rule worked out."""
     import regexp.experiments  # noqa: F401  (registers the task)
     from regexp.experiments.cnn_mechanics import mlp_params
 
@@ -98,7 +82,8 @@ def test_experiment_writes_shapes_im2col_and_the_sharing_comparison(compose_cfg,
     cfg = compose_cfg(["+experiment=cnn_mechanics", *overrides])
     validate(cfg)
     torch.set_num_threads(1)
-    metrics = TASKS[cfg.task](cfg, tmp_path, overrides, False)
+    with caplog.at_level(logging.INFO, logger="regexp"):
+        metrics = TASKS[cfg.task](cfg, tmp_path, overrides, False)
     assert metrics["status"] == "completed" and metrics["runs"] == 2
     shapes = read_csv(tmp_path / "shapes.csv")
     assert [(r["rule_size"], r["actual_size"]) for r in shapes] == [("19", "19"), ("10", "10"), ("5", "5")]
@@ -117,3 +102,11 @@ def test_experiment_writes_shapes_im2col_and_the_sharing_comparison(compose_cfg,
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     assert {"figures/im2col", "figures/sharing"} <= set(acc.Tags()["images"])
+    [summary] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model cnn")]
+    lines = summary.splitlines()
+    assert lines[0] == ("model cnn: 5,210 parameters, input (1, 40); output size of each conv/pool stage: "
+                        "⌊(n + 2p − k)/s⌋ + 1")
+    assert lines[1].split() == ["features.0", "Conv1d", "(1,", "40)", "->", "(25,", "19)", "150", "params",
+                                "⌊(40", "+", "2·1", "−", "5)/2⌋", "+", "1", "=", "19"]
+    assert lines[3].endswith("⌊(10 + 2·1 − 3)/2⌋ + 1 = 5")
+    assert lines[4].split()[:2] == ["head", "Linear"]
