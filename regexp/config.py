@@ -53,6 +53,9 @@ class MLPConfig:
     init_a: Optional[float] = None  # used by init=uniform: U(-a, a); null: a = 1/sqrt(fan_in)
     norm: str = "none"
     bias: bool = True
+    # The hidden widths one by one (e.g. [40, 20, 20]); null: depth layers of width. Overrides both.
+    widths: Optional[List[int]] = None
+    residual: bool = False  # h + σ(W h + b) around each hidden layer that keeps the width
 
 
 @dataclass
@@ -536,6 +539,11 @@ def validate(cfg: DictConfig) -> None:
     if m.name == "mlp":
         _check(m.width >= 1, "model.width", m.width, "an integer >= 1")
         _check(m.depth >= 0, "model.depth", m.depth, "an integer >= 0 (0: logistic regression)")
+        widths = m.get("widths")
+        _check(widths is None or all(_int(w) and w >= 1 for w in widths), "model.widths",
+               OmegaConf.to_container(widths) if isinstance(widths, ListConfig) else widths,
+               "null (depth layers of model.width) or a list of integers >= 1, one per hidden layer "
+               "(e.g. [40,20,20]; [] is logistic regression)")
     elif m.name == "cnn":
         _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels",
                list(m.channels), "a non-empty list of integers >= 1")

@@ -40,6 +40,10 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return f"model.name={cfg.model.name} (population supports {', '.join(MODELS)})"
     if cfg.model.get("norm", "none") != "none":
         return f"model.norm={cfg.model.norm} (population supports none)"
+    if cfg.model.get("widths") is not None:
+        return "model.widths is set (population supports depth layers of one model.width)"
+    if cfg.model.get("residual", False):
+        return "model.residual=true (population supports plain MLPs)"
     if cfg.optimizer.name not in OPTIMIZERS:
         return f"optimizer.name={cfg.optimizer.name} (population supports {', '.join(OPTIMIZERS)})"
     if cfg.optimizer.get("amsgrad", False):

@@ -8,6 +8,7 @@ epoch, which is also when divergence is detected.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from regexp.data import load_data
 from regexp.errors import ConfigError
 from regexp.models import build_model, count_params
+from regexp.models.summary import model_summary
 from regexp.optim import build_optimizer, build_scheduler
 from regexp.probes.runner import build_probes, checkpoint_fields, metrics_fields, record as probe_record
 from regexp.regularizers import build_regularizers
@@ -205,6 +207,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         write_json(out_dir / "label_noise.json", {"indices": data.noisy_indices.tolist(),
                                                   "original_labels": data.clean_labels.tolist()})
     model, ctx, regs = build_initial_model(cfg, data, device, out_dir)
+    logging.getLogger("regexp").info(model_summary(model, data.input_shape, cfg.model.name))
     threads, threads_why = set_threads(t.threads, device, lambda: step_flops(model, data.input_shape, bs))
     for r in regs:
         r.attach(model)

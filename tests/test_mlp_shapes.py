@@ -1,0 +1,71 @@
+"""MLP shapes: uneven hidden widths (``model.widths``) and residual connections
+(``model.residual``): parameter counts, the forward pass against a hand computation, and the
+refusals (bad widths; the population engine, which trains plain MLPs only)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from regexp.config import validate
+from regexp.errors import ConfigError
+from regexp.models import build_model, count_params
+from regexp.population.compat import incompatibility
+
+
+def dense_params(sizes):
+    return sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
+
+
+@pytest.mark.parametrize("widths", [[40, 20, 20], [7], [], [3, 5, 3]])
+def test_widths_give_the_layers_listed(compose_cfg, widths):
+    cfg = compose_cfg([f"model.widths={widths}", "model.width=99", "model.depth=5"])
+    validate(cfg)
+    model = build_model(cfg.model, (1, 40), 10)
+    assert count_params(model) == dense_params([40, *widths, 10])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [lin.out_features for lin in linears] == [*widths, 10]
+    assert model(torch.randn(3, 1, 40)).shape == (3, 10)
+
+
+def test_residual_keeps_the_parameters_and_adds_the_skip_only_between_equal_widths(compose_cfg):
+    torch.manual_seed(0)
+    cfg = compose_cfg(["model.widths=[8,8,6,6]", "model.residual=true"])
+    validate(cfg)
+    model = build_model(cfg.model, (1, 8), 3)
+    assert count_params(model) == dense_params([8, 8, 8, 6, 6, 3])
+    W = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = torch.randn(5, 1, 8)
+    h0 = x.flatten(1)
+    lin = lambda i, h: h @ W[i].weight.T + W[i].bias  # noqa: E731
+    h1 = h0 + torch.relu(lin(0, h0))  # 8 inputs -> 8: a skip
+    h2 = h1 + torch.relu(lin(1, h1))  # 8 -> 8: a skip
+    h3 = torch.relu(lin(2, h2))  # 8 -> 6: no identity to add
+    h4 = h3 + torch.relu(lin(3, h3))  # 6 -> 6: a skip
+    torch.testing.assert_close(model(x), lin(4, h4))
+
+
+def test_residual_mnist1d_paper_mlp(compose_cfg):
+    """The MNIST-1D paper's MLP: 40 -> 100 (plain), 100 -> 100 with a skip, then 10 logits."""
+    model = build_model(compose_cfg(["model.residual=true"]).model, (1, 40), 10)
+    assert count_params(model) == dense_params([40, 100, 100, 10])
+    skips = [type(m).__name__ for m in model.hidden]
+    assert skips == ["Sequential", "Residual"]
+
+
+@pytest.mark.parametrize("value", ["[40,0]", "[-3]"])
+def test_bad_widths_are_refused_naming_the_key(compose_cfg, value):
+    with pytest.raises(ConfigError, match=r"model.widths=\[.*\] is invalid: expected null .* integers >= 1"):
+        validate(compose_cfg([f"model.widths={value}"]))
+
+
+@pytest.mark.parametrize("override, why", [
+    ("model.widths=[40,20]", "model.widths is set"),
+    ("model.residual=true", "model.residual=true"),
+])
+def test_population_refuses_shapes_it_cannot_batch(compose_cfg, override, why):
+    from regexp.population.run import use_population
+
+    assert incompatibility(compose_cfg([])) is None
+    assert incompatibility(compose_cfg([override])).startswith(why)
+    with pytest.raises(ConfigError, match=f"sweep.engine=population is invalid for this sweep: {why}"):
+        use_population(compose_cfg([override, "sweep.engine=population"]), [{"seed": 0}, {"seed": 1}])
