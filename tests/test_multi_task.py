@@ -124,3 +124,41 @@ def test_signals_not_from_the_generator_and_bad_targets_are_refused(setup, compo
     with pytest.raises(ConfigError, match=r"regularizer.multi_task.targets=\['shift', 'colour'\] is invalid: "
                                           "expected a non-empty list of distinct factors from shift, scale"):
         validate(cfg)
+
+
+QUICK = ["trainer.threads=1", "trainer.progress=false", "logger.grad_norms=false", "logger.histogram_every=0",
+         "data.n_train=60", "model.width=16", "trainer.epochs=2", "trainer.batch_size=20"]
+
+
+def test_a_run_logs_the_auxiliary_term_and_at_lambda_zero_equals_the_single_task_run(compose_cfg, tmp_path):
+    from conftest import read_scalars
+    from regexp.train.trainer import train
+
+    torch.set_num_threads(1)
+    single = train(compose_cfg(QUICK), tmp_path / "single")
+    zero = train(compose_cfg([*QUICK, "regularizer=[multi_task]", "regularizer.multi_task.lam=0"]), tmp_path / "zero")
+    assert zero["final"] == single["final"]  # the auxiliary head takes no part in the network itself
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("single", "zero"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one = train(compose_cfg([*QUICK, "regularizer=[multi_task]", "regularizer.multi_task.lam=1"]), tmp_path / "one")
+    assert one["final"] != single["final"]
+    assert -1 < one["extra"]["multi_task/val_r2_shift"] < 1
+    penalty = [v for _, v in read_scalars(tmp_path / "one")["penalty/multi_task"]]
+    assert len(penalty) == 2 and all(0 < v < 5 for v in penalty)  # λ·MSE of standardized targets: ≈ 1 at the start
+
+
+def test_experiment_sweeps_lambda_and_writes_its_table_and_figure(compose_cfg, tmp_path):
+    import regexp.experiments  # noqa: F401  (registers the tasks)
+    from regexp.sweep import read_csv
+    from regexp.tasks import TASKS
+
+    overrides = ["+experiment=multi_task", "sweep.params={regularizer.multi_task.lam:[0.0,2.0],data.n_train:[60]}",
+                 "sweep.seeds=[0]", *QUICK[:4],
+                 "model.width=16", "trainer.epochs=2", "trainer.eval_every=1", "trainer.batch_size=20"]
+    cfg = compose_cfg(overrides)
+    torch.set_num_threads(1)
+    assert TASKS[cfg.task](cfg, tmp_path, overrides, False)["status"] == "completed"
+    rows = read_csv(tmp_path / "results.csv")
+    assert sorted(float(r["regularizer.multi_task.lam"]) for r in rows) == [0.0, 2.0]
+    assert all(r["status"] == "completed" and r["data.n_train"] == "60" for r in rows)
+    assert (tmp_path / "multi_task.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -106,25 +106,25 @@ def test_experiment_trains_source_scratch_transfer_and_tying_and_reports_their_n
 
     overrides = ["+experiment=parameter_tying", "data.n_train=40", "trainer.epochs=2", "trainer.eval_every=1",
                  "extra.source_epochs=1", "extra.source_n_train=200", "extra.lams=[3.0]", "extra.seeds=[0,1]",
-                 "model.width=16", *QUICK]
+                 "trainer.batch_size=20", "model.width=16", *QUICK]
     cfg = compose_cfg(overrides)
     validate(cfg)
     torch.set_num_threads(1)
     assert TASKS[cfg.task](cfg, tmp_path, overrides, False)["status"] == "completed"
     rows = read_csv(tmp_path / "results.csv")
     assert sorted((r["variant"], r["seed"]) for r in rows) == sorted(
-        (v, s) for v in ("source", "scratch", "transfer", "tying") for s in (0, 1))
+        (v, s) for v in ("source", "scratch", "transfer", "tying") for s in ("0", "1"))
     for r in rows:  # every number is its run's
         final = read_json(f"{r['run_dir']}/metrics.json")["final"]
-        assert r["test_error"] == pytest.approx(1 - final["test_acc"])
-    tied = next(r for r in rows if r["variant"] == "tying" and r["seed"] == 1)
+        assert float(r["test_error"]) == pytest.approx(1 - final["test_acc"])
+    tied = next(r for r in rows if r["variant"] == "tying" and r["seed"] == "1")
     m = read_json(f"{tied['run_dir']}/metrics.json")
     assert m["config"]["regularizer"]["parameter_tying"]["lam"] == 3.0
     assert m["config"]["regularizer"]["transfer"]["run_dir"].endswith("source/seed=1")
     assert m["extra"]["parameter_tying/tied_tensors"] == 6  # every layer of the MLP: same task, same shapes
     summary = read_csv(tmp_path / "summary.csv")
     tr = next(r for r in summary if r["variant"] == "transfer")
-    errs = [r["test_error"] for r in rows if r["variant"] == "transfer"]
-    assert tr["test_error_mean"] == pytest.approx(np.mean(errs))
-    assert tr["test_error_std"] == pytest.approx(np.std(errs, ddof=1))
+    errs = [float(r["test_error"]) for r in rows if r["variant"] == "transfer"]
+    assert float(tr["test_error_mean"]) == pytest.approx(np.mean(errs))
+    assert float(tr["test_error_std"]) == pytest.approx(np.std(errs, ddof=1))
     assert (tmp_path / "tying.png").read_bytes()[:8] == PNG_MAGIC
