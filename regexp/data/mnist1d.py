@@ -10,6 +10,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -19,20 +20,34 @@ from regexp.errors import ConfigError
 
 PUBLISHED_SEED = 42
 NUM_CLASSES, SHAPE = 10, (1, 40)  # what the generator makes; a cache must hold the same
+FACTORS_FILE = "mnist1d_5000_seed42_factors.pt"
 _FIX = "delete the file to regenerate it"
 
 
-def _generate(num_samples: int, seed: int, train_split: float):
+def _generate(num_samples: int, seed: int, train_split: float, factors: Optional[Path] = None):
+    """The generator's signals and labels; with ``factors``, its parameters of every signal are
+    written there too (recording the draws costs nothing beside generating)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
     state = torch.random.get_rng_state()
-    d = make_dataset(args)  # seeds numpy and random globally; the runner reseeds afterwards
+    with _recorded_draws() as draws:
+        d = make_dataset(args)  # seeds numpy and random globally; the runner reseeds afterwards
     torch.random.set_rng_state(state)
     as_t = lambda a: torch.as_tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
+    if factors is not None:
+        f = factors_from_draws(draws, args, num_samples)
+        _save_atomic(factors, {"train": f[: len(d["y"])], "test": f[len(d["y"]):]})
     return (as_t(d["x"]), torch.as_tensor(d["y"], dtype=torch.long),
             as_t(d["x_test"]), torch.as_tensor(d["y_test"], dtype=torch.long))
+
+
+def _save_atomic(path: Path, blob) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
 
 
 def _load_cache(path: Path) -> object:
@@ -64,18 +79,19 @@ def _cached(path: Path, make):
         return tensors
     check_writable(path.parent, f"MNIST-1D must be generated and cached there as {path.name}")
     tensors = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(dict(zip(KEYS, tensors)), tmp)
-    os.replace(tmp, path)
+    _save_atomic(path, dict(zip(KEYS, tensors)))
     return tensors
+
+
+def _published(root: Path):
+    # generating the set also writes its factors: a fresh cache never has to generate twice
+    return _cached(root / "mnist1d_5000_seed42.pt", lambda: _generate(5000, PUBLISHED_SEED, 0.8, root / FACTORS_FILE))
 
 
 @register_source("mnist1d")
 def load_mnist1d(cfg):
     root = data_root(cfg)
-    x, y, x_test, y_test = _cached(root / "mnist1d_5000_seed42.pt",
-                                   lambda: _generate(5000, PUBLISHED_SEED, 0.8))
+    x, y, x_test, y_test = _published(root)
     extra = (cfg.n_test or len(y_test)) - len(y_test)
     if extra > 0:
         # A whole extra set from another seed, used entirely as test data.
@@ -160,8 +176,8 @@ def load_mnist1d_factors(cfg):
     """The published training and test signals with their generator factors:
     ``(x_train, factors_train, x_test, factors_test)``, factors cached beside the signals."""
     root = data_root(cfg)
-    x, y, x_test, y_test = _cached(root / "mnist1d_5000_seed42.pt", lambda: _generate(5000, PUBLISHED_SEED, 0.8))
-    path = root / "mnist1d_5000_seed42_factors.pt"
+    x, y, x_test, y_test = _published(root)
+    path = root / FACTORS_FILE
     if path.exists():
         blob = _load_cache(path)
         ok = isinstance(blob, dict) and all(isinstance(blob.get(k), torch.Tensor) for k in ("train", "test"))
@@ -171,8 +187,6 @@ def load_mnist1d_factors(cfg):
         f, f_test = blob["train"], blob["test"]
     else:
         check_writable(path.parent, f"the MNIST-1D factors must be cached there as {path.name}")
-        f, f_test = _generate_factors(5000, PUBLISHED_SEED, 0.8, x)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"train": f, "test": f_test}, tmp)
-        os.replace(tmp, path)
+        f, f_test = _generate_factors(5000, PUBLISHED_SEED, 0.8, x)  # a cache older than the factors
+        _save_atomic(path, {"train": f, "test": f_test})
     return x, f, x_test, f_test

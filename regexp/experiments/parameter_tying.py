@@ -76,7 +76,8 @@ def _figure(summary: List[Dict], title: str):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     tying = sorted((r for r in summary if r["variant"] == "tying"), key=lambda r: r["lam"])
     ax.errorbar([r["lam"] for r in tying], [r["test_error_mean"] for r in tying],
-                yerr=[r["test_error_std"] for r in tying], marker="o", capsize=3, label="tying: transfer + λ‖w − w_source‖²")
+                yerr=[r["test_error_std"] for r in tying], marker="o", capsize=3,
+                label="tying: transfer + λ‖w − w_source‖²")
     styles = {"transfer": ("tab:orange", "--", "plain transfer (λ = 0)"), "scratch": ("tab:gray", ":", "from scratch"),
               "source": ("tab:green", "-.", "source model, not fine-tuned")}
     for r in summary:
