@@ -46,8 +46,9 @@ def test_every_model_optimizer_scheduler_instantiates(compose_cfg):
 def test_every_regularizer_composes_alone_and_together(compose_cfg):
     names = options("regularizer")
     assert set(names) == set(REGULARIZERS)
-    # transfer needs the folder of an earlier run; its own tests load one
-    cfg = compose_cfg([f"regularizer=[{','.join(names)}]", "regularizer.transfer.run_dir=/some/run"])
+    # transfer and parameter_tying need the folder of an earlier run; their own tests load one
+    cfg = compose_cfg([f"regularizer=[{','.join(names)}]", "regularizer.transfer.run_dir=/some/run",
+                       "regularizer.parameter_tying.run_dir=/some/run"])
     validate(cfg)
     assert list(cfg.regularizer) == names
     regs = build_regularizers(cfg.regularizer, Context(10, 100, torch.device("cpu"), (1, 40)))

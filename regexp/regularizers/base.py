@@ -65,6 +65,8 @@ class Context:
     out_dir: Optional[object] = None
     optimizer: Optional[torch.optim.Optimizer] = None
     model_cfg: Optional[Any] = None  # cfg.model, for regularizers that build more models
+    data: Optional[Any] = None  # the run's Dataset, for regularizers that need more per-example targets
+    data_cfg: Optional[Any] = None  # cfg.data, where that data came from
 
 
 class Regularizer:

@@ -23,6 +23,25 @@ def is_head(param_name: str) -> bool:
     return "head" in param_name.split(".")[:-1][-1:]
 
 
+def matching_tensors(run_dir: str, file: str, own: Dict[str, torch.Tensor], key: str) -> Dict[str, torch.Tensor]:
+    """The tensors of ``<run_dir>/<file>`` (a run's saved state dict) whose name and shape are
+    in ``own``. A missing or corrupt file, or one sharing no tensor with ``own``, is refused
+    with a message naming ``key`` (the config key that pointed there) and the path."""
+    path = Path(run_dir).expanduser() / file
+    if not path.is_file():
+        raise ConfigError(f"{key}.run_dir={run_dir!r} is invalid: {path} does not exist; expected the "
+                          "folder of a finished run")
+    saved = load_tensors(path, "model file", f"point {key}.run_dir at a run regexp wrote")
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise ConfigError(f"{path}: not a model file (expected a state dict of tensors, as a run's "
+                          f"{file}); point {key}.run_dir at a run regexp wrote")
+    usable = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ConfigError(f"{key}.run_dir={run_dir!r} is invalid: its {file} ({path}) shares no tensor "
+                          "of matching name and shape with this model")
+    return usable
+
+
 @register
 class Transfer(Regularizer):
     name = "transfer"
@@ -36,19 +55,8 @@ class Transfer(Regularizer):
     ranges = {"run_dir": (lambda v: bool(v), "the folder of a finished run (holding model.pt)")}
 
     def attach(self, model) -> None:
-        path = Path(self.cfg.run_dir).expanduser() / self.cfg.file
-        if not path.is_file():
-            raise ConfigError(f"regularizer.transfer.run_dir={self.cfg.run_dir!r} is invalid: "
-                              f"{path} does not exist; expected the folder of a finished run")
-        saved = load_tensors(path, "model file", "point regularizer.transfer.run_dir at a run regexp wrote")
-        if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
-            raise ConfigError(f"{path}: not a model file (expected a state dict of tensors, as a run's "
-                              f"{self.cfg.file}); point regularizer.transfer.run_dir at a run regexp wrote")
         own = model.state_dict()
-        usable = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
-        if not usable:
-            raise ConfigError(f"regularizer.transfer.run_dir={self.cfg.run_dir!r} is invalid: its "
-                              f"{self.cfg.file} shares no tensor of matching shape with this model")
+        usable = matching_tensors(self.cfg.run_dir, self.cfg.file, own, f"regularizer.{self.name}")
         model.load_state_dict(usable, strict=False)
         self.loaded, self.skipped = len(usable), len(own) - len(usable)
         if self.cfg.freeze:

@@ -141,7 +141,7 @@ def build_initial_model(cfg: DictConfig, data, device: torch.device, out_dir: Op
     seed_everything(cfg.seed)  # after data generation, which may reseed the global generators
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     ctx = Context(data.num_classes, len(data.y_train), device, data.input_shape, cfg.seed, out_dir,
-                  model_cfg=cfg.model)
+                  model_cfg=cfg.model, data=data, data_cfg=cfg.data)
     regs = build_regularizers(cfg.regularizer, ctx)
     for r in regs:  # regularizer hook: an ensemble replaces the model by K members
         model = r.wrap_model(model)
