@@ -19,7 +19,7 @@ beside the SGD runs of that cell.
 Writes ``flat_minima.png`` (test error, top eigenvalue and trace against batch size per lr,
 and test error against top eigenvalue for every run), ``sgd_vs_sam.png``, ``margins.png`` (the
 distribution of training-set margins, correct-class logit minus the largest other, of the
-smallest- and largest-batch runs and of SAM), ``results.csv`` (one row per run, column
+smallest- and largest-batch runs at the SAM lr, of SAM's SGD twin and of SAM), ``results.csv`` (one row per run, column
 ``part``) and ``summary.csv`` (mean and sample std over seeds per cell).
 """
 from __future__ import annotations
@@ -121,8 +121,6 @@ def _grid_figure(summary: List[Dict], rows: List[Dict], s: Settings, title: str)
         ax.minorticks_off()
         ax.set_xlabel("batch size")
         ax.set_title(f"{name} (mean ± std over seeds)", fontsize=9)
-        if col != "test_error":
-            ax.set_yscale("log")
         ax.legend(fontsize=7)
     ax = axes[3]
     done = [r for r in rows if r["status"] == "completed" and r.get(TOP, "") != ""]
@@ -132,7 +130,6 @@ def _grid_figure(summary: List[Dict], rows: List[Dict], s: Settings, title: str)
         size = 20 + 60 * math.log2(r[BS]) / math.log2(max(s.batch_sizes + [2]))
         ax.scatter(r[TOP], r["test_error"], s=size, marker="*" if sam else "o",
                    color="k" if sam else f"C{k}", alpha=0.7)
-    ax.set_xscale("log")
     ax.set_xlabel("top Hessian eigenvalue λ₁")
     ax.set_ylabel("test error")
     ax.set_title("every run (marker size: batch; ★ SAM)", fontsize=9)
@@ -170,10 +167,10 @@ def _margins(cfg: DictConfig, row: Dict) -> np.ndarray:
 
 
 def _margin_figure(cfg: DictConfig, rows: List[Dict], s: Settings, title: str):
-    """Margins pooled over seeds: the smallest and largest batch at the SAM lr, and SAM."""
-    lr = s.sam_lr if s.sam_lr in s.lrs else s.lrs[0]
+    """Margins pooled over seeds: the smallest and largest batch at SAM's lr, SAM's SGD twin, and SAM."""
+    lr = s.sam_lr
     groups = [(f"SGD batch {b}, lr {lr:g}", [r for r in rows if r["part"] == "grid" and r[LR] == lr and r[BS] == b])
-              for b in sorted({min(s.batch_sizes), max(s.batch_sizes)})]
+              for b in sorted({min(s.batch_sizes), s.sam_batch_size, max(s.batch_sizes)})]
     groups.append((f"SAM batch {s.sam_batch_size}, lr {s.sam_lr:g}, ρ={s.sam_rho:g}",
                    [r for r in rows if r["part"] == "sam"]))
     fig, ax = plt.subplots(figsize=(7, 4))
