@@ -144,17 +144,6 @@ def test_report_adds_curvature_and_emc_beside_the_errors(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_report_without_probes_or_emc_keeps_its_columns(tmp_path):
-    runs = [Run(tmp_path / f"w={w}", {"model.width": w, "seed": 0},
-                {"status": "completed", "params": w, "final": {"train_acc": 1.0, "test_acc": 0.5,
-                                                               "train_loss": 0.1, "test_loss": 1.0}}, n_train=10)
-            for w in (2, 4)]
-    report(tmp_path, runs, "model.width", plot_settings({"plot": {"name": "dd"}}))
-    header = next(csv.reader(open(tmp_path / "curve.csv")))
-    assert not any("emc" in h or "probes" in h for h in header)
-    assert not (tmp_path / "dd_emc.png").exists()
-
-
 def compose_experiment(*overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

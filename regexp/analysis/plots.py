@@ -224,6 +224,7 @@ def plot_axes(curve: Curve, path: Path, title: str = "", x_label: Optional[str] 
         if all(getattr(p, attr) is None or getattr(p, attr) > 0 for s in curve.series for p in s.points):
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(PLAIN)
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(name + (" (hollow: EMC ≥ the largest size measured)" if attr == "emc" else ""), fontsize=8)
         ax.set_ylabel("error (mean over seeds)")
         ax.grid(True, which="both", alpha=0.3)
