@@ -151,7 +151,7 @@ def compose_experiment(*overrides):
 
 
 TINY = ["'sweep.params={model.width:[2,32]}'", "sweep.seeds=[0]", "data.n_train=120", "data.n_test=100",
-        "trainer.epochs=40", "trainer.eval_every=40", "trainer.batch_size=20", "logger.tensorboard=false",
+        "trainer.epochs=25", "trainer.eval_every=25", "trainer.batch_size=20", "logger.tensorboard=false",
         "data.label_noise=0.0", "optimizer.lr=0.05"]
 
 
