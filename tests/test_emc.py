@@ -194,3 +194,13 @@ def test_extra_emc_bad_settings(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         run_sweep(cfg, tmp_path, [], False)
     assert not any(tmp_path.iterdir())  # refused before training anything
+
+
+def test_lookup_matches_a_collected_run_that_carries_the_sweeps_own_overrides():
+    from regexp.analysis.emc import lookup
+
+    table = {model_key({"model.width": 8}): "w8", model_key({"model.width": 16}): "w16"}
+    assert lookup(table, {"model.width": 16, "seed": 1}) == "w16"  # the sweep's own point
+    collected = {"model.width": 8, "seed": 0, "experiment": "double_descent", "extra.emc": {"n_train": [10]}}
+    assert lookup(table, collected) == "w8"  # plot_sweep: the folder's overrides ride along
+    assert lookup(table, {"model.width": 32, "seed": 0}) is None

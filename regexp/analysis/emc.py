@@ -34,6 +34,19 @@ def model_key(point: Dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in point.items() if k not in ("seed", N_KEY)}, sort_keys=True, default=str)
 
 
+def lookup(table: Dict[str, Any], point: Dict[str, Any]) -> Any:
+    """The entry of ``table`` (model key -> value) for a run's ``point``: its own key, or else the
+    entry whose every key-value ``point`` shares (a run collected from its folder also carries
+    the sweep's own overrides, ``+experiment=...``, which no model key holds); None if none."""
+    own = model_key(point)
+    if own in table:
+        return table[own]
+    for key, value in table.items():
+        if all(point.get(k, object()) == v for k, v in json.loads(key).items()):
+            return value
+    return None
+
+
 @dataclass(frozen=True)
 class EMC:
     """EMC bracketed by measured sizes: ``lower`` ≤ EMC < ``upper``.

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from regexp.analysis.collect import Run, swept_keys
 from regexp.analysis.curves import METRICS, PROBE_METRICS, Bump, Curve, aggregate, bump, category_label, epoch_rows, numeric_position
-from regexp.analysis.emc import model_key
+from regexp.analysis.emc import lookup
 from regexp.analysis.plots import plot_axes, plot_curve
 from regexp.analysis.tb import log_curve
 from regexp.errors import ConfigError
@@ -64,7 +64,7 @@ def result_rows(runs: Sequence[Run], keys: Sequence[str],
             if k == "params":
                 out["n_train"] = run.n_train if run.n_train is not None else ""
                 if emc is not None:
-                    found = emc.get(model_key(run.point)) or {}
+                    found = lookup(emc, run.point) or {}
                     out["emc"] = "" if found.get("emc") is None else found["emc"]
                     out["emc_censored"] = found.get("censored", "")
         out["error"] = run.metrics.get("error", "")
