@@ -6,7 +6,7 @@ whole training set these give the mean train error over seeds at each n, and
 :func:`regexp.analysis.emc.emc_from_errors` turns them into EMC (Nakkiran et al. 2019). The runs
 sit below ``<sweep>/emc/`` as ordinary run folders. ``data.n_train`` is no member key of a
 population, while width and seed are: every width at one n trains as one batched computation
-(``sweep.engine=auto``), one population per size.
+(``sweep.engine=auto``), one population per size and width bucket.
 
 Writes ``emc.csv`` (one row per point: the train error at each n, EMC's bracket and estimate);
 the sweep report then adds the ``emc`` column to results.csv and curve.csv and draws
