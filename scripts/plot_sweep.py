@@ -28,6 +28,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from regexp.analysis.collect import collect_runs  # noqa: E402
 from regexp.analysis.report import format_curve, plot_settings, report  # noqa: E402
 from regexp.errors import ConfigError  # noqa: E402
+from regexp.experiments._emc import FOLDER, read_table  # noqa: E402
 
 
 def saved_settings(sweep_dir: Path):
@@ -60,8 +61,9 @@ def main(argv=None) -> int:
         settings = replace(settings, **{k: v for k, v in given.items() if v is not None})
         if "/" in settings.name or not settings.name:
             raise ConfigError(f"--name={settings.name!r} is invalid: expected a file name without '/'")
-        runs = collect_runs(args.sweep_dir)
-        curve = report(args.sweep_dir, runs, args.x, settings)
+        emc_dir = (args.sweep_dir / FOLDER).resolve()  # extra.emc's runs at smaller sizes: not points
+        runs = [r for r in collect_runs(args.sweep_dir) if emc_dir not in Path(r.dir).resolve().parents]
+        curve = report(args.sweep_dir, runs, args.x, settings, emc=read_table(args.sweep_dir))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -93,7 +93,7 @@ _MISSING = object()
 def metrics_of(row: Dict[str, Any], history: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
     """The part of a run's metrics.json the reports use, back from its :func:`regexp.results.load`
     row (and its :func:`regexp.results.load_history` epochs): status, error, params, epochs,
-    wall_s, ``final``/``best`` and ``history``, with integers as integers."""
+    wall_s, ``final``/``best``, ``probes`` and ``history``, with integers as integers."""
     m: Dict[str, Any] = {"status": str(row.get("status", "failed"))}
     for key, v in row.items():
         v = _value(v)
@@ -106,6 +106,8 @@ def metrics_of(row: Dict[str, Any], history: Sequence[Dict[str, Any]] = ()) -> D
             m.setdefault(part, {})[name] = v
         elif key in ("error", "params", "epochs", "wall_s"):
             m[key] = v
+        elif key.startswith("probes."):  # probe=[...]: the final weights' values
+            m.setdefault("probes", {})[key[len("probes."):]] = v
     if history:
         m["history"] = list(history)
     return m

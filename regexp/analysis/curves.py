@@ -19,6 +19,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from regexp.errors import ConfigError
 
 METRICS = ("train_error", "test_error", "train_loss", "test_loss")
+# Curvature of the final weights, when the runs had probe=[hessian] (results.csv's columns):
+# averaged like the errors, drawn in a panel of their own.
+PROBE_METRICS = ("probes.hessian/top1", "probes.hessian/trace")
 
 
 @dataclass
@@ -30,6 +33,8 @@ class CurvePoint:
     std: Dict[str, float]
     params: Optional[float] = None
     n_train: Optional[float] = None
+    emc: Optional[float] = None  # effective model complexity (extra.emc), where it is plotted
+    emc_censored: bool = False  # the measured sizes do not bracket it (EMC >= emc)
 
 
 @dataclass
@@ -151,15 +156,18 @@ def aggregate(rows: Iterable[Dict[str, Any]], x_key: str, series_keys: Sequence[
         for x in sorted(by_x):
             members = by_x[x]
             mean, std = {}, {}
-            for m in METRICS:
+            for m in METRICS + PROBE_METRICS:
                 vals = [v for v in (number(r.get(m)) for r in members) if v is not None]
                 if vals:
                     mean[m], std[m] = _mean_std(vals)
             params = [v for v in (number(r.get("params")) for r in members) if v is not None]
             n_train = [v for v in (number(r.get("n_train")) for r in members) if v is not None]
+            emc = [v for v in (number(r.get("emc")) for r in members) if v is not None]
             s.points.append(CurvePoint(x, raws[x], len(members), mean, std,
                                        sum(params) / len(params) if params else None,
-                                       sum(n_train) / len(n_train) if n_train else None))
+                                       sum(n_train) / len(n_train) if n_train else None,
+                                       sum(emc) / len(emc) if emc else None,
+                                       any(r.get("emc_censored") is True for r in members)))
         # A threshold is a crossing between neighbouring values: categories have no neighbours.
         s.threshold = threshold(s.points) if cats is None else None
         series.append(s)

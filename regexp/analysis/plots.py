@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from regexp.analysis.curves import Curve, category_label
+from regexp.analysis.curves import PROBE_METRICS, Curve, category_label
 
 COLORS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown")
 SPLIT_COLORS = {"test": "tab:red", "train": "tab:blue"}  # one series: the splits get the colours
@@ -123,15 +123,52 @@ def _category_ticks(ax, labels: List[str]) -> None:
     ax.set_xlim(-0.5, len(labels) - 0.5)
 
 
+def _curvature(ax, curve: Curve, invert_x: bool) -> bool:
+    """Top Hessian eigenvalue (solid) and trace (dashed) of the final weights, per series; True
+    when all x are positive (log-x)."""
+    positive = True
+    for i, s in enumerate(curve.series):
+        for metric, style, name in ((PROBE_METRICS[0], "-", "top eigenvalue λ₁"), (PROBE_METRICS[1], "--", "trace")):
+            pts = sorted((p for p in s.points if metric in p.mean),
+                         key=lambda p: 1.0 / p.x if invert_x and p.x else p.x)
+            if not pts:
+                continue
+            xs = [1.0 / p.x if invert_x and p.x else p.x for p in pts]
+            positive &= all(x > 0 for x in xs)
+            ax.errorbar(xs, [p.mean[metric] for p in pts], yerr=[p.std[metric] for p in pts], fmt=style,
+                        marker="o", ms=3, capsize=2, color=COLORS[i % len(COLORS)],
+                        label=name + (f" ({s.name})" if s.name else ""))
+    return positive
+
+
+def has_curvature(curve: Curve) -> bool:
+    return any(m in p.mean for s in curve.series for p in s.points for m in PROBE_METRICS)
+
+
 def plot_curve(curve: Curve, path: Path, title: str = "", x_label: Optional[str] = None,
                invert_x: bool = False) -> Figure:
-    """Write ``path`` (PNG) and return the figure (for TensorBoard)."""
-    fig = Figure(figsize=(11, 4.2), dpi=110)
+    """Write ``path`` (PNG) and return the figure (for TensorBoard). Runs with ``probe=[hessian]``
+    get a third panel: the curvature of their final weights."""
+    kinds = ("error", "loss") + (("curvature",) if has_curvature(curve) else ())
+    fig = Figure(figsize=(5.5 * len(kinds), 4.2), dpi=110)
     FigureCanvasAgg(fig)
     invert_x = invert_x and curve.categories is None  # categories have no 1/x
     label = x_label or (f"1 / {curve.x_key}" if invert_x else curve.x_key)
     log_x = []
-    for ax, kind in zip(fig.subplots(1, 2), ("error", "loss")):
+    for ax, kind in zip(fig.subplots(1, len(kinds)), kinds):
+        if kind == "curvature":
+            if _curvature(ax, curve, invert_x) and curve.categories is None:
+                ax.set_xscale("log")
+                _log_ticks(ax, curve, invert_x)
+                log_x.append(ax)
+            if curve.categories is not None:
+                _category_ticks(ax, [category_label(c) for c in curve.categories])
+            ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("Hessian of the training loss (mean ± std over seeds)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+            continue
         if curve.categories is not None:
             _points(ax, curve, kind)
             _category_ticks(ax, [category_label(c) for c in curve.categories])
@@ -152,6 +189,49 @@ def plot_curve(curve: Curve, path: Path, title: str = "", x_label: Optional[str]
     fig.tight_layout()
     for ax in log_x:  # after the layout: the labels' widths in pixels are final
         _thin_labels(ax)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return fig
+
+
+def plot_axes(curve: Curve, path: Path, title: str = "", x_label: Optional[str] = None) -> Figure:
+    """Train and test error against three x axes side by side: the swept key, the parameter count
+    and the effective model complexity (``extra.emc``; Nakkiran et al. 2019 find the test-error
+    peak where EMC ≈ n_train, drawn dotted). A model whose EMC the measured sizes do not bracket
+    (EMC ≥ the largest) sits at that bound, hollow."""
+    fig = Figure(figsize=(15, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    for ax, (attr, name) in zip(axes, (("x", x_label or curve.x_key), ("params", "parameters"),
+                                       ("emc", "effective model complexity (train error ≤ ε)"))):
+        for i, s in enumerate(curve.series):
+            pts = sorted((p for p in s.points if getattr(p, attr) is not None), key=lambda p: getattr(p, attr))
+            for split, style in (("test", "-"), ("train", "--")):
+                metric = f"{split}_error"
+                got = [p for p in pts if metric in p.mean]
+                if not got:
+                    continue
+                color = SPLIT_COLORS[split] if len(curve.series) == 1 else COLORS[i % len(COLORS)]
+                xs, ys = [getattr(p, attr) for p in got], [p.mean[metric] for p in got]
+                ax.plot(xs, ys, style, color=color, label=f"{split} error" + (f" ({s.name})" if s.name else ""))
+                for p, xv, yv in zip(got, xs, ys):
+                    hollow = attr == "emc" and p.emc_censored
+                    ax.plot([xv], [yv], "o", ms=4, color=color, mfc="none" if hollow else color)
+            n_train = [p.n_train for p in pts if p.n_train is not None]
+            if attr in ("params", "emc") and n_train:
+                ax.axvline(n_train[0], color="k", linestyle=":", linewidth=1.2,
+                           label=f"n_train = {n_train[0]:.0f}" if i == 0 else None)
+        if all(getattr(p, attr) is None or getattr(p, attr) > 0 for s in curve.series for p in s.points):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(PLAIN)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(name + (" (hollow: EMC ≥ the largest size measured)" if attr == "emc" else ""), fontsize=8)
+        ax.set_ylabel("error (mean over seeds)")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title or f"{curve.x_key} sweep: three x axes")
+    fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return fig

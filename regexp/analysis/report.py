@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from regexp.analysis.collect import Run, swept_keys
-from regexp.analysis.curves import METRICS, Bump, Curve, aggregate, bump, category_label, epoch_rows, numeric_position
-from regexp.analysis.plots import plot_curve
+from regexp.analysis.curves import METRICS, PROBE_METRICS, Bump, Curve, aggregate, bump, category_label, epoch_rows, numeric_position
+from regexp.analysis.emc import lookup
+from regexp.analysis.plots import plot_axes, plot_curve
 from regexp.analysis.tb import log_curve
 from regexp.errors import ConfigError
 from regexp.sweep import result_row, write_csv
@@ -50,8 +51,10 @@ def plot_settings(extra: Any) -> PlotSettings:
     return s
 
 
-def result_rows(runs: Sequence[Run], keys: Sequence[str]) -> List[Dict[str, Any]]:
-    """One CSV row per run: its point, then the numbers of its metrics.json."""
+def result_rows(runs: Sequence[Run], keys: Sequence[str],
+                emc: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """One CSV row per run: its point, then the numbers of its metrics.json (and, with ``emc``,
+    model key -> {emc, censored} of ``extra.emc``, its model's effective complexity)."""
     rows = []
     for run in runs:
         row = result_row({k: run.point.get(k, "") for k in keys}, run.metrics)
@@ -60,21 +63,30 @@ def result_rows(runs: Sequence[Run], keys: Sequence[str]) -> List[Dict[str, Any]
             out[k] = v
             if k == "params":
                 out["n_train"] = run.n_train if run.n_train is not None else ""
+                if emc is not None:
+                    found = lookup(emc, run.point) or {}
+                    out["emc"] = "" if found.get("emc") is None else found["emc"]
+                    out["emc_censored"] = found.get("censored", "")
         out["error"] = run.metrics.get("error", "")
         rows.append(out)
     return rows
 
 
 def write_curve_csv(curve: Curve, path: Path) -> None:
+    points = [p for s in curve.series for p in s.points]
+    has_emc = any(p.emc is not None for p in points)
+    metrics = METRICS + tuple(m for m in PROBE_METRICS if any(m in p.mean for p in points))
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["series", curve.x_key, "seeds", "params", "n_train", "threshold"]
-                   + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])
+                   + (["emc", "emc_censored"] if has_emc else [])
+                   + [f"{m}_{s}" for m in metrics for s in ("mean", "std")])
         for s in curve.series:
             for p in s.points:
                 w.writerow([s.name, p.raw, p.n, "" if p.params is None else p.params,
                             "" if p.n_train is None else p.n_train, "" if s.threshold is None else s.threshold]
-                           + [d.get(m, "") for m in METRICS for d in (p.mean, p.std)])
+                           + (["" if p.emc is None else p.emc, p.emc_censored] if has_emc else [])
+                           + [d.get(m, "") for m in metrics for d in (p.mean, p.std)])
 
 
 def _order(value: Any):
@@ -99,8 +111,11 @@ def _series_keys(runs: Sequence[Run], keys: Sequence[str], x: str, hue: Optional
 
 
 def report(sweep_dir: Path, runs: Sequence[Run], x: str, settings: PlotSettings,
-           keys: Optional[Sequence[str]] = None) -> Curve:
-    """Write results.csv, curve.csv, the PNG and the sweep-level TensorBoard run; return the curve."""
+           keys: Optional[Sequence[str]] = None, emc: Optional[Dict[str, Dict[str, Any]]] = None) -> Curve:
+    """Write results.csv, curve.csv, the PNG and the sweep-level TensorBoard run; return the curve.
+
+    With ``emc`` (model key -> {emc, censored}, from ``extra.emc``) also ``<name>_emc.png``: the
+    error against the swept key, the parameter count and the effective model complexity."""
     sweep_dir = Path(sweep_dir)
     keys = list(keys) if keys is not None else swept_keys(runs, x)
     if x != EPOCH and not any(x in r.point for r in runs):
@@ -114,7 +129,7 @@ def report(sweep_dir: Path, runs: Sequence[Run], x: str, settings: PlotSettings,
         keys = [x] + keys
     runs = sorted(runs, key=lambda r: [_order(r.point.get(k)) for k in keys])
     series_keys = _series_keys(runs, keys, x, settings.hue, sweep_dir)
-    rows = result_rows(runs, keys)
+    rows = result_rows(runs, keys, emc)
     if x == EPOCH:
         curve_rows = [r for run in runs for r in epoch_rows({k: run.point.get(k) for k in keys}, run.metrics)]
     else:
@@ -131,6 +146,9 @@ def report(sweep_dir: Path, runs: Sequence[Run], x: str, settings: PlotSettings,
     _atomic(sweep_dir / f"{settings.name}.png", lambda tmp: figs.append(
         plot_curve(curve, tmp, settings.title, settings.x_label, settings.invert_x)))
     log_curve(sweep_dir, curve, figs[0])
+    if emc is not None and x != EPOCH and curve.categories is None:
+        _atomic(sweep_dir / f"{settings.name}_emc.png", lambda tmp: plot_axes(
+            curve, tmp, settings.title, settings.x_label))
     return curve
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
-from regexp.analysis.curves import METRICS, Curve, category_label
+from regexp.analysis.curves import METRICS, PROBE_METRICS, Curve, category_label
 
 SUFFIX = ".sweep"
 
@@ -44,7 +44,9 @@ def log_curve(sweep_dir: Path, curve: Curve, fig=None) -> Optional[Path]:
             w.add_scalar(tag("x", s.name), p.x, step)
             if p.params is not None:
                 w.add_scalar(tag("params", s.name), p.params, step)
-            for m in METRICS:
+            if p.emc is not None:
+                w.add_scalar(tag("emc", s.name), p.emc, step)
+            for m in METRICS + PROBE_METRICS:
                 if m in p.mean:
                     w.add_scalar(tag(m, s.name), p.mean[m], step)
                     w.add_scalar(tag(f"{m}_std", s.name), p.std[m], step)

@@ -8,6 +8,10 @@ experiments (``configs/experiment/double_descent*.yaml``) are this task with the
 ``sweep.x: epoch`` plots each run's history against the epoch instead of a swept key
 (epoch-wise double descent); then ``sweep.params`` may be empty (one run per seed).
 
+``extra.emc: {n_train: [250,500,1000,2000], eps: 0.1}`` also measures each swept model's effective
+model complexity (:mod:`regexp.experiments._emc`): ``emc.csv``, an ``emc`` column in results.csv
+and curve.csv, and ``<name>_emc.png`` with EMC as an x axis beside the swept key and parameters.
+
 ``sweep.shards=N`` spreads the grid over the N jobs of a multirun (``-m sweep.shard=0,..,N-1``,
 any launcher: submitit SLURM, submitit_local, joblib): job ``sweep.shard=i`` trains the points
 ``i, i+N, i+2N, ...`` of the grid (round-robin) into ``<hydra.sweep.dir>/points/``, where every
@@ -96,8 +100,10 @@ def _runs(cfg: DictConfig, points: List[Dict[str, Any]], folder: Path, rows, fou
 @register_task("sweep")
 def run_sweep(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool) -> Dict[str, Any]:
     # Imported here: every `python -m regexp.run` imports this module, only sweeps need matplotlib.
-    from regexp.analysis.collect import run_metrics
+    from regexp.analysis.collect import run_metrics, train_size
     from regexp.analysis.report import format_curve, plot_settings, report
+    from regexp.experiments._emc import emc_settings
+    from regexp.experiments._emc import measure as measure_emc
 
     settings = plot_settings(cfg.extra)
     x = sweep_axis(cfg)
@@ -110,10 +116,16 @@ def run_sweep(cfg: DictConfig, out_dir: Path, overrides: List[str], sweep: bool)
     point_config(cfg, points[0])  # a misspelt key fails here, once, instead of at every point
     keys = list(params) + ["seed"]
     shard, shards = int(cfg.sweep.get("shard", 0)), int(cfg.sweep.get("shards", 1))
+    own_n = train_size(cfg.data)
+    emc_cfg = emc_settings(cfg.extra, own_n)
+    if emc_cfg is not None and (shards != 1 or x == EPOCH or own_n is None):
+        raise ConfigError("extra.emc is invalid here: it needs an unsharded sweep (sweep.shards=1) over a model "
+                          "key (not sweep.x=epoch) on a data set of known size")
     if shards == 1:
         rows = run_points(cfg, points, out_dir)
+        emc = measure_emc(cfg, points, rows, out_dir, emc_cfg, own_n) if emc_cfg is not None else None
         runs = _runs(cfg, points, out_dir, rows, run_metrics(out_dir))
-        curve = report(out_dir, runs, x, settings, keys=keys)
+        curve = report(out_dir, runs, x, settings, keys=keys, emc=emc)
         print(format_curve(curve, invert_x=settings.invert_x))
         failed = sum(r.status == "failed" for r in runs)
         return {"status": "failed" if failed else "completed", "epochs": cfg.trainer.epochs,
