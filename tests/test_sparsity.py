@@ -20,17 +20,16 @@ from regexp.train.sparsity import NEAR_ZERO, count_sparsity
 from regexp.train.trainer import train
 
 
-def make_kl(activation: str, **cfg):
+def make_kl(**cfg):
     schema = OmegaConf.structured(REGULARIZERS["activity_kl"].Config)
-    ctx = Context(3, 100, torch.device("cpu"), (1, 6), model_cfg=OmegaConf.create({"activation": activation}))
-    return REGULARIZERS["activity_kl"](OmegaConf.merge(schema, cfg), ctx)
+    return REGULARIZERS["activity_kl"](OmegaConf.merge(schema, cfg), Context(3, 100, torch.device("cpu"), (1, 6)))
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu"])
 def test_kl_penalty_value_and_gradient(activation):
     torch.manual_seed(0)
     model = MLP(6, 3, width=5, depth=2, act=activation).double()
-    reg = make_kl(activation, alpha=0.7, rho=0.1)
+    reg = make_kl(alpha=0.7, rho=0.1)
     reg.attach(model)
     model(torch.randn(8, 1, 6, dtype=torch.float64))
     hs = []
@@ -54,15 +53,15 @@ def test_kl_penalty_value_and_gradient(activation):
 
 def test_kl_penalty_is_zero_at_the_target_rate():
     model = MLP(6, 3, width=2, depth=1, act="sigmoid")
-    reg = make_kl("sigmoid", rho=0.25)
+    reg = make_kl(rho=0.25)
     reg.attach(model)
     model.hidden[-1].last = torch.tensor([[0.5, 0.0], [0.0, 0.5]])  # both units' mean is 0.25
     assert reg.penalty(model).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_kl_penalty_refuses_activations_that_are_no_rates():
-    with pytest.raises(ConfigError, match="model.activation=tanh is invalid here: expected one of sigmoid, relu"):
-        make_kl("tanh")
+    with pytest.raises(ConfigError, match="this model's are tanh: expected model.activation one of sigmoid, relu"):
+        make_kl().attach(MLP(6, 3, width=2, depth=1, act="tanh"))
 
 
 def test_count_sparsity_on_a_constructed_model():

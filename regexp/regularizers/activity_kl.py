@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from regexp.errors import ConfigError
+from regexp.models.layers import ACTIVATIONS
 from regexp.regularizers.activity import hidden_activations, record_hidden
 from regexp.regularizers.base import Regularizer, register
 
@@ -51,16 +52,15 @@ class ActivityKL(Regularizer):
     ranges = {"alpha": (lambda v: v >= 0, "a number >= 0"),
               "rho": (lambda v: 0 < v < 1, "a number in (0, 1)")}
 
-    def __init__(self, cfg, ctx):
-        super().__init__(cfg, ctx)
-        act = ctx.model_cfg.get("activation") if ctx.model_cfg is not None else None
-        if act not in SQUASH:
-            raise ConfigError(f"regularizer.activity_kl needs hidden activations that are firing rates; "
-                              f"model.activation={act} is invalid here: expected one of {', '.join(SQUASH)}")
-        self.squash = SQUASH[act]
-
     def attach(self, model) -> None:
         record_hidden(model, self.name)
+        # the model's own activation modules say what its hidden units emit
+        found = {name for name, kind in ACTIVATIONS.items() if any(isinstance(m, kind) for m in model.modules())}
+        if len(found) != 1 or not found <= set(SQUASH):
+            raise ConfigError(f"regularizer.activity_kl needs hidden activations that are firing rates; "
+                              f"this model's are {', '.join(sorted(found)) or 'none of ' + ', '.join(ACTIVATIONS)}: "
+                              f"expected model.activation one of {', '.join(SQUASH)}")
+        self.squash = SQUASH[found.pop()]
 
     def penalty(self, model) -> torch.Tensor:
         return self.cfg.alpha * sum(kl_bernoulli(self.cfg.rho, self.squash(h).flatten(1).mean(0)).sum()
