@@ -20,7 +20,8 @@ Goodfellow's sum) keeps λ independent of the batch size.
 
 J·v comes from the double-backward trick: with g(u) = ∇_x (uᵀ f(x)) = Jᵀu, J·v = ∇_u (g(u)·v),
 two backward passes with ``create_graph`` on an extra forward pass of the batch (whatever the
-model, batch norm and dropout included). Where data augmentation makes the network invariant to
+model; that pass draws its own dropout masks, and batch norm's running statistics see the
+batch twice). Where data augmentation makes the network invariant to
 sampled transformations, tangent propagation asks for the infinitesimal invariance analytically
 at the training points themselves. The population engine refuses it (its hand-written
 gradients have no double backward).
