@@ -16,7 +16,8 @@ def test_run_writes_events_that_agree_with_metrics(cli, tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "completed" and m["epochs"] == 3
     assert m["params"] == 40 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
-    assert set(m["final"]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"}
+    assert set(m["final"]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                               "test_zero_frac", "test_near_zero_frac"}
     assert m["device"] == "cpu" and "regularizer.weight_decay.lam=0.001" in m["overrides"]
 
     scalars = read_scalars(run)

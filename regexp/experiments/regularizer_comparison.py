@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -65,23 +65,25 @@ def mean_std(values: List[float]) -> tuple:
     return mean, math.sqrt(var)
 
 
-def summarize(rows: List[Dict[str, Any]], variants: List[str]) -> List[Dict[str, Any]]:
+def summarize(rows: List[Dict[str, Any]], variants: List[str], label: str = "regularizer",
+              metrics: Sequence[str] = METRICS) -> List[Dict[str, Any]]:
+    """Per variant (``row[label]``): completed runs and mean/std over seeds of each metric."""
     table = []
     for v in variants:
-        done = [r for r in rows if r["regularizer"] == v and r["status"] == "completed"]
-        entry: Dict[str, Any] = {"regularizer": v, "runs": len(done)}
-        for key in METRICS:
+        done = [r for r in rows if r[label] == v and r["status"] == "completed"]
+        entry: Dict[str, Any] = {label: v, "runs": len(done)}
+        for key in metrics:
             entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([float(r[key]) for r in done])
         table.append(entry)
     return table
 
 
-def markdown(table: List[Dict[str, Any]]) -> str:
-    lines = ["| regularizer | runs | test error | train error | gap (test − train) |",
-             "|---|---:|---:|---:|---:|"]
+def markdown(table: List[Dict[str, Any]], label: str = "regularizer", metrics: Sequence[str] = METRICS,
+             headers: Sequence[str] = ("test error", "train error", "gap (test − train)")) -> str:
+    lines = [f"| {label} | runs | " + " | ".join(headers) + " |", "|---|---:|" + "---:|" * len(metrics)]
     for e in table:
-        cells = [f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f}" for k in METRICS]
-        lines.append(f"| {e['regularizer']} | {e['runs']} | " + " | ".join(cells) + " |")
+        cells = [f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f}" for k in metrics]
+        lines.append(f"| {e[label]} | {e['runs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,7 @@ from regexp.probes.runner import build_probes, record as probe_record
 from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
 from regexp.train.io import save_torch
 from regexp.train.signals import StopFlag
+from regexp.train.sparsity import KEYS as SPARSITY_KEYS
 
 log = logging.getLogger("regexp.population")
 EVAL_BYTES = 2**20  # one evaluation chunk's hidden activations: cache-sized, no page faults
@@ -151,15 +152,16 @@ def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor,
-                     batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy and accuracy of every member on its (N, D) inputs, as (M,) tensors."""
+                     batch: int, counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy of every member on its (N, D) inputs, as (M,) tensors
+    (``counts``: see :meth:`StackedMLP.eval_logits`)."""
     m, n = y.shape
     loss = torch.zeros(m, device=x.device)
     correct = torch.zeros(m, device=x.device)
     # rows whose logits are reduced together (member by member: many cache-sized chunks)
     block = max(batch, EVAL_BLOCK) if net.loop else batch
     for j in range(0, n, block):
-        logits = net.eval_logits(x[:, j:j + block], batch).float()  # (M, C, rows)
+        logits = net.eval_logits(x[:, j:j + block], batch, counts).float()  # (M, C, rows)
         yb = y[:, j:j + block]
         lp = F.log_softmax(logits, 1)  # over C, vectorized across the rows (see nll_rows)
         loss -= lp.gather(1, yb.unsqueeze(1)).sum((1, 2))
@@ -564,7 +566,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         l2 = torch.sqrt(sum(p.pow(2).sum(dim=tuple(range(1, p.dim()))) for p in b.net.params)).tolist()
     gn = grad_norms.tolist() if grad_norms is not None else None
     evaluated = epoch % t.eval_every == 0 or epoch == t.epochs
-    evals = {}
+    evals, sparsity = {}, None
     if evaluated:
         for s in SPLITS:
             x, y = b.data.split(s, b.member_set)
@@ -572,8 +574,14 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 per_chunk = b.net.width if b.net.loop else len(b.members) * b.net.width
                 budget = EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES
                 chunk = max(1, min(t.eval_batch_size, budget // (4 * per_chunk)))
-                l, a = evaluate_members(b.net, x, y, chunk)
+                hidden = len(b.net.weights) - 1
+                counts = torch.zeros(len(b.members), 2, dtype=torch.long, device=x.device) \
+                    if s == "test" and hidden else None  # hidden units off, as a lone run counts them
+                l, a = evaluate_members(b.net, x, y, chunk, counts)
                 evals[s] = (l.tolist(), a.tolist())
+                if counts is not None:
+                    units = torch.tensor([m.width * hidden * y.shape[1] for m in b.members], device=x.device)
+                    sparsity = (counts.double() / units[:, None]).tolist()
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
     probed = (b.probes.measure_members(b.probe_inputs())
               if b.probes is not None and b.probes.due(epoch) and epoch < t.epochs else None)
@@ -596,6 +604,9 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             for s, (ls, acc) in evals.items():
                 row[f"{s}_loss"], row[f"{s}_acc"] = ls[k], acc[k]
                 logs[f"loss/{s}"], logs[f"acc/{s}"] = ls[k], acc[k]
+                if s == "test" and sparsity is not None:
+                    for key, v in zip(SPARSITY_KEYS, sparsity[k]):
+                        row[f"test_{key}"] = logs[f"sparsity/test_{key}"] = v
             if not math.isfinite(row["train_loss"]):
                 m.status, m.epochs = "diverged", epoch
                 write_scalars(m.tb, {"diverged": 1.0}, epoch)

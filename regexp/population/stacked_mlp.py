@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from regexp.train.sparsity import NEAR_ZERO
+
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}
 IN_PLACE = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_, "gelu": F.gelu}  # no-grad use
 
@@ -205,9 +207,11 @@ class StackedMLP:
         return out
 
     @torch.no_grad()
-    def eval_logits(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    def eval_logits(self, x: torch.Tensor, chunk: int, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Class-major logits (M, C, N) of inputs (M, N, D), ``chunk`` examples at a time
-        (member by member in the loop form, each member's chunk cache-sized)."""
+        (member by member in the loop form, each member's chunk cache-sized). ``counts`` (M, 2),
+        if given, gains each member's hidden activations of its real units that are exactly 0
+        and that are below ``NEAR_ZERO`` in magnitude (:mod:`regexp.train.sparsity`)."""
         m_count, n = x.shape[0], x.shape[1]
         last = len(self.weights) - 1
         out = torch.empty(m_count, self.weights[-1].shape[1], n, device=x.device, dtype=x.dtype)
@@ -219,6 +223,10 @@ class StackedMLP:
                     z = torch.baddbmm(b.transpose(1, 2), w, a) if b is not None else torch.bmm(w, a)
                     if l < last:
                         a = self.act_(z) if hidden_mask is None else self.act_(z) * hidden_mask
+                        if counts is not None:  # padded units are no units: masked out
+                            real = self.unit_mask.transpose(1, 2) > 0
+                            counts += torch.stack([((a == 0) & real).sum((1, 2)),
+                                                   ((a.abs() < NEAR_ZERO) & real).sum((1, 2))], 1)
                 out[:, :, i:i + chunk] = z
             return out
         for m, k in enumerate(self.widths.tolist()):
@@ -229,6 +237,8 @@ class StackedMLP:
                     z = torch.addmm(b[:, None], w, a) if b is not None else torch.mm(w, a)
                     if l < last:
                         a = self.act_(z)
+                        if counts is not None:
+                            counts[m] += torch.stack([(a == 0).sum(), (a.abs() < NEAR_ZERO).sum()])
                 out[m, :, i:i + chunk] = z
         return out
 

@@ -10,10 +10,10 @@ from regexp.regularizers.base import REGULARIZERS, Regularizer, build_regularize
 
 # Importing the modules fills the registry.
 from regexp.regularizers import (  # noqa: E402,F401
-    activity_l1, activity_student_t, adversarial, augmentation, decoupled_weight_decay, dropconnect,
+    activity_kl, activity_l1, activity_student_t, adversarial, augmentation, decoupled_weight_decay, dropconnect,
     dropout, early_stopping, elastic_net, ensemble, gradient_norm_penalty, input_noise, l1,
-    label_smoothing, masked_reconstruction, multi_task, parameter_tying, soft_weight_sharing, transfer,
-    weight_decay, weight_noise,
+    label_smoothing, masked_reconstruction, multi_task, parameter_tying, soft_weight_sharing, tangent_prop,
+    transfer, weight_decay, weight_noise,
 )
 
 __all__ = ["REGULARIZERS", "Regularizer", "build_regularizers", "register"]

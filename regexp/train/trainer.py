@@ -35,6 +35,7 @@ from regexp.train.records import best_score, improves, run_metrics
 from regexp.train.rundir import save_hydra_files
 from regexp.train.threads import set_threads, step_flops
 from regexp.train.signals import StopFlag
+from regexp.train.sparsity import count_sparsity
 from regexp.train.tblog import TBLogger, layer_grad_norms
 
 SPLITS = ("train", "val", "test")
@@ -348,9 +349,12 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
                 row = {"epoch": epoch}
                 for s in SPLITS:
                     if len(tensors[s][1]):
-                        l, a = evaluate(model, *tensors[s], t.eval_batch_size)
+                        with count_sparsity(model, enabled=s == "test") as sparsity:
+                            l, a = evaluate(model, *tensors[s], t.eval_batch_size)
                         row[f"{s}_loss"], row[f"{s}_acc"] = l.item(), a.item()
                         logs[f"loss/{s}"], logs[f"acc/{s}"] = row[f"{s}_loss"], row[f"{s}_acc"]
+                        for k, v in sparsity.items():  # hidden units off on the test set
+                            row[f"{s}_{k}"] = logs[f"sparsity/{s}_{k}"] = v.item()
                 if not math.isfinite(row["train_loss"]):
                     status = "diverged"
                     tb.scalars({"diverged": 1.0}, epoch)
