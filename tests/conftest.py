@@ -11,6 +11,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core: a second torch thread in each would oversubscribe the cores (two
+    # busy processes with two threads each on two cores run several times slower)
+    import torch
+
+    torch.set_num_threads(1)
 CONFIGS = ROOT / "configs"
 
 

@@ -85,7 +85,8 @@ def test_history_long_form_equals_metrics_history(root):
     for d in _runs(root / "multi"):
         for entry in _metrics(d).get("history") or []:
             expected += [(str(d), entry["epoch"], k, v) for k, v in entry.items() if k != "epoch"]
-    assert len(h) == len(expected) == 4 * 2 * 6  # 4 completed runs x 2 epochs x 6 metrics
+    # 4 completed runs x 2 epochs x 8 metrics (6 losses and accuracies, 2 test-set sparsity fractions)
+    assert len(h) == len(expected) == 4 * 2 * 8
     got = {(r.run_dir, r.epoch, r.metric): r.value for r in h.itertuples()}
     assert got == {(d, e, k): v for d, e, k, v in expected}
     assert set(h["run_dir"]) <= set(load(root / "multi")["run_dir"])  # joins on run_dir
@@ -123,7 +124,7 @@ def test_mixed_root(root):
     assert df["regularizer.dropout.p"].isna().sum() == 8  # only the single run has dropout
     assert df.groupby("model.width")["final.test_acc"].count().to_dict() == {0: 0, 4: 1, 8: 3, 16: 3}
     h = load_history(root)
-    assert len(h) == 7 * 2 * 6
+    assert len(h) == 7 * 2 * 8  # 6 losses and accuracies, 2 test-set sparsity fractions
     assert set(h["run_dir"]) == set(df.loc[df["status"] == "completed", "run_dir"])
 
 
