@@ -256,7 +256,6 @@ def probes(args) -> None:
     contenders = {"no probes": base, "probes": base + [f"probe=[{args.probes}]", *args.set]}
     wall: Dict[str, List[float]] = {k: [] for k in contenders}
     cpu: Dict[str, List[float]] = {k: [] for k in contenders}
-    probe_s: List[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, over in contenders.items():  # warm-up, not timed (imports, caches)
             train(compose(over + ["trainer.epochs=1"]), Path(tmp) / f"warm {name}", [])

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from regexp.config import validate
 from regexp.errors import ConfigError

@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from regexp.data import load_data
 from regexp.experiments._figures import Outputs, subplots
 from regexp.experiments._groups import group_config
-from regexp.experiments._runs import run_grid, select
+from regexp.experiments._runs import run_grid
 from regexp.experiments._settings import require, settings
 from regexp.models import build_model
 from regexp.probes.runner import active

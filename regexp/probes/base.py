@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 PROBES: Dict[str, Type["Probe"]] = {}
