@@ -17,12 +17,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise")
+                "input_noise", "weight_noise", "early_stopping")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -33,6 +34,9 @@ MEMBER_KEYS = (
     "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "trainer.grad_clip",
     "regularizer.l1.lam", "regularizer.elastic_net.lam1", "regularizer.elastic_net.lam2",
     "regularizer.decoupled_weight_decay.lam",
+    # read on the host once per evaluation, member by member
+    "regularizer.early_stopping.patience", "regularizer.early_stopping.min_delta",
+    "regularizer.early_stopping.monitor",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -58,6 +62,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
         return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
                 "once; SAM's second pass would need draws of its own)")
+    if "early_stopping" in cfg.regularizer and active(cfg.probe):
+        return ("regularizer early_stopping with probes (a member's final probes are measured on its "
+                "restored best weights, which the population's batched probes do not see)")
     return None
 
 

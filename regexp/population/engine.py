@@ -409,6 +409,14 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 results[ids[id(b.members[k])]] = finish(b.members[k], device, diverged_epoch=epoch)
                 if on_finish is not None:
                     on_finish(b.members[k], results[ids[id(b.members[k])]])
+            stopped = [k for k, m in enumerate(b.members) if m.stopped]
+            for k in stopped:  # its final files now, as train() writes them when it stops
+                m = b.members[k]
+                m.status = "completed"
+                results[ids[id(m)]] = _finish_completed(b, k, _checkpoint(b, k, loop, perms, running, 0))
+                if on_finish is not None:
+                    on_finish(m, results[ids[id(m)]])
+            done = done + stopped
             if done:
                 kept = [k for k in range(len(b.members)) if k not in done]
                 b.keep(kept)
@@ -616,8 +624,11 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             if m.improves(row):
                 m.best = dict(row)
                 improved.append(k)
+            # early stopping: every regularizer sees the row, as in train(); the member is
+            # written out by train_bucket (its hook reads the row, not the model's weights)
+            m.stopped = any([r.epoch_end(m.model, row) for r in m.regs])
         m.epochs = epoch
-        if probed is not None:
+        if probed is not None and not m.stopped:  # train() skips the periodic probe of its last epoch
             probe_record(m.probe_history, epoch, probed[k], logs)
         write_scalars(m.tb, logs, epoch)
         for r in m.regs:
