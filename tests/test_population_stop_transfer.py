@@ -33,3 +33,43 @@ def test_early_stopped_members_stop_at_their_own_epochs_and_match_lone_runs(comp
         d = tmp_path / "pop" / point_name(p)
         final, best = torch.load(d / "model.pt"), torch.load(d / "best_model.pt")
         assert all(torch.equal(final[k], best[k]) for k in best)  # the best weights restored
+
+
+def test_population_with_early_stopping_resumes_exactly(compose_cfg, tmp_path, monkeypatch):
+    """SIGTERM in the middle of epoch 5: each member's checkpoint carries its early-stopping
+    state (best score, evaluations since); the re-launched population stops each member where
+    its lone uninterrupted run stops, with the same weights and records."""
+    import math
+
+    import regexp.population.engine as engine
+    from conftest import StopAfter
+    from regexp.data import load_data
+    from regexp.population import train_population
+    from regexp.sweep import point_config
+    from regexp.train.trainer import train
+
+    points = [{"model.width": 8, "seed": 0, "regularizer.early_stopping.patience": 1},
+              {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 2,
+               "regularizer.early_stopping.min_delta": 0.01}]
+    base = compose_cfg(BASE + ["optimizer=sgd", "optimizer.lr=0.5", "trainer.epochs=6", "trainer.batch_size=100",
+                               "regularizer=[early_stopping]"])
+    steps = math.ceil(len(load_data(base.data, 0).y_train) / 100)
+    # the loop asks once per step and once after each epoch's end
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(4 * (steps + 1) + steps // 2))
+    stopped = train_population(base, points, tmp_path / "pop")
+    monkeypatch.undo()
+    assert [m["status"] for m in stopped] == ["interrupted"] * 2 and [m["epochs"] for m in stopped] == [4, 4]
+    resumed = train_population(base, points, tmp_path / "pop")
+    lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
+    # both stop in epoch 5, after the resume: the whole bucket ends at once
+    assert [m.get("stopped_epoch") for m in lone] == [5, 5]
+    for p, a, b in zip(points, resumed, lone):
+        assert a["status"] == b["status"] == "completed"
+        assert (a.get("stopped_epoch"), a["epochs"], a["best"]["epoch"]) == (b.get("stopped_epoch"), b["epochs"],
+                                                                             b["best"]["epoch"])
+        wa = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
+        wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt")
+        for k in wb:
+            torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
+        for ra, rb in zip(a["history"], b["history"], strict=True):
+            assert ra == pytest.approx(rb, rel=RTOL, abs=1e-6)

@@ -419,6 +419,9 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
             done = done + stopped
             if done:
                 kept = [k for k in range(len(b.members)) if k not in done]
+                if not kept:  # every member is written out: nothing left to stack
+                    b.members = []
+                    break
                 b.keep(kept)
                 sel = torch.tensor(kept, device=perms.device)
                 perms, running = perms.index_select(0, sel), running.index_select(0, sel)
