@@ -23,7 +23,7 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise", "early_stopping")
+                "input_noise", "weight_noise", "early_stopping", "transfer")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -37,6 +37,8 @@ MEMBER_KEYS = (
     # read on the host once per evaluation, member by member
     "regularizer.early_stopping.patience", "regularizer.early_stopping.min_delta",
     "regularizer.early_stopping.monitor",
+    # each member's lone model loads its own start before the weights are stacked
+    "regularizer.transfer.run_dir", "regularizer.transfer.file",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -62,6 +64,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
         return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
                 "once; SAM's second pass would need draws of its own)")
+    if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze:
+        return ("regularizer.transfer.freeze=true (the population's stacked optimizer updates every "
+                "tensor; use freeze=false or sweep.engine=serial)")
     if "early_stopping" in cfg.regularizer and active(cfg.probe):
         return ("regularizer early_stopping with probes (a member's final probes are measured on its "
                 "restored best weights, which the population's batched probes do not see)")
