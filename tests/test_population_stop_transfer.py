@@ -75,9 +75,12 @@ def test_population_with_early_stopping_resumes_exactly(compose_cfg, tmp_path, m
             assert ra == pytest.approx(rb, rel=RTOL, abs=1e-6)
 
 
-def test_transfer_members_start_from_their_own_runs_and_match_lone_runs(compose_cfg, tmp_path):
+@pytest.mark.parametrize("optimizer,freeze", [("momentum", False), ("adamw", True), ("sam", True)])
+def test_transfer_members_start_from_their_own_runs_and_match_lone_runs(compose_cfg, tmp_path, optimizer, freeze):
     """Each member loads its own finished run (per-member run_dir) into its lone model before
-    the weights are stacked; a source of another width lends only the tensors whose shape fits."""
+    the weights are stacked; a source of another width lends only the tensors whose shape fits.
+    Frozen tensors (freeze: all but the head) stay exactly at their start: no update, no
+    decoupled decay (adamw), no penalty, no state in the checkpoint's optimizer."""
     from regexp.population import use_population
     from regexp.sweep import point_config
     from regexp.train.trainer import train
@@ -87,8 +90,9 @@ def test_transfer_members_start_from_their_own_runs_and_match_lone_runs(compose_
         train(point_config(src, {"model.width": w, "seed": s}), tmp_path / f"src{w}", [], sweep=True)
     points = [{"model.width": 8, "seed": 0, "regularizer.transfer.run_dir": str(tmp_path / "src8")},
               {"model.width": 12, "seed": 1, "optimizer.lr": 0.05, "regularizer.transfer.run_dir": str(tmp_path / "src10")}]
-    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, ["optimizer=momentum", "regularizer=[transfer]",
-                                                            "regularizer.transfer.freeze=false"], points)
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
+        f"optimizer={optimizer}", "regularizer=[transfer,weight_decay]", f"regularizer.transfer.freeze={freeze}",
+        "trainer.grad_clip=1.0", "logger.grad_norms=true"], points)
     assert use_population(base, points)
     start = torch.load(tmp_path / "pop" / point_name(points[0]) / "init_model.pt")
     source = torch.load(tmp_path / "src8" / "model.pt")
@@ -98,12 +102,6 @@ def test_transfer_members_start_from_their_own_runs_and_match_lone_runs(compose_
     assert pop[1]["extra"]["transfer/loaded_tensors"] == 1  # only the head's bias fits width 12
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)  # init_model.pt, model.pt, metrics, scalars, checkpoint
-
-
-def test_transfer_with_frozen_layers_is_refused_with_a_reason(compose_cfg):
-    from regexp.population.compat import incompatibility
-
-    cfg = compose_cfg(BASE + ["regularizer=[transfer]", "regularizer.transfer.run_dir=x"])
-    assert "regularizer.transfer.freeze=true" in incompatibility(cfg)
-    assert incompatibility(compose_cfg(BASE + ["regularizer=[transfer]", "regularizer.transfer.run_dir=x",
-                                               "regularizer.transfer.freeze=false"])) is None
+        start = torch.load(tmp_path / "pop" / point_name(p) / "init_model.pt")
+        final = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
+        assert [torch.equal(final[k], start[k]) for k in start] == [freeze and not k.startswith("head.") for k in start]

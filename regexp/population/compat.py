@@ -64,9 +64,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
         return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
                 "once; SAM's second pass would need draws of its own)")
-    if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze:
-        return ("regularizer.transfer.freeze=true (the population's stacked optimizer updates every "
-                "tensor; use freeze=false or sweep.engine=serial)")
+    if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
+        return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
+                "stacked tensor as trained)")
     if "early_stopping" in cfg.regularizer and active(cfg.probe):
         return ("regularizer early_stopping with probes (a member's final probes are measured on its "
                 "restored best weights, which the population's batched probes do not see)")
