@@ -14,22 +14,24 @@ from regexp.sweep import point_name
 
 def test_early_stopped_members_stop_at_their_own_epochs_and_match_lone_runs(compose_cfg, tmp_path):
     # patience, min_delta and the monitored metric differ per member, so members stop at
-    # different epochs; the others go on in the shrunken stacked tensors
+    # different epochs; the others go on in the shrunken stacked tensors. Dropout's MC report
+    # runs on each member's final (restored best) weights, with its lone run's generator.
     points = [{"model.width": 8, "seed": 0, "regularizer.early_stopping.patience": 1},
-              {"model.width": 12, "seed": 1, "regularizer.early_stopping.patience": 1,
-               "regularizer.early_stopping.monitor": "val_loss"},
-              {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 50,
-               "regularizer.early_stopping.min_delta": 0.01}]
-    _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, ["optimizer=sgd", "optimizer.lr=0.5", "trainer.epochs=7",
-                                                         "regularizer=[early_stopping]"], points)
-    # the lone runs stop at epochs 5 and 6 (best epochs 4 and 5); the third runs all 7 epochs
-    # and ends with its best (epoch 5) weights restored
-    assert [m.get("stopped_epoch") for m in lone] == [5, 6, None]
-    assert [m["epochs"] for m in lone] == [5, 6, 7] and [m["best"]["epoch"] for m in lone] == [4, 5, 5]
+              {"model.width": 12, "seed": 1, "regularizer.early_stopping.patience": 50},
+              {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 1,
+               "regularizer.early_stopping.min_delta": 0.01, "regularizer.early_stopping.monitor": "val_loss"}]
+    _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
+        "optimizer=sgd", "optimizer.lr=0.5", "trainer.epochs=7", "regularizer=[early_stopping,dropout]",
+        "regularizer.dropout.p=0.1", "regularizer.dropout.mc_samples=2"], points)
+    # alone, the first stops at epoch 5 (best 4); the second runs all 7 epochs and ends with its
+    # best (epoch 4) weights restored; the third stops at the last epoch (val_loss, best 7)
+    assert [m.get("stopped_epoch") for m in lone] == [5, None, 7]
+    assert [m["epochs"] for m in lone] == [5, 7, 7] and [m["best"]["epoch"] for m in lone] == [4, 4, 7]
     for p, a, b in zip(points, pop, lone):
-        _assert_same_run(tmp_path, p, a, b)  # model.pt, history, best epoch, scalars, checkpoint
+        _assert_same_run(tmp_path, p, a, b)  # model.pt, history, best epoch, extra, scalars, checkpoint
         assert a.get("stopped_epoch") == b.get("stopped_epoch") and a["epochs"] == b["epochs"]
         assert a["final"] == pytest.approx(b["final"], rel=RTOL, abs=1e-6) and a["final"]["epoch"] == a["best"]["epoch"]
+        assert "dropout/mc_test_acc" in a["extra"]
         d = tmp_path / "pop" / point_name(p)
         final, best = torch.load(d / "model.pt"), torch.load(d / "best_model.pt")
         assert all(torch.equal(final[k], best[k]) for k in best)  # the best weights restored
