@@ -107,3 +107,21 @@ def test_transfer_members_start_from_their_own_runs_and_match_lone_runs(compose_
         start = torch.load(tmp_path / "pop" / point_name(p) / "init_model.pt")
         final = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
         assert [torch.equal(final[k], start[k]) for k in start] == [freeze and not k.startswith("head.") for k in start]
+
+
+def test_every_regularizer_the_population_cannot_train_is_refused_with_its_reason(compose_cfg):
+    from regexp.population.compat import NOT_STACKED, REGULARIZERS, incompatibility
+    from regexp.regularizers.base import REGULARIZERS as ALL
+
+    # each registered regularizer either trains in a population or has its one-line reason
+    assert set(ALL) == set(REGULARIZERS) | set(NOT_STACKED) and not set(REGULARIZERS) & set(NOT_STACKED)
+    why = incompatibility(compose_cfg(["regularizer=[weight_decay,ensemble]"]))
+    assert why.startswith("regularizer ensemble (population supports") and why.endswith(NOT_STACKED["ensemble"])
+    assert "\n" not in why
+    # probes measure a stopped member's restored best weights, which the batched probes never see
+    assert "early_stopping with probes" in incompatibility(compose_cfg(["regularizer=[early_stopping]",
+                                                                        "probe=[sharpness]"]))
+    assert "freeze=true with probes" in incompatibility(compose_cfg([
+        "regularizer=[transfer]", "regularizer.transfer.run_dir=x", "probe=[sharpness]"]))
+    assert incompatibility(compose_cfg(["regularizer=[transfer]", "regularizer.transfer.run_dir=x",
+                                        "regularizer.transfer.freeze=false", "probe=[sharpness]"])) is None

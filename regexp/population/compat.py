@@ -40,6 +40,24 @@ MEMBER_KEYS = (
     # each member's lone model loads its own start before the weights are stacked
     "regularizer.transfer.run_dir", "regularizer.transfer.file",
 )
+# Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
+NOT_STACKED = {
+    "activity_kl": "its penalty reads hidden activations, which the stacked forward does not record",
+    "activity_l1": "its penalty reads hidden activations, which the stacked forward does not record",
+    "activity_student_t": "its penalty reads hidden activations, which the stacked forward does not record",
+    "adversarial": "its FGSM batch needs each member's input gradient, which the stacked step does not take",
+    "augmentation": "its random transforms of each member's batch are not drawn in the stacked step",
+    "dropconnect": "its per-weight masks are not drawn for stacked weights",
+    "ensemble": "it puts K models behind one module and replaces the data loss; an ensemble is not stacked",
+    "gradient_norm_penalty": "its penalty differentiates each member's loss gradient, not written for stacked weights",
+    "masked_reconstruction": "it adds a decoder to the model and replaces the data loss",
+    "multi_task": "it adds heads and parameter groups of its own, which the stacked model lacks",
+    "parameter_tying": "its reference weights (a run per member) do not enter a stacked penalty",
+    "soft_weight_sharing": "its mixture is learned per member (parameter groups), not stacked",
+    "tangent_prop": "its penalty needs each member's input Jacobian, not written for stacked weights",
+}
+
+
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
     if cfg.model.name not in MODELS:
@@ -56,7 +74,8 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return "optimizer.amsgrad=true"
     extra = [r for r in cfg.regularizer if r not in REGULARIZERS]
     if extra:
-        return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
+        why = NOT_STACKED.get(extra[0], "it has no stacked form")
+        return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)}): {why}"
     # a penalty trains in a population only through its own penalty_of (never as a silent zero)
     unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
     if unstacked:
