@@ -37,10 +37,10 @@ def test_early_stopped_members_stop_at_their_own_epochs_and_match_lone_runs(comp
         assert all(torch.equal(final[k], best[k]) for k in best)  # the best weights restored
 
 
-def test_population_with_early_stopping_resumes_exactly(compose_cfg, tmp_path, monkeypatch):
-    """SIGTERM in the middle of epoch 5: each member's checkpoint carries its early-stopping
-    state (best score, evaluations since); the re-launched population stops each member where
-    its lone uninterrupted run stops, with the same weights and records."""
+def _interrupt_resume_and_lone(compose_cfg, tmp_path, monkeypatch, overrides, points, epochs_done: int):
+    """Train ``points`` as a population stopped by SIGTERM in the middle of epoch
+    ``epochs_done + 1`` (batches of 100), re-launch it, train each point alone without a stop;
+    return (the interrupted, the resumed, the lone metrics)."""
     import math
 
     import regexp.population.engine as engine
@@ -50,21 +50,14 @@ def test_population_with_early_stopping_resumes_exactly(compose_cfg, tmp_path, m
     from regexp.sweep import point_config
     from regexp.train.trainer import train
 
-    points = [{"model.width": 8, "seed": 0, "regularizer.early_stopping.patience": 1},
-              {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 2,
-               "regularizer.early_stopping.min_delta": 0.01}]
-    base = compose_cfg(BASE + ["optimizer=sgd", "optimizer.lr=0.5", "trainer.epochs=6", "trainer.batch_size=100",
-                               "regularizer=[early_stopping]"])
+    base = compose_cfg(BASE + ["trainer.batch_size=100"] + overrides)
     steps = math.ceil(len(load_data(base.data, 0).y_train) / 100)
     # the loop asks once per step and once after each epoch's end
-    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(4 * (steps + 1) + steps // 2))
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(epochs_done * (steps + 1) + steps // 2))
     stopped = train_population(base, points, tmp_path / "pop")
     monkeypatch.undo()
-    assert [m["status"] for m in stopped] == ["interrupted"] * 2 and [m["epochs"] for m in stopped] == [4, 4]
     resumed = train_population(base, points, tmp_path / "pop")
     lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
-    # both stop in epoch 5, after the resume: the whole bucket ends at once
-    assert [m.get("stopped_epoch") for m in lone] == [5, 5]
     for p, a, b in zip(points, resumed, lone):
         assert a["status"] == b["status"] == "completed"
         assert (a.get("stopped_epoch"), a["epochs"], a["best"]["epoch"]) == (b.get("stopped_epoch"), b["epochs"],
@@ -75,6 +68,35 @@ def test_population_with_early_stopping_resumes_exactly(compose_cfg, tmp_path, m
             torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
         for ra, rb in zip(a["history"], b["history"], strict=True):
             assert ra == pytest.approx(rb, rel=RTOL, abs=1e-6)
+    return stopped, resumed, lone
+
+
+def test_population_with_early_stopping_resumes_exactly(compose_cfg, tmp_path, monkeypatch):
+    """SIGTERM in the middle of epoch 5: each member's checkpoint carries its early-stopping
+    state (best score, evaluations since); the re-launched population stops each member where
+    its lone uninterrupted run stops, with the same weights and records."""
+    points = [{"model.width": 8, "seed": 0, "regularizer.early_stopping.patience": 1},
+              {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 2,
+               "regularizer.early_stopping.min_delta": 0.01}]
+    stopped, _, lone = _interrupt_resume_and_lone(compose_cfg, tmp_path, monkeypatch, [
+        "optimizer=sgd", "optimizer.lr=0.5", "trainer.epochs=6", "regularizer=[early_stopping]"], points, 4)
+    assert [m["status"] for m in stopped] == ["interrupted"] * 2 and [m["epochs"] for m in stopped] == [4, 4]
+    # both stop in epoch 5, after the resume: the whole bucket ends at once
+    assert [m.get("stopped_epoch") for m in lone] == [5, 5]
+
+
+def test_population_with_frozen_transfer_resumes_exactly(compose_cfg, tmp_path, monkeypatch):
+    """The checkpoint's optimizer state holds the trainable tensors only (as a lone run's);
+    the re-launched population reads it back into the right stacked tensors."""
+    from regexp.sweep import point_config
+    from regexp.train.trainer import train
+
+    train(point_config(compose_cfg(BASE + ["trainer.epochs=1"]), {"seed": 5}), tmp_path / "src", [], sweep=True)
+    points = [{"seed": s, "optimizer.lr": lr} for s, lr in ((0, 0.01), (1, 0.003))]
+    stopped, _, _ = _interrupt_resume_and_lone(compose_cfg, tmp_path, monkeypatch, [
+        "optimizer=adam", "trainer.epochs=3", "regularizer=[transfer]",
+        f"regularizer.transfer.run_dir={tmp_path / 'src'}"], points, 1)
+    assert [m["status"] for m in stopped] == ["interrupted"] * 2
 
 
 @pytest.mark.parametrize("optimizer,freeze", [("momentum", False), ("adamw", True), ("sam", True)])
@@ -91,7 +113,8 @@ def test_transfer_members_start_from_their_own_runs_and_match_lone_runs(compose_
     for w, s in ((8, 5), (10, 6)):
         train(point_config(src, {"model.width": w, "seed": s}), tmp_path / f"src{w}", [], sweep=True)
     points = [{"model.width": 8, "seed": 0, "regularizer.transfer.run_dir": str(tmp_path / "src8")},
-              {"model.width": 12, "seed": 1, "optimizer.lr": 0.05, "regularizer.transfer.run_dir": str(tmp_path / "src10")}]
+              {"model.width": 12, "seed": 1, "optimizer.lr": 0.05,
+               "regularizer.transfer.run_dir": str(tmp_path / "src10")}]
     base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
         f"optimizer={optimizer}", "regularizer=[transfer,weight_decay]", f"regularizer.transfer.freeze={freeze}",
         "trainer.grad_clip=1.0", "logger.grad_norms=true"], points)
