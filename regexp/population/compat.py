@@ -17,12 +17,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise")
+                "input_noise", "weight_noise", "early_stopping", "transfer")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -33,7 +34,30 @@ MEMBER_KEYS = (
     "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "trainer.grad_clip",
     "regularizer.l1.lam", "regularizer.elastic_net.lam1", "regularizer.elastic_net.lam2",
     "regularizer.decoupled_weight_decay.lam",
+    # read on the host once per evaluation, member by member
+    "regularizer.early_stopping.patience", "regularizer.early_stopping.min_delta",
+    "regularizer.early_stopping.monitor",
+    # each member's lone model loads its own start before the weights are stacked
+    "regularizer.transfer.run_dir", "regularizer.transfer.file",
 )
+# Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
+NOT_STACKED = {
+    "activity_kl": "its penalty reads hidden activations, which the stacked forward does not record",
+    "activity_l1": "its penalty reads hidden activations, which the stacked forward does not record",
+    "activity_student_t": "its penalty reads hidden activations, which the stacked forward does not record",
+    "adversarial": "its FGSM batch needs each member's input gradient, which the stacked step does not take",
+    "augmentation": "its random transforms of each member's batch are not drawn in the stacked step",
+    "dropconnect": "its per-weight masks are not drawn for stacked weights",
+    "ensemble": "it puts K models behind one module and replaces the data loss; an ensemble is not stacked",
+    "gradient_norm_penalty": "its penalty differentiates each member's loss gradient, not written for stacked weights",
+    "masked_reconstruction": "it adds a decoder to the model and replaces the data loss",
+    "multi_task": "it adds heads and parameter groups of its own, which the stacked model lacks",
+    "parameter_tying": "its reference weights (a run per member) do not enter a stacked penalty",
+    "soft_weight_sharing": "its mixture is learned per member (parameter groups), not stacked",
+    "tangent_prop": "its penalty needs each member's input Jacobian, not written for stacked weights",
+}
+
+
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
     if cfg.model.name not in MODELS:
@@ -50,7 +74,8 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return "optimizer.amsgrad=true"
     extra = [r for r in cfg.regularizer if r not in REGULARIZERS]
     if extra:
-        return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
+        why = NOT_STACKED.get(extra[0], "it has no stacked form")
+        return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)}): {why}"
     # a penalty trains in a population only through its own penalty_of (never as a silent zero)
     unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
     if unstacked:
@@ -58,6 +83,12 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
         return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
                 "once; SAM's second pass would need draws of its own)")
+    if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
+        return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
+                "stacked tensor as trained)")
+    if "early_stopping" in cfg.regularizer and active(cfg.probe):
+        return ("regularizer early_stopping with probes (a member's final probes are measured on its "
+                "restored best weights, which the population's batched probes do not see)")
     return None
 
 

@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +121,8 @@ class LossTerms:
         out = []
         for name in self.reg_names:
             cls, hp, biases = self.forms[name]
-            ps = [p for _, p, is_w in net.named_params() if is_w or biases]
+            # as weight_params(): a frozen tensor (transfer's freeze) has no penalty
+            ps = [p for _, p, is_w in net.named_params() if (is_w or biases) and p.requires_grad]
             out.append(cls.penalty_of(ps, hp, True))
         return out
 
@@ -179,7 +180,9 @@ class Bucket:
         loop = device.type == "cpu" and 0 < opts.loop_width <= width
         self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
                               cfg.model.activation, device, loop)
-        self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.net.params, _member_hypers(members),
+        self.frozen = frozen_names(members)
+        freeze_(self.net, self.frozen)
+        self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.trainable, _member_hypers(members),
                                     bool(cfg.optimizer.get("nesterov", False)), device,
                                     bool(cfg.optimizer.get("centered", False)))
         # SAM (regexp/optim/sam.py): each member's own radius and gradient norm
@@ -209,6 +212,12 @@ class Bucket:
             for k, m in enumerate(members):
                 self.probes.load_state_dict(m.resume["probes"], k)
 
+    @property
+    def trainable(self) -> List[torch.Tensor]:
+        """The stacked tensors the optimizer updates: train()'s optimizer gets only the lone
+        model's parameters that require a gradient (transfer's freeze turns the others off)."""
+        return [p for p in self.net.params if p.requires_grad]
+
     def probe_inputs(self) -> ProbeInputs:
         """The members as the probes see them: the stacked forward without dropout or noise (a
         lone run's eval mode), padded units masked out."""
@@ -221,8 +230,9 @@ class Bucket:
         sel = torch.tensor(idx, dtype=torch.long)
         self.members = [self.members[i] for i in idx]
         self.net.keep(sel)
+        freeze_(self.net, self.frozen)
         self.opt.keep(sel)
-        self.opt.set_params(self.net.params)
+        self.opt.set_params(self.trainable)
         self.drop.keep(idx)
         self.noise.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
@@ -242,7 +252,7 @@ class Bucket:
         """Gradient clipping, each member with its own norm, right after every backward pass
         (SAM's second one included), as train() clips."""
         if self.clip is not None:
-            clip_grad_norms_(self.net.params, self.clip)
+            clip_grad_norms_(self.trainable, self.clip)
 
     def before_step(self, factor: float) -> None:
         """Decoupled weight decay, each member with its own values, where train() applies it:
@@ -251,7 +261,28 @@ class Bucket:
             lam, biases = self.decoupled
             lr = self.opt.hp["lr"]
             lr = (lr.view(-1) if isinstance(lr, torch.Tensor) else lr) * factor
-            DecoupledWeightDecay.shrink_([p for _, p, is_w in self.net.named_params() if is_w or biases], lr, lam)
+            DecoupledWeightDecay.shrink_([p for _, p, is_w in self.net.named_params()
+                                          if (is_w or biases) and p.requires_grad], lr, lam)
+
+
+def frozen_names(members: List[Member]) -> Set[str]:
+    """The parameters the members' lone models do not train (transfer's freeze), the same for all:
+    a stacked tensor is updated for every member or for none."""
+    per = [{n for n, p in m.model.named_parameters() if not p.requires_grad} for m in members]
+    if any(f != per[0] for f in per):
+        raise ConfigError("regularizer.transfer: members of one population freeze different parameters "
+                          "(a stacked tensor cannot be frozen for some members only); use sweep.engine=serial")
+    return per[0]
+
+
+def freeze_(net: StackedMLP, names: Set[str]) -> None:
+    for name, p, _ in net.named_params():
+        p.requires_grad_(name not in names)
+
+
+def _grad_norms(b: Bucket) -> torch.Tensor:
+    """(M, weights) norms of each trainable weight's gradient, as layer_grad_norms logs them."""
+    return torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights if w.requires_grad], 1)
 
 
 @torch.no_grad()
@@ -308,7 +339,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             b.clip_()
             b.before_step(loop.factor(loop.step))
             if i == loop.steps_per_epoch - 1 and loop.grad_norms:
-                grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
+                grad_norms = _grad_norms(b)
             if b.sam:  # the same batch's gradient once more, at each member's ascended weights
                 _ascend(b, lambda: (b.net.manual_step(xb, yb, _second_masks(b, xb, masks), weights), b.clip_()))
             b.opt.step(loop.factor(loop.step))
@@ -333,7 +364,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         loss, pens = backward()
         b.before_step(loop.factor(loop.step))
         if i == loop.steps_per_epoch - 1 and loop.grad_norms:
-            grad_norms = torch.stack([torch.linalg.vector_norm(w.grad, dim=(1, 2)) for w in b.net.weights], 1)
+            grad_norms = _grad_norms(b)
         if b.sam:
             _ascend(b, lambda: backward(masks=_second_masks(b, xb, masks)))
         b.opt.step(loop.factor(loop.step))
@@ -347,7 +378,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
 def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
-    ascended_gradient(b.net.params, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
+    ascended_gradient(b.trainable, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
 
 
 def _second_masks(b: Bucket, xb: torch.Tensor, masks):
@@ -383,7 +414,7 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
                 bool(cfg.logger.grad_norms))
     loop.manual = _manual_ok(b, opts)
-    weight_names = [name for name, _, is_w in b.net.named_params() if is_w]
+    weight_names = [name for name, p, is_w in b.net.named_params() if is_w and p.requires_grad]
     results: Dict[int, Dict] = {}
     ids = {id(m): k for k, m in enumerate(members)}
     epoch, perms, running, in_epoch = _restore(b, loop)  # (0, None, None, 0) for a fresh start
@@ -409,8 +440,19 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 results[ids[id(b.members[k])]] = finish(b.members[k], device, diverged_epoch=epoch)
                 if on_finish is not None:
                     on_finish(b.members[k], results[ids[id(b.members[k])]])
+            stopped = [k for k, m in enumerate(b.members) if m.stopped]
+            for k in stopped:  # its final files now, as train() writes them when it stops
+                m = b.members[k]
+                m.status = "completed"
+                results[ids[id(m)]] = _finish_completed(b, k, _checkpoint(b, k, loop, perms, running, 0))
+                if on_finish is not None:
+                    on_finish(m, results[ids[id(m)]])
+            done = done + stopped
             if done:
                 kept = [k for k in range(len(b.members)) if k not in done]
+                if not kept:  # every member is written out: nothing left to stack
+                    b.members = []
+                    break
                 b.keep(kept)
                 sel = torch.tensor(kept, device=perms.device)
                 perms, running = perms.index_select(0, sel), running.index_select(0, sel)
@@ -439,7 +481,7 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
 def _manual_ok(b: Bucket, opts: Options) -> bool:
     """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing,
     plain float32 eager forward (then the gradient is a few products written out by hand)."""
-    return (b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0
+    return (b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen
             and not opts.bf16 and not opts.compile)
 
 
@@ -498,9 +540,9 @@ def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Option
     b.opt.steps = loop.step
     states = [ck["optimizer"]["state"] for ck in cks]
     for key in states[0].get(0, {}):
-        per_param = [[st[j][key] for st in states] for j in range(len(b.net.params))]
+        per_param = [[st[j][key] for st in states] for j in range(len(b.trainable))]
         b.opt.state[key] = ([ts[0].to(b.device) for ts in per_param] if key == "step"  # shared count
-                            else [b.net.stack(ts, p) for ts, p in zip(per_param, b.net.params)])
+                            else [b.net.stack(ts, p) for ts, p in zip(per_param, b.trainable)])
     if all(ck["best_state"] is not None for ck in cks):
         names = [name for name, _, _ in b.net.named_params()]
         b.best = [b.net.stack([ck["best_state"][n] for ck in cks], p) for n, p in zip(names, b.net.params)]
@@ -546,15 +588,19 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
 
 
 def _member_opt_state(b: Bucket, k: int) -> List[Dict[str, torch.Tensor]]:
-    """Member k's optimizer state per parameter, unpadded, under torch.optim's names."""
-    out: List[Dict[str, torch.Tensor]] = [dict() for _ in b.net.params]
+    """Member k's optimizer state per trainable parameter, unpadded, under torch.optim's names."""
+    out: List[Dict[str, torch.Tensor]] = [dict() for _ in b.trainable]
     for key, ts in b.opt.state.items():
         if key == "step":
             for d, s in zip(out, ts):
                 d[key] = s.detach().cpu().clone()
             continue
-        for d, (name, t) in zip(out, b.net.member_state(k, ts).items()):
-            d[key] = t
+        # a frozen tensor has no state: its own values stand in for the slot member_state reads
+        it = iter(ts)
+        state = b.net.member_state(k, [next(it) if p.requires_grad else p for p in b.net.params])
+        names = [name for name, p, _ in b.net.named_params() if p.requires_grad]
+        for d, name in zip(out, names):
+            d[key] = state[name]
     return out
 
 
@@ -616,8 +662,11 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             if m.improves(row):
                 m.best = dict(row)
                 improved.append(k)
+            # early stopping: every regularizer sees the row, as in train(); the member is
+            # written out by train_bucket (its hook reads the row, not the model's weights)
+            m.stopped = any([r.epoch_end(m.model, row) for r in m.regs])
         m.epochs = epoch
-        if probed is not None:
+        if probed is not None and not m.stopped:  # train() skips the periodic probe of its last epoch
             probe_record(m.probe_history, epoch, probed[k], logs)
         write_scalars(m.tb, logs, epoch)
         for r in m.regs:

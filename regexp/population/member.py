@@ -42,6 +42,7 @@ class Member:
     history: List[Dict[str, float]] = field(default_factory=list)
     best: Optional[Dict[str, float]] = None
     status: str = "running"
+    stopped: bool = False  # early stopping ended its training (it completed, before the last epoch)
     epochs: int = 0
     signal: Optional[int] = None
     resume: Optional[Dict[str, Any]] = None  # the checkpoint.pt of an interrupted run, to go on from
@@ -158,6 +159,8 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
     final = m.history[-1] if m.history else None
     extra: Dict[str, float] = {}
     if m.status == "completed" and state is not None:
+        if best_state is not None and any(r.restores_best for r in m.regs):
+            state, final = best_state, m.best  # as train(): the best epoch's weights are the final ones
         m.model.load_state_dict(state)
         # A lone run's reports draw (MC dropout) from the global generator where training left
         # it, which is the member's dropout generator state; restore ours afterwards.
@@ -173,6 +176,8 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
                           torch.get_num_threads(), m.threads_reason, m.overrides, extra,
                           OmegaConf.to_container(m.cfg, resolve=True))
     metrics.update(metrics_fields(bool(active(m.cfg.probe)), m.final_probes, m.probe_history))
+    if m.stopped:
+        metrics["stopped_epoch"] = m.epochs
     if diverged_epoch is not None:
         metrics["diverged_epoch"] = diverged_epoch
     if m.status == "interrupted" and m.signal is not None:
