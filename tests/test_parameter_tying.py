@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from regexp.errors import ConfigError
@@ -89,12 +90,107 @@ def test_missing_corrupt_or_unmatched_reference_is_refused_naming_the_path(tmp_p
         tying(run_dir=str(tmp_path)).attach(other)
 
 
-@pytest.mark.parametrize("name", ["parameter_tying", "multi_task"])
-def test_population_engine_refuses_the_new_regularizers(compose_cfg, name):
+def test_population_engine_refuses_multi_task_and_joint_tying_but_takes_reference_tying(compose_cfg):
     from regexp.population.compat import incompatibility
 
-    cfg = compose_cfg([f"regularizer=[{name}]"])
-    assert incompatibility(cfg).startswith(f"regularizer {name} (population supports")
+    assert incompatibility(compose_cfg(["regularizer=[multi_task]"])).startswith(
+        "regularizer multi_task (population supports")
+    assert incompatibility(compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.mode=joint"])) == (
+        "regularizer parameter_tying with mode=joint (its partner model trains on data of its own, beside the "
+        "run; a population stacks only its members)")
+    assert incompatibility(compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.run_dir=/some/run"])) is None
+
+
+# ---------------------------------------------------------------- joint mode: two models trained together
+KEY = "regularizer.parameter_tying"
+JOINT = ["regularizer=[parameter_tying]", f"{KEY}.mode=joint", f"+{KEY}.partner_data.n_train=400",
+         f"+{KEY}.partner_data.label_noise=0.3", "model.width=12", "data.n_train=100", "trainer.batch_size=50",
+         *QUICK]
+
+
+def test_joint_penalty_and_gradients_of_both_models_equal_the_formula(compose_cfg):
+    from regexp.config import validate
+    from regexp.data import load_data
+    from regexp.train.trainer import build_initial_model
+
+    cfg = compose_cfg(JOINT + [f"{KEY}.lam=0.7"])
+    validate(cfg)
+    data = load_data(cfg.data, cfg.seed)
+    model, _, (reg,) = build_initial_model(cfg, data, torch.device("cpu"), None)
+    reg.attach(model)
+    partner = reg.partner
+    assert len(reg.data.y_train) == 400  # partner_data.n_train
+    a = {n: p.detach().double() for n, p in model.named_parameters()}
+    b = {n: p.detach().double() for n, p in partner.named_parameters()}
+    assert reg.tied == sorted(a) and not any(torch.equal(a[n], b[n]) for n in a)  # own initializations
+    omega = reg.penalty(model)
+    assert omega.item() == pytest.approx(0.7 * sum(((a[n] - b[n]) ** 2).sum().item() for n in a), rel=1e-6)
+    omega.backward()
+    for (n, pa), (_, pb) in zip(model.named_parameters(), partner.named_parameters()):
+        torch.testing.assert_close(pa.grad.double(), 2 * 0.7 * (a[n] - b[n]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(pb.grad.double(), -2 * 0.7 * (a[n] - b[n]), rtol=1e-5, atol=1e-7)
+    # the step's term: the partner's cross-entropy on its own batch plus the penalty
+    x, y = data.split("train")
+    reg.transform_batch(x[:50], y[:50], model)
+    xb, yb = reg.batch
+    assert len(yb) == 50 and xb.shape[1:] == x.shape[1:]
+    expected = F.cross_entropy(partner(xb), yb) + reg.penalty(model)
+    assert reg.batch_penalty(model, None, x[:50], y[:50], {}).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_joint_lam_zero_leaves_a_its_lone_run_and_the_strongest_lam_keeps_a_and_b_together(compose_cfg, tmp_path):
+    """λ = 0: A's update never reads B, so A ends bitwise as the untied lone run (SGD, float32).
+    SGD with 4λη = 1 moves both to their mean every step (the difference d becomes
+    −η(g_A − g_B)): A and B stay within a few percent of how far apart they end untied."""
+    from regexp.train.trainer import train
+
+    common = ["optimizer=sgd", "optimizer.lr=0.05", "trainer.epochs=3", "trainer.eval_every=3"]
+    lone = train(compose_cfg(common + JOINT[4:]), tmp_path / "lone")
+    free = train(compose_cfg(common + JOINT + [f"{KEY}.lam=0.0"]), tmp_path / "free")
+    tied = train(compose_cfg(common + JOINT + [f"{KEY}.lam=5.0"]), tmp_path / "tied")
+    a_lone, a_free = (torch.load(tmp_path / d / "model.pt") for d in ("lone", "free"))
+    assert all(torch.equal(a_lone[k], a_free[k]) for k in a_lone)
+    assert free["final"] == lone["final"]
+    a, b = torch.load(tmp_path / "tied" / "model.pt"), torch.load(tmp_path / "tied" / "partner_model.pt")
+    dist = lambda x, y: sum((x[k] - y[k]).pow(2).sum() for k in x).sqrt().item()  # noqa: E731
+    apart = free["extra"]["parameter_tying/distance_to_partner"]
+    assert apart == pytest.approx(dist(a_free, torch.load(tmp_path / "free" / "partner_model.pt")), rel=1e-5)
+    assert tied["extra"]["parameter_tying/distance_to_partner"] == pytest.approx(dist(a, b), rel=1e-5)
+    assert dist(a, b) < 0.05 * apart
+    for run in (free, tied):  # the partner's own task: its accuracy on its own splits
+        assert 0.0 <= run["extra"]["parameter_tying/partner_test_acc"] <= 1.0
+        assert run["extra"]["parameter_tying/tied_tensors"] == 6
+
+
+def test_joint_mode_refuses_partner_data_keys_the_data_config_lacks(compose_cfg):
+    from regexp.config import validate
+
+    with pytest.raises(ConfigError, match=f"{KEY}.partner_data.n_trian is not a key of data: expected one of name, "
+                                          "n_train"):
+        validate(compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.mode=joint", f"+{KEY}.partner_data.n_trian=5"]))
+    with pytest.raises(ConfigError, match=f"{KEY}.run_dir='' is invalid: expected the folder of a finished run"):
+        validate(compose_cfg(["regularizer=[parameter_tying]"]))
+
+
+# ---------------------------------------------------------------- reference mode in a population
+def test_population_members_tied_to_a_reference_match_their_lone_runs(compose_cfg, tmp_path):
+    """Member 0 (width 16) ties every tensor of the width-16 reference, member 1 (width 12) only
+    the head's bias (the other shapes differ), each with its own λ; tolerance as in
+    tests/test_population.py (float32: |a − b| <= 1e-5 + 1e-4·|b| after 2 epochs)."""
+    from regexp.population import use_population
+    from regexp.train.trainer import train
+    from test_population import _assert_same_run, _pop_and_lone
+
+    small = ["data.n_train=300", "trainer.batch_size=50"]
+    train(compose_cfg(["trainer.epochs=1", "model.width=16", *small, *QUICK]), tmp_path / "ref")
+    points = [{"model.width": 16, f"{KEY}.lam": 0.05, "seed": 0},
+              {"model.width": 12, f"{KEY}.lam": 0.5, "seed": 1}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, small + [
+        "regularizer=[parameter_tying]", f"{KEY}.run_dir={tmp_path / 'ref'}"], points)
+    assert use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)  # includes penalty/parameter_tying and the distance
+    assert [r["extra"]["parameter_tying/tied_tensors"] for r in pop] == [6, 1]
 
 
 def test_experiment_trains_source_scratch_transfer_and_tying_and_reports_their_numbers(compose_cfg, tmp_path):

@@ -22,7 +22,7 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise")
+                "input_noise", "weight_noise", "parameter_tying")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -32,7 +32,7 @@ MEMBER_KEYS = (
     "regularizer.label_smoothing.eps", "regularizer.input_noise.sigma", "regularizer.weight_noise.sigma",
     "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "trainer.grad_clip",
     "regularizer.l1.lam", "regularizer.elastic_net.lam1", "regularizer.elastic_net.lam2",
-    "regularizer.decoupled_weight_decay.lam",
+    "regularizer.decoupled_weight_decay.lam", "regularizer.parameter_tying.lam",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -55,6 +55,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
+    if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
+        return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
+                "beside the run; a population stacks only its members)")
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
         return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
                 "once; SAM's second pass would need draws of its own)")
