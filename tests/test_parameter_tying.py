@@ -3,6 +3,8 @@ matched by name and shape, against the formula; the refusals; ``+experiment=para
 end to end (CSV and PNG whose numbers are those of its runs)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -202,14 +204,14 @@ def test_experiment_trains_source_scratch_transfer_and_tying_and_reports_their_n
 
     overrides = ["+experiment=parameter_tying", "data.n_train=40", "trainer.epochs=2", "trainer.eval_every=1",
                  "extra.source_epochs=1", "extra.source_n_train=200", "extra.lams=[3.0]", "extra.seeds=[0,1]",
-                 "trainer.batch_size=20", "model.width=16", *QUICK]
+                 "extra.joint_lams=[0.5]", "trainer.batch_size=20", "model.width=16", *QUICK]
     cfg = compose_cfg(overrides)
     validate(cfg)
     torch.set_num_threads(1)
     assert TASKS[cfg.task](cfg, tmp_path, overrides, False)["status"] == "completed"
     rows = read_csv(tmp_path / "results.csv")
     assert sorted((r["variant"], r["seed"]) for r in rows) == sorted(
-        (v, s) for v in ("source", "scratch", "transfer", "tying") for s in ("0", "1"))
+        (v, s) for v in ("source", "scratch", "transfer", "tying", "joint") for s in ("0", "1"))
     for r in rows:  # every number is its run's
         final = read_json(f"{r['run_dir']}/metrics.json")["final"]
         assert float(r["test_error"]) == pytest.approx(1 - final["test_acc"])
@@ -224,3 +226,22 @@ def test_experiment_trains_source_scratch_transfer_and_tying_and_reports_their_n
     assert float(tr["test_error_mean"]) == pytest.approx(np.mean(errs))
     assert float(tr["test_error_std"]) == pytest.approx(np.std(errs, ddof=1))
     assert (tmp_path / "tying.png").read_bytes()[:8] == PNG_MAGIC
+    # the joint arm: a partner on the source data (200 examples, noisy labels) beside each target run,
+    # as many steps as the source run took (1 epoch of 200 at batch 20 = 10 steps = 5 target epochs of 40)
+    joint = next(r for r in rows if r["variant"] == "joint" and r["seed"] == "0")
+    m = read_json(f"{joint['run_dir']}/metrics.json")
+    tied_cfg = m["config"]["regularizer"]["parameter_tying"]
+    assert (tied_cfg["mode"], tied_cfg["lam"], tied_cfg["partner_data"]) == (
+        "joint", 0.5, {"n_train": 200, "label_noise": 0.5})
+    assert m["epochs"] == 5 and "transfer" not in m["config"]["regularizer"]
+    assert 0 <= m["extra"]["parameter_tying/partner_test_acc"] <= 1
+    assert (Path(joint["run_dir"]) / "partner_model.pt").is_file()
+    # the comparison: per-seed differences of test error against transfer and scratch
+    comparison = read_csv(tmp_path / "comparison.csv")
+    assert sorted((r["variant"], r["against"]) for r in comparison) == sorted(
+        (v, o) for v in ("tying", "joint") for o in ("transfer", "scratch"))
+    err = {(r["variant"], r["seed"]): float(r["test_error"]) for r in rows}
+    c = next(r for r in comparison if (r["variant"], r["against"]) == ("joint", "transfer"))
+    diffs = [err[("joint", s)] - err[("transfer", s)] for s in ("0", "1")]
+    assert float(c["test_error_diff_mean"]) == pytest.approx(np.mean(diffs))
+    assert float(c["test_error_diff_std"]) == pytest.approx(np.std(diffs, ddof=1))
