@@ -107,13 +107,13 @@ def compare(rows: List[Dict], summary: List[Dict]) -> List[Dict]:
 
 def _figure(summary: List[Dict], title: str):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    labels = {"tying": "tying: transfer + λ‖w − w_source‖²", "joint": "joint: with a partner on the source data, "
-              "λ‖w − w_partner‖²"}
-    for variant, label in labels.items():
+    labels = {"tying": ("tab:blue", "tying: transfer + λ‖w − w_source‖²"),
+              "joint": ("tab:purple", "joint: with a partner on the source data, λ‖w − w_partner‖²")}
+    for variant, (color, label) in labels.items():
         arm = sorted((r for r in summary if r["variant"] == variant), key=lambda r: r["lam"])
         if arm:
             ax.errorbar([r["lam"] for r in arm], [r["test_error_mean"] for r in arm],
-                        yerr=[r["test_error_std"] for r in arm], marker="o", capsize=3, label=label)
+                        yerr=[r["test_error_std"] for r in arm], marker="o", capsize=3, color=color, label=label)
     styles = {"transfer": ("tab:orange", "--", "plain transfer (λ = 0)"), "scratch": ("tab:gray", ":", "from scratch"),
               "source": ("tab:green", "-.", "source model, not fine-tuned")}
     for r in summary:
