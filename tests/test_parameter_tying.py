@@ -1,6 +1,9 @@
 """Parameter tying (Goodfellow et al. §7.9): Ω = λ‖w − w_ref‖² toward a finished run's weights,
-matched by name and shape, against the formula; the refusals; ``+experiment=parameter_tying``
-end to end (CSV and PNG whose numbers are those of its runs)."""
+matched by name and shape, against the formula; joint mode (a partner model trained in the same
+run, both gradients against the formula, λ = 0 bitwise the lone run, the strongest stable λ
+keeping both together, resume); reference tying in a population against lone runs; the
+refusals; ``+experiment=parameter_tying`` end to end (CSV and PNG whose numbers are those of
+its runs)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -245,3 +248,21 @@ def test_experiment_trains_source_scratch_transfer_and_tying_and_reports_their_n
     diffs = [err[("joint", s)] - err[("transfer", s)] for s in ("0", "1")]
     assert float(c["test_error_diff_mean"]) == pytest.approx(np.mean(diffs))
     assert float(c["test_error_diff_std"]) == pytest.approx(np.std(diffs, ddof=1))
+
+
+def test_interrupted_joint_run_resumes_to_the_uninterrupted_one(compose_cfg, tmp_path, monkeypatch):
+    """The partner's weights, optimizer state, data order and place in its own epoch (batches of
+    30 from 400 examples: its epochs end elsewhere than A's) come back from the checkpoint."""
+    import regexp.train.trainer as trainer
+    from conftest import StopAfter
+
+    overrides = JOINT + [f"{KEY}.lam=0.2", f"{KEY}.partner_batch_size=30", "trainer.epochs=3"]
+    ref = trainer.train(compose_cfg(overrides), tmp_path / "ref")
+    monkeypatch.setattr(trainer, "StopFlag", lambda: StopAfter(4))  # after step 1 of epoch 2 (2 steps per epoch)
+    assert trainer.train(compose_cfg(overrides), tmp_path / "run")["status"] == "interrupted"
+    monkeypatch.undo()
+    resumed = trainer.train(compose_cfg(overrides + ["trainer.resume=true"]), tmp_path / "run")
+    assert resumed["history"] == ref["history"] and resumed["extra"] == ref["extra"]
+    for f in ("model.pt", "partner_model.pt"):
+        a, b = torch.load(tmp_path / "run" / f), torch.load(tmp_path / "ref" / f)
+        assert all(torch.equal(a[k], b[k]) for k in b), f
