@@ -1,12 +1,18 @@
 """Parameter tying (Goodfellow et al. §7.9): Ω = λ‖w − w_ref‖² toward a finished run's weights,
-matched by name and shape, against the formula; the refusals; ``+experiment=parameter_tying``
-end to end (CSV and PNG whose numbers are those of its runs)."""
+matched by name and shape, against the formula; joint mode (a partner model trained in the same
+run, both gradients against the formula, λ = 0 bitwise the lone run, the strongest stable λ
+keeping both together, resume); reference tying in a population against lone runs; the
+refusals; ``+experiment=parameter_tying`` end to end (CSV and PNG whose numbers are those of
+its runs)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from regexp.errors import ConfigError
@@ -89,12 +95,107 @@ def test_missing_corrupt_or_unmatched_reference_is_refused_naming_the_path(tmp_p
         tying(run_dir=str(tmp_path)).attach(other)
 
 
-@pytest.mark.parametrize("name", ["parameter_tying", "multi_task"])
-def test_population_engine_refuses_the_new_regularizers(compose_cfg, name):
+def test_population_engine_refuses_multi_task_and_joint_tying_but_takes_reference_tying(compose_cfg):
     from regexp.population.compat import incompatibility
 
-    cfg = compose_cfg([f"regularizer=[{name}]"])
-    assert incompatibility(cfg).startswith(f"regularizer {name} (population supports")
+    assert incompatibility(compose_cfg(["regularizer=[multi_task]"])).startswith(
+        "regularizer multi_task (population supports")
+    assert incompatibility(compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.mode=joint"])) == (
+        "regularizer parameter_tying with mode=joint (its partner model trains on data of its own, beside the "
+        "run; a population stacks only its members)")
+    assert incompatibility(compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.run_dir=/some/run"])) is None
+
+
+# ---------------------------------------------------------------- joint mode: two models trained together
+KEY = "regularizer.parameter_tying"
+JOINT = ["regularizer=[parameter_tying]", f"{KEY}.mode=joint", f"+{KEY}.partner_data.n_train=400",
+         f"+{KEY}.partner_data.label_noise=0.3", "model.width=12", "data.n_train=100", "trainer.batch_size=50",
+         *QUICK]
+
+
+def test_joint_penalty_and_gradients_of_both_models_equal_the_formula(compose_cfg):
+    from regexp.config import validate
+    from regexp.data import load_data
+    from regexp.train.trainer import build_initial_model
+
+    cfg = compose_cfg(JOINT + [f"{KEY}.lam=0.7"])
+    validate(cfg)
+    data = load_data(cfg.data, cfg.seed)
+    model, _, (reg,) = build_initial_model(cfg, data, torch.device("cpu"), None)
+    reg.attach(model)
+    partner = reg.partner
+    assert len(reg.data.y_train) == 400  # partner_data.n_train
+    a = {n: p.detach().double() for n, p in model.named_parameters()}
+    b = {n: p.detach().double() for n, p in partner.named_parameters()}
+    assert reg.tied == sorted(a) and not any(torch.equal(a[n], b[n]) for n in a)  # own initializations
+    omega = reg.penalty(model)
+    assert omega.item() == pytest.approx(0.7 * sum(((a[n] - b[n]) ** 2).sum().item() for n in a), rel=1e-6)
+    omega.backward()
+    for (n, pa), (_, pb) in zip(model.named_parameters(), partner.named_parameters()):
+        torch.testing.assert_close(pa.grad.double(), 2 * 0.7 * (a[n] - b[n]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(pb.grad.double(), -2 * 0.7 * (a[n] - b[n]), rtol=1e-5, atol=1e-7)
+    # the step's term: the partner's cross-entropy on its own batch plus the penalty
+    x, y = data.split("train")
+    reg.transform_batch(x[:50], y[:50], model)
+    xb, yb = reg.batch
+    assert len(yb) == 50 and xb.shape[1:] == x.shape[1:]
+    expected = F.cross_entropy(partner(xb), yb) + reg.penalty(model)
+    assert reg.batch_penalty(model, None, x[:50], y[:50], {}).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_joint_lam_zero_leaves_a_its_lone_run_and_the_strongest_lam_keeps_a_and_b_together(compose_cfg, tmp_path):
+    """λ = 0: A's update never reads B, so A ends bitwise as the untied lone run (SGD, float32).
+    SGD with 4λη = 1 moves both to their mean every step (the difference d becomes
+    −η(g_A − g_B)): A and B stay within a few percent of how far apart they end untied."""
+    from regexp.train.trainer import train
+
+    common = ["optimizer=sgd", "optimizer.lr=0.05", "trainer.epochs=3", "trainer.eval_every=3"]
+    lone = train(compose_cfg(common + JOINT[4:]), tmp_path / "lone")
+    free = train(compose_cfg(common + JOINT + [f"{KEY}.lam=0.0"]), tmp_path / "free")
+    tied = train(compose_cfg(common + JOINT + [f"{KEY}.lam=5.0"]), tmp_path / "tied")
+    a_lone, a_free = (torch.load(tmp_path / d / "model.pt") for d in ("lone", "free"))
+    assert all(torch.equal(a_lone[k], a_free[k]) for k in a_lone)
+    assert free["final"] == lone["final"]
+    a, b = torch.load(tmp_path / "tied" / "model.pt"), torch.load(tmp_path / "tied" / "partner_model.pt")
+    dist = lambda x, y: sum((x[k] - y[k]).pow(2).sum() for k in x).sqrt().item()  # noqa: E731
+    apart = free["extra"]["parameter_tying/distance_to_partner"]
+    assert apart == pytest.approx(dist(a_free, torch.load(tmp_path / "free" / "partner_model.pt")), rel=1e-5)
+    assert tied["extra"]["parameter_tying/distance_to_partner"] == pytest.approx(dist(a, b), rel=1e-5)
+    assert dist(a, b) < 0.05 * apart
+    for run in (free, tied):  # the partner's own task: its accuracy on its own splits
+        assert 0.0 <= run["extra"]["parameter_tying/partner_test_acc"] <= 1.0
+        assert run["extra"]["parameter_tying/tied_tensors"] == 6
+
+
+def test_joint_mode_refuses_partner_data_keys_the_data_config_lacks(compose_cfg):
+    from regexp.config import validate
+
+    with pytest.raises(ConfigError, match=f"{KEY}.partner_data.n_trian is not a key of data: expected one of name, "
+                                          "n_train"):
+        validate(compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.mode=joint", f"+{KEY}.partner_data.n_trian=5"]))
+    with pytest.raises(ConfigError, match=f"{KEY}.run_dir='' is invalid: expected the folder of a finished run"):
+        validate(compose_cfg(["regularizer=[parameter_tying]"]))
+
+
+# ---------------------------------------------------------------- reference mode in a population
+def test_population_members_tied_to_a_reference_match_their_lone_runs(compose_cfg, tmp_path):
+    """Member 0 (width 16) ties every tensor of the width-16 reference, member 1 (width 12) only
+    the head's bias (the other shapes differ), each with its own λ; tolerance as in
+    tests/test_population.py (float32: |a − b| <= 1e-5 + 1e-4·|b| after 2 epochs)."""
+    from regexp.population import use_population
+    from regexp.train.trainer import train
+    from test_population import _assert_same_run, _pop_and_lone
+
+    small = ["data.n_train=300", "trainer.batch_size=50"]
+    train(compose_cfg(["trainer.epochs=1", "model.width=16", *small, *QUICK]), tmp_path / "ref")
+    points = [{"model.width": 16, f"{KEY}.lam": 0.05, "seed": 0},
+              {"model.width": 12, f"{KEY}.lam": 0.5, "seed": 1}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, small + [
+        "regularizer=[parameter_tying]", f"{KEY}.run_dir={tmp_path / 'ref'}"], points)
+    assert use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)  # includes penalty/parameter_tying and the distance
+    assert [r["extra"]["parameter_tying/tied_tensors"] for r in pop] == [6, 1]
 
 
 def test_experiment_trains_source_scratch_transfer_and_tying_and_reports_their_numbers(compose_cfg, tmp_path):
@@ -106,14 +207,14 @@ def test_experiment_trains_source_scratch_transfer_and_tying_and_reports_their_n
 
     overrides = ["+experiment=parameter_tying", "data.n_train=40", "trainer.epochs=2", "trainer.eval_every=1",
                  "extra.source_epochs=1", "extra.source_n_train=200", "extra.lams=[3.0]", "extra.seeds=[0,1]",
-                 "trainer.batch_size=20", "model.width=16", *QUICK]
+                 "extra.joint_lams=[0.5]", "trainer.batch_size=20", "model.width=16", *QUICK]
     cfg = compose_cfg(overrides)
     validate(cfg)
     torch.set_num_threads(1)
     assert TASKS[cfg.task](cfg, tmp_path, overrides, False)["status"] == "completed"
     rows = read_csv(tmp_path / "results.csv")
     assert sorted((r["variant"], r["seed"]) for r in rows) == sorted(
-        (v, s) for v in ("source", "scratch", "transfer", "tying") for s in ("0", "1"))
+        (v, s) for v in ("source", "scratch", "transfer", "tying", "joint") for s in ("0", "1"))
     for r in rows:  # every number is its run's
         final = read_json(f"{r['run_dir']}/metrics.json")["final"]
         assert float(r["test_error"]) == pytest.approx(1 - final["test_acc"])
@@ -128,3 +229,40 @@ def test_experiment_trains_source_scratch_transfer_and_tying_and_reports_their_n
     assert float(tr["test_error_mean"]) == pytest.approx(np.mean(errs))
     assert float(tr["test_error_std"]) == pytest.approx(np.std(errs, ddof=1))
     assert (tmp_path / "tying.png").read_bytes()[:8] == PNG_MAGIC
+    # the joint arm: a partner on the source data (200 examples, noisy labels) beside each target run,
+    # as many steps as the source run took (1 epoch of 200 at batch 20 = 10 steps = 5 target epochs of 40)
+    joint = next(r for r in rows if r["variant"] == "joint" and r["seed"] == "0")
+    m = read_json(f"{joint['run_dir']}/metrics.json")
+    tied_cfg = m["config"]["regularizer"]["parameter_tying"]
+    assert (tied_cfg["mode"], tied_cfg["lam"], tied_cfg["partner_data"]) == (
+        "joint", 0.5, {"n_train": 200, "label_noise": 0.5})
+    assert m["epochs"] == 5 and "transfer" not in m["config"]["regularizer"]
+    assert 0 <= m["extra"]["parameter_tying/partner_test_acc"] <= 1
+    assert (Path(joint["run_dir"]) / "partner_model.pt").is_file()
+    # the comparison: per-seed differences of test error against transfer and scratch
+    comparison = read_csv(tmp_path / "comparison.csv")
+    assert sorted((r["variant"], r["against"]) for r in comparison) == sorted(
+        (v, o) for v in ("tying", "joint") for o in ("transfer", "scratch"))
+    err = {(r["variant"], r["seed"]): float(r["test_error"]) for r in rows}
+    c = next(r for r in comparison if (r["variant"], r["against"]) == ("joint", "transfer"))
+    diffs = [err[("joint", s)] - err[("transfer", s)] for s in ("0", "1")]
+    assert float(c["test_error_diff_mean"]) == pytest.approx(np.mean(diffs))
+    assert float(c["test_error_diff_std"]) == pytest.approx(np.std(diffs, ddof=1))
+
+
+def test_interrupted_joint_run_resumes_to_the_uninterrupted_one(compose_cfg, tmp_path, monkeypatch):
+    """The partner's weights, optimizer state, data order and place in its own epoch (batches of
+    30 from 400 examples: its epochs end elsewhere than A's) come back from the checkpoint."""
+    import regexp.train.trainer as trainer
+    from conftest import StopAfter
+
+    overrides = JOINT + [f"{KEY}.lam=0.2", f"{KEY}.partner_batch_size=30", "trainer.epochs=3"]
+    ref = trainer.train(compose_cfg(overrides), tmp_path / "ref")
+    monkeypatch.setattr(trainer, "StopFlag", lambda: StopAfter(4))  # after step 1 of epoch 2 (2 steps per epoch)
+    assert trainer.train(compose_cfg(overrides), tmp_path / "run")["status"] == "interrupted"
+    monkeypatch.undo()
+    resumed = trainer.train(compose_cfg(overrides + ["trainer.resume=true"]), tmp_path / "run")
+    assert resumed["history"] == ref["history"] and resumed["extra"] == ref["extra"]
+    for f in ("model.pt", "partner_model.pt"):
+        a, b = torch.load(tmp_path / "run" / f), torch.load(tmp_path / "ref" / f)
+        assert all(torch.equal(a[k], b[k]) for k in b), f

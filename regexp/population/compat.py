@@ -23,7 +23,7 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise", "early_stopping", "transfer")
+                "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -39,6 +39,7 @@ MEMBER_KEYS = (
     "regularizer.early_stopping.monitor",
     # each member's lone model loads its own start before the weights are stacked
     "regularizer.transfer.run_dir", "regularizer.transfer.file",
+    "regularizer.parameter_tying.lam",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED = {
@@ -52,7 +53,6 @@ NOT_STACKED = {
     "gradient_norm_penalty": "its penalty differentiates each member's loss gradient, not written for stacked weights",
     "masked_reconstruction": "it adds a decoder to the model and replaces the data loss",
     "multi_task": "it adds heads and parameter groups of its own, which the stacked model lacks",
-    "parameter_tying": "its reference weights (a run per member) do not enter a stacked penalty",
     "soft_weight_sharing": "its mixture is learned per member (parameter groups), not stacked",
     "tangent_prop": "its penalty needs each member's input Jacobian, not written for stacked weights",
 }
@@ -80,6 +80,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
+    if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
+        return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
+                "beside the run; a population stacks only its members)")
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
         return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
                 "once; SAM's second pass would need draws of its own)")

@@ -87,7 +87,7 @@ def _reg(m: Member, name: str, key: str, default: float = 0.0) -> float:
 class LossTerms:
     """Per-member cross-entropy (with label smoothing) and weight-decay penalty, as (M,) tensors."""
 
-    def __init__(self, members: List[Member], device: torch.device):
+    def __init__(self, members: List[Member], device: torch.device, net: StackedMLP):
         # As in train(): only regularizers that define a penalty add a term (and a curve).
         self.reg_names = [r.name for r in members[0].regs if r.penalizes()]
         eps = [_reg(m, "label_smoothing", "eps") for m in members]
@@ -101,7 +101,11 @@ class LossTerms:
                 cfgs = [m.cfg.regularizer[r.name] for m in members]
                 hp = {k: torch.tensor([float(c[k]) for c in cfgs], device=device) for k, v in cfgs[0].items()
                       if isinstance(v, float)}
-                self.forms[r.name] = (type(r), SimpleNamespace(**hp), not cfgs[0].get("exclude_bias_and_norm", True))
+                biases = not cfgs[0].get("exclude_bias_and_norm", True)
+                if r.population_hp is not None:  # tensors beyond the config's numbers (tying's references)
+                    hp.update(r.population_hp([next(x for x in m.regs if x.name == r.name) for m in members],
+                                              _penalized(net, biases), net.stack))
+                self.forms[r.name] = (type(r), SimpleNamespace(**hp), biases)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m, b, c = logits.shape
@@ -121,10 +125,15 @@ class LossTerms:
         out = []
         for name in self.reg_names:
             cls, hp, biases = self.forms[name]
-            # as weight_params(): a frozen tensor (transfer's freeze) has no penalty
-            ps = [p for _, p, is_w in net.named_params() if (is_w or biases) and p.requires_grad]
-            out.append(cls.penalty_of(ps, hp, True))
+            out.append(cls.penalty_of([p for _, p in _penalized(net, biases)], hp, True))
         return out
+
+
+def _penalized(net: StackedMLP, biases: bool) -> List[Tuple[str, torch.Tensor]]:
+    """(name, stacked tensor) of the parameters a weight penalty sees: the weights, and the
+    biases unless the regularizer's exclude_bias_and_norm leaves them out."""
+    # as weight_params(): a frozen tensor (transfer's freeze) has no penalty
+    return [(name, p) for name, p, is_w in net.named_params() if (is_w or biases) and p.requires_grad]
 
 
 def nll_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -188,7 +197,7 @@ class Bucket:
         # SAM (regexp/optim/sam.py): each member's own radius and gradient norm
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
-        self.terms = LossTerms(members, device)
+        self.terms = LossTerms(members, device, self.net)
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
                                   [_reg(m, "dropout", "p") for m in members],
@@ -236,7 +245,7 @@ class Bucket:
         self.drop.keep(idx)
         self.noise.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
-        self.terms = LossTerms(self.members, self.device)
+        self.terms = LossTerms(self.members, self.device, self.net)
         if self.clip is not None:
             self.clip = self.clip.index_select(0, sel.to(self.clip.device))
         if self.decoupled is not None:

@@ -18,6 +18,10 @@ default, so a regularizer overrides only what it changes:
   written once for both engines: ``penalty(model)`` calls it on the model's weights with the
   config's values, the population engine on its stacked weights (leading dimension: the
   member) with an (M,) tensor per numeric key, and gets one value per member.
+- ``population_hp(regs, named, stack)`` (classmethod, optional): what ``penalty_of`` needs for
+  stacked weights beyond the config's numbers (parameter tying's reference tensors), from the
+  members' attached instances ``regs``, the (name, stacked tensor) pairs ``penalty_of`` gets and
+  ``stack(per_member_tensors, like)``, which pads each member's tensor into ``like``'s shape.
 - ``batch_penalty(model, loss, x, y, loss_kwargs)``: the same, for a term that needs the
   training batch and its data loss (a penalty on the loss's gradient differentiates the
   loss); by default the ``penalty(model)`` above.
@@ -79,6 +83,8 @@ class Regularizer:
     selects_best_by: Optional[str] = None
     # classmethod penalty_of(params, hp, stacked) -> Tensor, for weight penalties (see above)
     penalty_of: ClassVar[Optional[Callable]] = None
+    # classmethod population_hp(regs, named, stack) -> Dict, for penalty_of in a population (see above)
+    population_hp: ClassVar[Optional[Callable]] = None
 
     def __init__(self, cfg, ctx: Context):
         self.cfg = cfg
