@@ -4,9 +4,9 @@ A population is one batched computation, so its members must agree on everything
 shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
-start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, label
-noise, random inputs (each member loads its own data), the gradient-clipping norm) and in
-width. Widths are grouped into buckets of similar size and padded
+start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, DropConnect's
+p, augmentation's shift and scale, FGSM's ε, label noise, random inputs (each member loads its
+own data), the gradient-clipping norm) and in width. Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
@@ -22,7 +22,7 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise")
+                "input_noise", "weight_noise", "dropconnect", "augmentation", "adversarial")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -33,6 +33,8 @@ MEMBER_KEYS = (
     "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "trainer.grad_clip",
     "regularizer.l1.lam", "regularizer.elastic_net.lam1", "regularizer.elastic_net.lam2",
     "regularizer.decoupled_weight_decay.lam",
+    "regularizer.dropconnect.p", "regularizer.augmentation.shift", "regularizer.augmentation.scale",
+    "regularizer.adversarial.eps",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -55,9 +57,10 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
-    if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
-        return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
-                "once; SAM's second pass would need draws of its own)")
+    drawn = [r for r in ("weight_noise", "dropconnect") if r in cfg.regularizer]
+    if cfg.optimizer.name == "sam" and drawn:
+        return (f"optimizer=sam with regularizer {drawn[0]} (the population draws a step's weight "
+                "perturbation once; SAM's second pass would need draws of its own)")
     return None
 
 
