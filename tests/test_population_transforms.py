@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import StopAfter
 from test_population import ATOL, BASE, RTOL, _assert_same_run, _pop_and_lone
 from regexp.population import Options, train_population, use_population
 from regexp.population.compat import incompatibility
@@ -193,3 +194,30 @@ def test_refusals(compose_cfg):
     assert incompatibility(compose_cfg(["optimizer=sam", "regularizer=[dropconnect]"])) == (
         "optimizer=sam with regularizer dropconnect (the population draws a step's weight perturbation "
         "once; SAM's second pass would need draws of its own)")
+
+
+def test_interrupted_population_resumes_its_draws(compose_cfg, tmp_path, monkeypatch):
+    """SIGTERM in the middle of epoch 2: each member's generator, from which its shifts, FGSM
+    pass masks and DropConnect masks come, is in its checkpoint; the resumed population ends
+    where each lone uninterrupted run ends (the stated tolerance)."""
+    import math
+
+    import regexp.population.engine as engine
+    from regexp.data import load_data
+
+    base = compose_cfg(BASE + ["optimizer=momentum", "regularizer=[augmentation,adversarial,dropconnect]",
+                               "trainer.batch_size=100"])
+    points = [{"model.width": 12, "regularizer.adversarial.eps": 0.2, "seed": 0},
+              {"model.width": 16, "regularizer.dropconnect.p": 0.1, "seed": 1}]
+    steps = math.ceil(len(load_data(base.data, 0).y_train) / 100)
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(steps + steps // 2 + 1))
+    stopped = train_population(base, points, tmp_path / "pop")
+    monkeypatch.undo()
+    assert all(m["status"] == "interrupted" and m["epochs"] == 1 for m in stopped)
+    resumed = train_population(base, points, tmp_path / "pop")
+    for p, a in zip(points, resumed):
+        b = train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True)
+        assert a["status"] == b["status"] == "completed"
+        wa, wb = (torch.load(tmp_path / d / point_name(p) / "model.pt") for d in ("pop", "lone"))
+        for k in wb:
+            torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)

@@ -3,10 +3,12 @@
 A lone MLP step draws from the global generator, in this order: Gaussian input noise
 (``input_noise``, a ``transform_batch`` before the forward pass), then for each linear layer
 the dropout mask of its input (``dropout``) and its weight transforms (``weight_noise``'s
-noise, ``dropconnect``'s mask, drawn as the layer runs, in the order they were attached). Each member's generator (see :mod:`regexp.population.dropout`)
-draws the same numbers in the same order, so with ``exact`` a member sees exactly its lone
-run's perturbations; padded units get none (their weights stay exactly zero). The batched
-mode (GPU) draws each kind for all members in one call: same distribution, other numbers.
+noise, ``dropconnect``'s mask, drawn as the layer runs, in the order they were attached).
+Each member's generator (see :mod:`regexp.population.dropout`) draws the same numbers in the
+same order, so with ``exact`` a member sees exactly its lone run's perturbations; padded
+units get none (their weights stay exactly zero). The batched mode (GPU) draws each kind for
+all members in one call: same distribution, other numbers. Augmentation and FGSM, batch
+transforms like input noise (the three in config order), are in :mod:`regexp.population.transforms`.
 """
 from __future__ import annotations
 
