@@ -53,7 +53,8 @@ def test_engine_choice_names_its_reason(compose_cfg, caplog, monkeypatch):
     points = [{"model.width": 8, "seed": 0}]
     assert choose_engine(compose_cfg(), points) == ("population", None)
     assert choose_engine(compose_cfg(["sweep.engine=serial"]), points) == ("serial", "sweep.engine=serial")
-    assert choose_engine(compose_cfg(["regularizer=[adversarial]"]), points)[1].startswith("regularizer adversarial (")
+    assert choose_engine(compose_cfg(["regularizer=[masked_reconstruction]"]), points)[1].startswith(
+        "regularizer masked_reconstruction (")
     # a penalty listed as supported but without a stacked form is refused, never trained as zero
     monkeypatch.setattr(compat, "REGULARIZERS", compat.REGULARIZERS + ("gradient_norm_penalty",))
     assert choose_engine(compose_cfg(["regularizer=[gradient_norm_penalty]"]), points) == (

@@ -4,10 +4,10 @@ A population is one batched computation, so its members must agree on everything
 shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
-start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, label
-noise, random inputs (each member loads its own data), the gradient-clipping norm) and in
-width. Widths are grouped into buckets of similar size and padded
-inside a bucket with masked units: a bucket holds widths whose per-example cost is within
+start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, DropConnect's
+p, augmentation's shift and scale, FGSM's ε, label noise, random inputs (each member loads its
+own data), the gradient-clipping norm) and in width. Widths are grouped into buckets of
+similar size and padded inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
 """
@@ -23,7 +23,8 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying")
+                "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying",
+                "dropconnect", "augmentation", "adversarial")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -40,15 +41,14 @@ MEMBER_KEYS = (
     # each member's lone model loads its own start before the weights are stacked
     "regularizer.transfer.run_dir", "regularizer.transfer.file",
     "regularizer.parameter_tying.lam",
+    "regularizer.dropconnect.p", "regularizer.augmentation.shift", "regularizer.augmentation.scale",
+    "regularizer.adversarial.eps",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED = {
     "activity_kl": "its penalty reads hidden activations, which the stacked forward does not record",
     "activity_l1": "its penalty reads hidden activations, which the stacked forward does not record",
     "activity_student_t": "its penalty reads hidden activations, which the stacked forward does not record",
-    "adversarial": "its FGSM batch needs each member's input gradient, which the stacked step does not take",
-    "augmentation": "its random transforms of each member's batch are not drawn in the stacked step",
-    "dropconnect": "its per-weight masks are not drawn for stacked weights",
     "ensemble": "it puts K models behind one module and replaces the data loss; an ensemble is not stacked",
     "gradient_norm_penalty": "its penalty differentiates each member's loss gradient, not written for stacked weights",
     "masked_reconstruction": "it adds a decoder to the model and replaces the data loss",
@@ -83,9 +83,10 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
         return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
                 "beside the run; a population stacks only its members)")
-    if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
-        return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
-                "once; SAM's second pass would need draws of its own)")
+    drawn = [r for r in ("weight_noise", "dropconnect") if r in cfg.regularizer]
+    if cfg.optimizer.name == "sam" and drawn:
+        return (f"optimizer=sam with regularizer {drawn[0]} (the population draws a step's weight "
+                "perturbation once; SAM's second pass would need draws of its own)")
     if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
         return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
                 "stacked tensor as trained)")

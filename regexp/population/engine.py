@@ -35,6 +35,7 @@ from regexp.population.member import Member, checkpoint_dict, finish, finite, wr
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
+from regexp.population.transforms import BatchTransforms
 from regexp.probes.base import ProbeInputs
 from regexp.probes.runner import build_probes, record as probe_record
 from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
@@ -205,6 +206,7 @@ class Bucket:
                                   int(torch.tensor(data.input_shape).prod()), width,
                                   len(self.net.weights) - 1, device, exact, int(cfg.seed))
         self.noise = _step_noise(members, self.drop, len(self.net.weights), device)
+        self.transforms = BatchTransforms([m.cfg.regularizer for m in members], data.input_shape, self.noise, device)
         self.member_set = data.member_set.clone()
         self.best: Optional[List[torch.Tensor]] = None
         dwd = [m.cfg.regularizer.get("decoupled_weight_decay") for m in members]
@@ -244,6 +246,7 @@ class Bucket:
         self.opt.set_params(self.trainable)
         self.drop.keep(idx)
         self.noise.keep(idx)
+        self.transforms.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
         self.terms = LossTerms(self.members, self.device, self.net)
         if self.clip is not None:
@@ -311,7 +314,11 @@ def _step_noise(members: List[Member], drop: MemberDropout, layers: int, device:
     regs = members[0].cfg.regularizer  # the regularizer list is shared; only σ may differ
     sigmas = lambda name: [_reg(m, name, "sigma") for m in members] if name in regs else None  # noqa: E731
     head = bool(regs.weight_noise.include_head) if "weight_noise" in regs else False
-    return StepNoise(drop, sigmas("input_noise"), sigmas("weight_noise"), [True] * (layers - 1) + [head], device)
+    connect = [_reg(m, "dropconnect", "p") for m in members] if "dropconnect" in regs else None
+    connect_head = bool(regs.dropconnect.include_head) if "dropconnect" in regs else False
+    first = [n for n in regs if n in ("dropconnect", "weight_noise")][:1] == ["dropconnect"]  # attach order
+    return StepNoise(drop, sigmas("input_noise"), sigmas("weight_noise"), [True] * (layers - 1) + [head], device,
+                     connect, [True] * (layers - 1) + [connect_head], first)
 
 
 @dataclass
@@ -339,7 +346,9 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
     for i in range(start, loop.steps_per_epoch):
         xb, yb = xs[:, i * loop.bs:(i + 1) * loop.bs], ys[:, i * loop.bs:(i + 1) * loop.bs]
         weights = None
-        if b.noise.active:
+        if b.transforms.active:  # augmentation, FGSM: the whole step's draws in the lone run's order
+            xb, masks, weights = b.transforms.draw(xb, yb, b.net.forward, b.net.weights, b.net.widths.tolist())
+        elif b.noise.active:
             xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.widths.tolist())
         else:
             masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
@@ -489,9 +498,10 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
 
 def _manual_ok(b: Bucket, opts: Options) -> bool:
     """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing,
-    plain float32 eager forward (then the gradient is a few products written out by hand)."""
+    no DropConnect (whose gradient passes through its mask), no frozen tensor, plain float32 eager
+    forward (then the gradient is a few products written out by hand)."""
     return (b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen
-            and not opts.bf16 and not opts.compile)
+            and not any(b.noise.connects) and not opts.bf16 and not opts.compile)
 
 
 def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:

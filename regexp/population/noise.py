@@ -2,11 +2,13 @@
 
 A lone MLP step draws from the global generator, in this order: Gaussian input noise
 (``input_noise``, a ``transform_batch`` before the forward pass), then for each linear layer
-the dropout mask of its input (``dropout``) and the noise on its weight (``weight_noise``,
-drawn as the layer runs). Each member's generator (see :mod:`regexp.population.dropout`)
-draws the same numbers in the same order, so with ``exact`` a member sees exactly its lone
-run's perturbations; padded units get none (their weights stay exactly zero). The batched
-mode (GPU) draws each kind for all members in one call: same distribution, other numbers.
+the dropout mask of its input (``dropout``) and its weight transforms (``weight_noise``'s
+noise, ``dropconnect``'s mask, drawn as the layer runs, in the order they were attached).
+Each member's generator (see :mod:`regexp.population.dropout`) draws the same numbers in the
+same order, so with ``exact`` a member sees exactly its lone run's perturbations; padded
+units get none (their weights stay exactly zero). The batched mode (GPU) draws each kind for
+all members in one call: same distribution, other numbers. Augmentation and FGSM, batch
+transforms like input noise (the three in config order), are in :mod:`regexp.population.transforms`.
 """
 from __future__ import annotations
 
@@ -15,18 +17,26 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from regexp.population.dropout import MemberDropout
+from regexp.regularizers.dropconnect import connect_mask, connected
 
 
 class StepNoise:
     def __init__(self, drop: MemberDropout, input_sigma: Optional[Sequence[float]],
-                 weight_sigma: Optional[Sequence[float]], noised_layers: Sequence[bool], device: torch.device):
-        """``input_sigma`` / ``weight_sigma``: one σ per member, or None when the population has
-        no such regularizer (σ = 0 still draws, as a lone run does); ``noised_layers``: which
-        linear layers weight noise perturbs (the head only with ``include_head``)."""
+                 weight_sigma: Optional[Sequence[float]], noised_layers: Sequence[bool], device: torch.device,
+                 connect_p: Optional[Sequence[float]] = None, connected_layers: Sequence[bool] = (),
+                 connect_first: bool = False):
+        """``input_sigma`` / ``weight_sigma`` / ``connect_p`` (DropConnect's p): one value per
+        member, or None when the population has no such regularizer (σ = 0 or p = 0 still draws,
+        as a lone run does); ``noised_layers`` / ``connected_layers``: which linear layers weight
+        noise / DropConnect perturb (the head only with ``include_head``); ``connect_first``:
+        DropConnect was attached before weight noise (listed first among the regularizers)."""
         self.drop, self.device = drop, device
         self.input_sigma = list(input_sigma) if input_sigma is not None else None
         self.weight_sigma = list(weight_sigma) if weight_sigma is not None else None
         self.noised = list(noised_layers) if weight_sigma is not None else [False] * len(noised_layers)
+        self.connect_p = list(connect_p) if connect_p is not None else None
+        self.connects = (list(connected_layers) if connect_p is not None else []) or [False] * len(noised_layers)
+        self.transforms = ("connect", "noise") if connect_first else ("noise", "connect")
         self._masks = {}
         self._scales()
 
@@ -34,15 +44,16 @@ class StepNoise:
         as_t = lambda v: torch.tensor(v, device=self.device).view(-1, 1, 1)  # noqa: E731 (float32, as torch uses σ)
         self.s_in = as_t(self.input_sigma) if self.input_sigma is not None else None
         self.s_w = as_t(self.weight_sigma) if self.weight_sigma is not None else None
+        self.keep_c = as_t([1.0 - p for p in self.connect_p]) if self.connect_p is not None else None
 
     @property
     def active(self) -> bool:
         """Whether a step draws anything besides dropout masks."""
-        return self.input_sigma is not None or any(self.noised)
+        return self.input_sigma is not None or any(self.noised) or any(self.connects)
 
     def keep(self, idx: Sequence[int]) -> None:
         """Keep members ``idx`` (the dropout part is kept by its owner)."""
-        for name in ("input_sigma", "weight_sigma"):
+        for name in ("input_sigma", "weight_sigma", "connect_p"):
             if getattr(self, name) is not None:
                 setattr(self, name, [getattr(self, name)[i] for i in idx])
         self._scales()
@@ -50,17 +61,40 @@ class StepNoise:
     def draw(self, x: torch.Tensor, weights: List[torch.Tensor], widths: List[int]
              ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], List[torch.Tensor]]:
         """(noisy inputs (M, B, D), dropout masks per layer input, the weights to compute with)."""
-        batch = x.shape[1]
         if self.input_sigma is not None:
-            x = x + self.s_in * self._normal(x.shape, [(x.shape[1], x.shape[2])] * len(widths))
+            x = self.noisy_input(x)
+        return (x, *self.forward_draws(x.shape[1], weights, widths))
+
+    def noisy_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``input_noise``'s transform_batch of inputs (M, B, D), each member its own σ."""
+        return x + self.s_in * self._normal(x.shape, [(x.shape[1], x.shape[2])] * x.shape[0])
+
+    def forward_draws(self, batch: int, weights: List[torch.Tensor], widths: List[int]
+                      ) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
+        """What one training forward pass of ``batch`` examples draws: (dropout masks per layer
+        input, the weights to compute with)."""
         masks, used = [], list(weights)
         last = len(weights) - 1
         for l, w in enumerate(weights):
             masks.append(self.drop.site_mask(l, batch))
-            if self.noised[l]:
-                real = [(w.shape[1] if l == last else k, w.shape[2] if l == 0 else k) for k in widths]
-                used[l] = w + self.s_w * self._normal(w.shape, real)
-        return x, masks, used
+            real = [(w.shape[1] if l == last else k, w.shape[2] if l == 0 else k) for k in widths]
+            for kind in self.transforms:
+                if kind == "noise" and self.noised[l]:
+                    used[l] = used[l] + self.s_w * self._normal(w.shape, real)
+                elif kind == "connect" and self.connects[l]:
+                    used[l] = connected(used[l], self._mask(w.shape, real), self.keep_c)
+        return masks, used
+
+    def _mask(self, shape: torch.Size, real: List[Tuple[int, int]]) -> torch.Tensor:
+        """(M, rows, cols) DropConnect masks, each member's drawn on its real (rows, cols) with
+        its own keep probability (padded weights are zero: whatever multiplies them is moot)."""
+        if not self.drop.exact:
+            u = torch.rand(shape, generator=self.drop.batched_gen, device=self.device)
+            return (u < self.keep_c).float()
+        out = torch.ones(shape)
+        for i, ((r, c), g, p) in enumerate(zip(real, self.drop.generators, self.connect_p)):
+            out[i, :r, :c] = connect_mask(torch.empty(r, c), 1.0 - p, g)
+        return out.to(self.device)
 
     def _normal(self, shape: torch.Size, real: List[Tuple[int, int]]) -> torch.Tensor:
         """(M, rows, cols) standard normal draws on each member's real (rows, cols), zero elsewhere."""

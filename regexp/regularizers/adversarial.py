@@ -17,7 +17,7 @@ versions and the predictions on each to ``adversarial_examples.pt`` in the run f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -26,11 +26,18 @@ import torch.nn.functional as F
 from regexp.regularizers.base import Regularizer, register
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """Move every input by exactly ε along the sign of the loss's input gradient."""
+def fgsm(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+         eps: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Move every input by exactly ε along the sign of the loss's input gradient.
+
+    ``model`` maps inputs to logits: a lone model's (N, ...) → (N, C), or a population's
+    stacked forward (M, N, D) → (M, N, C) with ε one value per member, (M, 1, 1). The summed
+    loss of all members then gives each member's inputs its own loss's gradient."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        loss = F.cross_entropy(model(x), y, reduction="sum")  # sum: the sign ignores the scale
+        logits = model(x)
+        # sum: the sign ignores the scale
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)  # parameters' .grad stay untouched
     return (x + eps * grad.sign()).detach()
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +40,35 @@ def crop_2d(x: torch.Tensor, pad: int, top: torch.Tensor, left: torch.Tensor) ->
     return xp.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
-def random_flip(x: torch.Tensor) -> torch.Tensor:
-    flip = torch.rand(len(x), device=x.device) < 0.5
-    return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+def draws(n: int, image: bool, shift: int, scale: float, flip: bool, device: torch.device,
+          dtype: torch.dtype, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    """One batch's random numbers, in the order a lone run draws them from ``generator`` (None:
+    the global one): 1-D ``shift`` d and ``scale`` s; images ``top``/``left`` (with a shift) and
+    ``flip`` (with flip). A population draws each member's from that member's own generator."""
+    if not image:
+        d = torch.randint(-shift, shift + 1, (n,), device=device, generator=generator).to(dtype)
+        s = 1 + scale * (2 * torch.rand(n, device=device, dtype=dtype, generator=generator) - 1)
+        return {"shift": d, "scale": s}
+    out = {}
+    if shift:
+        out["top"], out["left"] = (torch.randint(0, 2 * shift + 1, (n,), device=device, generator=generator)
+                                   for _ in range(2))
+    if flip:
+        out["flip"] = torch.rand(n, device=device, generator=generator) < 0.5
+    return out
+
+
+def augment(x: torch.Tensor, d: Dict[str, torch.Tensor], pad: int) -> torch.Tensor:
+    """The transformation of (N, C, L) signals or (N, C, H, W) images by per-example ``draws``
+    (``pad``: the crop's zero padding; a window at top = left = pad is the image itself, so
+    examples drawn with a smaller shift s are cropped at offsets shifted by pad − s)."""
+    if x.dim() == 3:
+        return shift_scale_1d(x, d["shift"], d["scale"])
+    if "top" in d:
+        x = crop_2d(x, pad, d["top"], d["left"])
+    if "flip" in d:
+        x = torch.where(d["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
+    return x
 
 
 @register
@@ -58,13 +85,5 @@ class Augmentation(Regularizer):
               "scale": (lambda v: 0 <= v < 1, "a number in [0, 1)")}
 
     def transform_batch(self, x, y, model):
-        n = len(x)
-        if x.dim() == 3:
-            d = torch.randint(-self.cfg.shift, self.cfg.shift + 1, (n,), device=x.device).to(x.dtype)
-            s = 1 + self.cfg.scale * (2 * torch.rand(n, device=x.device, dtype=x.dtype) - 1)
-            return shift_scale_1d(x, d, s), y
-        p = self.cfg.shift
-        if p:
-            top, left = (torch.randint(0, 2 * p + 1, (n,), device=x.device) for _ in range(2))
-            x = crop_2d(x, p, top, left)
-        return (random_flip(x) if self.cfg.flip else x), y
+        c = self.cfg
+        return augment(x, draws(len(x), x.dim() != 3, c.shift, c.scale, c.flip, x.device, x.dtype), c.shift), y

@@ -8,11 +8,24 @@ left alone unless ``include_head``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
 from regexp.regularizers.base import Regularizer, register
 from regexp.regularizers.weight_transform import add_weight_transform, target_layers
+
+
+def connect_mask(like: torch.Tensor, keep: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A 0/1 mask of ``like``'s shape, each entry kept with probability ``keep``, drawn as a lone
+    run draws it (``generator`` None: the global one; a population member's: its own)."""
+    return torch.bernoulli(torch.full_like(like, keep), generator=generator)
+
+
+def connected(w: torch.Tensor, mask: torch.Tensor, keep: Union[float, torch.Tensor]) -> torch.Tensor:
+    """The weights a training pass computes with: kept ones scaled by 1/keep (inverted, like
+    dropout). A population's stacked (M, out, in) weights take a per-member keep (M, 1, 1)."""
+    return w * mask / keep
 
 
 @register
@@ -34,9 +47,9 @@ class DropConnect(Regularizer):
         keep = 1.0 - self.cfg.p
 
         def mask(w: torch.Tensor) -> torch.Tensor:
-            m = torch.bernoulli(torch.full_like(w, keep))
+            m = connect_mask(w, keep)
             layer.last_mask = m  # read back by the tests
-            return w * m / keep
+            return connected(w, m, keep)
         return mask
 
     def log(self, writer, epoch: int) -> None:
