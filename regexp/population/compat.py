@@ -22,7 +22,7 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise")
+                "input_noise", "weight_noise", "activity_l1", "activity_student_t", "activity_kl")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -33,6 +33,8 @@ MEMBER_KEYS = (
     "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "trainer.grad_clip",
     "regularizer.l1.lam", "regularizer.elastic_net.lam1", "regularizer.elastic_net.lam2",
     "regularizer.decoupled_weight_decay.lam",
+    "regularizer.activity_l1.alpha", "regularizer.activity_student_t.alpha", "regularizer.activity_student_t.gamma",
+    "regularizer.activity_kl.alpha", "regularizer.activity_kl.rho",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -52,7 +54,8 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if extra:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
     # a penalty trains in a population only through its own penalty_of (never as a silent zero)
-    unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
+    unstacked = [r for r in cfg.regularizer
+                 if ALL[r].penalizes() and ALL[r].penalty_of is None and ALL[r].activity_of is None]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:

@@ -102,6 +102,9 @@ class LossTerms:
                 hp = {k: torch.tensor([float(c[k]) for c in cfgs], device=device) for k, v in cfgs[0].items()
                       if isinstance(v, float)}
                 self.forms[r.name] = (type(r), SimpleNamespace(**hp), not cfgs[0].get("exclude_bias_and_norm", True))
+        # activity penalties: member 0's regularizer (attached to its lone model, which fixed
+        # what the activation shared by all members needs) applies its formula to all members
+        self.activity = {r.name: r for r in members[0].regs if r.penalizes() and r.activity_of is not None}
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m, b, c = logits.shape
@@ -121,6 +124,9 @@ class LossTerms:
         out = []
         for name in self.reg_names:
             cls, hp, biases = self.forms[name]
+            if name in self.activity:  # on the hidden activations the forward just recorded
+                out.append(self.activity[name].activity_of(net.hidden, hp, True, net.unit_mask))
+                continue
             ps = [p for _, p, is_w in net.named_params() if is_w or biases]
             out.append(cls.penalty_of(ps, hp, True))
         return out
@@ -186,6 +192,7 @@ class Bucket:
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
         self.terms = LossTerms(members, device)
+        self.net.record = bool(self.terms.activity)
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
                                   [_reg(m, "dropout", "p") for m in members],

@@ -18,6 +18,8 @@ default, so a regularizer overrides only what it changes:
   written once for both engines: ``penalty(model)`` calls it on the model's weights with the
   config's values, the population engine on its stacked weights (leading dimension: the
   member) with an (M,) tensor per numeric key, and gets one value per member.
+- ``activity_of(hs, hp, stacked, units)`` (optional): the same for a penalty on the hidden
+  activations ``hs`` (regexp/regularizers/activity.py).
 - ``batch_penalty(model, loss, x, y, loss_kwargs)``: the same, for a term that needs the
   training batch and its data loss (a penalty on the loss's gradient differentiates the
   loss); by default the ``penalty(model)`` above.
@@ -79,6 +81,8 @@ class Regularizer:
     selects_best_by: Optional[str] = None
     # classmethod penalty_of(params, hp, stacked) -> Tensor, for weight penalties (see above)
     penalty_of: ClassVar[Optional[Callable]] = None
+    # activity_of(hs, hp, stacked, units) -> Tensor, for activation penalties (see above)
+    activity_of: ClassVar[Optional[Callable]] = None
 
     def __init__(self, cfg, ctx: Context):
         self.cfg = cfg
