@@ -22,7 +22,10 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise", "activity_l1", "activity_student_t", "activity_kl")
+                "input_noise", "weight_noise", "activity_l1", "activity_student_t", "activity_kl",
+                "multi_task")
+# Batch terms the population computes itself, with the regularizer's own formula (aux_heads.py).
+BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -34,7 +37,7 @@ MEMBER_KEYS = (
     "regularizer.l1.lam", "regularizer.elastic_net.lam1", "regularizer.elastic_net.lam2",
     "regularizer.decoupled_weight_decay.lam",
     "regularizer.activity_l1.alpha", "regularizer.activity_student_t.alpha", "regularizer.activity_student_t.gamma",
-    "regularizer.activity_kl.alpha", "regularizer.activity_kl.rho",
+    "regularizer.activity_kl.alpha", "regularizer.activity_kl.rho", "regularizer.multi_task.lam",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -55,9 +58,13 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
     # a penalty trains in a population only through its own penalty_of (never as a silent zero)
     unstacked = [r for r in cfg.regularizer
-                 if ALL[r].penalizes() and ALL[r].penalty_of is None and ALL[r].activity_of is None]
+                 if ALL[r].penalizes() and ALL[r].penalty_of is None and ALL[r].activity_of is None
+                 and r not in BATCH_TERMS]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
+    if "multi_task" in cfg.regularizer and (cfg.optimizer.name == "sam" or int(cfg.model.depth) == 0):
+        return ("regularizer multi_task with optimizer=sam or model.depth=0 (the population's heads read "
+                "the last hidden layer and take plain steps)")
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
         return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
                 "once; SAM's second pass would need draws of its own)")
