@@ -28,12 +28,6 @@ def hidden_activations(model: nn.Module) -> List[torch.Tensor]:
     return [s.last for s in sites(model, "hidden") if s.last is not None]
 
 
-def per_member(v, stacked: bool, dims: int):
-    """A hyperparameter shaped to broadcast against a tensor of ``dims`` dimensions whose
-    leading one is the member (stacked: ``v`` is (M,)); a lone run's number as it is."""
-    return v.view(-1, *([1] * (dims - 1))) if stacked else v
-
-
 def batch_sum(t: torch.Tensor, stacked: bool) -> torch.Tensor:
     """Σ over all of an activation-shaped tensor but the member, divided by the batch size
     (dim 1 stacked, dim 0 lone): the per-example mean of a sum over units."""

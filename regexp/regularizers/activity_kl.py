@@ -28,8 +28,8 @@ import torch
 
 from regexp.errors import ConfigError
 from regexp.models.layers import ACTIVATIONS
-from regexp.regularizers.activity import ActivityPenalty, per_member, record_hidden
-from regexp.regularizers.base import member_sum, register
+from regexp.regularizers.activity import ActivityPenalty, record_hidden
+from regexp.regularizers.base import member_sum, per_member, register
 
 EPS = 1e-6
 SQUASH = {"sigmoid": lambda h: h, "relu": lambda h: -torch.expm1(-h)}

@@ -10,8 +10,8 @@ from typing import List, Optional
 
 import torch
 
-from regexp.regularizers.activity import ActivityPenalty, batch_sum, per_member
-from regexp.regularizers.base import register
+from regexp.regularizers.activity import ActivityPenalty, batch_sum
+from regexp.regularizers.base import per_member, register
 
 
 @register

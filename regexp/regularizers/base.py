@@ -163,3 +163,9 @@ def member_sum(t: torch.Tensor, stacked: bool) -> torch.Tensor:
     """Σ of a parameter's entries: all of them for a lone model's tensor (0-dim), each member's
     for a population's stacked tensor, whose leading dimension is the member ((M,))."""
     return t.sum(dim=tuple(range(1, t.dim()))) if stacked else t.sum()
+
+
+def per_member(v, stacked: bool, dims: int):
+    """A hyperparameter shaped to broadcast against a tensor of ``dims`` dimensions whose
+    leading one is the member (stacked: ``v`` is (M,)); a lone run's number as it is."""
+    return v.view(-1, *([1] * (dims - 1))) if stacked else v

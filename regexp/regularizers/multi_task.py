@@ -13,6 +13,8 @@ the model's own outputs, evaluation and saved weights are those of the single-ta
 
 The auxiliary term is logged as ``penalty/multi_task``. The targets belong to the generated
 signals: an input transformation (``augmentation``) changes a signal's shift but not its target.
+The term is :func:`aux_term`, for a lone head and for a population's stacked heads
+(``regexp.population.aux_heads``).
 """
 from __future__ import annotations
 
@@ -24,8 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regexp.errors import ConfigError
-from regexp.regularizers.activity import per_member
-from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.base import Regularizer, per_member, register
 
 KEY = "regularizer.multi_task"
 
