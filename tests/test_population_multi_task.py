@@ -9,6 +9,7 @@ its lone ``train()`` run (weights, history, ``extra``'s validation R², the
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -92,11 +93,19 @@ def test_interrupted_multi_task_population_resumes_to_the_uninterrupted_result(c
     stopped = train_population(base, points, tmp_path / "pop")
     monkeypatch.undo()
     assert [m["status"] for m in stopped] == ["interrupted"] * 2
+    # the checkpoint is train()'s: a lone run goes on from it as well (head and its Adam state)
+    shutil.copytree(tmp_path / "pop" / point_name(points[0]), tmp_path / "handover")
+    handed = train(point_config(base, points[0]), tmp_path / "handover", [], sweep=True)
     resumed = train_population(base, points, tmp_path / "pop")
     lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
     for p, a, b in zip(points, resumed, lone):
         assert a["epochs"] == 3
         _assert_same_run(tmp_path, p, a, b)
+    wa, wb = (torch.load(d / "model.pt") for d in (tmp_path / "handover", tmp_path / "lone" / point_name(points[0])))
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
+    for k in lone[0]["extra"]:
+        assert handed["extra"][k] == pytest.approx(lone[0]["extra"][k], rel=RTOL, abs=1e-6)
 
 def test_population_refuses_multi_task_where_its_heads_cannot_follow(compose_cfg):
     assert incompatibility(compose_cfg(SMALL + ["optimizer=sam"])).startswith("regularizer multi_task with")

@@ -371,7 +371,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         if b.heads is not None:
             b.heads.step(loop.factor(loop.step))
         loop.step += 1
-        running += torch.stack([loss] + pens, 1) * xb.shape[1]
+        running += torch.stack([loss] + pens, 1).detach() * xb.shape[1]  # no graph kept across steps
         if stop.requested:
             return running, grad_norms, i + 1
     return running, grad_norms, loop.steps_per_epoch
