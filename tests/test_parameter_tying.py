@@ -95,11 +95,9 @@ def test_missing_corrupt_or_unmatched_reference_is_refused_naming_the_path(tmp_p
         tying(run_dir=str(tmp_path)).attach(other)
 
 
-def test_population_engine_refuses_multi_task_and_joint_tying_but_takes_reference_tying(compose_cfg):
+def test_population_engine_refuses_joint_tying_but_takes_reference_tying(compose_cfg):
     from regexp.population.compat import incompatibility
 
-    assert incompatibility(compose_cfg(["regularizer=[multi_task]"])).startswith(
-        "regularizer multi_task (population supports")
     assert incompatibility(compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.mode=joint"])) == (
         "regularizer parameter_tying with mode=joint (its partner model trains on data of its own, beside the "
         "run; a population stacks only its members)")

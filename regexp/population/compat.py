@@ -24,7 +24,10 @@ MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying",
-                "dropconnect", "augmentation", "adversarial")
+                "dropconnect", "augmentation", "adversarial", "activity_l1", "activity_student_t",
+                "activity_kl", "multi_task")
+# Batch terms the population computes itself, with the regularizer's own formula (aux_heads.py).
+BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -43,16 +46,14 @@ MEMBER_KEYS = (
     "regularizer.parameter_tying.lam",
     "regularizer.dropconnect.p", "regularizer.augmentation.shift", "regularizer.augmentation.scale",
     "regularizer.adversarial.eps",
+    "regularizer.activity_l1.alpha", "regularizer.activity_student_t.alpha", "regularizer.activity_student_t.gamma",
+    "regularizer.activity_kl.alpha", "regularizer.activity_kl.rho", "regularizer.multi_task.lam",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED = {
-    "activity_kl": "its penalty reads hidden activations, which the stacked forward does not record",
-    "activity_l1": "its penalty reads hidden activations, which the stacked forward does not record",
-    "activity_student_t": "its penalty reads hidden activations, which the stacked forward does not record",
     "ensemble": "it puts K models behind one module and replaces the data loss; an ensemble is not stacked",
     "gradient_norm_penalty": "its penalty differentiates each member's loss gradient, not written for stacked weights",
     "masked_reconstruction": "it adds a decoder to the model and replaces the data loss",
-    "multi_task": "it adds heads and parameter groups of its own, which the stacked model lacks",
     "soft_weight_sharing": "its mixture is learned per member (parameter groups), not stacked",
     "tangent_prop": "its penalty needs each member's input Jacobian, not written for stacked weights",
 }
@@ -77,12 +78,17 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         why = NOT_STACKED.get(extra[0], "it has no stacked form")
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)}): {why}"
     # a penalty trains in a population only through its own penalty_of (never as a silent zero)
-    unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
+    unstacked = [r for r in cfg.regularizer
+                 if ALL[r].penalizes() and ALL[r].penalty_of is None and ALL[r].activity_of is None
+                 and r not in BATCH_TERMS]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
     if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
         return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
                 "beside the run; a population stacks only its members)")
+    if "multi_task" in cfg.regularizer and (cfg.optimizer.name == "sam" or int(cfg.model.depth) == 0):
+        return ("regularizer multi_task with optimizer=sam or model.depth=0 (the population's heads read "
+                "the last hidden layer and take plain steps)")
     drawn = [r for r in ("weight_noise", "dropconnect") if r in cfg.regularizer]
     if cfg.optimizer.name == "sam" and drawn:
         return (f"optimizer=sam with regularizer {drawn[0]} (the population draws a step's weight "

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from regexp.errors import ConfigError
 from regexp.optim import lr_factor
 from regexp.optim.sam import ascended_gradient
+from regexp.population.aux_heads import StackedHeads
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
@@ -107,6 +108,10 @@ class LossTerms:
                     hp.update(r.population_hp([next(x for x in m.regs if x.name == r.name) for m in members],
                                               _penalized(net, biases), net.stack))
                 self.forms[r.name] = (type(r), SimpleNamespace(**hp), biases)
+        # activity penalties: member 0's regularizer (attached to its lone model, which fixed
+        # what the activation shared by all members needs) applies its formula to all members
+        self.activity = {r.name: r for r in members[0].regs if r.penalizes() and r.activity_of is not None}
+        self.heads: Optional[StackedHeads] = None  # multi_task's (set by the Bucket)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m, b, c = logits.shape
@@ -126,6 +131,12 @@ class LossTerms:
         out = []
         for name in self.reg_names:
             cls, hp, biases = self.forms[name]
+            if name in self.activity:  # on the hidden activations the forward just recorded
+                out.append(self.activity[name].activity_of(net.hidden, hp, True, net.unit_mask))
+                continue
+            if name == "multi_task":  # on the features the output layer reads
+                out.append(self.heads.term(net.hidden[-1], hp))
+                continue
             out.append(cls.penalty_of([p for _, p in _penalized(net, biases)], hp, True))
         return out
 
@@ -199,6 +210,9 @@ class Bucket:
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
         self.terms = LossTerms(members, device, self.net)
+        self.heads = _heads(members, width, cfg, device)
+        self.terms.heads = self.heads
+        self.net.record = bool(self.terms.activity) or self.heads is not None
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
                                   [_reg(m, "dropout", "p") for m in members],
@@ -249,6 +263,9 @@ class Bucket:
         self.transforms.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
         self.terms = LossTerms(self.members, self.device, self.net)
+        if self.heads is not None:
+            self.heads.keep(sel)
+            self.terms.heads = self.heads
         if self.clip is not None:
             self.clip = self.clip.index_select(0, sel.to(self.clip.device))
         if self.decoupled is not None:
@@ -309,6 +326,17 @@ def clip_grad_norms_(params: List[torch.Tensor], max_norm: torch.Tensor) -> None
         p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))
 
 
+def _heads(members: List[Member], width: int, cfg, device: torch.device) -> Optional[StackedHeads]:
+    """The members' multi_task heads, stepped by the members' own update rule and values."""
+    if "multi_task" not in cfg.regularizer:
+        return None
+    regs = [next(r for r in m.regs if r.name == "multi_task") for m in members]
+    return StackedHeads(regs, [m.width for m in members], width,
+                        lambda ps: StackedOptimizer(_base_name(cfg.optimizer), ps, _member_hypers(members),
+                                                    bool(cfg.optimizer.get("nesterov", False)), device,
+                                                    bool(cfg.optimizer.get("centered", False))), device)
+
+
 def _step_noise(members: List[Member], drop: MemberDropout, layers: int, device: torch.device) -> StepNoise:
     """Input and weight noise of the members (σ per member), drawn in a lone run's order."""
     regs = members[0].cfg.regularizer  # the regularizer list is shared; only σ may differ
@@ -367,6 +395,9 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
                 return running, grad_norms, i + 1
             continue
 
+        if b.heads is not None:  # each member's batch positions in its own training set
+            b.heads.idx = rows[:, i * loop.bs:(i + 1) * loop.bs] - b.member_set.to(rows.device)[:, None] * b.data.n
+
         def backward(xb=xb, yb=yb, masks=masks, weights=weights):
             with loop.autocast:
                 logits = b.forward(xb, masks, weights)
@@ -386,8 +417,10 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         if b.sam:
             _ascend(b, lambda: backward(masks=_second_masks(b, xb, masks)))
         b.opt.step(loop.factor(loop.step))
+        if b.heads is not None:
+            b.heads.step(loop.factor(loop.step))
         loop.step += 1
-        running += torch.stack([loss] + pens, 1) * xb.shape[1]
+        running += torch.stack([loss] + pens, 1).detach() * xb.shape[1]  # no graph kept across steps
         if stop.requested:
             return running, grad_norms, i + 1
     return running, grad_norms, loop.steps_per_epoch
@@ -522,7 +555,11 @@ def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], ru
     m = b.members[k]
     best = b.net.member_state(k, b.best) if b.best is not None else None
     sums = running[k].cpu() if running is not None else torch.zeros(1 + len(b.terms.reg_names))
-    return checkpoint_dict(m, b.net.member_state(k), _member_opt_state(b, k), loop.total_steps,
+    opt_state = _member_opt_state(b, k)
+    if b.heads is not None:  # the head is the lone optimizer's second group, its state in the regularizer's
+        b.heads.sync(k)
+        opt_state += b.heads.member_opt_state(k)
+    return checkpoint_dict(m, b.net.member_state(k), opt_state, loop.total_steps,
                            b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu() if perms is not None else None,
                            sums, best, steps_done=loop.step, step_in_epoch=in_epoch,
                            probe_state=b.probes.state_dict(k) if b.probes is not None else None)
@@ -543,6 +580,8 @@ def _finish_completed(b: Bucket, k: int, ck: Dict) -> Dict:
     m = b.members[k]
     state = b.net.member_state(k)
     best = b.net.member_state(k, b.best) if b.best is not None else None
+    if b.heads is not None:
+        b.heads.sync(k)
     ds = b.data.sets[int(b.member_set[k])]  # the lone run's tensors, for report()
     tensors = {s: tuple(v.to(b.device) for v in ds.split(s)) for s in SPLITS}
     return finish(m, b.device, state, best, ck, tensors=tensors, eval_batch=m.cfg.trainer.eval_batch_size)
@@ -562,6 +601,8 @@ def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Option
         per_param = [[st[j][key] for st in states] for j in range(len(b.trainable))]
         b.opt.state[key] = ([ts[0].to(b.device) for ts in per_param] if key == "step"  # shared count
                             else [b.net.stack(ts, p) for ts, p in zip(per_param, b.trainable)])
+    if b.heads is not None:
+        b.heads.restore(states, len(b.trainable), loop.step)
     if all(ck["best_state"] is not None for ck in cks):
         names = [name for name, _, _ in b.net.named_params()]
         b.best = [b.net.stack([ck["best_state"][n] for ck in cks], p) for n, p in zip(names, b.net.params)]
@@ -589,16 +630,16 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
                                                         "original_labels": ds.clean_labels.tolist()})
         seed_everything(int(m.cfg.seed))
         m.model = build_model(m.cfg.model, data.input_shape, data.num_classes).to(device)
-        m.dropout_gen.set_state(torch.get_rng_state())
         m.t0 = time.time()  # a member's wall_s is its bucket's: they train together
         ctx = Context(data.num_classes, data.n, device, data.input_shape, int(m.cfg.seed), m.out_dir,
-                      model_cfg=m.cfg.model)
+                      model_cfg=m.cfg.model, data=ds, data_cfg=m.cfg.data)
         # A member has no torch optimizer; what regularizers read of one (the current lr, for
         # decoupled decay's log) is a stand-in whose lr each epoch's end sets.
         ctx.optimizer = SimpleNamespace(param_groups=[{"lr": float(m.cfg.optimizer.lr)}])
         m.regs = build_regularizers(m.cfg.regularizer, ctx)
         for r in m.regs:
             r.attach(m.model)
+        m.dropout_gen.set_state(torch.get_rng_state())  # as train() leaves it: after attach (multi_task's head)
         if m.resume is None or not (m.out_dir / INIT_MODEL).exists():  # as train() writes it
             save_torch(m.out_dir / INIT_MODEL, m.model.state_dict())
         if m.resume is not None:

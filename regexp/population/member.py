@@ -122,7 +122,9 @@ def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[D
     done = total_steps if steps_done is None else steps_done
     m.model.load_state_dict(state)
     params = [p for p in m.model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(m.cfg.optimizer, [{"params": params}], torch.device("cpu"))
+    groups = [{"params": params}] + [g for r in m.regs for g in r.param_groups()]  # as train() groups them
+    optimizer = build_optimizer(m.cfg.optimizer, groups, torch.device("cpu"))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     for p, s in zip(params, opt_state):
         if s:
             optimizer.state[p] = s

@@ -80,6 +80,11 @@ class StackedMLP:
         units = torch.arange(width)[None, None, :] < self.widths[:, None, None]
         self.unit_mask = units.float().to(device)  # (M, 1, width): 1 for real units
         self.mask_hidden = float(self.act(torch.zeros(()))) != 0.0
+        # As a hidden Site's ``record``: with it set, the autograd forward leaves each hidden
+        # layer's activation (M, B, width), after dropout, in ``hidden`` (activity penalties);
+        # a padded unit's entries are exactly 0 there, for every activation.
+        self.record = False
+        self.hidden: List[torch.Tensor] = []
 
     @property
     def params(self) -> List[torch.Tensor]:
@@ -115,6 +120,7 @@ class StackedMLP:
         ``weights`` replaces the stored weights in the computation (weight noise)."""
         if self.loop:
             return self._forward_loop(x, masks, weights)
+        self.hidden = []
         h = x
         if masks and masks[0] is not None:
             h = h * masks[0]
@@ -128,6 +134,8 @@ class StackedMLP:
                     h = h * self.unit_mask
                 if masks and masks[l + 1] is not None:
                     h = h * masks[l + 1]
+                if self.record:
+                    self.hidden.append(h)
         return h
 
     def _forward_loop(self, x: torch.Tensor, masks, weights=None) -> torch.Tensor:
@@ -139,7 +147,7 @@ class StackedMLP:
         last = len(self.weights) - 1
         ws = [w.unbind(0) for w in (weights or self.weights)]
         bs = [b.unbind(0) if b is not None else None for b in self.biases]
-        outs = []
+        outs, hidden = [], [[] for _ in range(last)]
         for m, k in enumerate(self.widths.tolist()):
             h = x[m] if not (masks and masks[0] is not None) else x[m] * masks[0][m]
             for l in range(last + 1):
@@ -150,7 +158,10 @@ class StackedMLP:
                     h = self.act(h)
                     if masks and masks[l + 1] is not None:
                         h = h * masks[l + 1][m, :, :k]
+                    if self.record:  # zero-padded to the bucket's width, as the batched form's
+                        hidden[l].append(F.pad(h, (0, self.width - k)))
             outs.append(h)
+        self.hidden = [torch.stack(hs) for hs in hidden] if self.record else []
         return torch.stack(outs)
 
     @torch.no_grad()

@@ -22,26 +22,28 @@ position). ρ̂ is kept inside [1e-6, 1 − 1e-6] so a unit that is off on the w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Optional, Union
 
 import torch
 
 from regexp.errors import ConfigError
 from regexp.models.layers import ACTIVATIONS
-from regexp.regularizers.activity import hidden_activations, record_hidden
-from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.activity import ActivityPenalty, record_hidden
+from regexp.regularizers.base import member_sum, per_member, register
 
 EPS = 1e-6
 SQUASH = {"sigmoid": lambda h: h, "relu": lambda h: -torch.expm1(-h)}
 
 
-def kl_bernoulli(rho: float, rho_hat: torch.Tensor) -> torch.Tensor:
-    """KL(ρ ‖ ρ̂) elementwise, for Bernoulli rates ρ (a number) and ρ̂ (a tensor)."""
+def kl_bernoulli(rho: Union[float, torch.Tensor], rho_hat: torch.Tensor) -> torch.Tensor:
+    """KL(ρ ‖ ρ̂) elementwise, for Bernoulli rates ρ (a number, or a tensor broadcasting
+    against ρ̂) and ρ̂ (a tensor)."""
     r = rho_hat.clamp(EPS, 1 - EPS)
     return rho * torch.log(rho / r) + (1 - rho) * torch.log((1 - rho) / (1 - r))
 
 
 @register
-class ActivityKL(Regularizer):
+class ActivityKL(ActivityPenalty):
     name = "activity_kl"
 
     @dataclass
@@ -62,6 +64,13 @@ class ActivityKL(Regularizer):
                               f"expected model.activation one of {', '.join(SQUASH)}")
         self.squash = SQUASH[found.pop()]
 
-    def penalty(self, model) -> torch.Tensor:
-        return self.cfg.alpha * sum(kl_bernoulli(self.cfg.rho, self.squash(h).flatten(1).mean(0)).sum()
-                                    for h in hidden_activations(model))
+    def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool,
+                    units: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rho = per_member(hp.rho, stacked, 2)
+        out = 0
+        for h in hs:
+            rate = self.squash(h).flatten(int(stacked) + 1).mean(int(stacked))  # ρ̂: (units,) or (M, units)
+            kl = kl_bernoulli(rho, rate)
+            # a padded unit's ρ̂ = squash(0) = 0 would add KL(ρ ‖ ε): it is no unit, so it adds nothing
+            out = out + member_sum(kl if units is None else kl * units.flatten(1), stacked)
+        return per_member(hp.alpha, stacked, 1) * out

@@ -6,15 +6,16 @@ may stay large; the activations come from the model's hidden ``Site`` modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
-from regexp.regularizers.activity import hidden_activations, record_hidden
-from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.activity import ActivityPenalty, batch_sum
+from regexp.regularizers.base import per_member, register
 
 
 @register
-class ActivityL1(Regularizer):
+class ActivityL1(ActivityPenalty):
     name = "activity_l1"
 
     @dataclass
@@ -23,8 +24,7 @@ class ActivityL1(Regularizer):
 
     ranges = {"alpha": (lambda v: v >= 0, "a number >= 0")}
 
-    def attach(self, model) -> None:
-        record_hidden(model, self.name)
-
-    def penalty(self, model) -> torch.Tensor:
-        return self.cfg.alpha * sum(h.abs().sum() / len(h) for h in hidden_activations(model))
+    def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool,
+                    units: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return per_member(hp.alpha, stacked, 1) * sum(
+            batch_sum((h if units is None else h * units).abs(), stacked) for h in hs)

@@ -6,15 +6,16 @@ units, but it grows only logarithmically, so a few strongly active units are bar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
-from regexp.regularizers.activity import hidden_activations, record_hidden
-from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.activity import ActivityPenalty, batch_sum
+from regexp.regularizers.base import per_member, register
 
 
 @register
-class ActivityStudentT(Regularizer):
+class ActivityStudentT(ActivityPenalty):
     name = "activity_student_t"
 
     @dataclass
@@ -24,10 +25,8 @@ class ActivityStudentT(Regularizer):
 
     ranges = {"alpha": (lambda v: v >= 0, "a number >= 0"), "gamma": (lambda v: v > 0, "a number > 0")}
 
-    def attach(self, model) -> None:
-        record_hidden(model, self.name)
-
-    def penalty(self, model) -> torch.Tensor:
-        g = self.cfg.gamma
-        return self.cfg.alpha * sum(torch.log1p(g * h.pow(2)).sum() / len(h)
-                                    for h in hidden_activations(model))
+    def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool,
+                    units: Optional[torch.Tensor] = None) -> torch.Tensor:
+        g = per_member(hp.gamma, stacked, 3)
+        return per_member(hp.alpha, stacked, 1) * sum(
+            batch_sum(torch.log1p(g * (h if units is None else h * units).pow(2)), stacked) for h in hs)

@@ -22,6 +22,8 @@ default, so a regularizer overrides only what it changes:
   stacked weights beyond the config's numbers (parameter tying's reference tensors), from the
   members' attached instances ``regs``, the (name, stacked tensor) pairs ``penalty_of`` gets and
   ``stack(per_member_tensors, like)``, which pads each member's tensor into ``like``'s shape.
+- ``activity_of(hs, hp, stacked, units)`` (optional): the same for a penalty on the hidden
+  activations ``hs`` (regexp/regularizers/activity.py).
 - ``batch_penalty(model, loss, x, y, loss_kwargs)``: the same, for a term that needs the
   training batch and its data loss (a penalty on the loss's gradient differentiates the
   loss); by default the ``penalty(model)`` above.
@@ -85,6 +87,8 @@ class Regularizer:
     penalty_of: ClassVar[Optional[Callable]] = None
     # classmethod population_hp(regs, named, stack) -> Dict, for penalty_of in a population (see above)
     population_hp: ClassVar[Optional[Callable]] = None
+    # activity_of(hs, hp, stacked, units) -> Tensor, for activation penalties (see above)
+    activity_of: ClassVar[Optional[Callable]] = None
 
     def __init__(self, cfg, ctx: Context):
         self.cfg = cfg
@@ -165,3 +169,9 @@ def member_sum(t: torch.Tensor, stacked: bool) -> torch.Tensor:
     """Σ of a parameter's entries: all of them for a lone model's tensor (0-dim), each member's
     for a population's stacked tensor, whose leading dimension is the member ((M,))."""
     return t.sum(dim=tuple(range(1, t.dim()))) if stacked else t.sum()
+
+
+def per_member(v, stacked: bool, dims: int):
+    """A hyperparameter shaped to broadcast against a tensor of ``dims`` dimensions whose
+    leading one is the member (stacked: ``v`` is (M,)); a lone run's number as it is."""
+    return v.view(-1, *([1] * (dims - 1))) if stacked else v

@@ -13,6 +13,8 @@ the model's own outputs, evaluation and saved weights are those of the single-ta
 
 The auxiliary term is logged as ``penalty/multi_task``. The targets belong to the generated
 signals: an input transformation (``augmentation``) changes a signal's shift but not its target.
+The term is :func:`aux_term`, for a lone head and for a population's stacked heads
+(``regexp.population.aux_heads``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regexp.errors import ConfigError
-from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.base import Regularizer, per_member, register
 
 KEY = "regularizer.multi_task"
 
@@ -38,6 +40,17 @@ def row_index(x: torch.Tensor, source: torch.Tensor, what: str) -> torch.Tensor:
         raise ConfigError(f"{KEY}: {found.count(-1)} {what} signals are not among the generated MNIST-1D "
                           "signals, so they have no generator factors; use data.name=mnist1d")
     return torch.tensor(found)
+
+
+def aux_term(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, z: torch.Tensor, lam,
+             stacked: bool) -> torch.Tensor:
+    """λ · (1/(B·T)) Σ_b Σ_t (W h_b + c − z_b)_t²: a lone head's weight (T, F) and bias (T,) on
+    features (B, F), or the members' stacked (M, T, F) and (M, 1, T) on (M, B, F) with an (M,)
+    λ, giving one value per member."""
+    if not stacked:
+        return lam * F.mse_loss(F.linear(features, weight, bias), z)
+    pred = torch.baddbmm(bias, features, weight.transpose(1, 2))
+    return per_member(lam, True, 1) * (pred - z).pow(2).mean((1, 2))
 
 
 @register
@@ -89,9 +102,6 @@ class MultiTask(Regularizer):
     def _keep_features(self, module, inputs) -> None:
         self._features = inputs[0]
 
-    def aux_loss(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(self.aux(features), z)
-
     def param_groups(self) -> List[dict]:
         return [{"params": list(self.aux.parameters())}]
 
@@ -100,7 +110,7 @@ class MultiTask(Regularizer):
         # set, which the penalty hook is not given: the auxiliary term is computed here, from the
         # features that forward pass left, and added by ``batch_penalty``; the data loss stays
         # the cross-entropy (None).
-        self._term = self.cfg.lam * self.aux_loss(self._features, self.z_train[idx])
+        self._term = aux_term(self.aux.weight, self.aux.bias, self._features, self.z_train[idx], self.cfg.lam, False)
         return None
 
     def batch_penalty(self, model, loss, x, y, loss_kwargs) -> torch.Tensor:
