@@ -22,7 +22,7 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise")
+                "input_noise", "weight_noise", "tangent_prop", "gradient_norm_penalty", "masked_reconstruction")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -33,6 +33,7 @@ MEMBER_KEYS = (
     "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "trainer.grad_clip",
     "regularizer.l1.lam", "regularizer.elastic_net.lam1", "regularizer.elastic_net.lam2",
     "regularizer.decoupled_weight_decay.lam",
+    "regularizer.tangent_prop.lam", "regularizer.gradient_norm_penalty.lam",
 )
 def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
@@ -52,9 +53,20 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if extra:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
     # a penalty trains in a population only through its own penalty_of (never as a silent zero)
-    unstacked = [r for r in cfg.regularizer if ALL[r].penalizes() and ALL[r].penalty_of is None]
+    unstacked = [r for r in cfg.regularizer
+                 if ALL[r].penalizes() and ALL[r].penalty_of is None and ALL[r].batch_penalty_of is None]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
+    regs = list(cfg.regularizer)
+    # a lone run's extra forward passes draw their own weight noise; the population draws a step's once
+    extra_pass = [r for r in regs if r == "tangent_prop" or (r == "gradient_norm_penalty"
+                                                             and cfg.regularizer[r].mode == "sgd")]
+    if extra_pass and "weight_noise" in regs:
+        return (f"regularizer {extra_pass[0]} with weight_noise (its extra forward passes would need weight "
+                "noise of their own; the population draws a step's once)")
+    if "masked_reconstruction" in regs and "input_noise" in regs[:regs.index("masked_reconstruction")]:
+        return ("regularizer input_noise before masked_reconstruction (the population masks the batch before "
+                "adding noise; list masked_reconstruction first)")
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
         return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
                 "once; SAM's second pass would need draws of its own)")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from regexp.errors import ConfigError
+from regexp.population.compat import MEMBER_KEYS
 from regexp.optim import lr_factor
 from regexp.optim.sam import ascended_gradient
 from regexp.population.data import SPLITS, PopulationData, data_key
@@ -34,9 +35,11 @@ from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
+from regexp.population.pretext import MemberPretext
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.probes.base import ProbeInputs
 from regexp.probes.runner import build_probes, record as probe_record
+from regexp.regularizers.base import Batch
 from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
 from regexp.train.io import save_torch
 from regexp.train.signals import StopFlag
@@ -93,14 +96,15 @@ class LossTerms:
         eps = [_reg(m, "label_smoothing", "eps") for m in members]
         self.eps_common = eps[0] if all(e == eps[0] for e in eps) else None
         self.eps = torch.tensor(eps, device=device).view(-1, 1)
-        # Each penalty is its regularizer's own penalty_of, on the stacked weights, with each
-        # numeric value as an (M,) float32 tensor (float32(λ)·Σ, as train()'s float λ gives).
+        # Each penalty is its regularizer's own penalty_of (or batch_penalty_of), on the stacked
+        # weights, with each numeric value as an (M,) float32 tensor (float32(λ)·Σ, as train()'s
+        # float λ gives); a value members must share stays as the config has it.
         self.forms = {}
         for r in members[0].regs:
             if r.penalizes():
                 cfgs = [m.cfg.regularizer[r.name] for m in members]
-                hp = {k: torch.tensor([float(c[k]) for c in cfgs], device=device) for k, v in cfgs[0].items()
-                      if isinstance(v, float)}
+                hp = {k: torch.tensor([float(c[k]) for c in cfgs], device=device) if isinstance(v, float)
+                      and f"regularizer.{r.name}.{k}" in MEMBER_KEYS else v for k, v in cfgs[0].items()}
                 self.forms[r.name] = (type(r), SimpleNamespace(**hp), not cfgs[0].get("exclude_bias_and_norm", True))
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,11 +120,15 @@ class LossTerms:
         smooth = -logp.sum(2) / c
         return ((1 - self.eps) * nll + self.eps * smooth).mean(1)
 
-    def penalties(self, net: StackedMLP, like: torch.Tensor) -> List[torch.Tensor]:
-        """One (M,) tensor per penalizing regularizer, in config order."""
+    def penalties(self, net: StackedMLP, like: torch.Tensor, batch: Optional[Batch] = None) -> List[torch.Tensor]:
+        """One (M,) tensor per penalizing regularizer, in config order (``batch``: the step, for
+        the batch penalties)."""
         out = []
         for name in self.reg_names:
             cls, hp, biases = self.forms[name]
+            if cls.batch_penalty_of is not None:
+                out.append(cls.batch_penalty_of(batch, hp, True))
+                continue
             ps = [p for _, p, is_w in net.named_params() if is_w or biases]
             out.append(cls.penalty_of(ps, hp, True))
         return out
@@ -186,6 +194,9 @@ class Bucket:
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
         self.terms = LossTerms(members, device)
+        if opts.compile and any(f[0].batch_penalty_of is not None for f in self.terms.forms.values()):
+            raise ConfigError("extra.population.compile=true is invalid with tangent_prop or gradient_norm_penalty "
+                              "(torch.compile has no double backward): expected false")
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
                                   [_reg(m, "dropout", "p") for m in members],
@@ -193,6 +204,7 @@ class Bucket:
                                   int(torch.tensor(data.input_shape).prod()), width,
                                   len(self.net.weights) - 1, device, exact, int(cfg.seed))
         self.noise = _step_noise(members, self.drop, len(self.net.weights), device)
+        self.pretext = MemberPretext.of(members, data.input_shape, device)
         self.member_set = data.member_set.clone()
         self.best: Optional[List[torch.Tensor]] = None
         dwd = [m.cfg.regularizer.get("decoupled_weight_decay") for m in members]
@@ -225,6 +237,8 @@ class Bucket:
         self.opt.set_params(self.net.params)
         self.drop.keep(idx)
         self.noise.keep(idx)
+        if self.pretext is not None:
+            self.pretext.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
         self.terms = LossTerms(self.members, self.device)
         if self.clip is not None:
@@ -298,6 +312,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
     xs, ys = b.data.batch(rows)  # the epoch's examples in each member's order, gathered at once
     for i in range(start, loop.steps_per_epoch):
         xb, yb = xs[:, i * loop.bs:(i + 1) * loop.bs], ys[:, i * loop.bs:(i + 1) * loop.bs]
+        if b.pretext is not None:  # a lone step's transform_batch, before its noise and dropout
+            xb = b.pretext.draw(xb)
         weights = None
         if b.noise.active:
             xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.widths.tolist())
@@ -321,8 +337,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         def backward(xb=xb, yb=yb, masks=masks, weights=weights):
             with loop.autocast:
                 logits = b.forward(xb, masks, weights)
-            loss = b.terms.loss(logits, yb)
-            pens = b.terms.penalties(b.net, loss)
+            loss = b.terms.loss(logits, yb) if b.pretext is None else b.pretext.loss(logits)
+            pens = b.terms.penalties(b.net, loss, _batch(b, xb, yb, loss, masks, weights))
             for p in b.net.params:
                 p.grad = None
             # members are independent: the sum's gradient is each member's own gradient
@@ -348,6 +364,13 @@ def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
     ascended_gradient(b.net.params, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
+
+
+def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, masks, weights) -> Batch:
+    """The step as a batch penalty sees it; each of its extra forward passes draws fresh
+    dropout masks, as a lone run's extra pass does (weight noise there is refused: compat)."""
+    return Batch(xb, yb, loss, lambda x: b.forward(x, _second_masks(b, x, masks), weights), b.terms.loss,
+                 b.net.params, tuple(b.data.input_shape))
 
 
 def _second_masks(b: Bucket, xb: torch.Tensor, masks):
@@ -437,10 +460,10 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
 
 
 def _manual_ok(b: Bucket, opts: Options) -> bool:
-    """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing,
-    plain float32 eager forward (then the gradient is a few products written out by hand)."""
+    """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing or
+    pretext loss, plain float32 eager forward (then the gradient is a few products written out by hand)."""
     return (b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0
-            and not opts.bf16 and not opts.compile)
+            and b.pretext is None and not opts.bf16 and not opts.compile)
 
 
 def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
@@ -528,7 +551,6 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
                                                         "original_labels": ds.clean_labels.tolist()})
         seed_everything(int(m.cfg.seed))
         m.model = build_model(m.cfg.model, data.input_shape, data.num_classes).to(device)
-        m.dropout_gen.set_state(torch.get_rng_state())
         m.t0 = time.time()  # a member's wall_s is its bucket's: they train together
         ctx = Context(data.num_classes, data.n, device, data.input_shape, int(m.cfg.seed), m.out_dir,
                       model_cfg=m.cfg.model)
@@ -536,6 +558,9 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
         # decoupled decay's log) is a stand-in whose lr each epoch's end sets.
         ctx.optimizer = SimpleNamespace(param_groups=[{"lr": float(m.cfg.optimizer.lr)}])
         m.regs = build_regularizers(m.cfg.regularizer, ctx)
+        for r in m.regs:  # as build_initial_model (masked_reconstruction's head draws its init)
+            m.model = r.wrap_model(m.model)
+        m.dropout_gen.set_state(torch.get_rng_state())
         for r in m.regs:
             r.attach(m.model)
         if m.resume is None or not (m.out_dir / INIT_MODEL).exists():  # as train() writes it
