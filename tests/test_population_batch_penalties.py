@@ -2,7 +2,7 @@
 once (``batch_penalty_of`` / ``masked_mse(stacked=True)``): a member equals its lone run, and the
 stacked formula equals the lone one member by member.
 
-Stated tolerances (float32): after 2 epochs (12 steps) every parameter of a member agrees with
+Stated tolerances (float32): after 2 epochs (12 steps; SAM: 1 epoch, 6) every parameter of a member agrees with
 its lone ``train()`` run within |a - b| <= 1e-5 + 1e-4·|b| and every logged metric within a
 relative 1e-4 (``_assert_same_run``: only the summation order inside the batched products
 differs; the double backward adds no other difference). Stacked against lone formulas on the
@@ -172,3 +172,25 @@ def test_combinations_that_cannot_match_are_refused_in_one_line(compose_cfg, reg
         use_population(compose_cfg([f"regularizer={regs}", "sweep.engine=population"] + extra), points)
     # full mode has no extra pass: weight noise joins
     assert use_population(compose_cfg(["regularizer=[gradient_norm_penalty,weight_noise]"]), points)
+
+
+def test_both_penalties_with_sam_in_the_member_by_member_form_match_lone_runs(compose_cfg, tmp_path):
+    """SAM's second pass recomputes both penalties (the tangent pass drawing its own masks again),
+    and the member-by-member forward (wide buckets on CPU) is differentiated twice the same way."""
+    from regexp.population import Options, train_population
+    from regexp.sweep import point_config, point_name
+    from regexp.train.trainer import train
+    from test_population import BASE
+
+    base = compose_cfg(BASE + SMALL + [
+        "trainer.epochs=1", "optimizer=sam", "regularizer=[gradient_norm_penalty,tangent_prop,dropout]",
+        "regularizer.dropout.p=0.1", "model.activation=gelu"])
+    points = [{"model.width": 12, "regularizer.tangent_prop.lam": 0.2, "regularizer.gradient_norm_penalty.lam": 0.01,
+               "optimizer.rho": 0.05, "seed": 0},
+              {"model.width": 8, "regularizer.tangent_prop.lam": 0.01, "regularizer.gradient_norm_penalty.lam": 0.1,
+               "optimizer.rho": 0.1, "seed": 1}]
+    assert use_population(base, points)
+    pop = train_population(base, points, tmp_path / "pop", Options(loop_width=1))
+    lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
