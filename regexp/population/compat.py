@@ -4,9 +4,9 @@ A population is one batched computation, so its members must agree on everything
 shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
-start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, the λ of
-the penalties, label noise, random inputs (each member loads its own data), the gradient-clipping norm) and in
-width. Widths are grouped into buckets of similar size and padded
+start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, the
+penalties' λ, label noise, random inputs (each member loads its own data), the
+gradient-clipping norm) and in width. Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
@@ -52,7 +52,8 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     extra = [r for r in cfg.regularizer if r not in REGULARIZERS]
     if extra:
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)})"
-    # a penalty trains in a population only through its own penalty_of (never as a silent zero)
+    # a penalty trains in a population only through its own penalty_of or batch_penalty_of
+    # (never as a silent zero)
     unstacked = [r for r in cfg.regularizer
                  if ALL[r].penalizes() and ALL[r].penalty_of is None and ALL[r].batch_penalty_of is None]
     if unstacked:

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from regexp.errors import ConfigError
-from regexp.population.compat import MEMBER_KEYS
 from regexp.optim import lr_factor
 from regexp.optim.sam import ascended_gradient
+from regexp.population.compat import MEMBER_KEYS
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
