@@ -194,3 +194,12 @@ def test_both_penalties_with_sam_in_the_member_by_member_form_match_lone_runs(co
     lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
+
+
+def test_torch_compile_is_refused_with_a_double_backward_penalty(compose_cfg, tmp_path):
+    from regexp.population import Options, train_population
+
+    base = compose_cfg(SMALL + ["trainer.epochs=1", "trainer.progress=false", "regularizer=[tangent_prop]"])
+    (res,) = train_population(base, [{"model.width": 8, "seed": 0}], tmp_path, Options(compile=True))
+    assert res["status"] == "failed"  # the bucket's error, recorded on its member
+    assert "extra.population.compile=true is invalid with tangent_prop" in res["error"]
