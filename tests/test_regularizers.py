@@ -597,17 +597,6 @@ def test_small_step_gradient_descent_plus_the_penalty_follows_the_large_step():
     assert (penalized - large).norm() < 0.25 * (small - large).norm()
 
 
-def test_gradient_norm_penalty_is_refused_by_the_population_engine():
-    from regexp.population import use_population
-
-    points = [{"optimizer.lr": 0.1, "seed": 0}]
-    cfg = compose("regularizer=[gradient_norm_penalty]", "data.n_train=64")
-    assert not use_population(cfg, points)  # auto: trained one run at a time
-    cfg = compose("regularizer=[gradient_norm_penalty]", "data.n_train=64", "sweep.engine=population")
-    with pytest.raises(ConfigError, match="regularizer gradient_norm_penalty .population supports"):
-        use_population(cfg, points)
-
-
 # ---------------------------------------------------------------- early stopping
 def test_early_stopping_counts_patience_on_the_monitor():
     reg = make("early_stopping", monitor="val_loss", patience=2)

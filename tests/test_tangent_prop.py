@@ -119,9 +119,10 @@ def test_unknown_tangent_is_named():
         REGULARIZERS["tangent_prop"].validate(cfg, "regularizer.tangent_prop")
 
 
-@pytest.mark.parametrize("reg", ["tangent_prop"])  # activity_kl trains in populations
+@pytest.mark.parametrize("reg", ["soft_weight_sharing"])  # activity_kl, tangent_prop train in populations
 def test_population_refuses_it(compose_cfg, reg):
-    """A population would silently drop the term: it must say so, and auto falls back to serial."""
+    """A population would silently drop the term: it must say so, and auto falls back to serial
+    (tangent_prop itself joins: tests/test_population_batch_penalties.py)."""
     base = ["trainer.epochs=1", f"regularizer=[{reg}]"]
     points = [{"model.width": 8, "seed": 0}]
     assert not use_population(compose_cfg(base), points)

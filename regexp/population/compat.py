@@ -5,9 +5,9 @@ shapes the computation (data set and size, depth, activation, optimizer kind, sc
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
 start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, DropConnect's
-p, augmentation's shift and scale, FGSM's ε, label noise, random inputs (each member loads its
-own data), the gradient-clipping norm) and in width. Widths are grouped into buckets of
-similar size and padded inside a bucket with masked units: a bucket holds widths whose per-example cost is within
+p, augmentation's shift and scale, FGSM's ε, the penalties' λ, label noise, random inputs (each
+member loads its own data), the gradient-clipping norm) and in width. Widths are grouped into
+buckets of similar size and padded inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
 """
@@ -25,7 +25,8 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying",
                 "dropconnect", "augmentation", "adversarial", "activity_l1", "activity_student_t",
-                "activity_kl", "multi_task")
+                "activity_kl", "multi_task", "tangent_prop", "gradient_norm_penalty",
+                "masked_reconstruction")
 # Batch terms the population computes itself, with the regularizer's own formula (aux_heads.py).
 BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
@@ -48,14 +49,12 @@ MEMBER_KEYS = (
     "regularizer.adversarial.eps",
     "regularizer.activity_l1.alpha", "regularizer.activity_student_t.alpha", "regularizer.activity_student_t.gamma",
     "regularizer.activity_kl.alpha", "regularizer.activity_kl.rho", "regularizer.multi_task.lam",
+    "regularizer.tangent_prop.lam", "regularizer.gradient_norm_penalty.lam",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED = {
     "ensemble": "it puts K models behind one module and replaces the data loss; an ensemble is not stacked",
-    "gradient_norm_penalty": "its penalty differentiates each member's loss gradient, not written for stacked weights",
-    "masked_reconstruction": "it adds a decoder to the model and replaces the data loss",
     "soft_weight_sharing": "its mixture is learned per member (parameter groups), not stacked",
-    "tangent_prop": "its penalty needs each member's input Jacobian, not written for stacked weights",
 }
 
 
@@ -77,12 +76,23 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if extra:
         why = NOT_STACKED.get(extra[0], "it has no stacked form")
         return f"regularizer {extra[0]} (population supports {', '.join(REGULARIZERS)}): {why}"
-    # a penalty trains in a population only through its own penalty_of (never as a silent zero)
+    # a penalty trains in a population only through its own penalty_of, activity_of or
+    # batch_penalty_of (never as a silent zero)
     unstacked = [r for r in cfg.regularizer
                  if ALL[r].penalizes() and ALL[r].penalty_of is None and ALL[r].activity_of is None
-                 and r not in BATCH_TERMS]
+                 and ALL[r].batch_penalty_of is None and r not in BATCH_TERMS]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
+    regs = list(cfg.regularizer)
+    # a lone run's extra forward passes draw their own weight noise; the population draws a step's once
+    extra_pass = [r for r in regs if r == "tangent_prop" or (r == "gradient_norm_penalty"
+                                                             and cfg.regularizer[r].mode == "sgd")]
+    if extra_pass and "weight_noise" in regs:
+        return (f"regularizer {extra_pass[0]} with weight_noise (its extra forward passes would need weight "
+                "noise of their own; the population draws a step's once)")
+    if "masked_reconstruction" in regs and "input_noise" in regs[:regs.index("masked_reconstruction")]:
+        return ("regularizer input_noise before masked_reconstruction (the population masks the batch before "
+                "adding noise; list masked_reconstruction first)")
     if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
         return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
                 "beside the run; a population stacks only its members)")

@@ -30,15 +30,18 @@ from regexp.errors import ConfigError
 from regexp.optim import lr_factor
 from regexp.optim.sam import ascended_gradient
 from regexp.population.aux_heads import StackedHeads
+from regexp.population.compat import MEMBER_KEYS
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
+from regexp.population.pretext import MemberPretext
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.population.transforms import BatchTransforms
 from regexp.probes.base import ProbeInputs
 from regexp.probes.runner import build_probes, record as probe_record
+from regexp.regularizers.base import Batch
 from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
 from regexp.train.io import save_torch
 from regexp.train.signals import StopFlag
@@ -95,14 +98,15 @@ class LossTerms:
         eps = [_reg(m, "label_smoothing", "eps") for m in members]
         self.eps_common = eps[0] if all(e == eps[0] for e in eps) else None
         self.eps = torch.tensor(eps, device=device).view(-1, 1)
-        # Each penalty is its regularizer's own penalty_of, on the stacked weights, with each
-        # numeric value as an (M,) float32 tensor (float32(λ)·Σ, as train()'s float λ gives).
+        # Each penalty is its regularizer's own penalty_of (or batch_penalty_of), on the stacked
+        # weights, with each numeric value as an (M,) float32 tensor (float32(λ)·Σ, as train()'s
+        # float λ gives); a value members must share stays as the config has it.
         self.forms = {}
         for r in members[0].regs:
             if r.penalizes():
                 cfgs = [m.cfg.regularizer[r.name] for m in members]
-                hp = {k: torch.tensor([float(c[k]) for c in cfgs], device=device) for k, v in cfgs[0].items()
-                      if isinstance(v, float)}
+                hp = {k: torch.tensor([float(c[k]) for c in cfgs], device=device) if isinstance(v, float)
+                      and f"regularizer.{r.name}.{k}" in MEMBER_KEYS else v for k, v in cfgs[0].items()}
                 biases = not cfgs[0].get("exclude_bias_and_norm", True)
                 if r.population_hp is not None:  # tensors beyond the config's numbers (tying's references)
                     hp.update(r.population_hp([next(x for x in m.regs if x.name == r.name) for m in members],
@@ -126,8 +130,9 @@ class LossTerms:
         smooth = -logp.sum(2) / c
         return ((1 - self.eps) * nll + self.eps * smooth).mean(1)
 
-    def penalties(self, net: StackedMLP, like: torch.Tensor) -> List[torch.Tensor]:
-        """One (M,) tensor per penalizing regularizer, in config order."""
+    def penalties(self, net: StackedMLP, like: torch.Tensor, batch: Optional[Batch] = None) -> List[torch.Tensor]:
+        """One (M,) tensor per penalizing regularizer, in config order (``batch``: the step, for
+        the batch penalties)."""
         out = []
         for name in self.reg_names:
             cls, hp, biases = self.forms[name]
@@ -136,6 +141,9 @@ class LossTerms:
                 continue
             if name == "multi_task":  # on the features the output layer reads
                 out.append(self.heads.term(net.hidden[-1], hp))
+                continue
+            if cls.batch_penalty_of is not None:
+                out.append(cls.batch_penalty_of(batch, hp, True))
                 continue
             out.append(cls.penalty_of([p for _, p in _penalized(net, biases)], hp, True))
         return out
@@ -210,6 +218,9 @@ class Bucket:
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
         self.terms = LossTerms(members, device, self.net)
+        if opts.compile and any(f[0].batch_penalty_of is not None for f in self.terms.forms.values()):
+            raise ConfigError("extra.population.compile=true is invalid with tangent_prop or gradient_norm_penalty "
+                              "(torch.compile has no double backward): expected false")
         self.heads = _heads(members, width, cfg, device)
         self.terms.heads = self.heads
         self.net.record = bool(self.terms.activity) or self.heads is not None
@@ -221,6 +232,7 @@ class Bucket:
                                   len(self.net.weights) - 1, device, exact, int(cfg.seed))
         self.noise = _step_noise(members, self.drop, len(self.net.weights), device)
         self.transforms = BatchTransforms([m.cfg.regularizer for m in members], data.input_shape, self.noise, device)
+        self.pretext = MemberPretext.of(members, data.input_shape, device)
         self.member_set = data.member_set.clone()
         self.best: Optional[List[torch.Tensor]] = None
         dwd = [m.cfg.regularizer.get("decoupled_weight_decay") for m in members]
@@ -261,6 +273,8 @@ class Bucket:
         self.drop.keep(idx)
         self.noise.keep(idx)
         self.transforms.keep(idx)
+        if self.pretext is not None:
+            self.pretext.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
         self.terms = LossTerms(self.members, self.device, self.net)
         if self.heads is not None:
@@ -373,6 +387,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
     xs, ys = b.data.batch(rows)  # the epoch's examples in each member's order, gathered at once
     for i in range(start, loop.steps_per_epoch):
         xb, yb = xs[:, i * loop.bs:(i + 1) * loop.bs], ys[:, i * loop.bs:(i + 1) * loop.bs]
+        if b.pretext is not None:  # a lone step's transform_batch, before its noise and dropout
+            xb = b.pretext.draw(xb)
         weights = None
         if b.transforms.active:  # augmentation, FGSM: the whole step's draws in the lone run's order
             xb, masks, weights = b.transforms.draw(xb, yb, b.net.forward, b.net.weights, b.net.widths.tolist())
@@ -401,8 +417,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         def backward(xb=xb, yb=yb, masks=masks, weights=weights):
             with loop.autocast:
                 logits = b.forward(xb, masks, weights)
-            loss = b.terms.loss(logits, yb)
-            pens = b.terms.penalties(b.net, loss)
+            loss = b.terms.loss(logits, yb) if b.pretext is None else b.pretext.loss(logits)
+            pens = b.terms.penalties(b.net, loss, _batch(b, xb, yb, loss, masks, weights))
             for p in b.net.params:
                 p.grad = None
             # members are independent: the sum's gradient is each member's own gradient
@@ -430,6 +446,20 @@ def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
     ascended_gradient(b.trainable, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
+
+
+def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, masks, weights) -> Batch:
+    """The step as a batch penalty sees it; each of its extra forward passes draws fresh
+    dropout masks, as a lone run's extra pass does (weight noise there is refused: compat)."""
+    def extra_pass(x: torch.Tensor) -> torch.Tensor:
+        # the step's hidden activations stay what the activity penalties and heads read, as a
+        # lone run's tangent_prop restores its sites after its extra pass
+        kept = b.net.hidden
+        out = b.forward(x, _second_masks(b, x, masks), weights)
+        b.net.hidden = kept
+        return out
+
+    return Batch(xb, yb, loss, extra_pass, b.terms.loss, b.net.params, tuple(b.data.input_shape))
 
 
 def _second_masks(b: Bucket, xb: torch.Tensor, masks):
@@ -530,11 +560,11 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
 
 
 def _manual_ok(b: Bucket, opts: Options) -> bool:
-    """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing,
-    no DropConnect (whose gradient passes through its mask), no frozen tensor, plain float32 eager
-    forward (then the gradient is a few products written out by hand)."""
+    """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing or
+    pretext loss, no DropConnect (whose gradient passes through its mask), no frozen tensor, plain
+    float32 eager forward (then the gradient is a few products written out by hand)."""
     return (b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen
-            and not any(b.noise.connects) and not opts.bf16 and not opts.compile)
+            and b.pretext is None and not any(b.noise.connects) and not opts.bf16 and not opts.compile)
 
 
 def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
@@ -637,6 +667,9 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
         # decoupled decay's log) is a stand-in whose lr each epoch's end sets.
         ctx.optimizer = SimpleNamespace(param_groups=[{"lr": float(m.cfg.optimizer.lr)}])
         m.regs = build_regularizers(m.cfg.regularizer, ctx)
+        for r in m.regs:  # as build_initial_model (masked_reconstruction's head draws its init)
+            m.model = r.wrap_model(m.model)
+        m.dropout_gen.set_state(torch.get_rng_state())
         for r in m.regs:
             r.attach(m.model)
         m.dropout_gen.set_state(torch.get_rng_state())  # as train() leaves it: after attach (multi_task's head)

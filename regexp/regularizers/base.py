@@ -27,6 +27,10 @@ default, so a regularizer overrides only what it changes:
 - ``batch_penalty(model, loss, x, y, loss_kwargs)``: the same, for a term that needs the
   training batch and its data loss (a penalty on the loss's gradient differentiates the
   loss); by default the ``penalty(model)`` above.
+- ``batch_penalty_of(batch, hp, stacked)`` (classmethod, optional): such a term written once
+  for both engines, on a :class:`Batch` (the batch, its data loss, a fresh forward pass and
+  the parameters): ``batch_penalty`` calls it on the model, the population engine on its
+  stacked network ((M,) values, one per member).
 - ``before_step(model)``: after backward and gradient clipping, right before the optimizer
   step (decoupled weight decay shrinks the weights there, as AdamW does).
 - ``after_step(model)``: after each optimizer step.
@@ -45,6 +49,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 REGULARIZERS: Dict[str, Type["Regularizer"]] = {}
@@ -75,6 +80,31 @@ class Context:
     data_cfg: Optional[Any] = None  # cfg.data, where that data came from
 
 
+@dataclass
+class Batch:
+    """A training step as a batch penalty sees it, alone or stacked (leading dim: the member).
+
+    ``x``: the step's inputs after ``transform_batch`` (lone: (B, *input_shape); stacked:
+    (M, B, D), flattened); ``loss``: their data loss (0-dim or (M,)); ``forward``: inputs ->
+    logits, a fresh training-mode pass that draws its own dropout masks, as calling the model
+    again does; ``data_loss``: (logits, y) -> the run's cross-entropy (label smoothing
+    included); ``params``: every trainable parameter."""
+    x: torch.Tensor
+    y: torch.Tensor
+    loss: torch.Tensor
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    params: List[torch.Tensor]
+    input_shape: Tuple[int, ...]
+
+    @classmethod
+    def of_model(cls, model: nn.Module, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                 loss_kwargs: Dict[str, Any]) -> "Batch":
+        """A lone run's step (what ``batch_penalty`` is given)."""
+        return cls(x, y, loss, model, lambda logits, t: F.cross_entropy(logits, t, **loss_kwargs),
+                   [p for p in model.parameters() if p.requires_grad], tuple(x.shape[1:]))
+
+
 class Regularizer:
     name: ClassVar[str]
     Config: ClassVar[type]
@@ -89,6 +119,8 @@ class Regularizer:
     population_hp: ClassVar[Optional[Callable]] = None
     # activity_of(hs, hp, stacked, units) -> Tensor, for activation penalties (see above)
     activity_of: ClassVar[Optional[Callable]] = None
+    # classmethod batch_penalty_of(batch, hp, stacked) -> Tensor, for batch penalties (see above)
+    batch_penalty_of: ClassVar[Optional[Callable]] = None
 
     def __init__(self, cfg, ctx: Context):
         self.cfg = cfg

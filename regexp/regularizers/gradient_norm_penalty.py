@@ -15,8 +15,11 @@ double backward (the penalty's gradient is λ·2·H∇L, a Hessian-vector produc
   for the micro-batches' forward passes.
 
 Every trainable parameter enters the norm (the implicit term has no notion of weights vs biases).
-Costs about three backward passes per step (``full``) or k + 2 (``sgd``). The population engine
-refuses it (its hand-written gradients have no double backward).
+Costs about three backward passes per step (``full``) or k + 2 (``sgd``). Written once
+(``batch_penalty_of``): in a population each member's norm is that of its own loss's gradient
+with respect to its own slices of the stacked parameters (members are independent, so the
+gradient of the summed losses is each member's own), with λ per member; ``sgd``'s micro-batch
+passes draw fresh dropout masks from each member's generator, as the lone run's do.
 """
 from __future__ import annotations
 
@@ -24,17 +27,17 @@ from dataclasses import dataclass
 from typing import Any, Dict, List
 
 import torch
-import torch.nn.functional as F
 
-from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.base import Batch, Regularizer, member_sum, register
 
 MODES = ("full", "sgd")
 
 
-def squared_grad_norm(loss: torch.Tensor, params: List[torch.Tensor]) -> torch.Tensor:
-    """‖∂loss/∂params‖², differentiable with respect to the parameters (create_graph)."""
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    return sum(g.pow(2).sum() for g in grads)
+def squared_grad_norm(loss: torch.Tensor, params: List[torch.Tensor], stacked: bool = False) -> torch.Tensor:
+    """‖∂loss/∂params‖², differentiable with respect to the parameters (create_graph); stacked:
+    (M,) losses of independent members, each member's norm over its slices of the parameters."""
+    grads = torch.autograd.grad(loss.sum(), params, create_graph=True)
+    return sum(member_sum(g.pow(2), stacked) for g in grads)
 
 
 @register
@@ -53,10 +56,15 @@ class GradientNormPenalty(Regularizer):
 
     def batch_penalty(self, model, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                       loss_kwargs: Dict[str, Any]) -> torch.Tensor:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if self.cfg.mode == "full":
-            return self.cfg.lam * squared_grad_norm(loss, params)
-        k = min(self.cfg.micro_batches, len(y))
-        norms = [squared_grad_norm(F.cross_entropy(model(xj), yj, **loss_kwargs), params)
-                 for xj, yj in zip(torch.tensor_split(x, k), torch.tensor_split(y, k))]
-        return self.cfg.lam * sum(norms) / k
+        return self.batch_penalty_of(Batch.of_model(model, loss, x, y, loss_kwargs), self.cfg, False)
+
+    @classmethod
+    def batch_penalty_of(cls, batch: Batch, hp, stacked: bool) -> torch.Tensor:
+        """Ω of a lone step (0-dim), or of each member of a stacked one ((M,), λ: (M,))."""
+        if hp.mode == "full":
+            return hp.lam * squared_grad_norm(batch.loss, batch.params, stacked)
+        dim = int(stacked)  # the batch dimension
+        k = min(hp.micro_batches, batch.y.shape[dim])
+        norms = [squared_grad_norm(batch.data_loss(batch.forward(xj), yj), batch.params, stacked)
+                 for xj, yj in zip(torch.tensor_split(batch.x, k, dim), torch.tensor_split(batch.y, k, dim))]
+        return hp.lam * sum(norms) / k

@@ -18,6 +18,11 @@ outputs with the digit labels and mean nothing; the pretext's own numbers are in
 ``metrics.json``'s ``extra``: the masked MSE on the test signals (one fixed mask per signal) and,
 as a yardstick, that of predicting each position's mean over the training signals.
 
+In a population (MLPs) each member's model is built through ``wrap_model`` (its stacked head has
+C·L outputs), its segments are drawn from its own generator in the lone run's order (before the
+step's noise and dropout draws, see :mod:`regexp.population.pretext`) and its data loss is
+``masked_mse`` per member; ``report`` runs on each member's lone model, as alone.
+
 Masked reconstruction rather than a contrastive pair loss: its target is the signal itself, so
 it needs no negatives or large batches, no choice of augmentations whose invariances must match
 the labels', and its loss is exact to test.
@@ -31,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from regexp.errors import ConfigError
-from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.base import Regularizer, member_sum, register
 
 
 def segment_mask(n: int, length: int, segment: int, generator: Optional[torch.Generator] = None,
@@ -43,11 +48,17 @@ def segment_mask(n: int, length: int, segment: int, generator: Optional[torch.Ge
     return (pos >= start) & (pos < start + segment)
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, stacked: bool = False) -> torch.Tensor:
     """Mean squared error over the masked positions (``mask``: (n, L), shared by the C channels)
-    of a prediction (n, C·L or C×L) of ``target`` (n, C, L)."""
-    err = (pred.reshape(target.shape) - target).pow(2) * mask.unsqueeze(1)
-    return err.sum() / (mask.sum() * target.shape[1])
+    of a prediction (n, C·L or C×L) of ``target`` (n, C, L); stacked (a leading member dimension
+    on all three): each member's, as an (M,) tensor."""
+    err = (pred.reshape(target.shape) - target).pow(2) * mask.unsqueeze(-2)
+    return member_sum(err, stacked) / (member_sum(mask, stacked) * target.shape[-2])
+
+
+def hide(x: torch.Tensor, mask: torch.Tensor, fill: float) -> torch.Tensor:
+    """``x`` (..., C, L) with the positions of ``mask`` (..., L) overwritten by ``fill`` in every channel."""
+    return x.masked_fill(mask.unsqueeze(-2), fill)
 
 
 @register
@@ -82,7 +93,7 @@ class MaskedReconstruction(Regularizer):
     def transform_batch(self, x, y, model):
         self._target = x
         self._mask = segment_mask(len(x), x.shape[-1], self.cfg.segment, device=x.device)
-        return x.masked_fill(self._mask.unsqueeze(1), self.cfg.fill), y
+        return hide(x, self._mask, self.cfg.fill), y
 
     def data_loss(self, model, logits, y, idx, loss_kwargs):
         return masked_mse(logits, self._target, self._mask)
@@ -94,7 +105,7 @@ class MaskedReconstruction(Regularizer):
         mask = segment_mask(len(x), x.shape[-1], self.cfg.segment, g, x.device)
         was = model.training
         model.eval()
-        pred = model(x.masked_fill(mask.unsqueeze(1), self.cfg.fill))
+        pred = model(hide(x, mask, self.cfg.fill))
         model.train(was)
         mean = tensors["train"][0].mean(0, keepdim=True).expand_as(x)
         return {"masked_reconstruction/test_mse": masked_mse(pred, x, mask).item(),

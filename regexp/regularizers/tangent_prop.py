@@ -23,20 +23,23 @@ two backward passes with ``create_graph`` on an extra forward pass of the batch 
 model; that pass draws its own dropout masks, and batch norm's running statistics see the
 batch twice). Where data augmentation makes the network invariant to
 sampled transformations, tangent propagation asks for the infinitesimal invariance analytically
-at the training points themselves. The population engine refuses it (its hand-written
-gradients have no double backward).
+at the training points themselves. The penalty is written once (``batch_penalty_of``): a
+population runs the same double backward on its stacked forward (inputs (M, B, D), members
+independent, so each member's J·v is its own), with λ per member; its extra pass draws fresh
+dropout masks from each member's generator, as the lone run's does (weight noise, drawn anew
+by that pass too, is refused there).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
 from regexp.errors import ConfigError
 from regexp.models.sites import sites
 from regexp.regularizers.augmentation import crop_2d, shift_scale_1d
-from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.base import Batch, Regularizer, member_sum, register
 
 TANGENTS = ("shift", "scale")
 
@@ -60,10 +63,13 @@ def tangents(x: torch.Tensor, names: List[str], scale_step: float) -> List[torch
     return [(crop(1, 0) - crop(1, 2)) / 2, (crop(0, 1) - crop(2, 1)) / 2]
 
 
-def tangent_products(model: torch.nn.Module, x: torch.Tensor, vs: List[torch.Tensor]) -> List[torch.Tensor]:
-    """J_x f(x) · v for every tangent v, as (N, outputs) tensors differentiable in the parameters."""
+def tangent_products(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     vs: List[torch.Tensor]) -> List[torch.Tensor]:
+    """J_x f(x) · v for every tangent v (each shaped as ``x``), as tensors shaped as f(x),
+    differentiable in the parameters. ``forward`` is a model, or a population's stacked forward
+    (x: (M, B, D); members are independent, so ∇_x of the sum is each member's own Jᵀu)."""
     x = x.detach().requires_grad_(True)
-    out = model(x)
+    out = forward(x)
     u = torch.zeros_like(out, requires_grad=True)
     (jtu,) = torch.autograd.grad((out * u).sum(), x, create_graph=True)
     return [torch.autograd.grad((jtu * v).sum(), u, create_graph=True)[0] for v in vs]
@@ -98,7 +104,16 @@ class TangentProp(Regularizer):
                       loss_kwargs: Dict[str, Any]) -> torch.Tensor:
         # the extra forward pass must not replace the activations the activity penalties read
         kept = [(s, s.last) for s in sites(model)]
-        jv = tangent_products(model, x, tangents(x, list(self.cfg.tangents), self.cfg.scale_step))
+        value = self.batch_penalty_of(Batch.of_model(model, loss, x, y, loss_kwargs), self.cfg, False)
         for s, last in kept:
             s.last = last
-        return self.cfg.lam * sum(p.pow(2).sum() for p in jv) / len(x)
+        return value
+
+    @classmethod
+    def batch_penalty_of(cls, batch: Batch, hp, stacked: bool) -> torch.Tensor:
+        """λ·(1/B)·Σᵢ Σ_v ‖J·vᵢ‖²: a 0-dim value, or (M,) per member (λ: (M,)) when ``stacked``."""
+        x = batch.x
+        examples = x.reshape(-1, *batch.input_shape)  # the stacked inputs are flat (M, B, D)
+        vs = [v.reshape(x.shape) for v in tangents(examples, list(hp.tangents), hp.scale_step)]
+        jv = tangent_products(batch.forward, x, vs)
+        return hp.lam * sum(member_sum(p.pow(2), stacked) for p in jv) / x.shape[int(stacked)]
