@@ -128,6 +128,18 @@ def test_tangent_prop_members_match_lone_runs_with_dropout(compose_cfg, tmp_path
     assert pop[0]["history"] != pop[1]["history"]
 
 
+def test_tangent_prop_before_an_activity_penalty_leaves_it_the_steps_activations(compose_cfg, tmp_path):
+    """tangent_prop's extra pass runs first; activity_kl must still read the step's own hidden
+    activations, as the lone run's restored sites give it (sigmoid: firing rates as they are)."""
+    points = [{"model.width": 16, "seed": 0}, {"model.width": 12, "seed": 1}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + [
+        "optimizer=adam", "regularizer=[tangent_prop,activity_kl]", "regularizer.activity_kl.alpha=0.1",
+        "model.activation=sigmoid"], points)
+    assert use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+
+
 @pytest.mark.parametrize("mode", ["full", "sgd"])
 def test_gradient_norm_penalty_members_match_lone_runs(compose_cfg, tmp_path, mode):
     points = [{"model.width": 16, "regularizer.gradient_norm_penalty.lam": 0.1, "seed": 0},
