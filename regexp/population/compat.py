@@ -23,7 +23,7 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 MODELS = ("mlp",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
-                "input_noise", "weight_noise", "early_stopping", "transfer")
+                "input_noise", "weight_noise", "early_stopping", "transfer", "soft_weight_sharing")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
     "seed", "model.width", "data.label_noise", "data.random_inputs",
@@ -39,6 +39,9 @@ MEMBER_KEYS = (
     "regularizer.early_stopping.monitor",
     # each member's lone model loads its own start before the weights are stacked
     "regularizer.transfer.run_dir", "regularizer.transfer.file",
+    # each member's own mixture: its λ, its group's lr, its start, and its report's merging
+    "regularizer.soft_weight_sharing.tau", "regularizer.soft_weight_sharing.lr",
+    "regularizer.soft_weight_sharing.init_sigma", "regularizer.soft_weight_sharing.merge_distance",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED = {
@@ -53,7 +56,6 @@ NOT_STACKED = {
     "masked_reconstruction": "it adds a decoder to the model and replaces the data loss",
     "multi_task": "it adds heads and parameter groups of its own, which the stacked model lacks",
     "parameter_tying": "its reference weights (a run per member) do not enter a stacked penalty",
-    "soft_weight_sharing": "its mixture is learned per member (parameter groups), not stacked",
     "tangent_prop": "its penalty needs each member's input Jacobian, not written for stacked weights",
 }
 
@@ -83,6 +85,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if cfg.optimizer.name == "sam" and "weight_noise" in cfg.regularizer:
         return ("optimizer=sam with regularizer weight_noise (the population draws a step's weight noise "
                 "once; SAM's second pass would need draws of its own)")
+    if cfg.optimizer.name == "sam" and "soft_weight_sharing" in cfg.regularizer:
+        return ("optimizer=sam with regularizer soft_weight_sharing (SAM's ascent would perturb each member's "
+                "mixture too, which the population's stacked ascent over the weights does not)")
     if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
         return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
                 "stacked tensor as trained)")

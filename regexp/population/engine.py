@@ -31,6 +31,7 @@ from regexp.optim import lr_factor
 from regexp.optim.sam import ascended_gradient
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
+from regexp.population.mixture import StackedMixtures, stacked_mixtures
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
@@ -87,7 +88,10 @@ def _reg(m: Member, name: str, key: str, default: float = 0.0) -> float:
 class LossTerms:
     """Per-member cross-entropy (with label smoothing) and weight-decay penalty, as (M,) tensors."""
 
-    def __init__(self, members: List[Member], device: torch.device):
+    def __init__(self, members: List[Member], device: torch.device,
+                 stacked: Optional[Dict[str, Callable[[StackedMLP], torch.Tensor]]] = None):
+        # ``stacked``: penalties whose stacked form needs per-member state (learned mixtures)
+        self.stacked = stacked or {}
         # As in train(): only regularizers that define a penalty add a term (and a curve).
         self.reg_names = [r.name for r in members[0].regs if r.penalizes()]
         eps = [_reg(m, "label_smoothing", "eps") for m in members]
@@ -120,6 +124,9 @@ class LossTerms:
         """One (M,) tensor per penalizing regularizer, in config order."""
         out = []
         for name in self.reg_names:
+            if name in self.stacked:
+                out.append(self.stacked[name](net))
+                continue
             cls, hp, biases = self.forms[name]
             # as weight_params(): a frozen tensor (transfer's freeze) has no penalty
             ps = [p for _, p, is_w in net.named_params() if (is_w or biases) and p.requires_grad]
@@ -188,7 +195,11 @@ class Bucket:
         # SAM (regexp/optim/sam.py): each member's own radius and gradient norm
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
-        self.terms = LossTerms(members, device)
+        # soft weight sharing: each member's mixture, a second optimizer group of its own
+        self.mixtures: Optional[StackedMixtures] = stacked_mixtures(
+            members, self.net, _base_name(cfg.optimizer), _member_hypers(members),
+            bool(cfg.optimizer.get("nesterov", False)), bool(cfg.optimizer.get("centered", False)), device)
+        self.terms = LossTerms(members, device, self._stacked_penalties())
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
                                   [_reg(m, "dropout", "p") for m in members],
@@ -211,6 +222,27 @@ class Bucket:
         if self.probes is not None and members[0].resume is not None:  # members resume together
             for k, m in enumerate(members):
                 self.probes.load_state_dict(m.resume["probes"], k)
+
+    def _stacked_penalties(self) -> Dict[str, Callable[[StackedMLP], torch.Tensor]]:
+        return {} if self.mixtures is None else {"soft_weight_sharing": self.mixtures.penalty}
+
+    def zero_grad(self) -> None:
+        for p in self.net.params:
+            p.grad = None
+        if self.mixtures is not None:
+            self.mixtures.zero_grad()
+
+    def step(self, factor: float) -> None:
+        """Every optimizer group's update, as train()'s one ``optimizer.step()``."""
+        self.opt.step(factor)
+        if self.mixtures is not None:
+            self.mixtures.opt.step(factor)
+
+    def sync_member(self, k: int) -> None:
+        """Member k's stacked state its lone regularizers read (logs, report, checkpoint) into them."""
+        if self.mixtures is not None:
+            self.mixtures.sync(k)
+            self.members[k].model.load_state_dict(self.net.member_state(k))  # its weight histogram
 
     @property
     def trainable(self) -> List[torch.Tensor]:
@@ -236,7 +268,9 @@ class Bucket:
         self.drop.keep(idx)
         self.noise.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
-        self.terms = LossTerms(self.members, self.device)
+        if self.mixtures is not None:
+            self.mixtures.keep(idx, self.net)
+        self.terms = LossTerms(self.members, self.device, self._stacked_penalties())
         if self.clip is not None:
             self.clip = self.clip.index_select(0, sel.to(self.clip.device))
         if self.decoupled is not None:
@@ -354,8 +388,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
                 logits = b.forward(xb, masks, weights)
             loss = b.terms.loss(logits, yb)
             pens = b.terms.penalties(b.net, loss)
-            for p in b.net.params:
-                p.grad = None
+            b.zero_grad()
             # members are independent: the sum's gradient is each member's own gradient
             (loss.sum() + sum(pen.sum() for pen in pens)).backward()
             b.clip_()
@@ -367,7 +400,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             grad_norms = _grad_norms(b)
         if b.sam:
             _ascend(b, lambda: backward(masks=_second_masks(b, xb, masks)))
-        b.opt.step(loop.factor(loop.step))
+        b.step(loop.factor(loop.step))
         loop.step += 1
         running += torch.stack([loss] + pens, 1) * xb.shape[1]
         if stop.requested:
@@ -501,12 +534,15 @@ def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], ru
                 in_epoch: int) -> Dict:
     """Member k's checkpoint.pt, in train()'s format, after ``loop.step`` steps."""
     m = b.members[k]
+    b.sync_member(k)  # its regularizers' state (the mixture) goes into the checkpoint
     best = b.net.member_state(k, b.best) if b.best is not None else None
     sums = running[k].cpu() if running is not None else torch.zeros(1 + len(b.terms.reg_names))
-    return checkpoint_dict(m, b.net.member_state(k), _member_opt_state(b, k), loop.total_steps,
+    opt_state = _member_opt_state(b, k) + (b.mixtures.member_opt_state(k) if b.mixtures is not None else [])
+    return checkpoint_dict(m, b.net.member_state(k), opt_state, loop.total_steps,
                            b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu() if perms is not None else None,
                            sums, best, steps_done=loop.step, step_in_epoch=in_epoch,
-                           probe_state=b.probes.state_dict(k) if b.probes is not None else None)
+                           probe_state=b.probes.state_dict(k) if b.probes is not None else None,
+                           factor=loop.factor(loop.step))
 
 
 def _final_probes(b: Bucket, epoch: int) -> None:
@@ -543,6 +579,8 @@ def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Option
         per_param = [[st[j][key] for st in states] for j in range(len(b.trainable))]
         b.opt.state[key] = ([ts[0].to(b.device) for ts in per_param] if key == "step"  # shared count
                             else [b.net.stack(ts, p) for ts, p in zip(per_param, b.trainable)])
+    if b.mixtures is not None:  # the mixture's group follows the weights' in torch.optim's state
+        b.mixtures.load_opt_state(states, len(b.trainable), loop.step)
     if all(ck["best_state"] is not None for ck in cks):
         names = [name for name, _, _ in b.net.named_params()]
         b.best = [b.net.stack([ck["best_state"][n] for ck in cks], p) for n, p in zip(names, b.net.params)]
@@ -669,6 +707,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         if probed is not None and not m.stopped:  # train() skips the periodic probe of its last epoch
             probe_record(m.probe_history, epoch, probed[k], logs)
         write_scalars(m.tb, logs, epoch)
+        b.sync_member(k)
         for r in m.regs:
             r.ctx.optimizer.param_groups[0]["lr"] = lrs[k]  # the stand-in's lr (_build_models)
             r.log(m.tb, epoch)
