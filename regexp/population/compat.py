@@ -51,7 +51,8 @@ NOT_STACKED = {
     "adversarial": "its FGSM batch needs each member's input gradient, which the stacked step does not take",
     "augmentation": "its random transforms of each member's batch are not drawn in the stacked step",
     "dropconnect": "its per-weight masks are not drawn for stacked weights",
-    "ensemble": "it puts K models behind one module and replaces the data loss; an ensemble is not stacked",
+    "ensemble": ("its K models would be K stacked slices of one member, but the population evaluates, logs, "
+                 "checkpoints and draws dropout per slice, not the ensemble's mean probability over its K"),
     "gradient_norm_penalty": "its penalty differentiates each member's loss gradient, not written for stacked weights",
     "masked_reconstruction": "it adds a decoder to the model and replaces the data loss",
     "multi_task": "it adds heads and parameter groups of its own, which the stacked model lacks",
