@@ -56,9 +56,9 @@ def test_engine_choice_names_its_reason(compose_cfg, caplog, monkeypatch):
     assert choose_engine(compose_cfg(["regularizer=[ensemble]"]), points)[1].startswith(
         "regularizer ensemble (")
     # a penalty listed as supported but without a stacked form is refused, never trained as zero
-    monkeypatch.setattr(compat, "REGULARIZERS", compat.REGULARIZERS + ("soft_weight_sharing",))
-    assert choose_engine(compose_cfg(["regularizer=[soft_weight_sharing]"]), points) == (
-        "serial", "regularizer soft_weight_sharing (its penalty has no penalty_of for stacked weights)")
+    monkeypatch.setattr(compat.ALL["l1"], "penalty_of", None)
+    assert choose_engine(compose_cfg(["regularizer=[l1]"]), points) == (
+        "serial", "regularizer l1 (its penalty has no penalty_of for stacked weights)")
     caplog.set_level(logging.INFO, logger="regexp.population")
     assert not use_population(compose_cfg(["sweep.engine=serial"]), points)  # asked for: no line
     assert not [r for r in caplog.records if r.name == "regexp.population"]

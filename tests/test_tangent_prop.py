@@ -119,7 +119,7 @@ def test_unknown_tangent_is_named():
         REGULARIZERS["tangent_prop"].validate(cfg, "regularizer.tangent_prop")
 
 
-@pytest.mark.parametrize("reg", ["soft_weight_sharing"])  # activity_kl, tangent_prop train in populations
+@pytest.mark.parametrize("reg", ["ensemble"])  # activity_kl, tangent_prop, soft_weight_sharing train in populations
 def test_population_refuses_it(compose_cfg, reg):
     """A population would silently drop the term: it must say so, and auto falls back to serial
     (tangent_prop itself joins: tests/test_population_batch_penalties.py)."""

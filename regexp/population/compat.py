@@ -26,7 +26,7 @@ REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying",
                 "dropconnect", "augmentation", "adversarial", "activity_l1", "activity_student_t",
                 "activity_kl", "multi_task", "tangent_prop", "gradient_norm_penalty",
-                "masked_reconstruction")
+                "masked_reconstruction", "soft_weight_sharing")
 # Batch terms the population computes itself, with the regularizer's own formula (aux_heads.py).
 BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
@@ -50,11 +50,14 @@ MEMBER_KEYS = (
     "regularizer.activity_l1.alpha", "regularizer.activity_student_t.alpha", "regularizer.activity_student_t.gamma",
     "regularizer.activity_kl.alpha", "regularizer.activity_kl.rho", "regularizer.multi_task.lam",
     "regularizer.tangent_prop.lam", "regularizer.gradient_norm_penalty.lam",
+    # each member's own mixture: its λ, its group's lr, its start, and its report's merging
+    "regularizer.soft_weight_sharing.tau", "regularizer.soft_weight_sharing.lr",
+    "regularizer.soft_weight_sharing.init_sigma", "regularizer.soft_weight_sharing.merge_distance",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED = {
-    "ensemble": "it puts K models behind one module and replaces the data loss; an ensemble is not stacked",
-    "soft_weight_sharing": "its mixture is learned per member (parameter groups), not stacked",
+    "ensemble": ("its K models would be K stacked slices of one member, but the population evaluates, logs, "
+                 "checkpoints and draws dropout per slice, not the ensemble's mean probability over its K"),
 }
 
 
@@ -99,10 +102,16 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if "multi_task" in cfg.regularizer and (cfg.optimizer.name == "sam" or int(cfg.model.depth) == 0):
         return ("regularizer multi_task with optimizer=sam or model.depth=0 (the population's heads read "
                 "the last hidden layer and take plain steps)")
+    if "multi_task" in regs and "soft_weight_sharing" in regs:
+        return ("regularizers multi_task and soft_weight_sharing together (the population steps one extra "
+                "parameter group per bucket, the head's or the mixture's)")
     drawn = [r for r in ("weight_noise", "dropconnect") if r in cfg.regularizer]
     if cfg.optimizer.name == "sam" and drawn:
         return (f"optimizer=sam with regularizer {drawn[0]} (the population draws a step's weight "
                 "perturbation once; SAM's second pass would need draws of its own)")
+    if cfg.optimizer.name == "sam" and "soft_weight_sharing" in cfg.regularizer:
+        return ("optimizer=sam with regularizer soft_weight_sharing (SAM's ascent would perturb each member's "
+                "mixture too, which the population's stacked ascent over the weights does not)")
     if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
         return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
                 "stacked tensor as trained)")

@@ -33,6 +33,7 @@ from regexp.population.aux_heads import StackedHeads
 from regexp.population.compat import MEMBER_KEYS
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
+from regexp.population.mixture import StackedMixtures, stacked_mixtures
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
@@ -92,7 +93,10 @@ def _reg(m: Member, name: str, key: str, default: float = 0.0) -> float:
 class LossTerms:
     """Per-member cross-entropy (with label smoothing) and weight-decay penalty, as (M,) tensors."""
 
-    def __init__(self, members: List[Member], device: torch.device, net: StackedMLP):
+    def __init__(self, members: List[Member], device: torch.device, net: StackedMLP,
+                 stacked: Optional[Dict[str, Callable[[StackedMLP], torch.Tensor]]] = None):
+        # ``stacked``: penalties whose stacked form needs per-member state (learned mixtures)
+        self.stacked = stacked or {}
         # As in train(): only regularizers that define a penalty add a term (and a curve).
         self.reg_names = [r.name for r in members[0].regs if r.penalizes()]
         eps = [_reg(m, "label_smoothing", "eps") for m in members]
@@ -135,7 +139,13 @@ class LossTerms:
         the batch penalties)."""
         out = []
         for name in self.reg_names:
+            if name in self.stacked:
+                out.append(self.stacked[name](net))
+                continue
             cls, hp, biases = self.forms[name]
+            if name in self.stacked:
+                out.append(self.stacked[name](net))
+                continue
             if name in self.activity:  # on the hidden activations the forward just recorded
                 out.append(self.activity[name].activity_of(net.hidden, hp, True, net.unit_mask))
                 continue
@@ -217,7 +227,11 @@ class Bucket:
         # SAM (regexp/optim/sam.py): each member's own radius and gradient norm
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
-        self.terms = LossTerms(members, device, self.net)
+        # soft weight sharing: each member's mixture, a second optimizer group of its own
+        self.mixtures: Optional[StackedMixtures] = stacked_mixtures(
+            members, self.net, _base_name(cfg.optimizer), _member_hypers(members),
+            bool(cfg.optimizer.get("nesterov", False)), bool(cfg.optimizer.get("centered", False)), device)
+        self.terms = LossTerms(members, device, self.net, self._stacked_penalties())
         if opts.compile and any(f[0].batch_penalty_of is not None for f in self.terms.forms.values()):
             raise ConfigError("extra.population.compile=true is invalid with tangent_prop or gradient_norm_penalty "
                               "(torch.compile has no double backward): expected false")
@@ -249,6 +263,29 @@ class Bucket:
             for k, m in enumerate(members):
                 self.probes.load_state_dict(m.resume["probes"], k)
 
+    def _stacked_penalties(self) -> Dict[str, Callable[[StackedMLP], torch.Tensor]]:
+        return {} if self.mixtures is None else {"soft_weight_sharing": self.mixtures.penalty}
+
+    def zero_grad(self) -> None:
+        for p in self.net.params:
+            p.grad = None
+        if self.mixtures is not None:
+            self.mixtures.zero_grad()
+
+    def step(self, factor: float) -> None:
+        """Every optimizer group's update, as train()'s one ``optimizer.step()``."""
+        self.opt.step(factor)
+        if self.heads is not None:
+            self.heads.step(factor)
+        if self.mixtures is not None:
+            self.mixtures.opt.step(factor)
+
+    def sync_member(self, k: int) -> None:
+        """Member k's stacked state its lone regularizers read (logs, report, checkpoint) into them."""
+        if self.mixtures is not None:
+            self.mixtures.sync(k)
+            self.members[k].model.load_state_dict(self.net.member_state(k))  # its weight histogram
+
     @property
     def trainable(self) -> List[torch.Tensor]:
         """The stacked tensors the optimizer updates: train()'s optimizer gets only the lone
@@ -276,7 +313,9 @@ class Bucket:
         if self.pretext is not None:
             self.pretext.keep(idx)
         self.member_set = self.member_set.index_select(0, sel)
-        self.terms = LossTerms(self.members, self.device, self.net)
+        if self.mixtures is not None:
+            self.mixtures.keep(idx, self.net)
+        self.terms = LossTerms(self.members, self.device, self.net, self._stacked_penalties())
         if self.heads is not None:
             self.heads.keep(sel)
             self.terms.heads = self.heads
@@ -419,8 +458,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
                 logits = b.forward(xb, masks, weights)
             loss = b.terms.loss(logits, yb) if b.pretext is None else b.pretext.loss(logits)
             pens = b.terms.penalties(b.net, loss, _batch(b, xb, yb, loss, masks, weights))
-            for p in b.net.params:
-                p.grad = None
+            b.zero_grad()
             # members are independent: the sum's gradient is each member's own gradient
             (loss.sum() + sum(pen.sum() for pen in pens)).backward()
             b.clip_()
@@ -432,9 +470,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             grad_norms = _grad_norms(b)
         if b.sam:
             _ascend(b, lambda: backward(masks=_second_masks(b, xb, masks)))
-        b.opt.step(loop.factor(loop.step))
-        if b.heads is not None:
-            b.heads.step(loop.factor(loop.step))
+        b.step(loop.factor(loop.step))
         loop.step += 1
         running += torch.stack([loss] + pens, 1).detach() * xb.shape[1]  # no graph kept across steps
         if stop.requested:
@@ -583,16 +619,20 @@ def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], ru
                 in_epoch: int) -> Dict:
     """Member k's checkpoint.pt, in train()'s format, after ``loop.step`` steps."""
     m = b.members[k]
+    b.sync_member(k)  # its regularizers' state (the mixture) goes into the checkpoint
     best = b.net.member_state(k, b.best) if b.best is not None else None
     sums = running[k].cpu() if running is not None else torch.zeros(1 + len(b.terms.reg_names))
     opt_state = _member_opt_state(b, k)
     if b.heads is not None:  # the head is the lone optimizer's second group, its state in the regularizer's
         b.heads.sync(k)
         opt_state += b.heads.member_opt_state(k)
+    if b.mixtures is not None:  # likewise the learned mixture's group (not with multi_task: compat)
+        opt_state += b.mixtures.member_opt_state(k)
     return checkpoint_dict(m, b.net.member_state(k), opt_state, loop.total_steps,
                            b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu() if perms is not None else None,
                            sums, best, steps_done=loop.step, step_in_epoch=in_epoch,
-                           probe_state=b.probes.state_dict(k) if b.probes is not None else None)
+                           probe_state=b.probes.state_dict(k) if b.probes is not None else None,
+                           factor=loop.factor(loop.step))
 
 
 def _final_probes(b: Bucket, epoch: int) -> None:
@@ -633,6 +673,8 @@ def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Option
                             else [b.net.stack(ts, p) for ts, p in zip(per_param, b.trainable)])
     if b.heads is not None:
         b.heads.restore(states, len(b.trainable), loop.step)
+    if b.mixtures is not None:  # the mixture's group follows the weights' in torch.optim's state
+        b.mixtures.load_opt_state(states, len(b.trainable), loop.step)
     if all(ck["best_state"] is not None for ck in cks):
         names = [name for name, _, _ in b.net.named_params()]
         b.best = [b.net.stack([ck["best_state"][n] for ck in cks], p) for n, p in zip(names, b.net.params)]
@@ -762,6 +804,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         if probed is not None and not m.stopped:  # train() skips the periodic probe of its last epoch
             probe_record(m.probe_history, epoch, probed[k], logs)
         write_scalars(m.tb, logs, epoch)
+        b.sync_member(k)
         for r in m.regs:
             r.ctx.optimizer.param_groups[0]["lr"] = lrs[k]  # the stand-in's lr (_build_models)
             r.log(m.tb, epoch)

@@ -112,28 +112,31 @@ def write_histograms(tb: TBLogger, state: Dict[str, torch.Tensor], epoch: int) -
 def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[Dict[str, torch.Tensor]],
                     total_steps: int, lr_final: float, perm: Optional[torch.Tensor],
                     running: torch.Tensor, best_state, steps_done: Optional[int] = None,
-                    step_in_epoch: int = 0, probe_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                    step_in_epoch: int = 0, probe_state: Optional[Dict[str, Any]] = None,
+                    factor: Optional[float] = None) -> Dict[str, Any]:
     """The dict train() saves as checkpoint.pt, rebuilt from the member's slices.
 
     ``total_steps`` is the schedule's length, ``steps_done`` the optimizer steps taken (all of
     them by default), ``step_in_epoch`` those of the unfinished epoch ``m.epochs + 1``: with
     them train() resumes an interrupted member where it stopped. ``probe_state``: its probes'
-    generator (None without probes)."""
+    generator (None without probes). ``opt_state`` lists the weights' entries, then those of
+    the regularizers' own groups (a learned mixture), whose lr is their base lr times the
+    schedule's ``factor``."""
     done = total_steps if steps_done is None else steps_done
     m.model.load_state_dict(state)
     params = [p for p in m.model.parameters() if p.requires_grad]
     groups = [{"params": params}] + [g for r in m.regs for g in r.param_groups()]  # as train() groups them
     optimizer = build_optimizer(m.cfg.optimizer, groups, torch.device("cpu"))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for p, s in zip(params, opt_state):
+    for p, s in zip([p for g in optimizer.param_groups for p in g["params"]], opt_state):
         if s:
             optimizer.state[p] = s
     scheduler = build_scheduler(m.cfg.scheduler, optimizer, total_steps)
+    lrs = [lr_final] + [g["initial_lr"] * factor for g in optimizer.param_groups[1:]]
     sd = scheduler.state_dict()
-    sd.update(last_epoch=done, _step_count=done + 1, _last_lr=[lr_final])
+    sd.update(last_epoch=done, _step_count=done + 1, _last_lr=lrs)
     scheduler.load_state_dict(sd)
-    for g in optimizer.param_groups:
-        g["lr"] = lr_final
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
     rng = rng_state()
     rng["torch"] = m.dropout_gen.get_state()
     return {

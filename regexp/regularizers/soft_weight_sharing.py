@@ -26,21 +26,36 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from regexp.regularizers.base import Regularizer, register
+from regexp.regularizers.base import Regularizer, member_sum, register
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
 def log_joint(w: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
-    """ln πⱼ + ln 𝒩(wᵢ | μⱼ, σⱼ²), shape (len(w), K)."""
-    w = w[:, None]
+    """ln πⱼ + ln 𝒩(wᵢ | μⱼ, σⱼ²), shape (*w.shape, K): (n, K) for one model's weights and (K,)
+    components; (M, n, K) for a population's (M, n) weights and (M, 1, K) components."""
+    w = w[..., None]
     return log_pi - 0.5 * (_LOG_2PI + log_var + (w - mu) ** 2 * torch.exp(-log_var))
+
+
+def mixture_terms(free_mu: torch.Tensor, xi: torch.Tensor, eta: torch.Tensor, zero: bool, learn_pi0: bool,
+                  pi0: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(μ, ln σ², ln π) of the unconstrained parameters, over their last dimension (one mixture's
+    (K,) or a population's stacked (M, 1, K)); component 0 pinned at μ = 0 when ``zero``."""
+    mu = torch.cat([free_mu.new_zeros(*free_mu.shape[:-1], 1), free_mu], -1) if zero else free_mu
+    if zero and not learn_pi0:  # π₀ fixed, the rest share 1 − π₀
+        rest = F.log_softmax(eta[..., 1:], -1) + math.log1p(-pi0)
+        log_pi = torch.cat([eta.new_full((*eta.shape[:-1], 1), math.log(pi0)), rest], -1)
+    else:
+        log_pi = F.log_softmax(eta, -1)
+    return mu, xi, log_pi
 
 
 class Mixture(nn.Module):
@@ -59,15 +74,15 @@ class Mixture(nn.Module):
         self.eta = nn.Parameter(eta)
         self.pi0 = pi0
 
+    def terms(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return mixture_terms(self.free_mu, self.xi, self.eta, self.zero, self.learn_pi0, self.pi0)
+
     @property
     def mu(self) -> torch.Tensor:
-        return torch.cat([self.free_mu.new_zeros(1), self.free_mu]) if self.zero else self.free_mu
+        return self.terms()[0]
 
     def log_pi(self) -> torch.Tensor:
-        if self.zero and not self.learn_pi0:  # π₀ fixed, the rest share 1 − π₀
-            rest = F.log_softmax(self.eta[1:], 0) + math.log1p(-self.pi0)
-            return torch.cat([self.eta.new_full((1,), math.log(self.pi0)), rest])
-        return F.log_softmax(self.eta, 0)
+        return self.terms()[2]
 
     def joint(self, w: torch.Tensor) -> torch.Tensor:
         return log_joint(w, self.mu, self.xi, self.log_pi())
@@ -210,11 +225,33 @@ class SoftWeightSharing(Regularizer):
         return [{"params": list(self.mixture.parameters()), "lr": self.cfg.lr}]
 
     def penalty(self, model) -> torch.Tensor:
-        omega = self.mixture.omega(self._weights())
-        if self.cfg.gamma_alpha:  # − ln Gamma(1/σ² | α, β) up to a constant, with ln(1/σ²) = −ξ
-            xi = self.mixture.xi
-            omega = omega + ((self.cfg.gamma_alpha - 1) * xi + self.cfg.gamma_beta * torch.exp(-xi)).sum()
-        return self.lam * omega
+        m = self.mixture
+        return self.penalty_of(self.params, self.hypers(self.lam, m.free_mu, m.xi, m.eta), False)
+
+    def hypers(self, lam, free_mu: torch.Tensor, xi: torch.Tensor, eta: torch.Tensor, masks=None) -> SimpleNamespace:
+        """What ``penalty_of`` reads: this config's values with the given λ and mixture parameters
+        (a population's: (M,) λ, (M, 1, K) parameters, and each weight's real entries)."""
+        c = self.cfg
+        return SimpleNamespace(lam=lam, free_mu=free_mu, xi=xi, eta=eta, zero=c.zero_component,
+                               learn_pi0=c.learn_pi0, pi0=c.pi0, gamma_alpha=c.gamma_alpha,
+                               gamma_beta=c.gamma_beta, masks=masks)
+
+    @classmethod
+    def penalty_of(cls, params, hp, stacked: bool) -> torch.Tensor:
+        """λ·Ω(w), plus the hyperprior: one model's covered weights and (K,) mixture, or a
+        population's stacked (M, ...) weights, each member with its own (M, 1, K) mixture and λ.
+        ``hp.masks`` (stacked, or None) marks each weight's real entries: a padded weight is zero,
+        but a zero weight has a finite mixture log-likelihood, so it must not count."""
+        mu, log_var, log_pi = mixture_terms(hp.free_mu, hp.xi, hp.eta, hp.zero, hp.learn_pi0, hp.pi0)
+        flat = (lambda t: t.reshape(len(t), -1)) if stacked else (lambda t: t.reshape(-1))
+        w = torch.cat([flat(p) for p in params], -1)
+        nll = -torch.logsumexp(log_joint(w, mu, log_var, log_pi), -1)
+        if stacked and hp.masks is not None:
+            nll = nll * torch.cat([flat(m) for m in hp.masks], -1)
+        omega = member_sum(nll, stacked)
+        if hp.gamma_alpha:  # − ln Gamma(1/σ² | α, β) up to a constant, with ln(1/σ²) = −ξ
+            omega = omega + member_sum((hp.gamma_alpha - 1) * hp.xi + hp.gamma_beta * torch.exp(-hp.xi), stacked)
+        return hp.lam * omega
 
     # ---- after training
     def merged(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

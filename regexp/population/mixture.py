@@ -1,0 +1,101 @@
+"""Soft weight sharing in a population: each member's own learned mixture, stacked.
+
+A lone run trains its mixture (μ, ξ = ln σ², η) as an optimizer group of its own with the
+regularizer's lr (``param_groups()``). Here the members' mixtures are stacked as (M, 1, K)
+tensors (the middle dimension lets the optimizer's (M, 1, 1) per-member values broadcast) and
+updated by a second :class:`StackedOptimizer`: the same rule and values as the weights' one,
+with each member's mixture lr, as torch steps each group of one optimizer on its own.
+The penalty is the regularizer's own ``penalty_of`` on the stacked weights.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from regexp.population.optim import StackedOptimizer
+from regexp.regularizers.soft_weight_sharing import SoftWeightSharing
+
+NAME = SoftWeightSharing.name
+PARAMS = ("free_mu", "xi", "eta")  # the lone Mixture's parameters, in its (and its group's) order
+
+
+def _reg(member) -> SoftWeightSharing:
+    return next(r for r in member.regs if r.name == NAME)
+
+
+class StackedMixtures:
+    """The members' mixtures, their optimizer, and the stacked penalty."""
+
+    def __init__(self, members: List, net, opt_name: str, hypers: Dict[str, List[float]], nesterov: bool,
+                 centered: bool, device: torch.device):
+        regs = [_reg(m) for m in members]
+        self.regs = regs
+        names = {id(p): n for n, p in members[0].model.named_parameters()}
+        self.names = [names[id(p)] for p in regs[0].params]  # the weights under the prior
+        self.params = [torch.stack([getattr(r.mixture, n).detach() for r in regs]).unsqueeze(1).to(device)
+                       .requires_grad_() for n in PARAMS]
+        self.lam = torch.tensor([r.lam for r in regs], device=device)
+        self.opt = StackedOptimizer(opt_name, self.params, {**hypers, "lr": [float(r.cfg.lr) for r in regs]},
+                                    nesterov, device, centered)
+        self.masks = self._masks(net)
+
+    def _masks(self, net) -> Optional[List[torch.Tensor]]:
+        masks = net.param_masks()
+        if masks is None:
+            return None
+        by_name = {name: m for (name, _, _), m in zip(net.named_params(), masks)}
+        return [by_name[n] for n in self.names]
+
+    def penalty(self, net) -> torch.Tensor:
+        """(M,) λ·Ω of each member's real weights under its own mixture."""
+        by_name = {name: p for name, p, _ in net.named_params()}
+        hp = self.regs[0].hypers(self.lam, *self.params, masks=self.masks)
+        return SoftWeightSharing.penalty_of([by_name[n] for n in self.names], hp, True)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def keep(self, idx: List[int], net) -> None:
+        sel = torch.tensor(idx, dtype=torch.long)
+        self.regs = [self.regs[i] for i in idx]
+        with torch.no_grad():
+            self.params = [p.index_select(0, sel.to(p.device)).requires_grad_() for p in self.params]
+        self.lam = self.lam.index_select(0, sel.to(self.lam.device))
+        self.opt.keep(sel)
+        self.opt.set_params(self.params)
+        self.masks = self._masks(net)
+
+    @torch.no_grad()
+    def sync(self, k: int) -> None:
+        """Member k's mixture into its lone regularizer (its logs, report and checkpoint read it)."""
+        mixture = self.regs[k].mixture
+        for name, p in zip(PARAMS, self.params):
+            getattr(mixture, name).copy_(p[k, 0])
+
+    def member_opt_state(self, k: int) -> List[Dict[str, torch.Tensor]]:
+        """Member k's optimizer state of its mixture's parameters, under torch.optim's names."""
+        out: List[Dict[str, torch.Tensor]] = [dict() for _ in self.params]
+        for key, ts in self.opt.state.items():
+            for d, t in zip(out, ts):
+                d[key] = (t if key == "step" else t[k, 0]).detach().cpu().clone()
+        return out
+
+    def load_opt_state(self, states: List[Dict[int, Dict[str, torch.Tensor]]], first: int, steps: int) -> None:
+        """The members' checkpointed mixture state (torch.optim's entries ``first`` ..., one dict per
+        member) into the stacked optimizer."""
+        self.opt.steps = steps
+        for key in states[0].get(first, {}):
+            per = [[st[first + j][key] for st in states] for j in range(len(self.params))]
+            self.opt.state[key] = ([ts[0].to(p.device) for ts, p in zip(per, self.params)] if key == "step"
+                                   else [torch.stack(ts).unsqueeze(1).to(p.device, p.dtype)
+                                         for ts, p in zip(per, self.params)])
+
+
+def stacked_mixtures(members: List, net, opt_name: str, hypers: Dict[str, List[float]], nesterov: bool,
+                     centered: bool, device: torch.device) -> Optional[StackedMixtures]:
+    """The bucket's mixtures, or None when its members have no soft weight sharing."""
+    if NAME not in members[0].cfg.regularizer:
+        return None
+    return StackedMixtures(members, net, opt_name, hypers, nesterov, centered, device)
