@@ -341,7 +341,7 @@ class DensityPlot:
         rho = q.density(grid, sigma).clamp_min(1e-12)
         self.line.set_data(grid.numpy(), rho.numpy())
         self.ax.relim()
-        self.ax.autoscale_view()
+        self.ax.autoscale(True)  # the last draw's set_ylim turned it off
         self.ax.set_ylim(bottom=max(float(rho.min()), 1e-8))
         self.title.set_text(title)
         return self.figure
