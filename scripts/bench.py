@@ -244,6 +244,7 @@ def single(args) -> None:
 
 
 def cpu_model() -> str:
+    """lscpu's model name (README figures name the CPU they were measured on)."""
     import subprocess
 
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -426,7 +427,6 @@ def time_steps(step, n: int) -> float:
 
 def thread_scaling(args) -> None:
     import os
-    import subprocess
 
     from regexp.models import build_model
     from regexp.train.threads import idle_cores, step_flops

@@ -117,7 +117,7 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int, tol: float = 1e-10,
     vector w = Hqⱼ − αⱼqⱼ − βⱼ₋₁qⱼ₋₁ (the three-term recurrence) then takes one classical
     Gram–Schmidt pass against all earlier q (Golub & Van Loan 2013, §10.3). The recurrence is
     the first of the two passes that floating point needs (Kahan's "twice is enough", Parlett
-    1998), so the basis is swept once per step: that sweep costs about half as much as the
+    1998), so the basis is swept once per step: that sweep costs a third to half as much as the
     Hessian-vector product itself at the default 30 steps of a 15k-parameter MLP. Stops early
     when the Krylov space is invariant (β below ``tol``·‖H‖'s running estimate): T's
     eigenvalues are then exact eigenvalues of H.
@@ -402,5 +402,6 @@ class HessianProbe(Probe):
         q = self.last[member]
         span = float(q.nodes.max() - q.nodes.min())
         sigma = self.cfg.density_sigma * (span if span > 0 else 1.0)
-        title = f"epoch {epoch} · SLQ {self.cfg.slq_runs} run(s) × {q.nodes.shape[1]} Lanczos steps · σ = {sigma:.3g}"
+        title = (f"epoch {epoch} · SLQ {self.cfg.slq_runs} run(s) × {q.nodes.shape[1]} Lanczos steps · "
+                 f"σ = {sigma:.3g}")
         return {"hessian_density": density_plot().draw(q, sigma, title)}
