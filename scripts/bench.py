@@ -34,10 +34,12 @@ crossover FLOP count above which 2 threads are >= 1.2x faster.
 with ``probe=[...]`` at its defaults (or ``--set`` overrides), alternating; prints the median
 wall and CPU time of each and their ratio (the probes' budget: at most 1.2x).
 
-    python scripts/bench.py --probes [hessian,sharpness] [--set probe.every=5] [--repeats 3] [--members 5]
+    python scripts/bench.py --probes [hessian,sharpness] [--set probe.every=5] [--repeats 3] [--members 0,5]
 
-With ``--members M`` both contenders are a population of M seeds of that run
-(``train_population``), whose probes are measured batched across the members.
+``--members`` lists the sizes compared side by side, all in each round: 0 the lone run, M a
+population of M seeds of it (``train_population``), whose probes are measured batched across
+the members. The clock covers the run (``train`` / ``train_population``), not composing its
+config.
 
 Use ``--threads`` (default 1) for all contenders alike; timings on a shared machine vary, so
 the ratio of interleaved runs is the figure to read, not an absolute time.
@@ -241,40 +243,60 @@ def single(args) -> None:
     print(f"ratio regexp / plain: {q / p:.2f}x (target >= 1.5x)")
 
 
+def cpu_model() -> str:
+    """lscpu's model name (README figures name the CPU they were measured on)."""
+    import subprocess
+
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
+
+
 def probes(args) -> None:
-    """The default run (MLP on MNIST-1D, Adam, 20 epochs) with and without probes, alternating;
-    with ``--members`` M, a population of M seeds of it."""
+    """The default run (MLP on MNIST-1D, Adam, 20 epochs) with and without probes, alternating,
+    for each size in ``--members``: 0 the lone run, M a population of M seeds of it. Every
+    round runs all contenders one after the other, so the ratios share the machine's load."""
+    import os
+
+    from regexp.population import train_population
     from regexp.train.trainer import train
 
-    if args.members:
-        from regexp.population import train_population
+    def run(members: int, cfg, out: Path) -> None:
+        if members:
+            train_population(cfg, [{"seed": s} for s in range(members)], out)
+        else:
+            train(cfg, out, [])
 
-        def train(cfg, out, _overrides):  # noqa: F811 (the same call, M members at once)
-            train_population(cfg, [{"seed": s} for s in range(args.members)], out)
-
+    sizes = [int(m) for m in str(args.members).split(",")]
     base = ["trainer.progress=false", f"trainer.threads={args.threads}", f"trainer.epochs={args.epochs}"]
-    contenders = {"no probes": base, "probes": base + [f"probe=[{args.probes}]", *args.set]}
-    wall: Dict[str, List[float]] = {k: [] for k in contenders}
-    cpu: Dict[str, List[float]] = {k: [] for k in contenders}
+    arms = {"no probes": base, "probes": base + [f"probe=[{args.probes}]", *args.set]}
+    contenders = [(m, name) for m in sizes for name in arms]
+    # composed before the clock starts: the timing is the run itself, what the probes change
+    cfgs = {name: compose(over) for name, over in arms.items()}
+    wall: Dict[tuple, List[float]] = {k: [] for k in contenders}
+    cpu: Dict[tuple, List[float]] = {k: [] for k in contenders}
+    print(f"CPU: {cpu_model()}; load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, over in contenders.items():  # warm-up, not timed (imports, caches)
-            train(compose(over + ["trainer.epochs=1"]), Path(tmp) / f"warm {name}", [])
+        for m, name in contenders:  # warm-up, not timed (imports, caches)
+            run(m, compose(arms[name] + ["trainer.epochs=1"]), Path(tmp) / f"warm {m} {name}")
         for r in range(args.repeats):
-            for name, over in contenders.items():
+            for m, name in contenders:
                 torch.set_num_threads(args.threads)
                 t, c = time.perf_counter(), time.process_time()
-                train(compose(over), Path(tmp) / f"{name} {r}", [])
-                wall[name].append(time.perf_counter() - t)
-                cpu[name].append(time.process_time() - c)
-    med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in contenders}
-    (w0, c0), (w1, c1) = med["no probes"], med["probes"]
-    who = f"a population of {args.members} seeds" if args.members else "one run"
-    print(f"workload: {who}, MLP 40-100-100-10, MNIST-1D, batch 100, Adam, {args.epochs} epochs, "
+                run(m, cfgs[name], Path(tmp) / f"{m} {name} {r}")
+                wall[(m, name)].append(time.perf_counter() - t)
+                cpu[(m, name)].append(time.process_time() - c)
+    print(f"workload: MLP 40-100-100-10, MNIST-1D, batch 100, Adam, {args.epochs} epochs, "
           f"probe=[{args.probes}] {' '.join(args.set)} (defaults otherwise), {args.threads} thread(s), "
-          f"{args.repeats} alternating repeats (medians)")
-    for k, (w, c) in med.items():
-        print(f"{k:10s} wall {w:6.2f} s  cpu {c:6.2f} s   walls {[round(v, 2) for v in wall[k]]}")
-    print(f"ratio probes / no probes: wall {w1 / w0:.2f}x, cpu {c1 / c0:.2f}x (target <= 1.20x)")
+          f"{args.repeats} alternating repeats (medians); load average at the end "
+          f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    for m in sizes:
+        who = f"population of {m} seeds" if m else "lone run"
+        med = {name: (statistics.median(wall[(m, name)]), statistics.median(cpu[(m, name)])) for name in arms}
+        for name, (w, c) in med.items():
+            print(f"{who:22s} {name:10s} wall {w:6.2f} s  cpu {c:6.2f} s   "
+                  f"cpus {[round(v, 2) for v in cpu[(m, name)]]}")
+        (w0, c0), (w1, c1) = med["no probes"], med["probes"]
+        print(f"{who:22s} ratio probes / no probes: wall {w1 / w0:.2f}x, cpu {c1 / c0:.2f}x (target <= 1.20x)")
 
 
 def sweep(args) -> None:
@@ -405,15 +427,12 @@ def time_steps(step, n: int) -> float:
 
 def thread_scaling(args) -> None:
     import os
-    import subprocess
 
     from regexp.models import build_model
     from regexp.train.threads import idle_cores, step_flops
 
     batches = [int(b) for b in args.batches.split(",")]
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?")
-    print(f"CPU: {cpu}; {len(os.sched_getaffinity(0))} cores allowed; torch {torch.__version__}; "
+    print(f"CPU: {cpu_model()}; {len(os.sched_getaffinity(0))} cores allowed; torch {torch.__version__}; "
           f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'model':<20}{'batch':>6}{'MFLOP/step':>12}{'ms 1 thr':>10}{'ms 2 thr':>10}{'1/2':>7}"
           f"{'others':>8}{'idle':>6}")
@@ -477,8 +496,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true", help="the four-way sweep comparison (A, B, C, D)")
     ap.add_argument("--probes", nargs="?", const="hessian,sharpness", default=None, metavar="NAMES",
                     help="the default run with and without probes (default: hessian,sharpness)")
-    ap.add_argument("--members", type=int, default=0,
-                    help="probes: a population of this many seeds instead of one run")
+    ap.add_argument("--members", default="0,5",
+                    help="probes: comma-separated sizes, 0 the lone run, M a population of M seeds (default 0,5)")
     ap.add_argument("--thread-scaling", action="store_true",
                     help="1 vs 2 threads per training step across model sizes (trainer.threads=auto)")
     ap.add_argument("--batches", default="32,100,300,1000", help="thread-scaling batch sizes")

@@ -163,3 +163,38 @@ def test_hvp_of_every_model_equals_finite_difference_of_gradients(name, compose_
     h = 1e-5
     fd = (grad_at(h * v) - grad_at(-h * v)) / (2 * h)
     torch.testing.assert_close(hv, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_lanczos_reorthogonalization_keeps_converged_eigenvalues_single():
+    # two outliers converge within a few steps; without reorthogonalization the basis loses
+    # orthogonality once they have, and copies ("ghosts") of 100 and 99 fill the top Ritz values
+    eigs = [100.0, 99.0] + torch.linspace(0.0, 1.0, 298).tolist()
+    _, matvec = quadratic(eigs)
+    T = lanczos(matvec, rademacher(300, gen(), torch.device("cpu")), steps=80)
+    top = top_eigenvalues(T, 3)
+    assert top[:2] == pytest.approx([100.0, 99.0], rel=1e-12) and top[2] <= 1.0 + 1e-9
+
+
+class _NoBoard:
+    def png(self, tag, data, height, width, step):
+        pass
+
+
+def test_density_plot_redrawn_equals_a_fresh_one(tmp_path):
+    # the process's density figure is reused: nothing of an earlier density (limits, ticks,
+    # title) may show in the next
+    from regexp.probes.hessian import DensityPlot
+    from regexp.probes.runner import save_figure
+
+    def density(lo, hi):
+        d = torch.linspace(lo, hi, 60, dtype=torch.float64)
+        return slq(lambda v: d * v, 60, runs=1, steps=12, generator=gen())
+
+    def png(fig, name):
+        return save_figure(fig, tmp_path / name, _NoBoard(), "t", 0).read_bytes()
+
+    shared = DensityPlot()
+    first = png(shared.draw(density(-3.0, 40.0), 0.4, "epoch 1"), "wide.png")
+    again = png(shared.draw(density(0.1, 2.0), 0.02, "epoch 2"), "narrow.png")
+    fresh = png(DensityPlot().draw(density(0.1, 2.0), 0.02, "epoch 2"), "fresh.png")
+    assert again == fresh != first
