@@ -60,7 +60,6 @@ def test_bad_widths_are_refused_naming_the_key(compose_cfg, value):
 
 @pytest.mark.parametrize("override, why", [
     ("model.widths=[40,20]", "model.widths is set"),
-    ("model.residual=true", "model.residual=true"),
 ])
 def test_population_refuses_shapes_it_cannot_batch(compose_cfg, override, why):
     from regexp.population.run import use_population

@@ -21,6 +21,7 @@ from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp",)
+NORMS = ("none", "batch", "layer")  # every model.norm the MLP builds (regexp/models/mlp.py)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying")
@@ -62,12 +63,10 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
     if cfg.model.name not in MODELS:
         return f"model.name={cfg.model.name} (population supports {', '.join(MODELS)})"
-    if cfg.model.get("norm", "none") != "none":
-        return f"model.norm={cfg.model.norm} (population supports none)"
+    if cfg.model.get("norm", "none") not in NORMS:
+        return f"model.norm={cfg.model.norm} (population supports {', '.join(NORMS)})"
     if cfg.model.get("widths") is not None:
         return "model.widths is set (population supports depth layers of one model.width)"
-    if cfg.model.get("residual", False):
-        return "model.residual=true (population supports plain MLPs)"
     if cfg.optimizer.name not in OPTIMIZERS:
         return f"optimizer.name={cfg.optimizer.name} (population supports {', '.join(OPTIMIZERS)})"
     if cfg.optimizer.get("amsgrad", False):
@@ -89,6 +88,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
         return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
                 "stacked tensor as trained)")
+    if cfg.model.get("norm", "none") != "none" and active(cfg.probe):
+        return (f"model.norm={cfg.model.norm} with probes (the population's batched probes see the "
+                "stacked linear layers only, not the norms' parameters and statistics)")
     if "early_stopping" in cfg.regularizer and active(cfg.probe):
         return ("regularizer early_stopping with probes (a member's final probes are measured on its "
                 "restored best weights, which the population's batched probes do not see)")

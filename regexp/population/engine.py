@@ -488,9 +488,9 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
 
 
 def _manual_ok(b: Bucket, opts: Options) -> bool:
-    """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing,
-    plain float32 eager forward (then the gradient is a few products written out by hand)."""
-    return (b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen
+    """Whether the bucket's step can skip autograd: relu without norms or skips, no penalty term,
+    no label smoothing, plain float32 eager forward (then the gradient is a few products written out by hand)."""
+    return (b.net.act is torch.relu and not b.net.fancy and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen
             and not opts.bf16 and not opts.compile)
 
 
@@ -553,8 +553,7 @@ def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Option
         b.opt.state[key] = ([ts[0].to(b.device) for ts in per_param] if key == "step"  # shared count
                             else [b.net.stack(ts, p) for ts, p in zip(per_param, b.trainable)])
     if all(ck["best_state"] is not None for ck in cks):
-        names = [name for name, _, _ in b.net.named_params()]
-        b.best = [b.net.stack([ck["best_state"][n] for ck in cks], p) for n, p in zip(names, b.net.params)]
+        b.best = b.net.stack_states([ck["best_state"] for ck in cks])
     if in_epoch == 0:
         return epoch, None, None, 0
     perms = torch.stack([ck["perm"] for ck in cks]).to(b.device)
@@ -682,7 +681,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             r.ctx.optimizer.param_groups[0]["lr"] = lrs[k]  # the stand-in's lr (_build_models)
             r.log(m.tb, epoch)
         if hist_every and epoch % hist_every == 0:
-            write_histograms(m.tb, b.net.member_state(k), epoch)
+            write_histograms(m.tb, b.net.member_state(k, b.net.params), epoch)  # as tb.histograms: parameters
     if improved:
         _update_best(b, improved)
     return diverged
@@ -690,13 +689,14 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
 
 @torch.no_grad()
 def _update_best(b: Bucket, improved: List[int]) -> None:
-    """Copy the improved members' current weights into the stacked best state (on the device)."""
+    """Copy the improved members' current state (weights, norm statistics) into the stacked best
+    state (on the device)."""
     mask = torch.zeros(len(b.members), dtype=torch.bool)
     mask[improved] = True
     mask = mask.to(b.device)
     if b.best is None:
-        b.best = [p.detach().clone() for p in b.net.params]
+        b.best = [p.detach().clone() for p in b.net.state_tensors]
         return
-    for best, p in zip(b.best, b.net.params):
+    for best, p in zip(b.best, b.net.state_tensors):
         sel = mask.view(-1, *([1] * (p.dim() - 1)))
         best.copy_(torch.where(sel, p.detach(), best))
