@@ -8,14 +8,14 @@ import torch
 import torch.nn as nn
 
 from regexp.models.mlp import MLP
-from regexp.population.compat import incompatibility
+from regexp.population.compat import bucket_widths, incompatibility, mlp_cost
 from regexp.population.stacked_mlp import StackedMLP
 from test_population import _assert_same_run, _pop_and_lone
 from test_population_stop_transfer import _interrupt_resume_and_lone
 
 # three widths in one bucket, seeds and learning rates per member
-POINTS = [{"model.width": 24, "optimizer.lr": 0.02, "seed": 0},
-          {"model.width": 32, "optimizer.lr": 0.05, "seed": 1},
+POINTS = [{"model.width": 32, "optimizer.lr": 0.02, "seed": 0},
+          {"model.width": 36, "optimizer.lr": 0.05, "seed": 1},
           {"model.width": 40, "optimizer.lr": 0.01, "seed": 2}]
 
 
@@ -24,12 +24,13 @@ POINTS = [{"model.width": 24, "optimizer.lr": 0.02, "seed": 0},
      "regularizer.dropout.p=0.2", "regularizer.weight_decay.lam=0.001"],
     ["model.norm=layer", "optimizer=adam", "model.activation=sigmoid", "regularizer=[weight_decay,dropout]",
      "regularizer.dropout.p=0.2", "regularizer.weight_decay.lam=0.001"],
-    # the 40-wide member has a skip on its first layer too (40 inputs), the others do not
-    ["model.residual=true", "optimizer=adam", "model.depth=3", "regularizer=[dropout]", "regularizer.dropout.p=0.1"],
+    ["model.residual=true", "optimizer=adam", "regularizer=[dropout]", "regularizer.dropout.p=0.1"],
     ["model.residual=true", "model.norm=batch", "optimizer=momentum", "model.activation=tanh"],
 ], ids=["batch", "layer", "residual", "residual_batch"])
 def test_normalized_and_residual_members_match_lone_runs(compose_cfg, tmp_path, overrides):
     assert incompatibility(compose_cfg(overrides)) is None
+    # one bucket; with skips the 40-wide member has one on its first layer too (40 inputs)
+    assert bucket_widths([32, 36, 40], cost=mlp_cost(40, 2, 10)) == [[32, 36, 40]]
     _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, overrides, POINTS)
     for p, a, b in zip(POINTS, pop, lone):
         _assert_same_run(tmp_path, p, a, b)  # model.pt holds the running statistics too
@@ -77,3 +78,28 @@ def test_norms_with_probes_are_refused_in_one_line(compose_cfg):
     why = incompatibility(compose_cfg(["model.norm=batch", "probe=[sharpness]"]))
     assert why.startswith("model.norm=batch with probes")
     assert incompatibility(compose_cfg(["model.residual=true", "probe=[sharpness]"])) is None
+
+
+# uneven hidden widths, each layer padded to the bucket's widest: [40, 20, 20] has skips on
+# layers 1 and 3 (40 inputs), [32, 16, 16] on layer 3, [40, 24, 20] on layer 1
+UNEVEN = [{"model.widths": [40,20,20], "optimizer.lr": 0.02, "seed": 0},
+          {"model.widths": [32,16,16], "optimizer.lr": 0.05, "seed": 1},
+          {"model.widths": [40,24,20], "optimizer.lr": 0.01, "seed": 2}]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optimizer=momentum", "regularizer=[weight_decay,dropout,weight_noise]", "regularizer.dropout.p=0.2",
+     "regularizer.weight_decay.lam=0.001", "regularizer.weight_noise.sigma=0.01"],
+    ["optimizer=adam", "model.norm=layer", "model.residual=true", "regularizer=[dropout]", "regularizer.dropout.p=0.1"],
+    ["optimizer=momentum", "model.norm=batch", "model.residual=true", "model.activation=tanh"],
+], ids=["plain", "layer_residual", "batch_residual"])
+def test_uneven_widths_members_match_lone_runs(compose_cfg, tmp_path, overrides):
+    from regexp.population.compat import bucket_widths, widths_cost
+
+    shapes = [(40, 20, 20), (32, 16, 16), (40, 24, 20)]
+    assert bucket_widths(shapes, cost=widths_cost(40, 10)) == [sorted(shapes, key=widths_cost(40, 10))]
+    assert incompatibility(compose_cfg(overrides + ["model.widths=[40,20,20]"])) is None
+    _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, overrides, UNEVEN)
+    for p, a, b in zip(UNEVEN, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+    assert len({m["final"]["train_loss"] for m in pop}) == 3

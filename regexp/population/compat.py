@@ -6,7 +6,8 @@ epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
 start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, label
 noise, random inputs (each member loads its own data), the gradient-clipping norm) and in
-width. Widths are grouped into buckets of similar size and padded
+width (or list of hidden widths, ``model.widths``: one population per depth, each layer
+padded to the bucket's widest). Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
@@ -27,7 +28,7 @@ REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
-    "seed", "model.width", "data.label_noise", "data.random_inputs",
+    "seed", "model.width", "model.widths", "data.label_noise", "data.random_inputs",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
@@ -65,8 +66,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return f"model.name={cfg.model.name} (population supports {', '.join(MODELS)})"
     if cfg.model.get("norm", "none") not in NORMS:
         return f"model.norm={cfg.model.norm} (population supports {', '.join(NORMS)})"
-    if cfg.model.get("widths") is not None:
-        return "model.widths is set (population supports depth layers of one model.width)"
     if cfg.optimizer.name not in OPTIMIZERS:
         return f"optimizer.name={cfg.optimizer.name} (population supports {', '.join(OPTIMIZERS)})"
     if cfg.optimizer.get("amsgrad", False):
@@ -110,18 +109,26 @@ def mlp_cost(in_dim: int, depth: int, classes: int) -> Callable[[int], float]:
     return lambda w: in_dim * w + (depth - 1) * w * w + w * classes
 
 
-def bucket_widths(widths: Sequence[int], ratio: float = 1.5, small: int = 32,
-                  cost: Callable[[int], float] = float) -> List[List[int]]:
+def widths_cost(in_dim: int, classes: int) -> Callable[[Sequence[int]], float]:
+    """Multiply-adds per example of an MLP as a function of its list of hidden widths."""
+    return lambda ws: float(sum(a * b for a, b in zip([in_dim, *ws], [*ws, classes])))
+
+
+def bucket_widths(widths: Sequence, ratio: float = 1.5, small: int = 32,
+                  cost: Callable[[Any], float] = float) -> List[List]:
     """Split the distinct widths into buckets of similar cost, each padded to its widest.
 
     Ascending widths join the current bucket while the widest one's ``cost`` stays within
     ``ratio`` of the narrowest one's (so no member computes more than ``ratio`` times its own
     work), or while all are at most ``small`` (overhead-bound: per-step dispatch, not
     arithmetic, is what they cost). With a quadratic cost (deep MLPs) buckets are narrower.
+    A width may be a tuple of hidden widths (``model.widths``, of one depth; ``cost`` takes it):
+    they go by cost, and a tuple is small when its widest layer is.
     """
-    out: List[List[int]] = []
-    for w in sorted(set(widths)):
-        if out and (w <= small or cost(w) <= ratio * cost(out[-1][0])):
+    out: List[List] = []
+    size = lambda w: max(w, default=0) if isinstance(w, tuple) else w  # noqa: E731
+    for w in sorted(set(widths), key=lambda w: (cost(w), w)):
+        if out and (size(w) <= small or cost(w) <= ratio * cost(out[-1][0])):
             out[-1].append(w)
         else:
             out.append([w])

@@ -189,6 +189,10 @@ class Bucket:
         loop = device.type == "cpu" and 0 < opts.loop_width <= width
         self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
                               cfg.model.activation, device, loop)
+        if "parameter_tying" in cfg.regularizer and any(n != self.net.member_names[0] for n in self.net.member_names):
+            raise ConfigError("regularizer.parameter_tying: members of one population name their parameters "
+                              "differently (model.residual=true with a first-layer skip for some only), so their "
+                              "references cannot be matched by name; use sweep.engine=serial")
         self.frozen = frozen_names(members)
         freeze_(self.net, self.frozen)
         self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.trainable, _member_hypers(members),
@@ -201,8 +205,8 @@ class Bucket:
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
                                   [_reg(m, "dropout", "p") for m in members],
-                                  [m.dropout_gen for m in members], [m.width for m in members],
-                                  int(torch.tensor(data.input_shape).prod()), width,
+                                  [m.dropout_gen for m in members], [m.widths for m in members],
+                                  int(torch.tensor(data.input_shape).prod()), self.net.hidden_widths,
                                   len(self.net.weights) - 1, device, exact, int(cfg.seed))
         self.noise = _step_noise(members, self.drop, len(self.net.weights), device)
         self.member_set = data.member_set.clone()
@@ -340,7 +344,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         xb, yb = xs[:, i * loop.bs:(i + 1) * loop.bs], ys[:, i * loop.bs:(i + 1) * loop.bs]
         weights = None
         if b.noise.active:
-            xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.widths.tolist())
+            xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.layer_widths)
         else:
             masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
         if loop.manual:
@@ -423,7 +427,6 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
                 bool(cfg.logger.grad_norms))
     loop.manual = _manual_ok(b, opts)
-    weight_names = [name for name, p, is_w in b.net.named_params() if is_w and p.requires_grad]
     results: Dict[int, Dict] = {}
     ids = {id(m): k for k, m in enumerate(members)}
     epoch, perms, running, in_epoch = _restore(b, loop)  # (0, None, None, 0) for a fresh start
@@ -441,7 +444,7 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
             if in_epoch < loop.steps_per_epoch:
                 break
             epoch, in_epoch = epoch + 1, 0
-            done = _epoch_end(b, epoch, running / data.n, grad_norms, weight_names, loop.factor(loop.step), cfg, t)
+            done = _epoch_end(b, epoch, running / data.n, grad_norms, loop.factor(loop.step), cfg, t)
             bar.update(1)
             if on_epoch is not None:
                 on_epoch(list(b.members))  # the diverged ones trained this epoch too
@@ -606,14 +609,14 @@ def _member_opt_state(b: Bucket, k: int) -> List[Dict[str, torch.Tensor]]:
         # a frozen tensor has no state: its own values stand in for the slot member_state reads
         it = iter(ts)
         state = b.net.member_state(k, [next(it) if p.requires_grad else p for p in b.net.params])
-        names = [name for name, p, _ in b.net.named_params() if p.requires_grad]
-        for d, name in zip(out, names):
-            d[key] = state[name]
+        # by position: a member's own names may differ from the stack's (a skip on its first layer)
+        for d, t in zip(out, [t for t, p in zip(state.values(), b.net.params) if p.requires_grad]):
+            d[key] = t
     return out
 
 
 def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Optional[torch.Tensor],
-               weight_names: List[str], lr_factor_now: float, cfg, t) -> List[int]:
+               lr_factor_now: float, cfg, t) -> List[int]:
     """Logs, evaluation, best-state tracking and the divergence check; return diverged members."""
     sums = mean_terms.tolist()  # the one host read of the epoch's training losses
     with torch.no_grad():
@@ -634,7 +637,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 l, a = evaluate_members(b.net, x, y, chunk, counts)
                 evals[s] = (l.tolist(), a.tolist())
                 if counts is not None:
-                    units = torch.tensor([m.width * hidden * y.shape[1] for m in b.members], device=x.device)
+                    units = torch.tensor([sum(m.widths) * y.shape[1] for m in b.members], device=x.device)
                     sparsity = (counts.double() / units[:, None]).tolist()
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
     probed = (b.probes.measure_members(b.probe_inputs())
@@ -652,6 +655,9 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         logs.update({f"penalty/{r}": v for r, v in zip(b.terms.reg_names, sums[k][1:])})
         logs["weights/l2_norm"] = l2[k]
         if gn is not None:
+            # each member's own names (a skip on its first layer renames that layer)
+            weight_names = [own for (_, p, is_w), own in zip(b.net.named_params(), b.net.member_names[k])
+                            if is_w and p.requires_grad]
             logs.update({f"grad_norm/{name}": v for name, v in zip(weight_names, gn[k])})
         if evaluated:
             row = {"epoch": epoch}

@@ -49,16 +49,18 @@ class StepNoise:
 
     def draw(self, x: torch.Tensor, weights: List[torch.Tensor], widths: List[int]
              ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], List[torch.Tensor]]:
-        """(noisy inputs (M, B, D), dropout masks per layer input, the weights to compute with)."""
+        """(noisy inputs (M, B, D), dropout masks per layer input, the weights to compute with);
+        ``widths``: each member's hidden width, or its list of them (model.widths)."""
         batch = x.shape[1]
+        last = len(weights) - 1
+        ks = [k if isinstance(k, (list, tuple)) else [k] * last for k in widths]
         if self.input_sigma is not None:
             x = x + self.s_in * self._normal(x.shape, [(x.shape[1], x.shape[2])] * len(widths))
         masks, used = [], list(weights)
-        last = len(weights) - 1
         for l, w in enumerate(weights):
             masks.append(self.drop.site_mask(l, batch))
             if self.noised[l]:
-                real = [(w.shape[1] if l == last else k, w.shape[2] if l == 0 else k) for k in widths]
+                real = [(w.shape[1] if l == last else k[l], w.shape[2] if l == 0 else k[l - 1]) for k in ks]
                 used[l] = w + self.s_w * self._normal(w.shape, real)
         return x, masks, used
 

@@ -12,7 +12,9 @@ batch norm's running statistics as (M, width) (``num_batches_tracked`` as (M,)),
 the lone model's names. Layer norm takes mean and variance over a member's real units only;
 the normalized activations are multiplied by the unit mask, so padded units stay exactly
 inert. Residual MLPs add each member's skip where its lone model has one (see
-:mod:`regexp.models.mlp`). Both run through autograd in the batched form only.
+:mod:`regexp.models.mlp`). Uneven hidden widths (``model.widths``) pad each layer to the
+bucket's widest for that layer, with a unit mask per layer. These run through autograd in the
+batched form only.
 """
 from __future__ import annotations
 
@@ -84,11 +86,16 @@ class StackedMLP:
         self.act_ = IN_PLACE[activation]
         m_count, depth = len(models), len(layers[0])
         in_dim, out_dim = layers[0][0][2].in_features, layers[0][-1][2].out_features
+        # each member's real hidden widths; uneven ones (model.widths) pad each layer to its widest
+        self.layer_widths = [[lin.out_features for _, _, lin in member[:-1]] for member in layers]
+        self.uneven = any(len(set(ks)) > 1 for ks in self.layer_widths)
+        self.hidden_widths = ([max(ks[l] for ks in self.layer_widths) for l in range(depth - 1)]
+                              if self.uneven else [width] * (depth - 1))
         self.weights: List[torch.Tensor] = []
         self.biases: List[Optional[torch.Tensor]] = []
         for l in range(depth):
-            rows = out_dim if l == depth - 1 else width
-            cols = in_dim if l == 0 else width
+            rows = out_dim if l == depth - 1 else self.hidden_widths[l]
+            cols = in_dim if l == 0 else self.hidden_widths[l - 1]
             w = torch.zeros(m_count, rows, cols)
             b = torch.zeros(m_count, 1, rows) if self.names[l][1] else None
             for i, member in enumerate(layers):
@@ -101,6 +108,8 @@ class StackedMLP:
         units = torch.arange(width)[None, None, :] < self.widths[:, None, None]
         self.unit_mask = units.float().to(device)  # (M, 1, width): 1 for real units
         self.mask_hidden = float(self.act(torch.zeros(()))) != 0.0
+        self.unit_masks = [(torch.arange(h)[None, None, :] < torch.tensor([ks[l] for ks in self.layer_widths])
+                            [:, None, None]).float().to(device) for l, h in enumerate(self.hidden_widths)]
         self._init_norms_and_skips(models, layers, device)
 
     def _init_norms_and_skips(self, models: Sequence[nn.Module], layers: List[List[tuple]],
@@ -110,9 +119,10 @@ class StackedMLP:
         self.norm_kind = type(norms[0][0][1]) if norms[0] else None
         self.norms: List[tuple] = []  # per hidden layer: (scale, shift), (M, 1, width) each
         self.running: List[tuple] = []  # batch norm: (mean, var) (M, width), batches seen (M,)
-        m_count, width = len(models), self.width
+        m_count = len(models)
+        self.norm_prefixes = [n for n, _ in norms[0]]
         for l in range(len(norms[0])):
-            mods = [n[l][1] for n in norms]
+            mods, width = [n[l][1] for n in norms], self.hidden_widths[l]
             g, b = torch.zeros(m_count, 1, width), torch.zeros(m_count, 1, width)
             mean, var = torch.zeros(m_count, width), torch.ones(m_count, width)
             seen = torch.zeros(m_count, dtype=torch.long)
@@ -133,7 +143,7 @@ class StackedMLP:
         self.skips: List[Optional[torch.Tensor]] = [
             torch.tensor([s[l] for s in skips], dtype=torch.float32, device=device).view(-1, 1, 1)
             if any(s[l] for s in skips) else None for l in range(len(skips[0]))]
-        self.fancy = self.norm_kind is not None or any(s is not None for s in self.skips)
+        self.fancy = self.uneven or self.norm_kind is not None or any(s is not None for s in self.skips)
         if self.fancy:  # autograd in the batched form only (see the module's docstring)
             self.loop = False
         # each member's parameter and buffer names (a skip changes them: hidden.0.body.0.weight)
@@ -169,13 +179,13 @@ class StackedMLP:
 
     def param_masks(self) -> Optional[List[torch.Tensor]]:
         """Each parameter's real entries (bool, its shape) per member; None without padding."""
-        if bool((self.widths == self.width).all()):
+        if not self.uneven and bool((self.widths == self.width).all()):
             return None
-        real = self.unit_mask[:, 0].bool()  # (M, width)
+        real = [u[:, 0].bool() for u in self.unit_masks]  # (M, width of layer l) each
         last, out = len(self.weights) - 1, []
         for l, (w, b) in enumerate(zip(self.weights, self.biases)):
-            rows = torch.ones(w.shape[0], w.shape[1], dtype=torch.bool, device=w.device) if l == last else real
-            cols = torch.ones(w.shape[0], w.shape[2], dtype=torch.bool, device=w.device) if l == 0 else real
+            rows = torch.ones(w.shape[0], w.shape[1], dtype=torch.bool, device=w.device) if l == last else real[l]
+            cols = torch.ones(w.shape[0], w.shape[2], dtype=torch.bool, device=w.device) if l == 0 else real[l - 1]
             out.append(rows[:, :, None] & cols[:, None, :])
             if b is not None:
                 out.append(rows[:, None, :].clone())
@@ -222,9 +232,9 @@ class StackedMLP:
                 z = self._norm(l, z, training)
             a = self.act(z)
             if self.norms or self.mask_hidden:
-                a = a * self.unit_mask
+                a = a * self.unit_masks[l]
             if counts is not None:  # padded units are no units: masked out
-                real = self.unit_mask > 0
+                real = self.unit_masks[l] > 0
                 counts += torch.stack([((a == 0) & real).sum((1, 2)), ((a.abs() < NEAR_ZERO) & real).sum((1, 2))], 1)
             if masks and masks[l + 1] is not None:
                 a = a * masks[l + 1]
@@ -244,11 +254,12 @@ class StackedMLP:
             y = F.batch_norm(z.transpose(0, 1).reshape(n, m * w), mean.view(-1), var.view(-1), g.reshape(-1),
                              b.reshape(-1), training, self.momentum, self.eps)
             return y.view(n, m, w).transpose(0, 1)
-        if bool((self.widths == self.width).all()):
+        mask = self.unit_masks[l]
+        k = mask.sum(2, keepdim=True)  # each member's real width
+        if bool((k == w).all()):
             return F.layer_norm(z, (w,), eps=self.eps) * g + b
         # over each member's real units only, masked so no gradient reaches the padded ones
-        k = self.widths.to(z.device, z.dtype).view(-1, 1, 1)
-        d = (z - (z * self.unit_mask).sum(2, keepdim=True) / k) * self.unit_mask
+        d = (z - (z * mask).sum(2, keepdim=True) / k) * mask
         var = (d * d).sum(2, keepdim=True) / k
         return d * torch.rsqrt(var + self.eps) * g + b
 
@@ -431,6 +442,8 @@ class StackedMLP:
         self.norms = [tuple(t.detach().index_select(0, sel).requires_grad_() for t in pair) for pair in self.norms]
         self.running = [tuple(t.index_select(0, sel) for t in r) for r in self.running]
         self.skips = [s.index_select(0, sel) if s is not None else None for s in self.skips]
+        self.unit_masks = [u.index_select(0, sel) for u in self.unit_masks]
+        self.layer_widths = [self.layer_widths[i] for i in idx.tolist()]
         self.member_names = [self.member_names[i] for i in idx.tolist()]
 
     def stack(self, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -465,13 +478,14 @@ class StackedMLP:
         return out
 
     def _unpad(self, i: int, name: str, t: torch.Tensor) -> torch.Tensor:
-        w = int(self.widths[i])
+        ks = self.layer_widths[i]
         if name not in {n for pair in self.names for n in pair}:  # a hidden norm's tensor
+            w = ks[next(l for l, n in enumerate(self.norm_prefixes) if name.startswith(n + "."))]
             return t[0, :w] if t.dim() == 2 else (t[:w] if t.dim() == 1 else t)
         layer = next(l for l, (wn, bn) in enumerate(self.names) if name in (wn, bn))
         last = len(self.names) - 1
         if t.dim() == 2 and name == self.names[layer][0]:  # weight (out, in)
-            rows = t.shape[0] if layer == last else w
-            cols = t.shape[1] if layer == 0 else w
+            rows = t.shape[0] if layer == last else ks[layer]
+            cols = t.shape[1] if layer == 0 else ks[layer - 1]
             return t[:rows, :cols]
-        return t[0, : (t.shape[1] if layer == last else w)]  # bias (1, out)
+        return t[0, : (t.shape[1] if layer == last else ks[layer])]  # bias (1, out)
