@@ -10,6 +10,7 @@ import torch.nn as nn
 from regexp.models.mlp import MLP
 from regexp.population.compat import bucket_widths, incompatibility, mlp_cost
 from regexp.population.stacked_mlp import StackedMLP
+from regexp.sweep import point_name
 from test_population import _assert_same_run, _pop_and_lone
 from test_population_stop_transfer import _interrupt_resume_and_lone
 
@@ -34,6 +35,11 @@ def test_normalized_and_residual_members_match_lone_runs(compose_cfg, tmp_path, 
     _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, overrides, POINTS)
     for p, a, b in zip(POINTS, pop, lone):
         _assert_same_run(tmp_path, p, a, b)  # model.pt holds the running statistics too
+        # so does the best epoch's state
+        best = [torch.load(tmp_path / d / point_name(p) / "best_model.pt") for d in ("pop", "lone")]
+        assert best[0].keys() == best[1].keys()
+        for k in best[1]:
+            torch.testing.assert_close(best[0][k], best[1][k], atol=1e-5, rtol=1e-4)
     assert len({m["final"]["train_loss"] for m in pop}) == 3
 
 

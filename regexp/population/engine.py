@@ -491,10 +491,11 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
 
 
 def _manual_ok(b: Bucket, opts: Options) -> bool:
-    """Whether the bucket's step can skip autograd: relu without norms or skips, no penalty term,
-    no label smoothing, plain float32 eager forward (then the gradient is a few products written out by hand)."""
-    return (b.net.act is torch.relu and not b.net.fancy and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen
-            and not opts.bf16 and not opts.compile)
+    """Whether the bucket's step can skip autograd: relu MLPs of one width without norms or skips,
+    no penalty term, no label smoothing, plain float32 eager forward (then the gradient is a few
+    products written out by hand)."""
+    return (b.net.act is torch.relu and not b.net.fancy and not b.terms.reg_names and b.terms.eps_common == 0.0
+            and not b.frozen and not opts.bf16 and not opts.compile)
 
 
 def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:

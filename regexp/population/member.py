@@ -82,7 +82,9 @@ class Member:
     def widths(self) -> List[int]:
         """The hidden widths, input to output."""
         listed = self.cfg.model.get("widths")
-        return [int(w) for w in listed] if listed is not None else [int(self.cfg.model.width)] * int(self.cfg.model.depth)
+        if listed is not None:
+            return [int(w) for w in listed]
+        return [int(self.cfg.model.width)] * int(self.cfg.model.depth)
 
     @property
     def params(self) -> int:
