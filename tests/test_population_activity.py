@@ -135,3 +135,24 @@ def test_relu_kl_with_dropout_in_both_forms_matches_lone_runs(compose_cfg, tmp_p
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
 
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_activity_penalty_with_a_norm_reads_the_normalized_activations(compose_cfg, tmp_path, norm):
+    # with a norm the stacked forward takes its general path, which must record the hidden site
+    # (after the norm and activation) as the lone model's Site does
+    # (momentum with batch norm: the bias before it has a gradient of pure rounding noise, which
+    # Adam's normalised step would turn into lr-sized moves no two summation orders share)
+    overrides, points = CASES["activity_l1"]
+    opt = "optimizer=adam" if norm == "layer" else "optimizer=momentum"
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + [opt, f"model.norm={norm}"] + overrides, points)
+    assert incompatibility(base) is None and use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+
+
+def test_activity_penalty_with_uneven_widths_or_skips_is_refused(compose_cfg):
+    for extra in (["model.widths=[20,10]"], ["model.residual=true"]):
+        assert incompatibility(compose_cfg(["regularizer=[activity_kl]", "model.activation=sigmoid"] + extra)) == (
+            "regularizer activity_kl with model.widths or model.residual (the population records one unit mask "
+            "for every hidden layer, and no skip)")

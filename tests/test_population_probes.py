@@ -70,6 +70,16 @@ def test_member_probes_equal_lone_run_probes(compose_cfg, tmp_path):
         assert [r["epoch"] for r in cp["probe_history"]] == [r["epoch"] for r in cl["probe_history"]] == [1]
 
 
+def test_uneven_width_member_probes_equal_lone_run_probes(compose_cfg, tmp_path):
+    # model.widths: the narrower member is padded per layer (6 to 8, then 5 to 6)
+    points = [{"model.widths": [6, 5], "seed": 0}, {"model.widths": [8, 6], "seed": 1}]
+    hessian = ["probe=[hessian]"] + [o for o in PROBES if o.startswith(("probe.every", "probe.batch", "probe.hessian"))]
+    pop, lone = _runs(compose_cfg, tmp_path, hessian + ["model.activation=tanh", "trainer.epochs=1"], points)
+    for a, b in zip(pop, lone):
+        for ra, rb in zip(a["probe_history"], b["probe_history"], strict=True):
+            assert ra == pytest.approx(rb, rel=RTOL, abs=ATOL)
+
+
 def _two_members(dtype=torch.float64):
     """A 6-3-4 and a 6-5-4 tanh MLP stacked (the first padded to width 5) with their data."""
     torch.manual_seed(0)

@@ -6,8 +6,10 @@ epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
 start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, DropConnect's
 p, augmentation's shift and scale, FGSM's ε, the penalties' λ, label noise, random inputs (each
-member loads its own data), the gradient-clipping norm) and in width. Widths are grouped into
-buckets of similar size and padded inside a bucket with masked units: a bucket holds widths whose per-example cost is within
+member loads its own data), the gradient-clipping norm) and in width (or list of hidden widths,
+``model.widths``: one population per depth, each layer padded to the bucket's widest). Widths are
+grouped into buckets of similar size and padded inside a bucket with masked units: a bucket holds
+widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
 """
@@ -21,6 +23,7 @@ from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp",)
+NORMS = ("none", "batch", "layer")  # every model.norm the MLP builds (regexp/models/mlp.py)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying",
@@ -31,7 +34,7 @@ REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "
 BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
-    "seed", "model.width", "data.label_noise", "data.random_inputs",
+    "seed", "model.width", "model.widths", "data.label_noise", "data.random_inputs",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
@@ -65,12 +68,8 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
     if cfg.model.name not in MODELS:
         return f"model.name={cfg.model.name} (population supports {', '.join(MODELS)})"
-    if cfg.model.get("norm", "none") != "none":
-        return f"model.norm={cfg.model.norm} (population supports none)"
-    if cfg.model.get("widths") is not None:
-        return "model.widths is set (population supports depth layers of one model.width)"
-    if cfg.model.get("residual", False):
-        return "model.residual=true (population supports plain MLPs)"
+    if cfg.model.get("norm", "none") not in NORMS:
+        return f"model.norm={cfg.model.norm} (population supports {', '.join(NORMS)})"
     if cfg.optimizer.name not in OPTIMIZERS:
         return f"optimizer.name={cfg.optimizer.name} (population supports {', '.join(OPTIMIZERS)})"
     if cfg.optimizer.get("amsgrad", False):
@@ -102,6 +101,10 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if "multi_task" in cfg.regularizer and (cfg.optimizer.name == "sam" or int(cfg.model.depth) == 0):
         return ("regularizer multi_task with optimizer=sam or model.depth=0 (the population's heads read "
                 "the last hidden layer and take plain steps)")
+    shaped = [r for r in regs if r in ("activity_l1", "activity_student_t", "activity_kl", "multi_task")]
+    if shaped and (cfg.model.get("widths") is not None or cfg.model.get("residual", False)):
+        return (f"regularizer {shaped[0]} with model.widths or model.residual (the population records one "
+                "unit mask for every hidden layer, and no skip)")
     if "multi_task" in regs and "soft_weight_sharing" in regs:
         return ("regularizers multi_task and soft_weight_sharing together (the population steps one extra "
                 "parameter group per bucket, the head's or the mixture's)")
@@ -115,6 +118,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
         return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
                 "stacked tensor as trained)")
+    if cfg.model.get("norm", "none") != "none" and active(cfg.probe):
+        return (f"model.norm={cfg.model.norm} with probes (the population's batched probes see the "
+                "stacked linear layers only, not the norms' parameters and statistics)")
     if "early_stopping" in cfg.regularizer and active(cfg.probe):
         return ("regularizer early_stopping with probes (a member's final probes are measured on its "
                 "restored best weights, which the population's batched probes do not see)")
@@ -134,18 +140,26 @@ def mlp_cost(in_dim: int, depth: int, classes: int) -> Callable[[int], float]:
     return lambda w: in_dim * w + (depth - 1) * w * w + w * classes
 
 
-def bucket_widths(widths: Sequence[int], ratio: float = 1.5, small: int = 32,
-                  cost: Callable[[int], float] = float) -> List[List[int]]:
+def widths_cost(in_dim: int, classes: int) -> Callable[[Sequence[int]], float]:
+    """Multiply-adds per example of an MLP as a function of its list of hidden widths."""
+    return lambda ws: float(sum(a * b for a, b in zip([in_dim, *ws], [*ws, classes])))
+
+
+def bucket_widths(widths: Sequence, ratio: float = 1.5, small: int = 32,
+                  cost: Callable[[Any], float] = float) -> List[List]:
     """Split the distinct widths into buckets of similar cost, each padded to its widest.
 
     Ascending widths join the current bucket while the widest one's ``cost`` stays within
     ``ratio`` of the narrowest one's (so no member computes more than ``ratio`` times its own
     work), or while all are at most ``small`` (overhead-bound: per-step dispatch, not
     arithmetic, is what they cost). With a quadratic cost (deep MLPs) buckets are narrower.
+    A width may be a tuple of hidden widths (``model.widths``, of one depth; ``cost`` takes it):
+    they go by cost, and a tuple is small when its widest layer is.
     """
-    out: List[List[int]] = []
-    for w in sorted(set(widths)):
-        if out and (w <= small or cost(w) <= ratio * cost(out[-1][0])):
+    out: List[List] = []
+    size = lambda w: max(w, default=0) if isinstance(w, tuple) else w  # noqa: E731
+    for w in sorted(set(widths), key=lambda w: (cost(w), w)):
+        if out and (size(w) <= small or cost(w) <= ratio * cost(out[-1][0])):
             out[-1].append(w)
         else:
             out.append([w])

@@ -219,6 +219,10 @@ class Bucket:
         loop = device.type == "cpu" and 0 < opts.loop_width <= width
         self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
                               cfg.model.activation, device, loop)
+        if "parameter_tying" in cfg.regularizer and any(n != self.net.member_names[0] for n in self.net.member_names):
+            raise ConfigError("regularizer.parameter_tying: members of one population name their parameters "
+                              "differently (model.residual=true with a first-layer skip for some only), so their "
+                              "references cannot be matched by name; use sweep.engine=serial")
         self.frozen = frozen_names(members)
         freeze_(self.net, self.frozen)
         self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.trainable, _member_hypers(members),
@@ -241,8 +245,8 @@ class Bucket:
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
                                   [_reg(m, "dropout", "p") for m in members],
-                                  [m.dropout_gen for m in members], [m.width for m in members],
-                                  int(torch.tensor(data.input_shape).prod()), width,
+                                  [m.dropout_gen for m in members], [m.widths for m in members],
+                                  int(torch.tensor(data.input_shape).prod()), self.net.hidden_widths,
                                   len(self.net.weights) - 1, device, exact, int(cfg.seed))
         self.noise = _step_noise(members, self.drop, len(self.net.weights), device)
         self.transforms = BatchTransforms([m.cfg.regularizer for m in members], data.input_shape, self.noise, device)
@@ -430,9 +434,9 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             xb = b.pretext.draw(xb)
         weights = None
         if b.transforms.active:  # augmentation, FGSM: the whole step's draws in the lone run's order
-            xb, masks, weights = b.transforms.draw(xb, yb, b.net.forward, b.net.weights, b.net.widths.tolist())
+            xb, masks, weights = b.transforms.draw(xb, yb, b.net.forward, b.net.weights, b.net.layer_widths)
         elif b.noise.active:
-            xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.widths.tolist())
+            xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.layer_widths)
         else:
             masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
         if loop.manual:
@@ -531,7 +535,6 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
                 bool(cfg.logger.grad_norms))
     loop.manual = _manual_ok(b, opts)
-    weight_names = [name for name, p, is_w in b.net.named_params() if is_w and p.requires_grad]
     results: Dict[int, Dict] = {}
     ids = {id(m): k for k, m in enumerate(members)}
     epoch, perms, running, in_epoch = _restore(b, loop)  # (0, None, None, 0) for a fresh start
@@ -549,7 +552,7 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
             if in_epoch < loop.steps_per_epoch:
                 break
             epoch, in_epoch = epoch + 1, 0
-            done = _epoch_end(b, epoch, running / data.n, grad_norms, weight_names, loop.factor(loop.step), cfg, t)
+            done = _epoch_end(b, epoch, running / data.n, grad_norms, loop.factor(loop.step), cfg, t)
             bar.update(1)
             if on_epoch is not None:
                 on_epoch(list(b.members))  # the diverged ones trained this epoch too
@@ -596,11 +599,13 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
 
 
 def _manual_ok(b: Bucket, opts: Options) -> bool:
-    """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing or
-    pretext loss, no DropConnect (whose gradient passes through its mask), no frozen tensor, plain
-    float32 eager forward (then the gradient is a few products written out by hand)."""
-    return (b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen
-            and b.pretext is None and not any(b.noise.connects) and not opts.bf16 and not opts.compile)
+    """Whether the bucket's step can skip autograd: relu MLPs of one width without norms or skips,
+    no penalty term, no label smoothing or pretext loss, no DropConnect (whose gradient passes
+    through its mask), no frozen tensor, plain float32 eager forward (then the gradient is a few
+    products written out by hand)."""
+    return (b.net.act is torch.relu and not b.net.fancy and not b.terms.reg_names and b.terms.eps_common == 0.0
+            and not b.frozen and b.pretext is None and not any(b.noise.connects) and not opts.bf16
+            and not opts.compile)
 
 
 def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
@@ -676,8 +681,7 @@ def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Option
     if b.mixtures is not None:  # the mixture's group follows the weights' in torch.optim's state
         b.mixtures.load_opt_state(states, len(b.trainable), loop.step)
     if all(ck["best_state"] is not None for ck in cks):
-        names = [name for name, _, _ in b.net.named_params()]
-        b.best = [b.net.stack([ck["best_state"][n] for ck in cks], p) for n, p in zip(names, b.net.params)]
+        b.best = b.net.stack_states([ck["best_state"] for ck in cks])
     if in_epoch == 0:
         return epoch, None, None, 0
     perms = torch.stack([ck["perm"] for ck in cks]).to(b.device)
@@ -733,14 +737,14 @@ def _member_opt_state(b: Bucket, k: int) -> List[Dict[str, torch.Tensor]]:
         # a frozen tensor has no state: its own values stand in for the slot member_state reads
         it = iter(ts)
         state = b.net.member_state(k, [next(it) if p.requires_grad else p for p in b.net.params])
-        names = [name for name, p, _ in b.net.named_params() if p.requires_grad]
-        for d, name in zip(out, names):
-            d[key] = state[name]
+        # by position: a member's own names may differ from the stack's (a skip on its first layer)
+        for d, t in zip(out, [t for t, p in zip(state.values(), b.net.params) if p.requires_grad]):
+            d[key] = t
     return out
 
 
 def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Optional[torch.Tensor],
-               weight_names: List[str], lr_factor_now: float, cfg, t) -> List[int]:
+               lr_factor_now: float, cfg, t) -> List[int]:
     """Logs, evaluation, best-state tracking and the divergence check; return diverged members."""
     sums = mean_terms.tolist()  # the one host read of the epoch's training losses
     with torch.no_grad():
@@ -761,7 +765,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 l, a = evaluate_members(b.net, x, y, chunk, counts)
                 evals[s] = (l.tolist(), a.tolist())
                 if counts is not None:
-                    units = torch.tensor([m.width * hidden * y.shape[1] for m in b.members], device=x.device)
+                    units = torch.tensor([sum(m.widths) * y.shape[1] for m in b.members], device=x.device)
                     sparsity = (counts.double() / units[:, None]).tolist()
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
     probed = (b.probes.measure_members(b.probe_inputs())
@@ -779,6 +783,9 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         logs.update({f"penalty/{r}": v for r, v in zip(b.terms.reg_names, sums[k][1:])})
         logs["weights/l2_norm"] = l2[k]
         if gn is not None:
+            # each member's own names (a skip on its first layer renames that layer)
+            weight_names = [own for (_, p, is_w), own in zip(b.net.named_params(), b.net.member_names[k])
+                            if is_w and p.requires_grad]
             logs.update({f"grad_norm/{name}": v for name, v in zip(weight_names, gn[k])})
         if evaluated:
             row = {"epoch": epoch}
@@ -809,7 +816,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             r.ctx.optimizer.param_groups[0]["lr"] = lrs[k]  # the stand-in's lr (_build_models)
             r.log(m.tb, epoch)
         if hist_every and epoch % hist_every == 0:
-            write_histograms(m.tb, b.net.member_state(k), epoch)
+            write_histograms(m.tb, b.net.member_state(k, b.net.params), epoch)  # as tb.histograms: parameters
     if improved:
         _update_best(b, improved)
     return diverged
@@ -817,13 +824,14 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
 
 @torch.no_grad()
 def _update_best(b: Bucket, improved: List[int]) -> None:
-    """Copy the improved members' current weights into the stacked best state (on the device)."""
+    """Copy the improved members' current state (weights, norm statistics) into the stacked best
+    state (on the device)."""
     mask = torch.zeros(len(b.members), dtype=torch.bool)
     mask[improved] = True
     mask = mask.to(b.device)
     if b.best is None:
-        b.best = [p.detach().clone() for p in b.net.params]
+        b.best = [p.detach().clone() for p in b.net.state_tensors]
         return
-    for best, p in zip(b.best, b.net.params):
+    for best, p in zip(b.best, b.net.state_tensors):
         sel = mask.view(-1, *([1] * (p.dim() - 1)))
         best.copy_(torch.where(sel, p.detach(), best))

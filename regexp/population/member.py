@@ -75,7 +75,16 @@ class Member:
 
     @property
     def width(self) -> int:
-        return int(self.cfg.model.width)
+        """The widest hidden layer (model.width, or the largest of model.widths)."""
+        return max(self.widths, default=int(self.cfg.model.width))
+
+    @property
+    def widths(self) -> List[int]:
+        """The hidden widths, input to output."""
+        listed = self.cfg.model.get("widths")
+        if listed is not None:
+            return [int(w) for w in listed]
+        return [int(self.cfg.model.width)] * int(self.cfg.model.depth)
 
     @property
     def params(self) -> int:

@@ -60,7 +60,8 @@ class StepNoise:
 
     def draw(self, x: torch.Tensor, weights: List[torch.Tensor], widths: List[int]
              ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], List[torch.Tensor]]:
-        """(noisy inputs (M, B, D), dropout masks per layer input, the weights to compute with)."""
+        """(noisy inputs (M, B, D), dropout masks per layer input, the weights to compute with);
+        ``widths``: each member's hidden width, or its list of them (model.widths)."""
         if self.input_sigma is not None:
             x = self.noisy_input(x)
         return (x, *self.forward_draws(x.shape[1], weights, widths))
@@ -72,12 +73,14 @@ class StepNoise:
     def forward_draws(self, batch: int, weights: List[torch.Tensor], widths: List[int]
                       ) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
         """What one training forward pass of ``batch`` examples draws: (dropout masks per layer
-        input, the weights to compute with)."""
-        masks, used = [], list(weights)
+        input, the weights to compute with); ``widths``: each member's hidden width, or its list
+        of them (model.widths)."""
         last = len(weights) - 1
+        ks = [k if isinstance(k, (list, tuple)) else [k] * last for k in widths]
+        masks, used = [], list(weights)
         for l, w in enumerate(weights):
             masks.append(self.drop.site_mask(l, batch))
-            real = [(w.shape[1] if l == last else k, w.shape[2] if l == 0 else k) for k in widths]
+            real = [(w.shape[1] if l == last else k[l], w.shape[2] if l == 0 else k[l - 1]) for k in ks]
             for kind in self.transforms:
                 if kind == "noise" and self.noised[l]:
                     used[l] = used[l] + self.s_w * self._normal(w.shape, real)

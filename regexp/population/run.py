@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regexp.errors import ConfigError
 from regexp.optim import build_optimizer
-from regexp.population.compat import bucket_widths, incompatibility, mlp_cost, shared_part
+from regexp.population.compat import bucket_widths, incompatibility, mlp_cost, shared_part, widths_cost
 from regexp.population.data import data_key, load_cached
 from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
@@ -168,21 +168,30 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             torch.use_deterministic_algorithms(True)
         first = members[idx[0]].cfg
         ds = load_cached(first, data_cache, data_key(first, members[idx[0]].point))
-        cost = mlp_cost(int(torch.tensor(ds.input_shape).prod()), int(first.model.depth), ds.num_classes)
+        in_dim = int(torch.tensor(ds.input_shape).prod())
+        # members listing their hidden widths (model.widths, a member key) are bucketed by the
+        # cost of their whole list, each depth apart; the others by their one width
+        listed = any(members[i].cfg.model.get("widths") is not None for i in idx)
+        cost = widths_cost(in_dim, ds.num_classes) if listed else mlp_cost(in_dim, int(first.model.depth),
+                                                                             ds.num_classes)
+        shape = (lambda i: tuple(members[i].widths)) if listed else (lambda i: members[i].width)
         # the group's step: every member's forward and backward (3 x 2 FLOPs per multiply-add)
         bs = len(ds.y_train) if t.batch_size == "full" else int(t.batch_size)
         _, why = set_threads(t.threads, resolve_device(t.device),
-                             lambda: 6.0 * bs * sum(cost(members[i].width) for i in idx))
+                             lambda: 6.0 * bs * sum(cost(shape(i)) for i in idx))
         for i in idx:
             members[i].threads_reason = why
-        for widths in bucket_widths([members[i].width for i in idx], opts.bucket_ratio, opts.small_width, cost):
+        depths = sorted({len(members[i].widths) for i in idx})
+        for widths in [b for d in depths for b in bucket_widths([shape(i) for i in idx if len(members[i].widths) == d],
+                                                                 opts.bucket_ratio, opts.small_width, cost)]:
             signals.check()  # once asked to stop, start no new bucket
-            chosen = [i for i in idx if members[i].width in widths]
-            log.info("population: %d members, widths %s padded to %d", len(chosen), widths, max(widths))
+            chosen = [i for i in idx if shape(i) in widths]
+            top = max(members[i].width for i in chosen)
+            log.info("population: %d members, widths %s padded to %d", len(chosen), widths, top)
             if progress is not None:
-                progress.stage(f"bucket w<={max(widths)} x{len(chosen)}")
+                progress.stage(f"bucket w<={top} x{len(chosen)}")
             try:
-                trained = train_bucket([members[i] for i in chosen], max(widths), opts, data_cache,
+                trained = train_bucket([members[i] for i in chosen], top, opts, data_cache,
                                        on_epoch=on_epoch, on_finish=on_finish)
                 for i, metrics in zip(chosen, trained):
                     results[i] = metrics

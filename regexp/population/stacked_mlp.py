@@ -6,6 +6,15 @@ with hidden units whose incoming and outgoing weights and biases are zero. Such 
 computes act(0); for relu/tanh/gelu that is 0, so it sends nothing on and receives a zero
 gradient, and every optimizer here maps a zero parameter with zero gradient to zero. For
 sigmoid (act(0) = 1/2) the hidden activations are multiplied by the unit mask instead.
+
+Normalized MLPs (``model.norm``) stack each norm's scale and shift as (M, 1, width), and
+batch norm's running statistics as (M, width) (``num_batches_tracked`` as (M,)), saved under
+the lone model's names. Layer norm takes mean and variance over a member's real units only;
+the normalized activations are multiplied by the unit mask, so padded units stay exactly
+inert. Residual MLPs add each member's skip where its lone model has one (see
+:mod:`regexp.models.mlp`). Uneven hidden widths (``model.widths``) pad each layer to the
+bucket's widest for that layer, with a unit mask per layer. These run through autograd in the
+batched form only.
 """
 from __future__ import annotations
 
@@ -17,6 +26,8 @@ import torch.nn.functional as F
 
 from regexp.train.sparsity import NEAR_ZERO
 
+NORMS = (nn.BatchNorm1d, nn.LayerNorm)
+
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}
 IN_PLACE = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_, "gelu": F.gelu}  # no-grad use
 
@@ -25,6 +36,18 @@ def linear_layers(model: nn.Module) -> List[tuple]:
     """(weight name, bias name or None, module) of each nn.Linear, input to output."""
     return [(f"{n}.weight", f"{n}.bias" if m.bias is not None else None, m)
             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def norm_layers(model: nn.Module) -> List[tuple]:
+    """(name, module) of each hidden layer's normalization, input to output (none: [])."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, NORMS)]
+
+
+def _fit(h: torch.Tensor, width: int) -> torch.Tensor:
+    """``h`` (M, B, D) cut or zero-padded to ``width`` features: a skip's input where some
+    members' real widths are narrower than the bucket's (their extra features are padding)."""
+    d = h.shape[-1]
+    return h[..., :width] if d >= width else F.pad(h, (0, width - d))
 
 
 def _ce_and_grad(logits: torch.Tensor, y: torch.Tensor):
@@ -63,11 +86,16 @@ class StackedMLP:
         self.act_ = IN_PLACE[activation]
         m_count, depth = len(models), len(layers[0])
         in_dim, out_dim = layers[0][0][2].in_features, layers[0][-1][2].out_features
+        # each member's real hidden widths; uneven ones (model.widths) pad each layer to its widest
+        self.layer_widths = [[lin.out_features for _, _, lin in member[:-1]] for member in layers]
+        self.uneven = any(len(set(ks)) > 1 for ks in self.layer_widths)
+        self.hidden_widths = ([max(ks[l] for ks in self.layer_widths) for l in range(depth - 1)]
+                              if self.uneven else [width] * (depth - 1))
         self.weights: List[torch.Tensor] = []
         self.biases: List[Optional[torch.Tensor]] = []
         for l in range(depth):
-            rows = out_dim if l == depth - 1 else width
-            cols = in_dim if l == 0 else width
+            rows = out_dim if l == depth - 1 else self.hidden_widths[l]
+            cols = in_dim if l == 0 else self.hidden_widths[l - 1]
             w = torch.zeros(m_count, rows, cols)
             b = torch.zeros(m_count, 1, rows) if self.names[l][1] else None
             for i, member in enumerate(layers):
@@ -85,29 +113,84 @@ class StackedMLP:
         # a padded unit's entries are exactly 0 there, for every activation.
         self.record = False
         self.hidden: List[torch.Tensor] = []
+        self.unit_masks = [(torch.arange(h)[None, None, :] < torch.tensor([ks[l] for ks in self.layer_widths])
+                            [:, None, None]).float().to(device) for l, h in enumerate(self.hidden_widths)]
+        self._init_norms_and_skips(models, layers, device)
+
+    def _init_norms_and_skips(self, models: Sequence[nn.Module], layers: List[List[tuple]],
+                              device: torch.device) -> None:
+        """Stacked norm parameters and buffers, residual flags, and each member's own names."""
+        norms = [norm_layers(m) for m in models]
+        self.norm_kind = type(norms[0][0][1]) if norms[0] else None
+        self.norms: List[tuple] = []  # per hidden layer: (scale, shift), (M, 1, width) each
+        self.running: List[tuple] = []  # batch norm: (mean, var) (M, width), batches seen (M,)
+        m_count = len(models)
+        self.norm_prefixes = [n for n, _ in norms[0]]
+        for l in range(len(norms[0])):
+            mods, width = [n[l][1] for n in norms], self.hidden_widths[l]
+            g, b = torch.zeros(m_count, 1, width), torch.zeros(m_count, 1, width)
+            mean, var = torch.zeros(m_count, width), torch.ones(m_count, width)
+            seen = torch.zeros(m_count, dtype=torch.long)
+            for i, mod in enumerate(mods):
+                k = mod.weight.shape[0]
+                g[i, 0, :k], b[i, 0, :k] = mod.weight.detach(), mod.bias.detach()
+                if isinstance(mod, nn.BatchNorm1d):
+                    mean[i, :k], var[i, :k] = mod.running_mean, mod.running_var
+                    seen[i] = mod.num_batches_tracked
+            self.norms.append((g.to(device).requires_grad_(), b.to(device).requires_grad_()))
+            if self.norm_kind is nn.BatchNorm1d:
+                self.running.append((mean.to(device), var.to(device), seen.to(device)))
+        first = norms[0][0][1] if norms[0] else None
+        self.eps = first.eps if first is not None else 0.0
+        self.momentum = getattr(first, "momentum", None)
+        # a hidden layer is residual for a member where its lone model wraps it in a skip
+        skips = [[".body." in f"{wn}." for wn, _, _ in member[:-1]] for member in layers]
+        self.skips: List[Optional[torch.Tensor]] = [
+            torch.tensor([s[l] for s in skips], dtype=torch.float32, device=device).view(-1, 1, 1)
+            if any(s[l] for s in skips) else None for l in range(len(skips[0]))]
+        self.fancy = self.uneven or self.norm_kind is not None or any(s is not None for s in self.skips)
+        if self.fancy:  # autograd in the batched form only (see the module's docstring)
+            self.loop = False
+        # each member's parameter and buffer names (a skip changes them: hidden.0.body.0.weight)
+        buffers = ("running_mean", "running_var", "num_batches_tracked") if self.running else ()
+        self.member_names = [[n for n, _ in m.named_parameters()] + [f"{n}.{b}" for n, _ in nl for b in buffers]
+                             for m, nl in zip(models, norms)]
 
     @property
     def params(self) -> List[torch.Tensor]:
-        return [p for pair in zip(self.weights, self.biases) for p in pair if p is not None]
+        return [p for _, p, _ in self.named_params()]
 
     def named_params(self) -> List[tuple]:
-        """(name, stacked tensor, is_weight) in nn.Module order."""
+        """(name, stacked tensor, is_weight) in nn.Module order (the first member's names)."""
         out = []
-        for (wn, bn), w, b in zip(self.names, self.weights, self.biases):
-            out.append((wn, w, True))
+        names = iter(self.member_names[0])
+        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+            out.append((next(names), w, True))
             if b is not None:
-                out.append((bn, b, False))
+                out.append((next(names), b, False))
+            if l < len(self.norms):
+                out += [(next(names), t, False) for t in self.norms[l]]
         return out
+
+    def named_buffers(self) -> List[tuple]:
+        """(name, stacked tensor) of batch norm's running statistics, in nn.Module order."""
+        names = self.member_names[0][len(self.named_params()):]
+        return list(zip(names, [t for r in self.running for t in r]))
+
+    @property
+    def state_tensors(self) -> List[torch.Tensor]:
+        """Everything a member's state_dict holds, stacked: parameters, then buffers."""
+        return self.params + [t for _, t in self.named_buffers()]
 
     def param_masks(self) -> Optional[List[torch.Tensor]]:
         """Each parameter's real entries (bool, its shape) per member; None without padding."""
-        if bool((self.widths == self.width).all()):
+        if not self.uneven and bool((self.widths == self.width).all()):
             return None
-        real = self.unit_mask[:, 0].bool()  # (M, width)
+        real = [u[:, 0].bool() for u in self.unit_masks]  # (M, width of layer l) each
         last, out = len(self.weights) - 1, []
         for l, (w, b) in enumerate(zip(self.weights, self.biases)):
-            rows = torch.ones(w.shape[0], w.shape[1], dtype=torch.bool, device=w.device) if l == last else real
-            cols = torch.ones(w.shape[0], w.shape[2], dtype=torch.bool, device=w.device) if l == 0 else real
+            rows = torch.ones(w.shape[0], w.shape[1], dtype=torch.bool, device=w.device) if l == last else real[l]
+            cols = torch.ones(w.shape[0], w.shape[2], dtype=torch.bool, device=w.device) if l == 0 else real[l - 1]
             out.append(rows[:, :, None] & cols[:, None, :])
             if b is not None:
                 out.append(rows[:, None, :].clone())
@@ -121,6 +204,8 @@ class StackedMLP:
         if self.loop:
             return self._forward_loop(x, masks, weights)
         self.hidden = []
+        if self.fancy:
+            return self._forward_general(x, masks, weights, True)
         h = x
         if masks and masks[0] is not None:
             h = h * masks[0]
@@ -137,6 +222,56 @@ class StackedMLP:
                 if self.record:
                     self.hidden.append(h)
         return h
+
+    def _forward_general(self, x: torch.Tensor, masks, weights, training: bool,
+                         counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`forward` with norms and skips: linear, norm, activation, then the hidden site
+        (unit mask, dropout), then the member's skip, as each lone layer computes it.
+        ``training``: batch statistics (and running-statistics updates) or the running ones;
+        ``counts``: see :meth:`eval_logits`."""
+        h = x * masks[0] if masks and masks[0] is not None else x
+        last = len(self.weights) - 1
+        for l, (w, b) in enumerate(zip(weights or self.weights, self.biases)):
+            wt = w.transpose(1, 2)
+            z = torch.baddbmm(b, h, wt) if b is not None else torch.bmm(h, wt)
+            if l == last:
+                return z
+            if self.norms:
+                z = self._norm(l, z, training)
+            a = self.act(z)
+            if self.norms or self.mask_hidden:
+                a = a * self.unit_masks[l]
+            if counts is not None:  # padded units are no units: masked out
+                real = self.unit_masks[l] > 0
+                counts += torch.stack([((a == 0) & real).sum((1, 2)), ((a.abs() < NEAR_ZERO) & real).sum((1, 2))], 1)
+            if masks and masks[l + 1] is not None:
+                a = a * masks[l + 1]
+            if training and self.record:  # the hidden site's activation, before the skip
+                self.hidden.append(a)
+            h = a + _fit(h, a.shape[-1]) * self.skips[l] if self.skips[l] is not None else a
+        return h
+
+    def _norm(self, l: int, z: torch.Tensor, training: bool) -> torch.Tensor:
+        """Hidden layer l's normalization of pre-activations (M, B, width), each member's own."""
+        g, b = self.norms[l]
+        m, n, w = z.shape
+        if self.running:
+            # members side by side as channels: torch's own kernel, whose running-statistics
+            # update (momentum, unbiased variance) lands in place in the stacked (M, width) buffers
+            mean, var, seen = self.running[l]
+            if training:
+                seen += 1
+            y = F.batch_norm(z.transpose(0, 1).reshape(n, m * w), mean.view(-1), var.view(-1), g.reshape(-1),
+                             b.reshape(-1), training, self.momentum, self.eps)
+            return y.view(n, m, w).transpose(0, 1)
+        mask = self.unit_masks[l]
+        k = mask.sum(2, keepdim=True)  # each member's real width
+        if bool((k == w).all()):
+            return F.layer_norm(z, (w,), eps=self.eps) * g + b
+        # over each member's real units only, masked so no gradient reaches the padded ones
+        d = (z - (z * mask).sum(2, keepdim=True) / k) * mask
+        var = (d * d).sum(2, keepdim=True) / k
+        return d * torch.rsqrt(var + self.eps) * g + b
 
     def _forward_loop(self, x: torch.Tensor, masks, weights=None) -> torch.Tensor:
         """The same function, member by member with nn.Linear's own kernel on unpadded slices.
@@ -226,6 +361,11 @@ class StackedMLP:
         m_count, n = x.shape[0], x.shape[1]
         last = len(self.weights) - 1
         out = torch.empty(m_count, self.weights[-1].shape[1], n, device=x.device, dtype=x.dtype)
+        if self.fancy:
+            for i in range(0, n, chunk):
+                z = self._forward_general(x[:, i:i + chunk], None, None, False, counts)
+                out[:, :, i:i + chunk] = z.transpose(1, 2)
+            return out
         if not self.loop:
             hidden_mask = self.unit_mask.transpose(1, 2) if self.mask_hidden else None
             for i in range(0, n, chunk):
@@ -312,6 +452,12 @@ class StackedMLP:
                        for b in self.biases]
         self.unit_mask = self.unit_mask.index_select(0, sel)
         self.widths = self.widths.index_select(0, idx.cpu())
+        self.norms = [tuple(t.detach().index_select(0, sel).requires_grad_() for t in pair) for pair in self.norms]
+        self.running = [tuple(t.index_select(0, sel) for t in r) for r in self.running]
+        self.skips = [s.index_select(0, sel) if s is not None else None for s in self.skips]
+        self.unit_masks = [u.index_select(0, sel) for u in self.unit_masks]
+        self.layer_widths = [self.layer_widths[i] for i in idx.tolist()]
+        self.member_names = [self.member_names[i] for i in idx.tolist()]
 
     def stack(self, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """The members' unpadded tensors of one parameter (nn.Module layout), stacked and padded
@@ -321,24 +467,38 @@ class StackedMLP:
             t = t.to(out.device, out.dtype)
             if t.dim() == 2:
                 out[i, :t.shape[0], :t.shape[1]] = t
-            else:  # a bias (out,) into (1, out)
+            elif out.dim() == 3:  # a bias or norm parameter (out,) into (1, out)
                 out[i, 0, :t.shape[0]] = t
+            elif out.dim() == 2:  # a running statistic (width,)
+                out[i, :t.shape[0]] = t
+            else:  # num_batches_tracked
+                out[i] = t
         return out
 
+    def stack_states(self, states: Sequence[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
+        """Members' state_dicts (their own names), stacked like :attr:`state_tensors`."""
+        return [self.stack([st[names[j]] for st, names in zip(states, self.member_names)], like)
+                for j, like in enumerate(self.state_tensors)]
+
     def member_state(self, i: int, tensors: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        """Member ``i``'s unpadded tensors under nn.Module names (default: its parameters)."""
-        tensors = tensors if tensors is not None else self.params
+        """Member ``i``'s unpadded tensors under its lone model's names (default: its state_dict's,
+        parameters and buffers; a list of the parameters alone gives those)."""
+        tensors = tensors if tensors is not None else self.state_tensors
+        canonical = [n for n, _, _ in self.named_params()] + [n for n, _ in self.named_buffers()]
         out = {}
-        for (name, p, _), t in zip(self.named_params(), tensors):
-            out[name] = self._unpad(i, name, t[i]).detach().cpu().clone()
+        for name, own, t in zip(canonical, self.member_names[i], tensors):
+            out[own] = self._unpad(i, name, t[i]).detach().cpu().clone()
         return out
 
     def _unpad(self, i: int, name: str, t: torch.Tensor) -> torch.Tensor:
-        w = int(self.widths[i])
+        ks = self.layer_widths[i]
+        if name not in {n for pair in self.names for n in pair}:  # a hidden norm's tensor
+            w = ks[next(l for l, n in enumerate(self.norm_prefixes) if name.startswith(n + "."))]
+            return t[0, :w] if t.dim() == 2 else (t[:w] if t.dim() == 1 else t)
         layer = next(l for l, (wn, bn) in enumerate(self.names) if name in (wn, bn))
         last = len(self.names) - 1
         if t.dim() == 2 and name == self.names[layer][0]:  # weight (out, in)
-            rows = t.shape[0] if layer == last else w
-            cols = t.shape[1] if layer == 0 else w
+            rows = t.shape[0] if layer == last else ks[layer]
+            cols = t.shape[1] if layer == 0 else ks[layer - 1]
             return t[:rows, :cols]
-        return t[0, : (t.shape[1] if layer == last else w)]  # bias (1, out)
+        return t[0, : (t.shape[1] if layer == last else ks[layer])]  # bias (1, out)
