@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
+from regexp.population import tuning
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.probes.base import ProbeInputs
 from regexp.probes.runner import build_probes, record as probe_record
@@ -56,8 +57,9 @@ class Options:
     bf16: bool = False  # autocast the forward pass to bfloat16 (GPU; breaks the exactness)
     compile: bool = False  # torch.compile the forward pass
     # On CPU, buckets at least this wide compute member by member inside the batched step
-    # (plain GEMMs beat batched ones there; measured in scripts/bench.py); 0: never.
-    loop_width: int = 256
+    # (plain GEMMs instead of batched ones); 0: never; None or "auto": whichever form of the
+    # bucket's step is faster on this machine, measured once and cached (population/tuning.py).
+    loop_width: Optional[Union[int, str]] = None
     exact_dropout: Optional[bool] = None  # None: exact (lone-run) masks on CPU, batched on GPU
 
 
@@ -186,9 +188,9 @@ class Bucket:
                  opts: Options):
         self.members, self.data, self.device = members, data, device
         cfg = members[0].cfg
-        loop = device.type == "cpu" and 0 < opts.loop_width <= width
+        # batched until train_bucket knows the step's path (tuning.choose_loop decides then)
         self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
-                              cfg.model.activation, device, loop)
+                              cfg.model.activation, device, False)
         self.frozen = frozen_names(members)
         freeze_(self.net, self.frozen)
         self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.trainable, _member_hypers(members),
@@ -423,6 +425,9 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
                 bool(cfg.logger.grad_norms))
     loop.manual = _manual_ok(b, opts)
+    tuned = tuning.record(tuning.choose_loop(b, opts.loop_width, bs, loop.manual))
+    for m in members:
+        m.tuning = tuned
     weight_names = [name for name, p, is_w in b.net.named_params() if is_w and p.requires_grad]
     results: Dict[int, Dict] = {}
     ids = {id(m): k for k, m in enumerate(members)}
