@@ -95,11 +95,13 @@ def _bucket(width: int, device: str = "cpu"):
                                                    (0, 1024, False)])
 def test_an_explicit_loop_width_wins_without_measuring(cache, monkeypatch, loop_width, width, loop):
     monkeypatch.setattr(tuning, "cached_choice", lambda *a: pytest.fail("measured despite an explicit loop_width"))
+    monkeypatch.setattr(tuning, "shape_key", lambda b, batch, manual: f"{manual} pad{b.net.width} batch{batch}")
     b = _bucket(width)
     choice = tuning.choose_loop(b, loop_width, 100, True)
     assert b.net.loop is choice.loop is loop
     assert choice.source == f"extra.population.loop_width={loop_width}" and not cache.exists()
-    assert tuning.record(choice) == {"loop": loop, "source": choice.source, "cpu": tuning.cpu_model()}
+    assert tuning.record(choice) == {"loop": loop, "source": choice.source, "cpu": tuning.cpu_model(),
+                                     "key": f"True pad{width} batch100"}
 
 
 def test_a_gpu_bucket_is_batched_without_measuring(monkeypatch):

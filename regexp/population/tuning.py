@@ -199,7 +199,7 @@ def choose_loop(b: "Bucket", loop_width: Union[int, str, None], batch: int, manu
         choice = Choice(False, f"{b.device.type}: batched", cpu)
     elif loop_width is not None and str(loop_width) != "auto":
         lw = int(loop_width)
-        choice = Choice(0 < lw <= width, f"extra.population.loop_width={lw}", cpu)
+        choice = Choice(0 < lw <= width, f"extra.population.loop_width={lw}", cpu, shape_key(b, batch, manual))
     else:
         key = shape_key(b, batch, manual)
         choice = cached_choice(key, lambda: time_forms(_step(b, batch, manual)))
