@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("regexp.population")
 VERSION = 1  # bump when the measured step changes: older entries are then measured again
-ROUNDS = 5  # interleaved timings per form; the minimum of each is compared
+ROUNDS = 7  # interleaved timings per form; the minimum of each is compared
 BUDGET_S = 1.0  # after 2 rounds, stop once the measurement has taken this long
 _clock: Callable[[], float] = time.perf_counter  # the tests replace it
 
