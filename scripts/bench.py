@@ -15,7 +15,9 @@ script prints each one's steps/s (median) and the ratio regexp / plain.
      losses read once per epoch, the per-epoch evaluation vmapped too.
 It prints wall times, the ratios A/C, B/C and D/C, C's achieved GFLOP/s (useful work: unpadded
 training and evaluation FLOPs) and that as a fraction of this machine's float32 matmul
-throughput, measured here with the same thread count.
+throughput, measured here with the same thread count; also the CPU model and how C computed
+each bucket (batched or member by member, and whether measured, cached or set by
+``--set +extra.population.loop_width=N``), chosen in an untimed first epoch of C.
 
     python scripts/bench.py [--epochs 20] [--repeats 3]
     python scripts/bench.py --sweep [--epochs 3] [--widths 4,8,...] [--seeds 3] [--depth 1]
