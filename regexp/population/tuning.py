@@ -85,18 +85,21 @@ def faster_is_loop(batched_s: float, loop_s: float) -> bool:
     return loop_s < batched_s
 
 
-def _read(path: Path) -> Dict:
+def _read(path: Path, report: bool = True) -> Dict:
     """The cache's entries, or {} when it is absent; an unreadable or foreign file is reported
-    in one line and then overwritten with fresh measurements."""
+    in one line (unless ``report`` is off) and then overwritten with fresh measurements."""
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("machines"), dict):
+        machines = data.get("machines") if isinstance(data, dict) else None
+        if (not isinstance(machines, dict) or data.get("version") != VERSION
+                or not all(isinstance(v, dict) for v in machines.values())):
             raise ValueError(f"not a version-{VERSION} tuning cache")
-        return data["machines"]
+        return machines
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-        log.warning("population tuning cache %s is unreadable (%s): measuring again and rewriting it", path, e)
+        if report:
+            log.warning("population tuning cache %s is unreadable (%s): measuring again and rewriting it", path, e)
         return {}
 
 
@@ -124,9 +127,8 @@ def cached_choice(key: str, measure: Callable[[], tuple], path: Optional[Path] =
     batched_s, loop_s = measure()
     choice = Choice(faster_is_loop(batched_s, loop_s), "measured", cpu, key,
                     round(batched_s * 1e3, 4), round(loop_s * 1e3, 4))
-    fresh = _read(path) if path.exists() else machines  # what other processes wrote meanwhile
-    fresh.setdefault(machine, {})[key] = {"loop": choice.loop, "batched_ms": choice.batched_ms,
-                                          "loop_ms": choice.loop_ms}
+    fresh = _read(path, report=False)  # with what other processes wrote meanwhile
+    fresh.setdefault(machine, {})[key] = {"loop": choice.loop, "batched_ms": choice.batched_ms, "loop_ms": choice.loop_ms}
     _write(path, fresh)
     return choice
 
