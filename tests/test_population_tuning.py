@@ -157,7 +157,8 @@ def test_a_population_measures_once_records_its_choice_and_then_reuses_it(compos
     for m in first:
         t = m["population_tuning"]
         assert (t["loop"], t["source"], t["cpu"]) == (True, "measured", tuning.cpu_model())
-        assert (t["batched_ms"], t["loop_ms"]) == (pytest.approx(3.0), pytest.approx(1.0)) and "widths[12, 16] pad16" in t["key"]
+        assert (t["batched_ms"], t["loop_ms"]) == (pytest.approx(3.0), pytest.approx(1.0))
+        assert "widths[12, 16] pad16" in t["key"]
         assert list(m)[list(m).index("threads_reason") + 1] == "population_tuning"
 
     forms.clear()

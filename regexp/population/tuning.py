@@ -128,7 +128,8 @@ def cached_choice(key: str, measure: Callable[[], tuple], path: Optional[Path] =
     choice = Choice(faster_is_loop(batched_s, loop_s), "measured", cpu, key,
                     round(batched_s * 1e3, 4), round(loop_s * 1e3, 4))
     fresh = _read(path, report=False)  # with what other processes wrote meanwhile
-    fresh.setdefault(machine, {})[key] = {"loop": choice.loop, "batched_ms": choice.batched_ms, "loop_ms": choice.loop_ms}
+    fresh.setdefault(machine, {})[key] = {"loop": choice.loop, "batched_ms": choice.batched_ms,
+                                          "loop_ms": choice.loop_ms}
     _write(path, fresh)
     return choice
 
@@ -217,5 +218,5 @@ def record(choice: Choice) -> Dict:
     return {k: v for k, v in asdict(choice).items() if v is not None and v != ""}
 
 
-__all__: List[str] = ["Choice", "cache_path", "cached_choice", "checked_loop_width", "choose_loop", "cpu_model", "faster_is_loop",
-                      "machine_key", "record", "time_forms"]
+__all__: List[str] = ["Choice", "cache_path", "cached_choice", "checked_loop_width", "choose_loop", "cpu_model",
+                      "faster_is_loop", "machine_key", "record", "time_forms"]
