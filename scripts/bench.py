@@ -15,7 +15,9 @@ script prints each one's steps/s (median) and the ratio regexp / plain.
      losses read once per epoch, the per-epoch evaluation vmapped too.
 It prints wall times, the ratios A/C, B/C and D/C, C's achieved GFLOP/s (useful work: unpadded
 training and evaluation FLOPs) and that as a fraction of this machine's float32 matmul
-throughput, measured here with the same thread count.
+throughput, measured here with the same thread count; also the CPU model and how C computed
+each bucket (batched or member by member, and whether measured, cached or set by
+``--set +extra.population.loop_width=N``), chosen in an untimed first epoch of C.
 
     python scripts/bench.py [--epochs 20] [--repeats 3]
     python scripts/bench.py --sweep [--epochs 3] [--widths 4,8,...] [--seeds 3] [--depth 1]
@@ -300,7 +302,10 @@ def probes(args) -> None:
 
 
 def sweep(args) -> None:
+    import os
+
     from regexp.data import load_data
+    from regexp.population.tuning import cpu_model
     from regexp.sweep import grid, run_points
 
     widths = [int(w) for w in args.widths.split(",")] if args.widths else SWEEP_WIDTHS
@@ -330,6 +335,11 @@ def sweep(args) -> None:
         for engine in ("serial", "population"):
             run_points(compose(base + [f"sweep.engine={engine}", "trainer.epochs=1"]), warm,
                        Path(tmp) / f"w{engine}")
+        # every bucket of C once, untimed: the first population on a machine measures each
+        # bucket's form (regexp/population/tuning.py, cached), a one-time cost kept out of C
+        t = time.perf_counter()
+        run_points(compose(base + ["sweep.engine=population", "trainer.epochs=1"]), points, Path(tmp) / "wC")
+        warm_c = time.perf_counter() - t
         for r in range(args.repeats):
             torch.set_num_threads(args.threads)
             t, c0 = time.perf_counter(), time.process_time()
@@ -356,6 +366,7 @@ def sweep(args) -> None:
             print(f"round {r + 1}: wall A {times['A'][-1]:.2f}s B {times['B'][-1]:.2f}s C {times['C'][-1]:.2f}s"
                   f" D {times['D'][-1]:.2f}s | cpu A {cpu['A'][-1]:.2f}s B {cpu['B'][-1]:.2f}s"
                   f" C {cpu['C'][-1]:.2f}s D {cpu['D'][-1]:.2f}s", flush=True)
+        forms = bucket_forms(Path(tmp) / "wC", points)
     a, b, c, d = (statistics.median(times[k]) for k in "ABCD")
     ca, cb, cc, cd = (statistics.median(cpu[k]) for k in "ABCD")
     print(f"workload: MNIST-1D, MLP depth {args.depth}, widths {widths} x {len(seeds)} seeds "
@@ -363,6 +374,9 @@ def sweep(args) -> None:
           f"({len(points)} models), {args.epochs} epochs, batch 100, {args.optimizer}, "
           f"eval every {args.eval_every}, {args.threads} thread(s), device {args.device}, "
           f"{args.repeats} alternating repeats (medians)")
+    print(f"CPU: {cpu_model()}, torch {torch.__version__}; load average "
+          f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} (1, 5, 15 min, at the end)")
+    print(f"C's buckets, as its untimed first epoch chose them ({warm_c:.2f} s, measuring included): {forms}")
     print("                                   wall      process CPU (robust to other load)")
     print(f"A plain PyTorch, one at a time:  {a:8.2f} s  {ca:8.2f} s")
     print(f"B regexp, one member at a time:  {b:8.2f} s  {cb:8.2f} s")
@@ -376,6 +390,25 @@ def sweep(args) -> None:
     print(f"per CPU second: C {flops / cc / 1e9:.1f} GFLOP/s = {flops / cc / 1e9 / roof_cpu:.0%} of the matmul "
           f"throughput per CPU second {roof_cpu:.1f} GFLOP/s, "
           f"A {flops / ca / 1e9:.1f} GFLOP/s")
+
+
+def bucket_forms(sweep_dir: Path, points) -> str:
+    """How C computed its buckets, from its members' metrics.json (``population_tuning``):
+    the padded width, members, form and where the choice came from."""
+    import json
+
+    from regexp.sweep import point_name
+
+    seen: Dict[str, Dict] = {}
+    for p in points:
+        t = json.loads((sweep_dir / point_name(p) / "metrics.json").read_text()).get("population_tuning", {})
+        seen.setdefault(t.get("key", t.get("source", "?")), t)
+    out = []
+    for key, t in seen.items():
+        pad = key.split(" pad")[1].split()[0] if " pad" in key else "?"
+        ms = f" {t['batched_ms']:.3g}/{t['loop_ms']:.3g} ms" if "batched_ms" in t else ""
+        out.append(f"w<={pad} {'loop' if t.get('loop') else 'batched'} ({t.get('source')}{ms})")
+    return "; ".join(out)
 
 
 BUSY = 0.3  # cores kept busy by other processes beyond which a row's 2-thread time is unreliable

@@ -21,6 +21,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 CONFIGS = ROOT / "configs"
 
 
+@pytest.fixture(autouse=True)
+def _tuning_cache(tmp_path_factory, monkeypatch):
+    """Populations measure their buckets' form once per machine (regexp/population/tuning.py);
+    the tests keep that cache in their own session folder, never the user's."""
+    monkeypatch.setenv("REGEXP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "regexp-cache"))
+
+
 def run_cli(args: List[str], cwd: Path, check: bool = True, env_extra=None, timeout: int = 300):
     """``python -m regexp.run ARGS`` with one torch thread and no progress bar."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

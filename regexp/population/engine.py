@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from regexp.population.member import Member, checkpoint_dict, finish, finite, wr
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.pretext import MemberPretext
+from regexp.population import tuning
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.population.transforms import BatchTransforms
 from regexp.probes.base import ProbeInputs
@@ -62,8 +63,9 @@ class Options:
     bf16: bool = False  # autocast the forward pass to bfloat16 (GPU; breaks the exactness)
     compile: bool = False  # torch.compile the forward pass
     # On CPU, buckets at least this wide compute member by member inside the batched step
-    # (plain GEMMs beat batched ones there; measured in scripts/bench.py); 0: never.
-    loop_width: int = 256
+    # (plain GEMMs instead of batched ones); 0: never; None or "auto": whichever form of the
+    # bucket's step is faster on this machine, measured once and cached (population/tuning.py).
+    loop_width: Optional[Union[int, str]] = None
     exact_dropout: Optional[bool] = None  # None: exact (lone-run) masks on CPU, batched on GPU
 
 
@@ -216,9 +218,9 @@ class Bucket:
                  opts: Options):
         self.members, self.data, self.device = members, data, device
         cfg = members[0].cfg
-        loop = device.type == "cpu" and 0 < opts.loop_width <= width
+        # batched until train_bucket knows the step's path (tuning.choose_loop decides then)
         self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
-                              cfg.model.activation, device, loop)
+                              cfg.model.activation, device, False)
         if "parameter_tying" in cfg.regularizer and any(n != self.net.member_names[0] for n in self.net.member_names):
             raise ConfigError("regularizer.parameter_tying: members of one population name their parameters "
                               "differently (model.residual=true with a first-layer skip for some only), so their "
@@ -535,6 +537,9 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
                 bool(cfg.logger.grad_norms))
     loop.manual = _manual_ok(b, opts)
+    tuned = tuning.record(tuning.choose_loop(b, opts.loop_width, bs, loop.manual))
+    for m in members:
+        m.tuning = tuned
     results: Dict[int, Dict] = {}
     ids = {id(m): k for k, m in enumerate(members)}
     epoch, perms, running, in_epoch = _restore(b, loop)  # (0, None, None, 0) for a fresh start

@@ -1,9 +1,10 @@
 """One member of a population: its run's config, folder, logs, and the files it leaves.
 
 Whatever a member writes is what ``train()`` would write for the same config alone:
-``metrics.json`` with the same keys, a TensorBoard run with the same tags (and HParams
-entry), ``model.pt`` / ``best_model.pt`` as state dicts of the lone model, and a
-``checkpoint.pt`` in ``train()``'s format (optimizer and schedule state included).
+``metrics.json`` with the same keys (and ``population_tuning``: how its bucket was computed),
+a TensorBoard run with the same tags (and HParams entry), ``model.pt`` / ``best_model.pt`` as
+state dicts of the lone model, and a ``checkpoint.pt`` in ``train()``'s format (optimizer and
+schedule state included).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class Member:
     signal: Optional[int] = None
     resume: Optional[Dict[str, Any]] = None  # the checkpoint.pt of an interrupted run, to go on from
     threads_reason: str = ""  # how trainer.threads was chosen for its population
+    tuning: Dict[str, Any] = field(default_factory=dict)  # its bucket's form and why (population/tuning.py)
     probe_history: List[Dict[str, float]] = field(default_factory=list)  # as train()'s, one row per measurement
     final_probes: Dict[str, float] = field(default_factory=dict)  # the final weights' values (completed only)
 
@@ -189,6 +191,10 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
     metrics = run_metrics(m.status, m.epochs, final, m.best, m.history, m.params, m.t0, device,
                           torch.get_num_threads(), m.threads_reason, m.overrides, extra,
                           OmegaConf.to_container(m.cfg, resolve=True))
+    if m.tuning:  # beside threads_reason: what this machine's measurement chose for the bucket
+        items = list(metrics.items())
+        at = list(metrics).index("threads_reason") + 1
+        metrics = dict(items[:at] + [("population_tuning", m.tuning)] + items[at:])
     metrics.update(metrics_fields(bool(active(m.cfg.probe)), m.final_probes, m.probe_history))
     if m.stopped:
         metrics["stopped_epoch"] = m.epochs

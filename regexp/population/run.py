@@ -22,6 +22,7 @@ from regexp.population.compat import bucket_widths, incompatibility, mlp_cost, s
 from regexp.population.data import data_key, load_cached
 from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
+from regexp.population.tuning import checked_loop_width
 from regexp.train import signals
 from regexp.train.threads import set_threads
 
@@ -41,6 +42,7 @@ def options(base: DictConfig) -> Options:
         if k not in known:
             raise ConfigError(f"extra.population.{k} is unknown: expected one of {', '.join(known)}")
     opts = Options(**given)
+    opts.loop_width = checked_loop_width(opts.loop_width)
     if opts.bucket_ratio < 1:
         raise ConfigError(f"extra.population.bucket_ratio={opts.bucket_ratio} is invalid: expected >= 1")
     return opts

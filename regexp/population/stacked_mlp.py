@@ -79,8 +79,9 @@ class StackedMLP:
         self.names = [(w, b) for w, b, _ in layers[0]]
         self.widths = torch.tensor(list(widths))
         self.width = width
-        # Wide buckets on CPU: one GEMM per member (on the member's real width) inside the one
-        # step, because CPU batched GEMMs lose to plain ones there (2x at width 1024, 1 thread).
+        # On CPU, one GEMM per member (on the member's real width) inside the one step, where
+        # batched GEMMs lose to plain ones (2x at width 1024, 1 thread, on one CPU; which form
+        # wins depends on the CPU: population/tuning.py measures it and sets this flag).
         self.loop = loop
         self.act = ACTIVATIONS[activation]
         self.act_ = IN_PLACE[activation]

@@ -1,0 +1,225 @@
+"""Whether a CPU bucket computes member by member: measured on this machine, cached per machine.
+
+On CPU a bucket's step runs either as batched GEMMs over the members (one ``bmm``/``baddbmm``
+per layer) or as a loop of plain GEMMs, one member at a time on its unpadded slices
+(``StackedMLP.loop``). Which is faster depends on the CPU and its BLAS: a fixed width (256)
+tuned on one CPU left another (an AVX-512 Xeon) at 16% of its matmul roof against 42%. So
+the first time a bucket shape trains on a machine, both forms of its own step (the hand-written
+one or autograd's, whichever the bucket runs) are timed on the bucket's own stacked weights, a
+few interleaved steps each (a fraction of a second against the thousands of steps it then
+trains), and the faster one is kept in a JSON cache keyed by CPU model, torch version and
+thread count, so later runs on that machine reuse it without measuring.
+
+``extra.population.loop_width`` still wins when given: an int (0: never, N: buckets at least
+N wide loop); ``auto`` or null is the measurement.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
+
+import torch
+
+from regexp.errors import ConfigError
+
+if TYPE_CHECKING:
+    from regexp.population.engine import Bucket
+
+log = logging.getLogger("regexp.population")
+VERSION = 1  # bump when the measured step changes: older entries are then measured again
+ROUNDS = 7  # interleaved timings per form; the minimum of each is compared
+BUDGET_S = 1.0  # after 2 rounds, stop once the measurement has taken this long
+_clock: Callable[[], float] = time.perf_counter  # the tests replace it
+
+
+@dataclass
+class Choice:
+    """What a bucket runs with and why: written to each member's metrics.json."""
+    loop: bool
+    source: str  # "measured", "cached", "extra.population.loop_width=N", or the device
+    cpu: str
+    key: str = ""  # the bucket's shape, as the cache names it
+    batched_ms: Optional[float] = None
+    loop_ms: Optional[float] = None
+
+    def line(self, width: int, members: int) -> str:
+        form = "member by member" if self.loop else "batched"
+        times = (f" (step {self.batched_ms:.3g} ms batched, {self.loop_ms:.3g} ms member by member)"
+                 if self.batched_ms is not None else "")
+        return (f"population bucket w<={width} x{members}: {form}, {self.source} on {self.cpu}, "
+                f"torch {torch.__version__}, {torch.get_num_threads()} thread(s){times}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu and /proc/cpuinfo give it, else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cache_path() -> Path:
+    """``$REGEXP_CACHE_DIR``, else ``$XDG_CACHE_HOME/regexp``, else ``~/.cache/regexp``."""
+    root = os.environ.get("REGEXP_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                      Path.home() / ".cache") / "regexp"
+    return Path(root) / "population_tuning.json"
+
+
+def machine_key(cpu: Optional[str] = None, threads: Optional[int] = None) -> str:
+    return (f"{cpu or cpu_model()} | torch {torch.__version__} | "
+            f"{threads or torch.get_num_threads()} thread(s)")
+
+
+def faster_is_loop(batched_s: float, loop_s: float) -> bool:
+    """The decision: the member loop only when it is strictly faster (ties stay batched, the
+    form every device shares)."""
+    return loop_s < batched_s
+
+
+def _read(path: Path, report: bool = True) -> Dict:
+    """The cache's entries, or {} when it is absent; an unreadable or foreign file is reported
+    in one line (unless ``report`` is off) and then overwritten with fresh measurements."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        machines = data.get("machines") if isinstance(data, dict) else None
+        if (not isinstance(machines, dict) or data.get("version") != VERSION
+                or not all(isinstance(v, dict) for v in machines.values())):
+            raise ValueError(f"not a version-{VERSION} tuning cache")
+        return machines
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        if report:
+            log.warning("population tuning cache %s is unreadable (%s): measuring again and rewriting it", path, e)
+        return {}
+
+
+def _write(path: Path, machines: Dict) -> None:
+    """Write atomically (parallel jobs of one launch may calibrate at once: the last one's
+    entries win, an entry lost to the race is measured again next time)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": VERSION, "machines": machines}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home: measure again next time, train anyway
+        log.warning("population tuning cache %s cannot be written (%s)", path, e)
+
+
+def cached_choice(key: str, measure: Callable[[], tuple], path: Optional[Path] = None) -> Choice:
+    """The cached decision for bucket shape ``key`` on this machine, or ``measure()``'s
+    (seconds per step batched, member by member), which is then stored."""
+    path = path or cache_path()
+    cpu, machine = cpu_model(), machine_key()
+    machines = _read(path)
+    hit = machines.get(machine, {}).get(key)
+    if isinstance(hit, dict) and isinstance(hit.get("loop"), bool):
+        return Choice(hit["loop"], "cached", cpu, key, hit.get("batched_ms"), hit.get("loop_ms"))
+    batched_s, loop_s = measure()
+    choice = Choice(faster_is_loop(batched_s, loop_s), "measured", cpu, key,
+                    round(batched_s * 1e3, 4), round(loop_s * 1e3, 4))
+    fresh = _read(path, report=False)  # with what other processes wrote meanwhile
+    fresh.setdefault(machine, {})[key] = {"loop": choice.loop, "batched_ms": choice.batched_ms,
+                                          "loop_ms": choice.loop_ms}
+    _write(path, fresh)
+    return choice
+
+
+def time_forms(step: Callable[[bool], None], rounds: int = ROUNDS, budget_s: float = BUDGET_S) -> tuple:
+    """(batched, member loop) seconds of ``step(loop)``: one warm-up call each, then
+    interleaved rounds (so a burst of load from other processes hits both), the minimum of
+    each form (the least disturbed)."""
+    for loop in (False, True):
+        step(loop)
+    best = {False: float("inf"), True: float("inf")}
+    start = _clock()
+    for r in range(rounds):
+        for loop in ((False, True) if r % 2 == 0 else (True, False)):
+            t = _clock()
+            step(loop)
+            best[loop] = min(best[loop], _clock() - t)
+        if r >= 1 and _clock() - start > budget_s:
+            break
+    return best[False], best[True]
+
+
+def shape_key(b: "Bucket", batch: int, manual: bool) -> str:
+    """The bucket's step as the cache names it: the path (hand-written or autograd), the
+    activation, the layer sizes, every member's width, the padded width and the batch."""
+    net, cfg = b.net, b.members[0].cfg
+    penalties = ",".join(b.terms.reg_names) or "none"
+    return (f"{'manual' if manual else 'autograd'} {cfg.model.activation} in{net.weights[0].shape[2]} "
+            f"out{net.weights[-1].shape[1]} depth{len(net.weights) - 1} widths{sorted(net.widths.tolist())} "
+            f"pad{net.width} batch{batch} penalties {penalties}")
+
+
+def _step(b: "Bucket", batch: int, manual: bool) -> Callable[[bool], None]:
+    """One training step of the bucket's own stacked weights on random inputs, in either form;
+    it leaves the weights as they are (only ``.grad``, reset by every real step, changes)."""
+    net = b.net
+    m, d = len(b.members), net.weights[0].shape[2]
+    gen = torch.Generator(device=b.device).manual_seed(0)  # never the members' generators
+    x = torch.randn(m, batch, d, generator=gen, device=b.device)
+    y = torch.randint(0, net.weights[-1].shape[1], (m, batch), generator=gen, device=b.device)
+
+    def step(loop: bool) -> None:
+        net.loop = loop
+        if manual:
+            net.manual_step(x, y)
+            return
+        # the data loss alone: the products are what the two forms differ in, and a penalty may
+        # need the step's own batch state (heads' rows, a pretext's masks) this stand-in lacks
+        loss = b.terms.loss(net.forward(x), y)
+        for p in net.params:
+            p.grad = None
+        loss.sum().backward()
+
+    return step
+
+
+def checked_loop_width(value: Union[int, str, None]) -> Union[int, str, None]:
+    """``extra.population.loop_width`` as given: an int >= 0, or "auto"/null (measured)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"extra.population.loop_width={value!r} is invalid: expected an integer >= 0 "
+                          "(0: never member by member) or auto (measured on this machine)")
+    return value
+
+
+def choose_loop(b: "Bucket", loop_width: Union[int, str, None], batch: int, manual: bool) -> Choice:
+    """Set ``b.net.loop`` for the bucket's step and return the choice (logged in one line)."""
+    width, cpu = b.net.width, (cpu_model() if b.device.type == "cpu" else str(b.device))
+    if b.device.type != "cpu":
+        choice = Choice(False, f"{b.device.type}: batched", cpu)
+    elif b.net.fancy:  # norms (batch norm's running statistics would move), skips, uneven widths
+        choice = Choice(False, "norms, skips or uneven widths (the batched form only)", cpu)
+    elif loop_width is not None and str(loop_width) != "auto":
+        lw = int(loop_width)
+        choice = Choice(0 < lw <= width, f"extra.population.loop_width={lw}", cpu, shape_key(b, batch, manual))
+    else:
+        key = shape_key(b, batch, manual)
+        choice = cached_choice(key, lambda: time_forms(_step(b, batch, manual)))
+        for p in b.net.params:
+            p.grad = None
+    b.net.loop = choice.loop
+    log.info(choice.line(width, len(b.members)))
+    return choice
+
+
+def record(choice: Choice) -> Dict:
+    """The choice as metrics.json keeps it (``population_tuning``)."""
+    return {k: v for k, v in asdict(choice).items() if v is not None and v != ""}
+
+
+__all__: List[str] = ["Choice", "cache_path", "cached_choice", "checked_loop_width", "choose_loop", "cpu_model",
+                      "faster_is_loop", "machine_key", "record", "time_forms"]
