@@ -191,3 +191,59 @@ def test_member_by_member_form_equals_plain_torch(compose_cfg, tmp_path, monkeyp
     (metrics,) = train_population(base, [point], tmp_path, Options(loop_width=1))
     assert calls[0] == EPOCHS * N_TRAIN // BATCH
     _check_against_reference(point_config(base, point), tmp_path / point_name(point), metrics)
+
+
+# ---------------------------------------------------------------- manual_step = autograd
+GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-5  # one step's gradient: summation order only
+
+
+def _plain_grads(slices, x, y, masks, noise):
+    """Loss and gradient of one member by autograd through ``F.linear`` on its unpadded
+    tensors: inverted-dropout masks scale the input and each hidden layer; ``noise`` is added
+    to each weight in the products (weight noise), the gradient taken at the noisy weights."""
+    leaves = [(w.clone().requires_grad_(), b.clone().requires_grad_()) for w, b in slices]
+    h = x * masks[0] if masks else x
+    for l, (w, b) in enumerate(leaves):
+        h = F.linear(h, w + noise[l] if noise else w, b)
+        if l < len(leaves) - 1:
+            h = torch.relu(h)
+            if masks:
+                h = h * masks[l + 1][:, :w.shape[0]]
+    loss = F.cross_entropy(h, y)
+    loss.backward()
+    return loss.detach(), [t.grad for pair in leaves for t in pair]
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["batched", "member-loop"])
+@pytest.mark.parametrize("depth,widths", [(0, [4]), (1, [3, 8, 8]), (2, [5, 16]), (3, [24, 7, 24])])
+@pytest.mark.parametrize("dropout,noise", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "dropout", "dropout+weight-noise"])
+def test_manual_step_gradient_equals_autograd(depth, widths, loop, dropout, noise):
+    from regexp.models.mlp import MLP
+
+    torch.manual_seed(depth)
+    width, m, b, d, c = max(widths), len(widths), 20, 40, 10
+    models = [MLP(d, c, w, depth, "relu") for w in widths]
+    net = StackedMLP(models, widths, width, "relu", torch.device("cpu"), loop)
+    x, y = torch.randn(m, b, d), torch.randint(0, c, (m, b))
+    masks = None
+    if dropout:  # inverted dropout, p = 0.2 on the input and 0.5 on hidden layers (padded units too)
+        masks = [torch.bernoulli(torch.full((m, b, d), 0.8)) / 0.8]
+        masks += [torch.bernoulli(torch.full((m, b, width), 0.5)) / 0.5 for _ in range(depth)]
+    deltas = [0.05 * torch.randn_like(w) * (w != 0) for w in net.weights] if noise else None
+    noisy = [w.detach() + e for w, e in zip(net.weights, deltas)] if noise else None
+    loss = net.manual_step(x, y, masks, noisy)
+    grads = [p.grad.clone() for p in net.params]
+    for i, k in enumerate(widths):
+        slices = [(w[i, :(w.shape[1] if l == depth else k), :(w.shape[2] if l == 0 else k)].detach(),
+                   bb[i, 0, :(w.shape[1] if l == depth else k)].detach())
+                  for l, (w, bb) in enumerate(zip(net.weights, net.biases))]
+        member_noise = ([e[i, :s.shape[0], :s.shape[1]] for e, (s, _) in zip(deltas, slices)] if noise else None)
+        member_masks = [mk[i] for mk in masks] if masks else None
+        ref_loss, ref = _plain_grads(slices, x[i], y[i], member_masks, member_noise)
+        torch.testing.assert_close(loss[i], ref_loss, atol=GRAD_ATOL, rtol=GRAD_RTOL)
+        for (name, _, _), g, r in zip(net.named_params(), grads, ref):
+            real = net._unpad(i, name, g[i])
+            torch.testing.assert_close(real, r, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=lambda s: f"{name}: {s}")
+            # the padded units' gradient is exactly zero: the optimizers then keep them zero
+            assert torch.count_nonzero(g[i]) == torch.count_nonzero(real), name
