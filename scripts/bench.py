@@ -405,11 +405,11 @@ def thread_models():
     return out
 
 
-def time_steps(step, n: int) -> float:
-    t = time.perf_counter()
+def time_steps(step, n: int, clock=time.perf_counter) -> float:
+    t = clock()
     for _ in range(n):
         step()
-    return (time.perf_counter() - t) / n
+    return (clock() - t) / n
 
 
 def thread_scaling(args) -> None:
@@ -497,6 +497,7 @@ def manual(args) -> None:
         hp = {"lr": [1e-3] * m, "beta1": [0.9] * m, "beta2": [0.999] * m, "eps": [1e-8] * m, "weight_decay": [0.0] * m}
     print(f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}; {args.threads} thread(s); "
           f"{args.repeats} alternating repeats (medians)", flush=True)
+    print("per step, process CPU time (robust to other processes' load):")
     print(f"{'width':>6}{'form':>8}{'ms manual':>11}{'ms autograd':>13}{'autograd/manual':>17}")
     for w in widths:
         torch.manual_seed(0)
@@ -518,13 +519,13 @@ def manual(args) -> None:
             loss.sum().backward()
             opt.step(1.0)
 
-        n = max(3, min(200, int(0.05 / time_steps(by_autograd, 3))))  # ~50 ms blocks
+        n = max(3, min(200, int(0.1 / time_steps(by_autograd, 3))))  # ~100 ms blocks
         time_steps(by_hand, 3)
         times: Dict[str, List[float]] = {"manual": [], "autograd": []}
         for r in range(args.repeats):
             for name, step in ((("manual", by_hand), ("autograd", by_autograd)) if r % 2 == 0
                                else (("autograd", by_autograd), ("manual", by_hand))):
-                times[name].append(time_steps(step, n))
+                times[name].append(time_steps(step, n, time.process_time))
         tm, ta = (statistics.median(times[k]) * 1e3 for k in ("manual", "autograd"))
         print(f"{w:>6}{'loop' if net.loop else 'batched':>8}{tm:>11.3f}{ta:>13.3f}{ta / tm:>17.2f}", flush=True)
 
@@ -536,6 +537,7 @@ def manual(args) -> None:
     chosen = engine._manual_ok
     arms = {"manual": chosen, "autograd": lambda b, opts: False}
     wall: Dict[str, List[float]] = {k: [] for k in arms}
+    cpu: Dict[str, List[float]] = {k: [] for k in arms}  # robust to other processes' load
     with tempfile.TemporaryDirectory() as tmp:
         run_points(compose(base + ["trainer.epochs=1"]), points[:1], Path(tmp) / "warm")
         try:
@@ -543,15 +545,18 @@ def manual(args) -> None:
                 for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
                     engine._manual_ok = arms[name]
                     torch.set_num_threads(args.threads)
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     rows = run_points(cfg, points, Path(tmp) / f"{name}{r}")
                     wall[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.process_time() - c)
                     assert all(row["status"] == "completed" for row in rows), rows
         finally:
             engine._manual_ok = chosen
-    tm, ta = (statistics.median(wall[k]) for k in ("manual", "autograd"))
+    wm, wa = statistics.median(wall["manual"]), statistics.median(wall["autograd"])
+    cm, ca = statistics.median(cpu["manual"]), statistics.median(cpu["autograd"])
     print(f"sweep end to end: widths {widths} x {m} seeds, depth {args.depth}, {args.optimizer}, {args.epochs} "
-          f"epochs, batch 100: manual {tm:.2f} s, autograd {ta:.2f} s, autograd/manual {ta / tm:.2f}x "
+          f"epochs, batch 100: wall manual {wm:.2f} s, autograd {wa:.2f} s, autograd/manual {wa / wm:.2f}x; "
+          f"process CPU manual {cm:.2f} s, autograd {ca:.2f} s, autograd/manual {ca / cm:.2f}x "
           f"(keep manual_step if >= 1.3x); load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
