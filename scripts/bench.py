@@ -499,10 +499,12 @@ def manual(args) -> None:
           f"{args.repeats} alternating repeats (medians)", flush=True)
     print("per step, process CPU time (robust to other processes' load):")
     print(f"{'width':>6}{'form':>8}{'ms manual':>11}{'ms autograd':>13}{'autograd/manual':>17}")
+    lw = engine.Options().loop_width  # a width, or None / "auto" (chosen per machine): then 256 here
     for w in widths:
         torch.manual_seed(0)
+        loop = 0 < lw <= w if isinstance(lw, int) else w >= 256
         net = StackedMLP([plain_mlp(w, args.depth)[1:] for _ in range(m)], [w] * m, w, "relu",
-                         torch.device("cpu"), loop=0 < engine.Options().loop_width <= w)
+                         torch.device("cpu"), loop=loop)
         opt = StackedOptimizer(args.optimizer if args.optimizer != "momentum" else "sgd", net.params, hp,
                                False, torch.device("cpu"))
         x, y = torch.randn(m, bs, 40), torch.randint(0, 10, (m, bs))
