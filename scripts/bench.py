@@ -32,6 +32,15 @@ crossover FLOP count above which 2 threads are >= 1.2x faster.
 
     python scripts/bench.py --thread-scaling [--repeats 5] [--batches 32,100,300,1000] [--wait-idle 20]
 
+``--manual`` (does the hand-written backward earn its keep? The issue's bar: >= 1.3x):
+``StackedMLP.manual_step`` against the autograd step the engine takes otherwise (forward,
+``nll_rows`` loss, ``backward``), with the same stacked optimizer update, alternating:
+per training step, for buckets of ``--seeds`` members of each width (batch 100, the batched
+form below ``Options.loop_width``, the member-by-member form from it on); then end to end, the
+``--sweep`` workload's population (C) with and without it (``engine._manual_ok`` turned off).
+
+    python scripts/bench.py --manual [--widths 4,30,241,1024] [--seeds 3] [--depth 1] [--epochs 3]
+
 ``--probes``: the default run (MLP 40-100-100-10, MNIST-1D, Adam, 20 epochs) without and
 with ``probe=[...]`` at its defaults (or ``--set`` overrides), alternating; prints the median
 wall and CPU time of each and their ratio (the probes' budget: at most 1.2x).
@@ -451,11 +460,11 @@ def thread_models():
     return out
 
 
-def time_steps(step, n: int) -> float:
-    t = time.perf_counter()
+def time_steps(step, n: int, clock=time.perf_counter) -> float:
+    t = clock()
     for _ in range(n):
         step()
-    return (time.perf_counter() - t) / n
+    return (clock() - t) / n
 
 
 def thread_scaling(args) -> None:
@@ -524,6 +533,87 @@ def thread_scaling(args) -> None:
           if any(r < 1 for _, r in clean) else "2 threads never slower than 1")
 
 
+def manual(args) -> None:
+    """StackedMLP.manual_step against autograd: per training step, then the sweep end to end."""
+    import os
+
+    from regexp.population import engine
+    from regexp.population.optim import StackedOptimizer
+    from regexp.population.stacked_mlp import StackedMLP
+    from regexp.sweep import grid, run_points
+
+    widths = [int(w) for w in args.widths.split(",")] if args.widths else SWEEP_WIDTHS
+    m, bs = args.seeds, 100
+    hp = {"lr": [0.01] * m, "momentum": [0.9 if args.optimizer == "momentum" else 0.0] * m, "dampening": [0.0] * m}
+    if args.optimizer == "adam":
+        hp = {"lr": [1e-3] * m, "beta1": [0.9] * m, "beta2": [0.999] * m, "eps": [1e-8] * m, "weight_decay": [0.0] * m}
+    print(f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}; {args.threads} thread(s); "
+          f"{args.repeats} alternating repeats (medians)", flush=True)
+    print("per step, process CPU time (robust to other processes' load):")
+    print(f"{'width':>6}{'form':>8}{'ms manual':>11}{'ms autograd':>13}{'autograd/manual':>17}")
+    lw = engine.Options().loop_width  # a width, or None / "auto" (chosen per machine): then 256 here
+    for w in widths:
+        torch.manual_seed(0)
+        loop = 0 < lw <= w if isinstance(lw, int) else w >= 256
+        net = StackedMLP([plain_mlp(w, args.depth)[1:] for _ in range(m)], [w] * m, w, "relu",
+                         torch.device("cpu"), loop=loop)
+        opt = StackedOptimizer(args.optimizer if args.optimizer != "momentum" else "sgd", net.params, hp,
+                               False, torch.device("cpu"))
+        x, y = torch.randn(m, bs, 40), torch.randint(0, 10, (m, bs))
+
+        def by_hand():
+            net.manual_step(x, y)
+            opt.step(1.0)
+
+        def by_autograd():  # the engine's step without manual_step (_train_epoch's backward)
+            logits = net.forward(x)
+            loss = engine.nll_rows(logits.reshape(m * bs, 10), y.reshape(-1)).view(m, bs).mean(1)
+            for p in net.params:
+                p.grad = None
+            loss.sum().backward()
+            opt.step(1.0)
+
+        n = max(3, min(200, int(0.1 / time_steps(by_autograd, 3))))  # ~100 ms blocks
+        time_steps(by_hand, 3)
+        times: Dict[str, List[float]] = {"manual": [], "autograd": []}
+        for r in range(args.repeats):
+            for name, step in ((("manual", by_hand), ("autograd", by_autograd)) if r % 2 == 0
+                               else (("autograd", by_autograd), ("manual", by_hand))):
+                times[name].append(time_steps(step, n, time.process_time))
+        tm, ta = (statistics.median(times[k]) * 1e3 for k in ("manual", "autograd"))
+        print(f"{w:>6}{'loop' if net.loop else 'batched':>8}{tm:>11.3f}{ta:>13.3f}{ta / tm:>17.2f}", flush=True)
+
+    base = [f"model.depth={args.depth}", f"optimizer={args.optimizer}", f"trainer.epochs={args.epochs}",
+            "trainer.batch_size=100", "trainer.progress=false", f"trainer.threads={args.threads}",
+            "trainer.device=cpu", "sweep.engine=population", *args.set]
+    cfg = compose(base)
+    points = grid({"model.width": widths}, list(range(m)))
+    chosen = engine._manual_ok
+    arms = {"manual": chosen, "autograd": lambda b, opts: False}
+    wall: Dict[str, List[float]] = {k: [] for k in arms}
+    cpu: Dict[str, List[float]] = {k: [] for k in arms}  # robust to other processes' load
+    with tempfile.TemporaryDirectory() as tmp:
+        run_points(compose(base + ["trainer.epochs=1"]), points[:1], Path(tmp) / "warm")
+        try:
+            for r in range(args.repeats):
+                for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+                    engine._manual_ok = arms[name]
+                    torch.set_num_threads(args.threads)
+                    t, c = time.perf_counter(), time.process_time()
+                    rows = run_points(cfg, points, Path(tmp) / f"{name}{r}")
+                    wall[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.process_time() - c)
+                    assert all(row["status"] == "completed" for row in rows), rows
+        finally:
+            engine._manual_ok = chosen
+    wm, wa = statistics.median(wall["manual"]), statistics.median(wall["autograd"])
+    cm, ca = statistics.median(cpu["manual"]), statistics.median(cpu["autograd"])
+    print(f"sweep end to end: widths {widths} x {m} seeds, depth {args.depth}, {args.optimizer}, {args.epochs} "
+          f"epochs, batch 100: wall manual {wm:.2f} s, autograd {wa:.2f} s, autograd/manual {wa / wm:.2f}x; "
+          f"process CPU manual {cm:.2f} s, autograd {ca:.2f} s, autograd/manual {ca / cm:.2f}x "
+          f"(keep manual_step if >= 1.3x); load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="the four-way sweep comparison (A, B, C, D)")
@@ -549,11 +639,14 @@ def main(argv=None) -> None:
                     help="sweep: extra Hydra override for B and C (e.g. logger.histogram_every=0); "
                          "probes: for the run with probes")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="sweep device for B and C")
+    ap.add_argument("--manual", action="store_true",
+                    help="StackedMLP.manual_step against the autograd step: per step and the sweep end to end")
     args = ap.parse_args(argv)
-    args.epochs = args.epochs or (3 if args.sweep else 20)
+    args.epochs = args.epochs or (3 if args.sweep or args.manual else 20)
     args.repeats = args.repeats or (5 if args.thread_scaling else 2 if args.sweep else 3)
     torch.set_num_threads(args.threads)
-    (thread_scaling if args.thread_scaling else sweep if args.sweep else probes if args.probes else single)(args)
+    (thread_scaling if args.thread_scaling else sweep if args.sweep else manual if args.manual
+     else probes if args.probes else single)(args)
 
 
 if __name__ == "__main__":
