@@ -34,6 +34,7 @@ from regexp.population.dropout import MemberDropout
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
+from regexp.population.stacked_cnn import StackedCNN
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.probes.base import ProbeInputs
 from regexp.probes.runner import build_probes, record as probe_record
@@ -176,9 +177,13 @@ class Bucket:
                  opts: Options):
         self.members, self.data, self.device = members, data, device
         cfg = members[0].cfg
-        loop = device.type == "cpu" and 0 < opts.loop_width <= width
-        self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
-                              cfg.model.activation, device, loop)
+        if cfg.model.name == "cnn":
+            self.net = StackedCNN([m.model for m in members], [m.width for m in members], width,
+                                  data.input_shape, device)
+        else:
+            loop = device.type == "cpu" and 0 < opts.loop_width <= width
+            self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
+                                  cfg.model.activation, device, loop)
         self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.net.params, _member_hypers(members),
                                     bool(cfg.optimizer.get("nesterov", False)), device,
                                     bool(cfg.optimizer.get("centered", False)))
@@ -439,7 +444,7 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
 def _manual_ok(b: Bucket, opts: Options) -> bool:
     """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing,
     plain float32 eager forward (then the gradient is a few products written out by hand)."""
-    return (b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0
+    return (b.net.manual_step is not None and b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0
             and not opts.bf16 and not opts.compile)
 
 
@@ -572,7 +577,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             x, y = b.data.split(s, b.member_set)
             if y.shape[1]:
                 per_chunk = b.net.width if b.net.loop else len(b.members) * b.net.width
-                budget = EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES
+                budget = getattr(b.net, "eval_bytes", EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES)
                 chunk = max(1, min(t.eval_batch_size, budget // (4 * per_chunk)))
                 hidden = len(b.net.weights) - 1
                 counts = torch.zeros(len(b.members), 2, dtype=torch.long, device=x.device) \
@@ -580,7 +585,8 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 l, a = evaluate_members(b.net, x, y, chunk, counts)
                 evals[s] = (l.tolist(), a.tolist())
                 if counts is not None:
-                    units = torch.tensor([m.width * hidden * y.shape[1] for m in b.members], device=x.device)
+                    units = torch.tensor([b.net.hidden_units(k) * y.shape[1] for k in range(len(b.members))],
+                                         device=x.device)
                     sparsity = (counts.double() / units[:, None]).tolist()
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
     probed = (b.probes.measure_members(b.probe_inputs())

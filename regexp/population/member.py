@@ -18,6 +18,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from regexp.optim import build_optimizer, build_scheduler
+from regexp.population.compat import Width, member_width
 from regexp.probes.runner import active, checkpoint_fields, metrics_fields
 from regexp.train.io import save_torch, write_json
 from regexp.train.records import best_score, improves, run_metrics
@@ -73,8 +74,9 @@ class Member:
         self.probe_history = list(ck["probe_history"])
 
     @property
-    def width(self) -> int:
-        return int(self.cfg.model.width)
+    def width(self) -> Width:
+        """What the population pads: an MLP's width, a CNN's channels per stage."""
+        return member_width(self.cfg.model)
 
     @property
     def params(self) -> int:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regexp.errors import ConfigError
 from regexp.optim import build_optimizer
-from regexp.population.compat import bucket_widths, incompatibility, mlp_cost, shared_part
+from regexp.population.compat import bucket_width, bucket_widths, incompatibility, member_cost, shared_part
 from regexp.population.data import data_key, load_cached
 from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
@@ -168,7 +168,7 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             torch.use_deterministic_algorithms(True)
         first = members[idx[0]].cfg
         ds = load_cached(first, data_cache, data_key(first, members[idx[0]].point))
-        cost = mlp_cost(int(torch.tensor(ds.input_shape).prod()), int(first.model.depth), ds.num_classes)
+        cost = member_cost(first, ds.input_shape, ds.num_classes)
         # the group's step: every member's forward and backward (3 x 2 FLOPs per multiply-add)
         bs = len(ds.y_train) if t.batch_size == "full" else int(t.batch_size)
         _, why = set_threads(t.threads, resolve_device(t.device),
@@ -178,11 +178,11 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
         for widths in bucket_widths([members[i].width for i in idx], opts.bucket_ratio, opts.small_width, cost):
             signals.check()  # once asked to stop, start no new bucket
             chosen = [i for i in idx if members[i].width in widths]
-            log.info("population: %d members, widths %s padded to %d", len(chosen), widths, max(widths))
+            log.info("population: %d members, widths %s padded to %s", len(chosen), widths, bucket_width(widths))
             if progress is not None:
-                progress.stage(f"bucket w<={max(widths)} x{len(chosen)}")
+                progress.stage(f"bucket w<={bucket_width(widths)} x{len(chosen)}")
             try:
-                trained = train_bucket([members[i] for i in chosen], max(widths), opts, data_cache,
+                trained = train_bucket([members[i] for i in chosen], bucket_width(widths), opts, data_cache,
                                        on_epoch=on_epoch, on_finish=on_finish)
                 for i, metrics in zip(chosen, trained):
                     results[i] = metrics
