@@ -156,7 +156,9 @@ def bucket_widths(widths: Sequence[Width], ratio: float = 1.5, small: int = 32,
     size = lambda w: max(w) if isinstance(w, tuple) else w  # noqa: E731
     stages = lambda w: len(w) if isinstance(w, tuple) else 0  # noqa: E731 (CNNs of other depths never stack)
     for w in sorted(set(widths), key=lambda w: (stages(w), cost(w), w)):
-        if out and stages(w) == stages(out[-1][0]) and (size(w) <= small or cost(bucket_width(out[-1] + [w])) <= ratio * cost(out[-1][0])):
+        joins = bool(out) and stages(w) == stages(out[-1][0]) and (
+            size(w) <= small or cost(bucket_width(out[-1] + [w])) <= ratio * cost(out[-1][0]))
+        if joins:
             out[-1].append(w)
         else:
             out.append([w])

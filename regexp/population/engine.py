@@ -444,8 +444,8 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
 def _manual_ok(b: Bucket, opts: Options) -> bool:
     """Whether the bucket's step can skip autograd: relu, no penalty term, no label smoothing,
     plain float32 eager forward (then the gradient is a few products written out by hand)."""
-    return (b.net.manual_step is not None and b.net.act is torch.relu and not b.terms.reg_names and b.terms.eps_common == 0.0
-            and not opts.bf16 and not opts.compile)
+    return (b.net.manual_step is not None and b.net.act is torch.relu and not b.terms.reg_names
+            and b.terms.eps_common == 0.0 and not opts.bf16 and not opts.compile)
 
 
 def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
