@@ -87,8 +87,7 @@ class StackedCNN:
         self.out_len = int(torch.tensor(first.out_sizes).prod())  # positions the head sees per channel
         self.classes = first.head.out_features
         self.device = device
-        names = [n for n, _ in first.named_parameters()]
-        self.names = names
+        self.names = [n for n, _ in first.named_parameters()]
         # which member slices each parameter holds: ("conv", stage) / ("bias", stage) / ("head", _) / ("hbias", _)
         self.kinds: List[Tuple[str, int]] = []
         for s in range(len(self.stages)):
@@ -226,8 +225,7 @@ class StackedCNN:
         """(conv weight, bias) per stage and (head weight, head bias); ``weights`` replaces the
         stored weights (in :attr:`weights` order)."""
         ws = iter(weights) if weights is not None else None
-        convs, bias, head = [], [], None
-        hb = None
+        convs, bias, head, hb = [], [], None, None
         for p, (kind, s) in zip(self.params, self.kinds):
             if kind == "conv":
                 convs.append(next(ws) if ws is not None else p)
