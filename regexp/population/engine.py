@@ -520,6 +520,7 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
     """Each member's lone model, built exactly as train() builds it (and brought to its
     checkpoint when it resumes), and its open log."""
     from regexp.models import build_model
+    from regexp.models.summary import model_summary
     from regexp.regularizers import build_regularizers
     from regexp.regularizers.base import Context
     from regexp.train.io import save_torch, write_json
@@ -548,6 +549,8 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
         if m.resume is not None:
             m.restore()
         m.open_log()
+    # as train() logs it (once per bucket, not per member: the members share the layout)
+    logging.getLogger("regexp").info(model_summary(members[0].model, data.input_shape, members[0].cfg.model.name))
 
 
 def _member_opt_state(b: Bucket, k: int) -> List[Dict[str, torch.Tensor]]:
