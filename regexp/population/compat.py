@@ -13,6 +13,7 @@ arithmetic, dominates) share a bucket regardless.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
@@ -20,13 +21,13 @@ from omegaconf import DictConfig
 from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
-MODELS = ("mlp",)
+MODELS = ("mlp", "transformer")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
                 "input_noise", "weight_noise", "early_stopping", "transfer")
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
-    "seed", "model.width", "data.label_noise", "data.random_inputs",
+    "seed", "model.width", "model.embed_dim", "data.label_noise", "data.random_inputs",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
@@ -62,6 +63,10 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
     if cfg.model.name not in MODELS:
         return f"model.name={cfg.model.name} (population supports {', '.join(MODELS)})"
+    if cfg.model.name == "transformer":
+        why = transformer_incompatibility(cfg)
+        if why is not None:
+            return why
     if cfg.model.get("norm", "none") != "none":
         return f"model.norm={cfg.model.norm} (population supports none)"
     if cfg.model.get("widths") is not None:
@@ -90,6 +95,43 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return ("regularizer early_stopping with probes (a member's final probes are measured on its "
                 "restored best weights, which the population's batched probes do not see)")
     return None
+
+
+# What the stacked Transformer (regexp/population/stacked_transformer.py) does not train, and why.
+TRANSFORMER_UNSTACKED = {
+    "dropout": "the stacked Transformer draws no per-member dropout masks of its sites",
+    "weight_noise": "per-member weight noise is drawn for MLP layers only",
+}
+
+
+def transformer_incompatibility(cfg: DictConfig) -> Optional[str]:
+    """Why a Transformer run cannot join a population, or None."""
+    for r in cfg.regularizer:
+        if r in TRANSFORMER_UNSTACKED:
+            return f"regularizer {r} with model=transformer ({TRANSFORMER_UNSTACKED[r]})"
+    return None
+
+
+def member_width(model_cfg) -> int:
+    """What a population pads for a member: ``model.width``, a Transformer's ``model.embed_dim``."""
+    return int(model_cfg.embed_dim if model_cfg.name == "transformer" else model_cfg.width)
+
+
+def transformer_cost(model_cfg, input_shape: Sequence[int], classes: int) -> Callable[[int], float]:
+    """Multiply-adds per example of a Transformer as a function of its embedding dimension."""
+    from regexp.models import build_model
+
+    model = build_model(model_cfg, tuple(input_shape), classes)  # tokens do not depend on the width
+    t, td, depth = model.pos.shape[1], model.embed.in_features, int(model_cfg.depth)
+    ratio = float(model_cfg.mlp_ratio)
+    return lambda e: float(t * (td * e + depth * (4 * e * e + 2 * e * int(e * ratio) + 2 * t * e)) + e * classes)
+
+
+def member_cost(cfg: DictConfig, input_shape: Sequence[int], classes: int) -> Callable[[int], float]:
+    """Multiply-adds per example of a member of ``cfg``'s population as a function of its width."""
+    if cfg.model.name == "transformer":
+        return transformer_cost(cfg.model, input_shape, classes)
+    return mlp_cost(math.prod(int(d) for d in input_shape), int(cfg.model.depth), classes)
 
 
 def shared_part(point: Dict[str, Any]) -> Dict[str, Any]:

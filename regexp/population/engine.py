@@ -35,6 +35,7 @@ from regexp.population.member import Member, checkpoint_dict, finish, finite, wr
 from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.stacked_mlp import StackedMLP
+from regexp.population.stacked_transformer import StackedTransformer
 from regexp.probes.base import ProbeInputs
 from regexp.probes.runner import build_probes, record as probe_record
 from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
@@ -177,9 +178,13 @@ class Bucket:
                  opts: Options):
         self.members, self.data, self.device = members, data, device
         cfg = members[0].cfg
-        loop = device.type == "cpu" and 0 < opts.loop_width <= width
-        self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
-                              cfg.model.activation, device, loop)
+        if cfg.model.name == "transformer":
+            self.net = StackedTransformer([m.model for m in members], [m.width for m in members], width,
+                                          data.input_shape, device)
+        else:
+            loop = device.type == "cpu" and 0 < opts.loop_width <= width
+            self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
+                                  cfg.model.activation, device, loop)
         self.frozen = frozen_names(members)
         freeze_(self.net, self.frozen)
         self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.trainable, _member_hypers(members),
@@ -618,7 +623,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             x, y = b.data.split(s, b.member_set)
             if y.shape[1]:
                 per_chunk = b.net.width if b.net.loop else len(b.members) * b.net.width
-                budget = EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES
+                budget = getattr(b.net, "eval_bytes", EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES)
                 chunk = max(1, min(t.eval_batch_size, budget // (4 * per_chunk)))
                 hidden = len(b.net.weights) - 1
                 counts = torch.zeros(len(b.members), 2, dtype=torch.long, device=x.device) \
@@ -626,7 +631,8 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 l, a = evaluate_members(b.net, x, y, chunk, counts)
                 evals[s] = (l.tolist(), a.tolist())
                 if counts is not None:
-                    units = torch.tensor([m.width * hidden * y.shape[1] for m in b.members], device=x.device)
+                    units = torch.tensor([b.net.hidden_units(k) * y.shape[1] for k in range(len(b.members))],
+                                         device=x.device)
                     sparsity = (counts.double() / units[:, None]).tolist()
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
     probed = (b.probes.measure_members(b.probe_inputs())

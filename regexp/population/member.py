@@ -18,6 +18,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from regexp.optim import build_optimizer, build_scheduler
+from regexp.population.compat import member_width
 from regexp.probes.runner import active, checkpoint_fields, metrics_fields
 from regexp.train.io import save_torch, write_json
 from regexp.train.records import best_score, improves, run_metrics
@@ -75,7 +76,8 @@ class Member:
 
     @property
     def width(self) -> int:
-        return int(self.cfg.model.width)
+        """What the population pads: an MLP's width, a Transformer's embedding dimension."""
+        return member_width(self.cfg.model)
 
     @property
     def params(self) -> int:

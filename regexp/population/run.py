@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regexp.errors import ConfigError
 from regexp.optim import build_optimizer
-from regexp.population.compat import bucket_widths, incompatibility, mlp_cost, shared_part
+from regexp.population.compat import bucket_widths, incompatibility, member_cost, shared_part
 from regexp.population.data import data_key, load_cached
 from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
@@ -168,7 +168,7 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             torch.use_deterministic_algorithms(True)
         first = members[idx[0]].cfg
         ds = load_cached(first, data_cache, data_key(first, members[idx[0]].point))
-        cost = mlp_cost(int(torch.tensor(ds.input_shape).prod()), int(first.model.depth), ds.num_classes)
+        cost = member_cost(first, ds.input_shape, ds.num_classes)
         # the group's step: every member's forward and backward (3 x 2 FLOPs per multiply-add)
         bs = len(ds.y_train) if t.batch_size == "full" else int(t.batch_size)
         _, why = set_threads(t.threads, resolve_device(t.device),
