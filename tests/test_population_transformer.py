@@ -99,3 +99,16 @@ def test_unstacked_transformer_regularizers_are_refused(compose_cfg, reg):
     assert why is not None and reg in why and "transformer" in why and "\n" not in why
     assert incompatibility(compose_cfg(["model=transformer", "regularizer=[weight_decay]"])) is None
     assert use_population(compose_cfg(["model=transformer"]), [{"model.embed_dim": 8, "seed": 0}])
+
+
+def test_transformer_member_probes_equal_lone_run_probes(compose_cfg, tmp_path):
+    # the Hessian and sharpness probes see each member through the stacked forward, padding
+    # (embed_dim 4 inside 8) masked out
+    from test_population_probes import PROBES, _runs
+    points = [{"model.embed_dim": 4, "seed": 0}, {"model.embed_dim": 8, "seed": 1}]
+    pop, lone = _runs(compose_cfg, tmp_path, PROBES + SMALL[1:] + ["model.patch_size=4", "trainer.epochs=1"],
+                      points)
+    for p, a, b in zip(points, pop, lone):
+        assert [r["epoch"] for r in a["probe_history"]] == [r["epoch"] for r in b["probe_history"]] == [1]
+        for k, v in b["probe_history"][0].items():
+            assert a["probe_history"][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (p, k)
