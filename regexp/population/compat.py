@@ -6,7 +6,7 @@ epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
 start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, label
 noise, random inputs (each member loads its own data), the gradient-clipping norm) and in
-width. Widths are grouped into buckets of similar size and padded
+width (a Transformer's ``embed_dim``, padded exactly: regexp/population/stacked_transformer.py). Widths are grouped into buckets of similar size and padded
 inside a bucket with masked units: a bucket holds widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
 arithmetic, dominates) share a bucket regardless.
