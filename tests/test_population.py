@@ -211,7 +211,7 @@ def test_engine_choice(compose_cfg, tmp_path):
         use_population(compose_cfg(BASE + ["model=cnn", "model.norm=batch", "sweep.engine=population"]),
                        [{"seed": 0}])
     assert not use_population(compose_cfg(BASE + ["model=gru"]), [{"seed": 0}])
-    with pytest.raises(ConfigError, match=r"model.name=gru \(population supports mlp, cnn\)"):
+    with pytest.raises(ConfigError, match=r"model.name=gru \(population supports mlp, cnn, transformer\)"):
         use_population(compose_cfg(BASE + ["model=gru", "sweep.engine=population"]), [{"seed": 0}])
     with pytest.raises(ConfigError, match="sweep.engine"):
         use_population(compose_cfg(BASE + ["sweep.engine=fast"]), points)

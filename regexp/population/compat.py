@@ -8,7 +8,8 @@ start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noi
 p, augmentation's shift and scale, FGSM's ε, the penalties' λ, label noise, random inputs (each
 member loads its own data), the gradient-clipping norm) and in width (or list of hidden widths,
 ``model.widths``: one population per depth, each layer padded to the bucket's widest; a CNN's
-``model.channels``, stage by stage). Widths are
+``model.channels``, stage by stage; a Transformer's ``embed_dim``, padded exactly:
+regexp/population/stacked_transformer.py). Widths are
 grouped into buckets of similar size and padded inside a bucket with masked units: a bucket holds
 widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
@@ -24,7 +25,7 @@ from omegaconf import DictConfig
 from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "transformer")
 NORMS = ("none", "batch", "layer")  # every model.norm the MLP builds (regexp/models/mlp.py)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
@@ -36,7 +37,8 @@ REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "
 BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
-    "seed", "model.width", "model.widths", "model.channels", "data.label_noise", "data.random_inputs",
+    "seed", "model.width", "model.widths", "model.channels", "model.embed_dim",
+    "data.label_noise", "data.random_inputs",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
@@ -139,7 +141,7 @@ SIGNAL_DATA = ("mnist1d",)  # data sets of 1-D signals (C, L): what StackedCNN's
 STACKED_REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "label_smoothing",
                         "input_noise")
 NOT_FOR_NEW_MODELS = {
-    "dropout": "it draws no per-member dropout masks of its sites",
+    "dropout": "the stacked model draws no per-member dropout masks of its sites",
     "weight_noise": "per-member weight noise is drawn for MLP layers only",
     "dropconnect": "DropConnect's masks are drawn per MLP layer's units",
     "augmentation": "the batch transforms are checked against lone MLP runs only",
@@ -152,14 +154,15 @@ NOT_FOR_NEW_MODELS = {
     "gradient_norm_penalty": "its batch penalty's extra pass keeps the MLP's hidden activations",
     "masked_reconstruction": "its pretext head reads the MLP's last hidden layer",
     "soft_weight_sharing": "its mixtures are matched to the stacked MLP's weights only",
-    "early_stopping": "the best state is restored through the stacked MLP's state tensors only",
+    "early_stopping": "its restored best state is checked against lone MLP runs only",
     "transfer": "frozen tensors and loaded starts are matched to the stacked MLP only",
     "parameter_tying": "members' references are matched by the stacked MLP's parameter names",
 }
 
 
 def model_incompatibility(cfg: DictConfig) -> Optional[str]:
-    """Why a CNN (regexp/population/stacked_cnn.py) run cannot join a population, or None."""
+    """Why a CNN or Transformer run (regexp/population/stacked_cnn.py, stacked_transformer.py)
+    cannot join a population, or None."""
     name = cfg.model.name
     if name == "cnn" and cfg.data.name not in SIGNAL_DATA:
         return (f"model=cnn on data.name={cfg.data.name} (population stacks Conv1d on 1-D signals: "
@@ -175,22 +178,28 @@ def model_incompatibility(cfg: DictConfig) -> Optional[str]:
 
 # What a population pads for a member: an MLP's widest hidden layer (an int), its list of
 # hidden widths (``model.widths``, a tuple, in bucketing), a CNN's channels (a tuple, one per
-# stage). A group never mixes models, and tuples of different lengths never share a bucket.
+# stage), a Transformer's embed_dim (an int). A group never mixes models, and tuples of
+# different lengths never share a bucket.
 Width = Union[int, Tuple[int, ...]]
 
 
 def member_width(model_cfg) -> Width:
-    """A member's padded size: a CNN's ``model.channels``, an MLP's widest hidden layer."""
+    """A member's padded size: a CNN's ``model.channels``, a Transformer's ``model.embed_dim``,
+    an MLP's widest hidden layer."""
     if model_cfg.name == "cnn":
         return tuple(int(c) for c in model_cfg.channels)
+    if model_cfg.name == "transformer":
+        return int(model_cfg.embed_dim)
     return max(hidden_widths(model_cfg), default=int(model_cfg.width))
 
 
 def hidden_widths(model_cfg) -> List[int]:
     """An MLP's hidden widths, input to output (``model.widths``, or depth times ``model.width``);
-    a CNN's channels per stage."""
+    a CNN's channels per stage; a Transformer's embedding dimension (one padded size)."""
     if model_cfg.name == "cnn":
         return [int(c) for c in model_cfg.channels]
+    if model_cfg.name == "transformer":
+        return [int(model_cfg.embed_dim)]
     listed = model_cfg.get("widths")
     if listed is not None:
         return [int(w) for w in listed]
@@ -225,6 +234,16 @@ def cnn_cost(model_cfg, input_shape: Sequence[int], classes: int) -> Callable[[W
     return cost
 
 
+def transformer_cost(model_cfg, input_shape: Sequence[int], classes: int) -> Callable[[int], float]:
+    """Multiply-adds per example of a Transformer as a function of its embedding dimension."""
+    from regexp.models import build_model
+
+    model = build_model(model_cfg, tuple(input_shape), classes)  # tokens do not depend on the width
+    t, td, depth = model.pos.shape[1], model.embed.in_features, int(model_cfg.depth)
+    ratio = float(model_cfg.mlp_ratio)
+    return lambda e: float(t * (td * e + depth * (4 * e * e + 2 * e * int(e * ratio) + 2 * t * e)) + e * classes)
+
+
 def member_cost(cfg: DictConfig, input_shape: Sequence[int], classes: int,
                 listed: bool = False) -> Callable[[Width], float]:
     """Multiply-adds per example of a member of ``cfg``'s population as a function of its width
@@ -232,6 +251,8 @@ def member_cost(cfg: DictConfig, input_shape: Sequence[int], classes: int,
     in_dim = math.prod(int(d) for d in input_shape)
     if cfg.model.name == "cnn":
         return cnn_cost(cfg.model, input_shape, classes)
+    if cfg.model.name == "transformer":
+        return transformer_cost(cfg.model, input_shape, classes)
     if listed:
         return widths_cost(in_dim, classes)
     return mlp_cost(in_dim, int(cfg.model.depth), classes)

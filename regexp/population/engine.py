@@ -41,6 +41,7 @@ from regexp.population.pretext import MemberPretext
 from regexp.population import tuning
 from regexp.population.stacked_cnn import StackedCNN
 from regexp.population.stacked_mlp import StackedMLP
+from regexp.population.stacked_transformer import StackedTransformer
 from regexp.population.transforms import BatchTransforms
 from regexp.probes.base import ProbeInputs
 from regexp.probes.runner import build_probes, record as probe_record
@@ -223,6 +224,9 @@ class Bucket:
         if cfg.model.name == "cnn":
             self.net = StackedCNN([m.model for m in members], [m.width for m in members], width,
                                   data.input_shape, device)
+        elif cfg.model.name == "transformer":
+            self.net = StackedTransformer([m.model for m in members], [m.width for m in members], width,
+                                          data.input_shape, device)
         else:
             self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
                                   cfg.model.activation, device, False)
@@ -612,7 +616,7 @@ def _manual_ok(b: Bucket, opts: Options) -> bool:
     """Whether the bucket's step can skip autograd: relu MLPs of one width without norms or skips,
     no penalty term, no label smoothing or pretext loss, no DropConnect (whose gradient passes
     through its mask), no frozen tensor, plain float32 eager forward (then the gradient is a few
-    products written out by hand; a CNN has none)."""
+    products written out by hand; a CNN or Transformer has none)."""
     return (b.net.manual_step is not None and not b.net.fancy and b.net.act is torch.relu
             and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen and b.pretext is None
             and not any(b.noise.connects) and not opts.bf16 and not opts.compile)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from regexp.population.plain_stack import PlainStack
 from regexp.train.sparsity import NEAR_ZERO
 
 Channels = Tuple[int, ...]
@@ -68,15 +69,8 @@ def conv_lengths(model: nn.Module, length: int) -> List[int]:
     return out
 
 
-class StackedCNN:
-    # no hand-written backward: the engine's autograd step (see engine._manual_ok)
-    manual_step = None
-    loop = False
-    # the batched form only (tuning.choose_loop measures no member-by-member loop for it), and no
-    # recorded hidden sites (compat refuses the regularizers that read them)
-    fancy = True
-    record = False
-    hidden: List[torch.Tensor] = []
+class StackedCNN(PlainStack):
+    """M 1-D CNNs of one layout, stacked (see the module's docstring)."""
 
     def __init__(self, models: Sequence[nn.Module], channels: Sequence[Channels], width: Channels,
                  input_shape: Sequence[int], device: torch.device):
@@ -170,22 +164,8 @@ class StackedCNN:
         return [(n, p, kind in ("conv", "head")) for n, p, (kind, _) in zip(self.names, self.params, self.kinds)]
 
     @property
-    def member_names(self) -> List[List[str]]:
-        """Each member's parameter names (one architecture: the same for all)."""
-        return [self.names] * len(self.widths)
-
-    @property
     def layer_widths(self) -> List[List[int]]:
         return [[int(c) for c in ch] for ch in self.widths]
-
-    @property
-    def state_tensors(self) -> List[torch.Tensor]:
-        """Everything a member's state_dict holds, stacked (a CNN without norms: its parameters)."""
-        return self.params
-
-    def stack_states(self, states: Sequence[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
-        """Members' state_dicts, stacked like :attr:`state_tensors`."""
-        return [self._stack(j, [st[n] for st in states], p) for j, (n, p) in enumerate(zip(self.names, self.params))]
 
     @property
     def weights(self) -> List[torch.Tensor]:
