@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = str(ROOT / "configs")
 TINY = ["trainer.epochs=3", "trainer.eval_every=1", "data.n_test=500", "trainer.threads=1"]
 EXPERIMENTS = ("double_descent", "double_descent_epochs", "double_descent_l2", "double_descent_samples",
-               "double_descent_transformer", "double_descent_cnn")
+               "double_descent_transformer", "double_descent_cnn", "double_descent_cnn_cifar10")
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -206,11 +206,12 @@ def test_engine_choice(compose_cfg, tmp_path):
     points = [{"model.width": 8, "seed": 0}]
     assert use_population(compose_cfg(BASE), points)
     assert not use_population(compose_cfg(BASE + ["sweep.engine=serial"]), points)
-    assert not use_population(compose_cfg(BASE + ["model=cnn"]), [{"seed": 0}])
-    with pytest.raises(ConfigError, match="model.name=cnn"):
-        use_population(compose_cfg(BASE + ["model=cnn", "sweep.engine=population"]), [{"seed": 0}])
+    assert use_population(compose_cfg(BASE + ["model=cnn"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match="model.norm=batch for a CNN"):
+        use_population(compose_cfg(BASE + ["model=cnn", "model.norm=batch", "sweep.engine=population"]),
+                       [{"seed": 0}])
     assert not use_population(compose_cfg(BASE + ["model=gru"]), [{"seed": 0}])
-    with pytest.raises(ConfigError, match=r"model.name=gru \(population supports mlp\)"):
+    with pytest.raises(ConfigError, match=r"model.name=gru \(population supports mlp, cnn, transformer\)"):
         use_population(compose_cfg(BASE + ["model=gru", "sweep.engine=population"]), [{"seed": 0}])
     with pytest.raises(ConfigError, match="sweep.engine"):
         use_population(compose_cfg(BASE + ["sweep.engine=fast"]), points)

@@ -35,15 +35,17 @@ SMALL = ["data.n_train=300", "trainer.batch_size=50"]
 def test_auto_serial_logs_why_once_and_the_sweep_records_it(compose_cfg, caplog):
     from regexp.experiments.sweep_task import _engine
 
-    cfg = compose_cfg(["task=sweep", "model=cnn"])
+    from regexp.population.compat import MODELS
+
+    cfg = compose_cfg(["task=sweep", "model=gru"])
     points = [{"optimizer.lr": lr, "seed": s} for lr in (0.05, 0.1) for s in (0, 1)]
     caplog.set_level(logging.INFO, logger="regexp.population")
     assert not use_population(cfg, points)
+    why = f"model.name=gru (population supports {', '.join(MODELS)})"
     lines = [r.getMessage() for r in caplog.records if r.name == "regexp.population"]
-    assert lines == ["sweep.engine=auto trains the points serially, one run at a time: "
-                     "model.name=cnn (population supports mlp)"]
+    assert lines == ["sweep.engine=auto trains the points serially, one run at a time: " + why]
     # what the sweep's metrics.json records beside its counts
-    assert _engine(cfg, points) == {"engine": "serial", "engine_reason": "model.name=cnn (population supports mlp)"}
+    assert _engine(cfg, points) == {"engine": "serial", "engine_reason": why}
     assert _engine(compose_cfg(["task=sweep"]), points) == {"engine": "population"}
 
 

@@ -7,7 +7,9 @@ epochs, batch size ...). They may differ in the values that enter elementwise
 start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, DropConnect's
 p, augmentation's shift and scale, FGSM's ε, the penalties' λ, label noise, random inputs (each
 member loads its own data), the gradient-clipping norm) and in width (or list of hidden widths,
-``model.widths``: one population per depth, each layer padded to the bucket's widest). Widths are
+``model.widths``: one population per depth, each layer padded to the bucket's widest; a CNN's
+``model.channels``, stage by stage; a Transformer's ``embed_dim``, padded exactly:
+regexp/population/stacked_transformer.py). Widths are
 grouped into buckets of similar size and padded inside a bucket with masked units: a bucket holds
 widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
@@ -15,14 +17,15 @@ arithmetic, dominates) share a bucket regardless.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig
 
 from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
-MODELS = ("mlp",)
+MODELS = ("mlp", "cnn", "transformer")
 NORMS = ("none", "batch", "layer")  # every model.norm the MLP builds (regexp/models/mlp.py)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
@@ -34,7 +37,8 @@ REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "
 BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
-    "seed", "model.width", "model.widths", "data.label_noise", "data.random_inputs",
+    "seed", "model.width", "model.widths", "model.channels", "model.embed_dim",
+    "data.label_noise", "data.random_inputs",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
@@ -68,6 +72,10 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why ``cfg`` cannot join a population, or None when it can."""
     if cfg.model.name not in MODELS:
         return f"model.name={cfg.model.name} (population supports {', '.join(MODELS)})"
+    if cfg.model.name != "mlp":
+        why = model_incompatibility(cfg)
+        if why is not None:
+            return why
     if cfg.model.get("norm", "none") not in NORMS:
         return f"model.norm={cfg.model.norm} (population supports {', '.join(NORMS)})"
     if cfg.optimizer.name not in OPTIMIZERS:
@@ -127,6 +135,129 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     return None
 
 
+SIGNAL_DATA = ("mnist1d",)  # data sets of 1-D signals (C, L): what StackedCNN's Conv1d stacks
+# What a stacked CNN or Transformer trains (its own stacked forward, no MLP sites): plain
+# penalties on its stacked parameters, label smoothing and input noise. Why the rest stays out:
+STACKED_REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "label_smoothing",
+                        "input_noise")
+NOT_FOR_NEW_MODELS = {
+    "dropout": "the stacked model draws no per-member dropout masks of its sites",
+    "weight_noise": "per-member weight noise is drawn for MLP layers only",
+    "dropconnect": "DropConnect's masks are drawn per MLP layer's units",
+    "augmentation": "the batch transforms are checked against lone MLP runs only",
+    "adversarial": "FGSM's input gradient runs through the MLP's weights list only",
+    "activity_l1": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
+    "activity_student_t": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
+    "activity_kl": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
+    "multi_task": "its heads read the MLP's last recorded hidden layer",
+    "tangent_prop": "its batch penalty's extra pass keeps the MLP's hidden activations",
+    "gradient_norm_penalty": "its batch penalty's extra pass keeps the MLP's hidden activations",
+    "masked_reconstruction": "its pretext head reads the MLP's last hidden layer",
+    "soft_weight_sharing": "its mixtures are matched to the stacked MLP's weights only",
+    "early_stopping": "its restored best state is checked against lone MLP runs only",
+    "transfer": "frozen tensors and loaded starts are matched to the stacked MLP only",
+    "parameter_tying": "members' references are matched by the stacked MLP's parameter names",
+}
+
+
+def model_incompatibility(cfg: DictConfig) -> Optional[str]:
+    """Why a CNN or Transformer run (regexp/population/stacked_cnn.py, stacked_transformer.py)
+    cannot join a population, or None."""
+    name = cfg.model.name
+    if name == "cnn" and cfg.data.name not in SIGNAL_DATA:
+        return (f"model=cnn on data.name={cfg.data.name} (population stacks Conv1d on 1-D signals: "
+                f"{', '.join(SIGNAL_DATA)})")
+    if name == "cnn" and cfg.model.get("norm", "none") != "none":
+        return (f"model.norm={cfg.model.norm} for a CNN (population supports none: batch norm would "
+                "need per-member running statistics)")
+    for r in cfg.regularizer:
+        if r not in STACKED_REGULARIZERS and r in NOT_FOR_NEW_MODELS:
+            return f"regularizer {r} with model={name} ({NOT_FOR_NEW_MODELS[r]})"
+    return None
+
+
+# What a population pads for a member: an MLP's widest hidden layer (an int), its list of
+# hidden widths (``model.widths``, a tuple, in bucketing), a CNN's channels (a tuple, one per
+# stage), a Transformer's embed_dim (an int). A group never mixes models, and tuples of
+# different lengths never share a bucket.
+Width = Union[int, Tuple[int, ...]]
+
+
+def member_width(model_cfg) -> Width:
+    """A member's padded size: a CNN's ``model.channels``, a Transformer's ``model.embed_dim``,
+    an MLP's widest hidden layer."""
+    if model_cfg.name == "cnn":
+        return tuple(int(c) for c in model_cfg.channels)
+    if model_cfg.name == "transformer":
+        return int(model_cfg.embed_dim)
+    return max(hidden_widths(model_cfg), default=int(model_cfg.width))
+
+
+def hidden_widths(model_cfg) -> List[int]:
+    """An MLP's hidden widths, input to output (``model.widths``, or depth times ``model.width``);
+    a CNN's channels per stage; a Transformer's embedding dimension (one padded size)."""
+    if model_cfg.name == "cnn":
+        return [int(c) for c in model_cfg.channels]
+    if model_cfg.name == "transformer":
+        return [int(model_cfg.embed_dim)]
+    listed = model_cfg.get("widths")
+    if listed is not None:
+        return [int(w) for w in listed]
+    return [int(model_cfg.width)] * int(model_cfg.depth)
+
+
+def bucket_width(widths: Sequence[Width]) -> Width:
+    """The width a bucket pads its members to: the widest (a CNN's stage by stage)."""
+    if isinstance(widths[0], tuple):
+        return tuple(max(cs) for cs in zip(*widths))
+    return max(widths)
+
+
+def cnn_cost(model_cfg, input_shape: Sequence[int], classes: int) -> Callable[[Width], float]:
+    """Multiply-adds per example of a 1-D CNN as a function of its channels per stage."""
+    from omegaconf import OmegaConf
+
+    from regexp.models import build_model
+    from regexp.population.stacked_cnn import conv_lengths, stages_of
+
+    stages = len(model_cfg.channels)
+    probe = OmegaConf.merge(model_cfg, {"channels": [1] * stages})
+    model = build_model(probe, tuple(input_shape), classes)  # lengths do not depend on channels
+    lengths = conv_lengths(model, int(input_shape[-1]))
+    kernels = [st.kernel for st in stages_of(model)]
+    positions = int(model.head.in_features)  # per channel of the last stage (1 under gap)
+
+    def cost(ch: Width) -> float:
+        c_in = [int(input_shape[0]), *ch[:-1]]
+        return float(sum(n * c * ci * k for n, c, ci, k in zip(lengths, ch, c_in, kernels))
+                     + ch[-1] * positions * classes)
+    return cost
+
+
+def transformer_cost(model_cfg, input_shape: Sequence[int], classes: int) -> Callable[[int], float]:
+    """Multiply-adds per example of a Transformer as a function of its embedding dimension."""
+    from regexp.models import build_model
+
+    model = build_model(model_cfg, tuple(input_shape), classes)  # tokens do not depend on the width
+    t, td, depth = model.pos.shape[1], model.embed.in_features, int(model_cfg.depth)
+    ratio = float(model_cfg.mlp_ratio)
+    return lambda e: float(t * (td * e + depth * (4 * e * e + 2 * e * int(e * ratio) + 2 * t * e)) + e * classes)
+
+
+def member_cost(cfg: DictConfig, input_shape: Sequence[int], classes: int,
+                listed: bool = False) -> Callable[[Width], float]:
+    """Multiply-adds per example of a member of ``cfg``'s population as a function of its width
+    (``listed``: MLP members give their list of hidden widths, ``model.widths``)."""
+    in_dim = math.prod(int(d) for d in input_shape)
+    if cfg.model.name == "cnn":
+        return cnn_cost(cfg.model, input_shape, classes)
+    if cfg.model.name == "transformer":
+        return transformer_cost(cfg.model, input_shape, classes)
+    if listed:
+        return widths_cost(in_dim, classes)
+    return mlp_cost(in_dim, int(cfg.model.depth), classes)
+
+
 def shared_part(point: Dict[str, Any]) -> Dict[str, Any]:
     """The swept values members of one population must share (all but ``MEMBER_KEYS``)."""
     return {k: v for k, v in point.items() if k not in MEMBER_KEYS}
@@ -145,8 +276,8 @@ def widths_cost(in_dim: int, classes: int) -> Callable[[Sequence[int]], float]:
     return lambda ws: float(sum(a * b for a, b in zip([in_dim, *ws], [*ws, classes])))
 
 
-def bucket_widths(widths: Sequence, ratio: float = 1.5, small: int = 32,
-                  cost: Callable[[Any], float] = float) -> List[List]:
+def bucket_widths(widths: Sequence[Width], ratio: float = 1.5, small: int = 32,
+                  cost: Callable[[Width], float] = float) -> List[List[Width]]:
     """Split the distinct widths into buckets of similar cost, each padded to its widest.
 
     Ascending widths join the current bucket while the widest one's ``cost`` stays within
@@ -156,10 +287,13 @@ def bucket_widths(widths: Sequence, ratio: float = 1.5, small: int = 32,
     A width may be a tuple of hidden widths (``model.widths``, of one depth; ``cost`` takes it):
     they go by cost, and a tuple is small when its widest layer is.
     """
-    out: List[List] = []
+    out: List[List[Width]] = []
     size = lambda w: max(w, default=0) if isinstance(w, tuple) else w  # noqa: E731
-    for w in sorted(set(widths), key=lambda w: (cost(w), w)):
-        if out and (size(w) <= small or cost(w) <= ratio * cost(out[-1][0])):
+    depth = lambda w: len(w) if isinstance(w, tuple) else 0  # noqa: E731 (lists of other lengths never stack)
+    for w in sorted(set(widths), key=lambda w: (depth(w), cost(w), w)):
+        joins = bool(out) and depth(w) == depth(out[-1][0]) and (
+            size(w) <= small or cost(bucket_width(out[-1] + [w])) <= ratio * cost(out[-1][0]))
+        if joins:
             out[-1].append(w)
         else:
             out.append([w])

@@ -48,12 +48,14 @@ class MemberDropout:
 
     def site_mask(self, l: int, batch: int) -> Optional[torch.Tensor]:
         """The mask of the input of linear layer ``l`` (0: the network's input), or None."""
+        if not any(p > 0 for p in (self.input_p if l == 0 else self.hidden_p)):
+            return None  # sizes unread: a stacked CNN's or Transformer's sites are not the MLP's
         if l == 0:
             ps, keep, ws, full = self.input_p, self.keep_input, [self.in_dim] * len(self.widths), self.in_dim
         else:  # a width per member (and bucket), or per member and hidden layer (model.widths)
             at = lambda w: w[l - 1] if isinstance(w, (list, tuple)) else w  # noqa: E731
             ps, keep, ws, full = self.hidden_p, self.keep_hidden, [at(w) for w in self.widths], at(self.width)
-        return self._site(ps, keep, ws, full, batch) if any(p > 0 for p in ps) else None
+        return self._site(ps, keep, ws, full, batch)
 
     def _site(self, ps: List[float], keep: torch.Tensor, ws: List[int], full: int, batch: int) -> torch.Tensor:
         if not self.exact:

@@ -39,7 +39,9 @@ from regexp.population.noise import StepNoise
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.pretext import MemberPretext
 from regexp.population import tuning
+from regexp.population.stacked_cnn import StackedCNN
 from regexp.population.stacked_mlp import StackedMLP
+from regexp.population.stacked_transformer import StackedTransformer
 from regexp.population.transforms import BatchTransforms
 from regexp.probes.base import ProbeInputs
 from regexp.probes.runner import build_probes, record as probe_record
@@ -219,8 +221,15 @@ class Bucket:
         self.members, self.data, self.device = members, data, device
         cfg = members[0].cfg
         # batched until train_bucket knows the step's path (tuning.choose_loop decides then)
-        self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
-                              cfg.model.activation, device, False)
+        if cfg.model.name == "cnn":
+            self.net = StackedCNN([m.model for m in members], [m.width for m in members], width,
+                                  data.input_shape, device)
+        elif cfg.model.name == "transformer":
+            self.net = StackedTransformer([m.model for m in members], [m.width for m in members], width,
+                                          data.input_shape, device)
+        else:
+            self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
+                                  cfg.model.activation, device, False)
         if "parameter_tying" in cfg.regularizer and any(n != self.net.member_names[0] for n in self.net.member_names):
             raise ConfigError("regularizer.parameter_tying: members of one population name their parameters "
                               "differently (model.residual=true with a first-layer skip for some only), so their "
@@ -607,10 +616,10 @@ def _manual_ok(b: Bucket, opts: Options) -> bool:
     """Whether the bucket's step can skip autograd: relu MLPs of one width without norms or skips,
     no penalty term, no label smoothing or pretext loss, no DropConnect (whose gradient passes
     through its mask), no frozen tensor, plain float32 eager forward (then the gradient is a few
-    products written out by hand)."""
-    return (b.net.act is torch.relu and not b.net.fancy and not b.terms.reg_names and b.terms.eps_common == 0.0
-            and not b.frozen and b.pretext is None and not any(b.noise.connects) and not opts.bf16
-            and not opts.compile)
+    products written out by hand; a CNN or Transformer has none)."""
+    return (b.net.manual_step is not None and not b.net.fancy and b.net.act is torch.relu
+            and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen and b.pretext is None
+            and not any(b.noise.connects) and not opts.bf16 and not opts.compile)
 
 
 def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
@@ -698,6 +707,7 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
     """Each member's lone model, built exactly as train() builds it (and brought to its
     checkpoint when it resumes), and its open log."""
     from regexp.models import build_model
+    from regexp.models.summary import model_summary
     from regexp.regularizers import build_regularizers
     from regexp.regularizers.base import Context
     from regexp.train.io import save_torch, write_json
@@ -729,6 +739,8 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
         if m.resume is not None:
             m.restore()
         m.open_log()
+    # as train() logs it (once per bucket, not per member: the members share the layout)
+    logging.getLogger("regexp").info(model_summary(members[0].model, data.input_shape, members[0].cfg.model.name))
 
 
 def _member_opt_state(b: Bucket, k: int) -> List[Dict[str, torch.Tensor]]:
@@ -762,7 +774,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             x, y = b.data.split(s, b.member_set)
             if y.shape[1]:
                 per_chunk = b.net.width if b.net.loop else len(b.members) * b.net.width
-                budget = EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES
+                budget = getattr(b.net, "eval_bytes", EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES)
                 chunk = max(1, min(t.eval_batch_size, budget // (4 * per_chunk)))
                 hidden = len(b.net.weights) - 1
                 counts = torch.zeros(len(b.members), 2, dtype=torch.long, device=x.device) \
@@ -770,7 +782,8 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 l, a = evaluate_members(b.net, x, y, chunk, counts)
                 evals[s] = (l.tolist(), a.tolist())
                 if counts is not None:
-                    units = torch.tensor([sum(m.widths) * y.shape[1] for m in b.members], device=x.device)
+                    units = torch.tensor([b.net.hidden_units(k) * y.shape[1] for k in range(len(b.members))],
+                                         device=x.device)
                     sparsity = (counts.double() / units[:, None]).tolist()
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
     probed = (b.probes.measure_members(b.probe_inputs())

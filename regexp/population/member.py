@@ -19,6 +19,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from regexp.optim import build_optimizer, build_scheduler
+from regexp.population.compat import Width, hidden_widths, member_width
 from regexp.probes.runner import active, checkpoint_fields, metrics_fields
 from regexp.train.io import save_torch, write_json
 from regexp.train.records import best_score, improves, run_metrics
@@ -76,17 +77,14 @@ class Member:
         self.probe_history = list(ck["probe_history"])
 
     @property
-    def width(self) -> int:
-        """The widest hidden layer (model.width, or the largest of model.widths)."""
-        return max(self.widths, default=int(self.cfg.model.width))
+    def width(self) -> Width:
+        """What the population pads: an MLP's widest hidden layer, a CNN's channels per stage."""
+        return member_width(self.cfg.model)
 
     @property
     def widths(self) -> List[int]:
-        """The hidden widths, input to output."""
-        listed = self.cfg.model.get("widths")
-        if listed is not None:
-            return [int(w) for w in listed]
-        return [int(self.cfg.model.width)] * int(self.cfg.model.depth)
+        """The hidden widths, input to output (a CNN's channels per stage)."""
+        return hidden_widths(self.cfg.model)
 
     @property
     def params(self) -> int:

@@ -80,6 +80,8 @@ class StepNoise:
         masks, used = [], list(weights)
         for l, w in enumerate(weights):
             masks.append(self.drop.site_mask(l, batch))
+            if not (self.noised[l] or self.connects[l]):
+                continue  # nothing drawn on this weight (sizes unread: a CNN's or Transformer's are not the MLP's)
             real = [(w.shape[1] if l == last else k[l], w.shape[2] if l == 0 else k[l - 1]) for k in ks]
             for kind in self.transforms:
                 if kind == "noise" and self.noised[l]:

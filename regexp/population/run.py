@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regexp.errors import ConfigError
 from regexp.optim import build_optimizer
-from regexp.population.compat import bucket_widths, incompatibility, mlp_cost, shared_part, widths_cost
+from regexp.population.compat import bucket_width, bucket_widths, incompatibility, member_cost, shared_part
 from regexp.population.data import data_key, load_cached
 from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
@@ -170,12 +170,11 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             torch.use_deterministic_algorithms(True)
         first = members[idx[0]].cfg
         ds = load_cached(first, data_cache, data_key(first, members[idx[0]].point))
-        in_dim = int(torch.tensor(ds.input_shape).prod())
         # members listing their hidden widths (model.widths, a member key) are bucketed by the
-        # cost of their whole list, each depth apart; the others by their one width
-        listed = any(members[i].cfg.model.get("widths") is not None for i in idx)
-        cost = widths_cost(in_dim, ds.num_classes) if listed else mlp_cost(in_dim, int(first.model.depth),
-                                                                             ds.num_classes)
+        # cost of their whole list, each depth apart; a CNN's by its channels, each depth apart;
+        # the others by their one width
+        listed = first.model.name == "mlp" and any(members[i].cfg.model.get("widths") is not None for i in idx)
+        cost = member_cost(first, ds.input_shape, ds.num_classes, listed)
         shape = (lambda i: tuple(members[i].widths)) if listed else (lambda i: members[i].width)
         # the group's step: every member's forward and backward (3 x 2 FLOPs per multiply-add)
         bs = len(ds.y_train) if t.batch_size == "full" else int(t.batch_size)
@@ -188,8 +187,8 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                                                                  opts.bucket_ratio, opts.small_width, cost)]:
             signals.check()  # once asked to stop, start no new bucket
             chosen = [i for i in idx if shape(i) in widths]
-            top = max(members[i].width for i in chosen)
-            log.info("population: %d members, widths %s padded to %d", len(chosen), widths, top)
+            top = bucket_width([members[i].width for i in chosen])
+            log.info("population: %d members, widths %s padded to %s", len(chosen), widths, top)
             if progress is not None:
                 progress.stage(f"bucket w<={top} x{len(chosen)}")
             try:

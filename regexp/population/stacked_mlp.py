@@ -444,6 +444,10 @@ class StackedMLP:
             p.grad = gr
         return loss
 
+    def hidden_units(self, i: int) -> int:
+        """Member i's hidden activations per example."""
+        return sum(self.layer_widths[i])
+
     def keep(self, idx: torch.Tensor) -> None:
         """Drop every member not in ``idx`` (a finished or diverged one)."""
         dev = self.unit_mask.device

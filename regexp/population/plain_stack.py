@@ -1,0 +1,42 @@
+"""What the engine reads of a stacked model without MLP sites (StackedCNN, StackedTransformer).
+
+Such a model has one architecture for all members (the same parameter names), no buffers, no
+hand-written step and no member-by-member form, and records no hidden activations: compat
+refuses every regularizer that would read an MLP's sites, weights list or per-layer widths.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+
+class PlainStack:
+    """Members' parameters as stacked tensors ``params`` under one list of ``names``."""
+
+    manual_step = None  # no hand-written backward: the engine's autograd step (engine._manual_ok)
+    loop = False
+    # the batched form only (tuning.choose_loop measures no member-by-member loop for it)
+    fancy = True
+    record = False
+    hidden: List[torch.Tensor] = []
+    names: List[str]
+    params: List[torch.Tensor]
+    widths: torch.Tensor
+
+    def _stack(self, j: int, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def member_names(self) -> List[List[str]]:
+        """Each member's parameter names (one architecture: the same for all)."""
+        return [self.names] * len(self.widths)
+
+    @property
+    def state_tensors(self) -> List[torch.Tensor]:
+        """Everything a member's state_dict holds, stacked (no buffers: its parameters)."""
+        return self.params
+
+    def stack_states(self, states: Sequence[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
+        """Members' state_dicts, stacked like :attr:`state_tensors`."""
+        return [self._stack(j, [st[n] for st in states], p) for j, (n, p) in enumerate(zip(self.names, self.params))]

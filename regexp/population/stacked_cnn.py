@@ -1,0 +1,298 @@
+"""M 1-D CNNs of one architecture as stacked tensors, each conv stage run as ONE grouped convolution.
+
+The members' activations live side by side in the channel dimension, (B, M·C, L), so stage s
+is ``conv1d(h, weight.view(M·C_out, C_in, k), groups=M)``: group m sees only member m's
+channels and applies only member m's kernels. Pooling and the activation act per channel, so
+they need no member axis at all. The head is a batched product per member.
+
+Every parameter is stored 3-D with the member first, as :class:`StackedMLP`'s are, so the
+shared optimizer, clipping, penalties and checkpoints handle it unchanged: a conv weight as
+(M, C_out, C_in·k) (nn.Conv1d's (C_out, C_in, k) with its last two dimensions merged), a bias
+as (M, 1, C_out), the head's weight as (M, classes, features).
+
+Members may differ in ``model.channels``. Each stage is padded to the bucket's widest member
+with channels whose weights, bias and outgoing weights are zero. Such a channel computes
+act(0): 0 for relu/tanh/gelu (multiplied by the channel mask where act(0) != 0, as for
+sigmoid), max- or average-pooling zeros gives zeros, and the head's weights on it (every
+position of it under ``head=flatten``) are zero, so it sends nothing on and gets a zero
+gradient; every optimizer maps a zero parameter with zero gradient to zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from regexp.population.plain_stack import PlainStack
+from regexp.train.sparsity import NEAR_ZERO
+
+Channels = Tuple[int, ...]
+EVAL_BYTES = 2**25  # one evaluation chunk's activations (all members): fewer, larger conv calls
+
+
+@dataclass
+class _Stage:
+    kernel: int
+    stride: int
+    padding: int
+    act: nn.Module
+    pool: Optional[str]  # "max" | "avg" | None
+    length: int  # output length of the convolution (where the hidden activations are counted)
+
+
+def stages_of(model: nn.Module) -> List[_Stage]:
+    """The lone model's stages, read off its ``features`` (conv, norm, activation, site, pool)."""
+    out: List[_Stage] = []
+    for mod in model.features:
+        if isinstance(mod, nn.Conv1d):
+            out.append(_Stage(mod.kernel_size[0], mod.stride[0], mod.padding[0], nn.Identity(), None, 0))
+        elif isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d)):
+            out[-1].pool = "max" if isinstance(mod, nn.MaxPool1d) else "avg"
+        elif isinstance(mod, (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU)):
+            out[-1].act = mod
+        elif type(mod).__name__ not in ("Identity", "Site"):
+            raise ValueError(f"StackedCNN cannot stack a {type(mod).__name__} layer")
+    return out
+
+
+def conv_lengths(model: nn.Module, length: int) -> List[int]:
+    """Each stage's output length after its convolution, for inputs of ``length``."""
+    out = []
+    for st in stages_of(model):
+        length = (length + 2 * st.padding - st.kernel) // st.stride + 1
+        out.append(length)
+        if st.pool is not None:
+            length //= 2
+    return out
+
+
+class StackedCNN(PlainStack):
+    """M 1-D CNNs of one layout, stacked (see the module's docstring)."""
+
+    def __init__(self, models: Sequence[nn.Module], channels: Sequence[Channels], width: Channels,
+                 input_shape: Sequence[int], device: torch.device):
+        first = models[0]
+        if first.dims != 1:
+            raise ValueError("StackedCNN stacks 1-D CNNs (signals (C, L)) only")
+        convs = [[m for m in model.features if isinstance(m, nn.Conv1d)] for model in models]
+        self.in_channels = convs[0][0].in_channels
+        self.flatten = bool(first.flatten)
+        self.stages = stages_of(first)
+        self.widths = torch.tensor([list(c) for c in channels])  # (M, stages): each member's channels
+        self.width_tuple = tuple(int(c) for c in width)
+        self.out_len = int(torch.tensor(first.out_sizes).prod())  # positions the head sees per channel
+        self.classes = first.head.out_features
+        self.device = device
+        self.names = [n for n, _ in first.named_parameters()]
+        # which member slices each parameter holds: ("conv", stage) / ("bias", stage) / ("head", _) / ("hbias", _)
+        self.kinds: List[Tuple[str, int]] = []
+        for s in range(len(self.stages)):
+            self.kinds.append(("conv", s))
+            if convs[0][s].bias is not None:
+                self.kinds.append(("bias", s))
+        self.kinds += [("head", 0), ("hbias", 0)] if first.head.bias is not None else [("head", 0)]
+        self.params: List[torch.Tensor] = []
+        lone = [list(model.parameters()) for model in models]
+        for j in range(len(self.kinds)):
+            like = torch.zeros(self._padded_shape(j), device=device)
+            self.params.append(self._stack(j, [p[j].detach() for p in lone], like).requires_grad_())
+        self.mask_hidden = [float(st.act(torch.zeros(()))) != 0.0 for st in self.stages]
+        self._channel_masks()
+        self.lengths = conv_lengths(first, int(input_shape[-1]))
+        # the engine sizes evaluation chunks by width (activations per example and member)
+        self.width = max(c * n for c, n in zip(self.width_tuple, self.lengths))
+        self.eval_bytes = EVAL_BYTES
+        # the per-member sizes the engine's dropout and noise draws are built with (inactive:
+        # compat refuses dropout, weight noise and DropConnect for CNNs)
+        self.hidden_widths = list(self.width_tuple)
+
+    # ------------------------------------------------------------------ layout
+    def _real(self, j: int, member: int) -> Tuple[int, ...]:
+        kind, s = self.kinds[j]
+        ch = [int(c) for c in self.widths[member]]
+        return self._shape(kind, s, ch)
+
+    def _padded_shape(self, j: int) -> Tuple[int, ...]:
+        kind, s = self.kinds[j]
+        return (len(self.widths), *self._stored(kind, s, list(self.width_tuple)))
+
+    def _shape(self, kind: str, s: int, ch: List[int]) -> Tuple[int, ...]:
+        """The lone parameter's shape for channels ``ch``."""
+        c_in = self.in_channels if s == 0 else ch[s - 1]
+        if kind == "conv":
+            return (ch[s], c_in, self.stages[s].kernel)
+        if kind == "bias":
+            return (ch[s],)
+        if kind == "head":
+            return (self.classes, ch[-1] * (self.out_len if self.flatten else 1))
+        return (self.classes,)
+
+    def _stored(self, kind: str, s: int, ch: List[int]) -> Tuple[int, ...]:
+        """A member's slice of the stacked parameter (channels ``ch`` = the bucket's)."""
+        shape = self._shape(kind, s, ch)
+        if kind == "conv":
+            return (shape[0], shape[1] * shape[2])
+        if kind in ("bias", "hbias"):
+            return (1, shape[0])
+        return shape
+
+    def _view(self, j: int, t: torch.Tensor) -> torch.Tensor:
+        """Member slice ``t`` (stored layout) as a view in which the lone tensor is a corner."""
+        kind, s = self.kinds[j]
+        if kind == "conv":
+            return t.view(t.shape[0], -1, self.stages[s].kernel)
+        if kind in ("bias", "hbias"):
+            return t[0]
+        if kind == "head" and self.flatten:
+            return t.view(t.shape[0], -1, self.out_len)
+        return t
+
+    def _corner(self, j: int, member: int, t: torch.Tensor) -> torch.Tensor:
+        """The lone tensor's entries inside member slice ``t`` (a view)."""
+        kind, _ = self.kinds[j]
+        real = self._real(j, member)
+        v = self._view(j, t)
+        if kind == "head" and self.flatten:
+            return v[:, :real[1] // self.out_len]
+        return v[tuple(slice(0, n) for n in real)]
+
+    def named_params(self) -> List[tuple]:
+        """(name, stacked tensor, is_weight) in nn.Module order."""
+        return [(n, p, kind in ("conv", "head")) for n, p, (kind, _) in zip(self.names, self.params, self.kinds)]
+
+    @property
+    def layer_widths(self) -> List[List[int]]:
+        return [[int(c) for c in ch] for ch in self.widths]
+
+    @property
+    def weights(self) -> List[torch.Tensor]:
+        return [p for p, (kind, _) in zip(self.params, self.kinds) if kind in ("conv", "head")]
+
+    def stack(self, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The members' lone tensors of one parameter, stacked and zero-padded into ``like``'s
+        shape: the inverse of :meth:`member_state`."""
+        return self._stack(self._index(like), tensors, like)
+
+    def _stack(self, j: int, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like, requires_grad=False)
+        for i, t in enumerate(tensors):
+            corner = self._corner(j, i, out[i])
+            corner.copy_(t.to(out.device, out.dtype).reshape(corner.shape))
+        return out
+
+    def _index(self, like: torch.Tensor) -> int:
+        for j, p in enumerate(self.params):
+            if p is like:
+                return j
+        shapes = [j for j, p in enumerate(self.params) if p.shape == like.shape]
+        if len(shapes) == 1:
+            return shapes[0]
+        raise ValueError("StackedCNN.stack: 'like' is none of its parameters")
+
+    def member_state(self, i: int, tensors: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Member ``i``'s unpadded tensors under nn.Module names (default: its parameters)."""
+        tensors = tensors if tensors is not None else self.params
+        out = {}
+        for j, (name, t) in enumerate(zip(self.names, tensors)):
+            shape = self._real(j, i)
+            out[name] = self._corner(j, i, t[i]).detach().reshape(shape).cpu().clone()
+        return out
+
+    def param_masks(self) -> Optional[List[torch.Tensor]]:
+        """Each parameter's real entries (bool, its shape) per member; None without padding."""
+        if bool((self.widths == torch.tensor(self.width_tuple)).all()):
+            return None
+        return [self._stack(j, [torch.ones(self._real(j, i)) for i in range(len(self.widths))], p) > 0
+                for j, p in enumerate(self.params)]
+
+    def _channel_masks(self) -> None:
+        """(1, M·C_s, 1) float masks of each stage's real channels."""
+        self.channel_mask = []
+        for s, c in enumerate(self.width_tuple):
+            real = torch.arange(c)[None, :] < self.widths[:, s:s + 1]
+            self.channel_mask.append(real.float().reshape(1, -1, 1).to(self.device))
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Drop every member not in ``idx`` (a finished or diverged one)."""
+        sel = idx.to(self.device)
+        self.params = [p.detach().index_select(0, sel).requires_grad_() for p in self.params]
+        self.widths = self.widths.index_select(0, idx.cpu())
+        self._channel_masks()
+
+    def hidden_units(self, i: int) -> int:
+        """Member i's hidden activations per example (channels × positions of every stage)."""
+        return sum(int(c) * n for c, n in zip(self.widths[i], self.lengths))
+
+    # ------------------------------------------------------------------ compute
+    def _layers(self, weights: Optional[List[torch.Tensor]]):
+        """(conv weight, bias) per stage and (head weight, head bias); ``weights`` replaces the
+        stored weights (in :attr:`weights` order)."""
+        ws = iter(weights) if weights is not None else None
+        convs, bias, head, hb = [], [], None, None
+        for p, (kind, s) in zip(self.params, self.kinds):
+            if kind == "conv":
+                convs.append(next(ws) if ws is not None else p)
+                bias.append(None)
+            elif kind == "bias":
+                bias[s] = p
+            elif kind == "head":
+                head = next(ws) if ws is not None else p
+            else:
+                hb = p
+        return list(zip(convs, bias)), (head, hb)
+
+    def _features(self, x: torch.Tensor, weights, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-member features (M, B, F) the head sees, from inputs (M, B, C_in·L)."""
+        m, b = x.shape[0], x.shape[1]
+        h = x.view(m, b, self.in_channels, -1).transpose(0, 1).reshape(b, m * self.in_channels, -1)
+        stages, _ = self._layers(weights)
+        for s, (st, (w, bias)) in enumerate(zip(self.stages, stages)):
+            k = st.kernel
+            h = F.conv1d(h, w.reshape(-1, w.shape[2] // k, k), bias.reshape(-1) if bias is not None else None,
+                         st.stride, st.padding, 1, m)
+            h = st.act(h)
+            if self.mask_hidden[s]:
+                h = h * self.channel_mask[s]
+            if counts is not None:
+                self._count(h, s, counts)
+            if st.pool == "max":
+                h = F.max_pool1d(h, 2)
+            elif st.pool == "avg":
+                h = F.avg_pool1d(h, 2)
+        c = h.shape[1] // m
+        h = h.view(b, m, c, -1)
+        if self.flatten:
+            return h.transpose(0, 1).reshape(m, b, -1)
+        return h.mean(-1).transpose(0, 1)
+
+    def _count(self, h: torch.Tensor, s: int, counts: torch.Tensor) -> None:
+        """Add member by member the real channels' activations that are 0 and near 0."""
+        m = counts.shape[0]
+        real = self.channel_mask[s] > 0
+        per = lambda cond: (cond & real).view(h.shape[0], m, -1).sum((0, 2))  # noqa: E731
+        counts += torch.stack([per(h == 0), per(h.abs() < NEAR_ZERO)], 1)
+
+    def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
+                weights: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """Logits (M, B, C) of inputs (M, B, D). Dropout masks are refused by compat for CNNs."""
+        if masks and any(mk is not None for mk in masks):
+            raise ValueError("StackedCNN has no dropout sites (compat refuses dropout for CNNs)")
+        feats = self._features(x, weights)
+        _, (w, b) = self._layers(weights)
+        return torch.baddbmm(b, feats, w.transpose(1, 2)) if b is not None else torch.bmm(feats, w.transpose(1, 2))
+
+    @torch.no_grad()
+    def eval_logits(self, x: torch.Tensor, chunk: int, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class-major logits (M, C, N) of inputs (M, N, D), ``chunk`` examples at a time;
+        ``counts`` (M, 2) gains each member's real hidden activations that are 0 / near 0."""
+        m, n = x.shape[0], x.shape[1]
+        out = torch.empty(m, self.classes, n, device=x.device, dtype=x.dtype)
+        _, (w, b) = self._layers(None)
+        for i in range(0, n, chunk):
+            feats = self._features(x[:, i:i + chunk], None, counts)
+            z = torch.bmm(w, feats.transpose(1, 2))
+            out[:, :, i:i + chunk] = z + b.transpose(1, 2) if b is not None else z
+        return out
