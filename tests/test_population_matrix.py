@@ -31,10 +31,19 @@ TINY = ["trainer.epochs=1", "trainer.progress=false", "trainer.threads=1", "data
 # per model: its config and the key members differ in width by (three widths of one bucket)
 MODEL_SETUP: Dict[str, Dict[str, Any]] = {
     "mlp": {"overrides": ["model=mlp", "model.depth=2"], "width_key": "model.width", "widths": [3, 5, 8]},
+    "cnn": {"overrides": ["model=cnn_mnist1d"], "width_key": "model.channels",
+            "widths": [[2, 2, 2], [3, 3, 3], [4, 4, 4]]},
+    "transformer": {"overrides": ["model=transformer", "model.heads=2"], "width_key": "model.embed_dim",
+                    "widths": [4, 6, 8]},
 }
 # settings beside a regularizer's own group: activity_kl takes relu or sigmoid, and relu (the
 # default) is what the others train with; multi_task needs MNIST-1D, the default data
 NEEDS = {"activity_kl": ["model.activation=sigmoid"]}
+
+
+def _needs(name: str, model: str):
+    """``NEEDS`` where the model has the key (a transformer's activation is fixed: gelu)."""
+    return [] if model == "transformer" else NEEDS.get(name, [])
 
 
 def _member_values(cfg, name: str) -> Dict[str, List[Any]]:
@@ -68,7 +77,7 @@ def sources(compose_cfg, tmp_path_factory) -> Dict[str, Dict[int, str]]:
         points = [{setup["width_key"]: w} for w in setup["widths"]]
         done = train_population(base, points, root)
         assert [m["status"] for m in done] == ["completed"] * len(points)
-        out[model] = {w: str(root / point_name(p)) for w, p in zip(setup["widths"], points)}
+        out[model] = {str(w): str(root / point_name(p)) for w, p in zip(setup["widths"], points)}
     return out
 
 
@@ -80,10 +89,10 @@ def _points(cfg, model: str, name: str, sources) -> List[Dict[str, Any]]:
             p[key] = v
     if name == "transfer":  # a member key: each member starts from the run of its own width
         for p in points:
-            p["regularizer.transfer.run_dir"] = sources[model][p[setup["width_key"]]]
+            p["regularizer.transfer.run_dir"] = sources[model][str(p[setup["width_key"]])]
     if name == "parameter_tying":  # not a member key: one reference, tied where names and shapes match
         for p in points:
-            p["regularizer.parameter_tying.run_dir"] = sources[model][setup["widths"][1]]
+            p["regularizer.parameter_tying.run_dir"] = sources[model][str(setup["widths"][1])]
     return points
 
 
@@ -149,7 +158,7 @@ def _common(a: torch.Tensor, b: torch.Tensor):
 def test_regularizer_x_model_trains_one_step_or_is_refused(compose_cfg, tmp_path, monkeypatch, sources,
                                                            model, name):
     setup = MODEL_SETUP[model]
-    base = compose_cfg(TINY + setup["overrides"] + [f"regularizer=[{name}]"] + NEEDS.get(name, []))
+    base = compose_cfg(TINY + setup["overrides"] + [f"regularizer=[{name}]"] + _needs(name, model))
     points = _points(base, model, name, sources)
     cfgs = [point_config(base, p) for p in points]
     why = incompatibility(cfgs[0])
@@ -157,7 +166,7 @@ def test_regularizer_x_model_trains_one_step_or_is_refused(compose_cfg, tmp_path
         # one line naming what is refused; asked for a population, the sweep stops before training
         assert "\n" not in why and (name in why or "model" in why), why
         strict = compose_cfg(TINY + setup["overrides"] + [f"regularizer=[{name}]", "sweep.engine=population"]
-                             + NEEDS.get(name, []))
+                             + _needs(name, model))
         with pytest.raises(ConfigError, match="population"):
             use_population(strict, points)
         assert not use_population(base, points)  # auto trains it alone, never as a population
