@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,7 @@ class Options:
     # (plain GEMMs beat batched ones there; measured in scripts/bench.py); 0: never.
     loop_width: int = 256
     exact_dropout: Optional[bool] = None  # None: exact (lone-run) masks on CPU, batched on GPU
+    workers: Union[int, str] = "auto"  # processes the buckets spread over (population/workers.py)
 
 
 def _base_name(opt_cfg) -> str:
