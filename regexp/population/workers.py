@@ -7,8 +7,8 @@ A member's computation does not depend on the process that runs it: a worker reb
 member from its resolved config and calls :func:`train_bucket` exactly as the in-process path
 does, so every member's files are the same (weights bit for bit at equal thread counts).
 
-Workers are spawned (a fork after torch has started its thread pools is unsafe), get plain
-containers, and report back over a queue; the parent keeps the sweep's progress and rows.
+Workers start from a forkserver or are spawned (a fork of this process, whose torch thread
+pools may be running, is unsafe), get plain containers, and report back over a queue; the parent keeps the sweep's progress and rows.
 Each worker installs the process-wide stop flag (``regexp.train.signals``): Ctrl-C reaches it
 through the process group, SIGTERM through the parent's forwarding, and it stops its bucket at
 a step boundary with resumable checkpoints, then starts no other.
@@ -16,6 +16,7 @@ a step boundary with resumable checkpoints, then starts no other.
 from __future__ import annotations
 
 import math
+import os
 import queue as queue_mod
 import traceback
 from dataclasses import asdict, dataclass
@@ -26,9 +27,10 @@ import torch
 
 from regexp.errors import ConfigError
 
-# Spawning a worker costs its interpreter and the torch + regexp imports: ~3 CPU-seconds
-# (8 s wall on the loaded 2-core EPYC); auto gives each worker at least this much training
-# work, ~5-10 s of one core at the population's measured 10-20 GFLOP/s.
+
+# Starting workers costs the torch + regexp imports (~3 CPU-seconds, 10 s wall on the loaded
+# 2-core EPYC) and each worker's own data set-up; auto gives each worker at least this much
+# training work, several seconds of one core at the population's 10-20 GFLOP/s.
 MIN_WORKER_FLOPS = 100e9
 # A bucket step costs a fixed dispatch time besides its products (tens of small kernels and
 # the optimizer's per-tensor calls): counted as this many FLOPs so that many cheap steps of a
@@ -140,6 +142,9 @@ def _worker_main(wid: int, jobs: List[Dict[str, Any]], opts: Dict[str, Any], thr
             msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
             q.put(("failed", wid, job["idx"], msg, traceback.format_exc()))
     q.put(("done", wid))
+    q.close()
+    q.join_thread()  # every report is in the pipe: skip the interpreter's slow teardown
+    os._exit(0)
 
 
 @dataclass
@@ -151,6 +156,19 @@ class Handlers:
     failed: Callable[[BucketJob, str, str], None]
 
 
+def _context():
+    """forkserver where there is one (Linux): its server imports torch and the engine once and
+    forks each worker from that clean state, where spawn pays both imports per worker (~3
+    CPU-seconds each); spawn elsewhere."""
+    import torch.multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["regexp.population.engine", "regexp.population.member", "regexp.train.trainer"])
+    return ctx
+
+
 def run_in_workers(jobs: List[BucketJob], members: Dict[int, Any], opts, n: int, threads: int,
                    handlers: Handlers, poll: float = 0.2) -> None:
     """Train ``jobs`` in ``n`` spawned workers, balanced by their estimated FLOPs.
@@ -158,9 +176,7 @@ def run_in_workers(jobs: List[BucketJob], members: Dict[int, Any], opts, n: int,
     Returns once every worker has ended; a worker that dies without reporting a bucket (killed,
     out of memory) has that bucket and its later ones recorded as failed. The workers are
     terminated if the parent itself is interrupted hard (a second Ctrl-C)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     q = ctx.Queue()
     plans = balance([j.flops for j in jobs], n)
     reason = f"workers: {threads} per worker process, {n} worker processes"
