@@ -7,8 +7,7 @@ A member's computation does not depend on the process that runs it: a worker reb
 member from its resolved config and calls :func:`train_bucket` exactly as the in-process path
 does, so every member's files are the same (weights bit for bit at equal thread counts).
 
-Workers start from a forkserver or are spawned (a fork of this process, whose torch thread
-pools may be running, is unsafe), get plain containers, and report back over a queue; the parent keeps the sweep's progress and rows.
+Workers are spawned (see :func:`run_in_workers`), get plain containers, and report back over a queue; the parent keeps the sweep's progress and rows.
 Each worker installs the process-wide stop flag (``regexp.train.signals``): Ctrl-C reaches it
 through the process group, SIGTERM through the parent's forwarding, and it stops its bucket at
 a step boundary with resumable checkpoints, then starts no other.
@@ -156,19 +155,6 @@ class Handlers:
     failed: Callable[[BucketJob, str, str], None]
 
 
-def _context():
-    """forkserver where there is one (Linux): its server imports torch and the engine once and
-    forks each worker from that clean state, where spawn pays both imports per worker (~3
-    CPU-seconds each); spawn elsewhere."""
-    import torch.multiprocessing as mp
-
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["regexp.population.engine", "regexp.population.member", "regexp.train.trainer"])
-    return ctx
-
-
 def run_in_workers(jobs: List[BucketJob], members: Dict[int, Any], opts, n: int, threads: int,
                    handlers: Handlers, poll: float = 0.2) -> None:
     """Train ``jobs`` in ``n`` spawned workers, balanced by their estimated FLOPs.
@@ -176,7 +162,12 @@ def run_in_workers(jobs: List[BucketJob], members: Dict[int, Any], opts, n: int,
     Returns once every worker has ended; a worker that dies without reporting a bucket (killed,
     out of memory) has that bucket and its later ones recorded as failed. The workers are
     terminated if the parent itself is interrupted hard (a second Ctrl-C)."""
-    ctx = _context()
+    import torch.multiprocessing as mp
+
+    # spawn, not fork (this process's torch thread pools may be running) nor forkserver (its
+    # workers are the server's children: the stop flag's SIGTERM forwarding, which reaches
+    # this process's own children, would kill the server instead of reaching them)
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     plans = balance([j.flops for j in jobs], n)
     reason = f"workers: {threads} per worker process, {n} worker processes"
