@@ -27,7 +27,7 @@ def _strip(metrics):
     return {k: v for k, v in metrics.items() if k not in RUNTIME}
 
 
-@pytest.mark.slow  # ~37 s on the loaded 2-core machine (load 8): starting worker processes
+@pytest.mark.slow  # ~31-37 s on the loaded 2-core machine (load 8): starting worker processes
 def test_two_workers_give_each_member_exactly_the_one_process_result(compose_cfg, tmp_path):
     base = compose_cfg(BASE)
     # widths 8 and 64 are buckets of their own; a batch larger than the training set fails when

@@ -15,7 +15,6 @@ a step boundary with resumable checkpoints, then starts no other.
 from __future__ import annotations
 
 import math
-import os
 import queue as queue_mod
 import traceback
 from dataclasses import asdict, dataclass
@@ -141,9 +140,6 @@ def _worker_main(wid: int, jobs: List[Dict[str, Any]], opts: Dict[str, Any], thr
             msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
             q.put(("failed", wid, job["idx"], msg, traceback.format_exc()))
     q.put(("done", wid))
-    q.close()
-    q.join_thread()  # every report is in the pipe: skip the interpreter's slow teardown
-    os._exit(0)
 
 
 @dataclass
