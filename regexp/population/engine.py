@@ -69,6 +69,7 @@ class Options:
     # bucket's step is faster on this machine, measured once and cached (population/tuning.py).
     loop_width: Optional[Union[int, str]] = None
     exact_dropout: Optional[bool] = None  # None: exact (lone-run) masks on CPU, batched on GPU
+    workers: Union[int, str] = "auto"  # processes the buckets spread over (population/workers.py)
 
 
 def _base_name(opt_cfg) -> str:

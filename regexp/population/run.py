@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -23,6 +24,8 @@ from regexp.population.data import data_key, load_cached
 from regexp.population.engine import Options, train_bucket
 from regexp.population.member import Member
 from regexp.population.tuning import checked_loop_width
+from regexp.population.workers import (STEP_OVERHEAD_FLOPS, BucketJob, Handlers, check_workers, run_in_workers,
+                                       worker_count, worker_threads)
 from regexp.train import signals
 from regexp.train.threads import set_threads
 
@@ -45,6 +48,7 @@ def options(base: DictConfig) -> Options:
     opts.loop_width = checked_loop_width(opts.loop_width)
     if opts.bucket_ratio < 1:
         raise ConfigError(f"extra.population.bucket_ratio={opts.bucket_ratio} is invalid: expected >= 1")
+    check_workers(opts.workers)
     return opts
 
 
@@ -102,6 +106,48 @@ def _failed(out: Path, msg: str, overrides: List[str]) -> Dict[str, Any]:
     return {"status": "failed", "error": msg}
 
 
+def _plan(members: Dict[int, Member], pending: Dict[str, List[int]], opts: Options,
+          data_cache: Dict[str, Any]) -> Tuple[List[BucketJob], torch.device]:
+    """Every group's buckets, with the threads and the work each needs; and the device (the
+    first non-CPU one, if any: then everything stays in this process)."""
+    from regexp.train.trainer import resolve_device
+
+    jobs: List[BucketJob] = []
+    device = torch.device("cpu")
+    for idx in pending.values():
+        t = members[idx[0]].cfg.trainer
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        first = members[idx[0]].cfg
+        ds = load_cached(first, data_cache, data_key(first, members[idx[0]].point))
+        # members listing their hidden widths (model.widths, a member key) are bucketed by the
+        # cost of their whole list, each depth apart; a CNN's by its channels, each depth apart;
+        # the others by their one width
+        listed = first.model.name == "mlp" and any(members[i].cfg.model.get("widths") is not None for i in idx)
+        cost = member_cost(first, ds.input_shape, ds.num_classes, listed)
+        shape = (lambda i: tuple(members[i].widths)) if listed else (lambda i: members[i].width)
+        # the group's step: every member's forward and backward (3 x 2 FLOPs per multiply-add)
+        bs = len(ds.y_train) if t.batch_size == "full" else int(t.batch_size)
+        group_device = resolve_device(t.device)
+        if group_device.type != "cpu":
+            device = group_device
+        threads, why = set_threads(t.threads, group_device, lambda: 6.0 * bs * sum(cost(shape(i)) for i in idx))
+        for i in idx:
+            members[i].threads_reason = why
+        steps = math.ceil(len(ds.y_train) / bs)
+        depths = sorted({len(members[i].widths) for i in idx})
+        for widths in [b for d in depths for b in bucket_widths([shape(i) for i in idx if len(members[i].widths) == d],
+                                                                 opts.bucket_ratio, opts.small_width, cost)]:
+            chosen = [i for i in idx if shape(i) in widths]
+            top = bucket_width([members[i].width for i in chosen])
+            # members compute the padded shape (or less, member by member)
+            padded = top if not listed else max(widths, key=cost)
+            left = sum(t.epochs - members[i].position[0] for i in chosen) * steps
+            flops = left / len(chosen) * (6.0 * bs * cost(padded) * len(chosen) + STEP_OVERHEAD_FLOPS)
+            jobs.append(BucketJob(chosen, top, widths, threads, flops))
+    return jobs, device
+
+
 def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: Path,
                      opts: Optional[Options] = None, progress: Optional["SweepProgress"] = None
                      ) -> List[Dict[str, Any]]:
@@ -112,7 +158,7 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
     logs its ``[i/n]`` line when it finishes; the buckets' own bars are then off. Without it
     (a direct call), each bucket has its tqdm bar (``trainer.progress``) and no line per point."""
     from regexp.sweep import checked_config, point_job, point_name, result_row
-    from regexp.train.trainer import _prepare_dir, resolve_device, resumable_checkpoint
+    from regexp.train.trainer import _prepare_dir, resumable_checkpoint
 
     opts = opts or options(base)
     results: List[Optional[Dict[str, Any]]] = [None] * len(points)
@@ -164,44 +210,41 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
             progress.finish(index[id(m)], result_row(m.point, metrics))
 
     data_cache: Dict[str, Any] = {}  # each (data config, seed) is loaded once for all buckets
-    for idx in pending.values():
-        t = members[idx[0]].cfg.trainer
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True)
-        first = members[idx[0]].cfg
-        ds = load_cached(first, data_cache, data_key(first, members[idx[0]].point))
-        # members listing their hidden widths (model.widths, a member key) are bucketed by the
-        # cost of their whole list, each depth apart; a CNN's by its channels, each depth apart;
-        # the others by their one width
-        listed = first.model.name == "mlp" and any(members[i].cfg.model.get("widths") is not None for i in idx)
-        cost = member_cost(first, ds.input_shape, ds.num_classes, listed)
-        shape = (lambda i: tuple(members[i].widths)) if listed else (lambda i: members[i].width)
-        # the group's step: every member's forward and backward (3 x 2 FLOPs per multiply-add)
-        bs = len(ds.y_train) if t.batch_size == "full" else int(t.batch_size)
-        _, why = set_threads(t.threads, resolve_device(t.device),
-                             lambda: 6.0 * bs * sum(cost(shape(i)) for i in idx))
-        for i in idx:
-            members[i].threads_reason = why
-        depths = sorted({len(members[i].widths) for i in idx})
-        for widths in [b for d in depths for b in bucket_widths([shape(i) for i in idx if len(members[i].widths) == d],
-                                                                 opts.bucket_ratio, opts.small_width, cost)]:
-            signals.check()  # once asked to stop, start no new bucket
-            chosen = [i for i in idx if shape(i) in widths]
-            top = bucket_width([members[i].width for i in chosen])
-            log.info("population: %d members, widths %s padded to %s", len(chosen), widths, top)
+    jobs, device = _plan(members, pending, opts, data_cache)
+
+    def record_failure(job: BucketJob, msg: str, trace: str) -> None:  # the whole bucket failed
+        log.error("population bucket %s failed: %s\n%s", job.widths, msg, trace)
+        for i in job.idx:
+            results[i] = _failed(members[i].out_dir, msg, members[i].overrides)
             if progress is not None:
-                progress.stage(f"bucket w<={top} x{len(chosen)}")
-            try:
-                trained = train_bucket([members[i] for i in chosen], top, opts, data_cache,
-                                       on_epoch=on_epoch, on_finish=on_finish)
-                for i, metrics in zip(chosen, trained):
-                    results[i] = metrics
-            except Exception as e:  # the whole bucket failed: record it on every member
-                msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-                log.error("population bucket %s failed: %s\n%s", widths, msg, traceback.format_exc())
-                for i in chosen:
-                    results[i] = _failed(members[i].out_dir, msg, members[i].overrides)
-                    if progress is not None:
-                        progress.finish(i, result_row(points[i], results[i]))
+                progress.finish(i, result_row(points[i], results[i]))
+
+    def record(job: BucketJob, trained: List[Dict[str, Any]]) -> None:
+        for i, metrics in zip(job.idx, trained):
+            results[i] = metrics
+
+    n, why = worker_count(opts.workers, jobs, device)
+    if n > 1:
+        threads = worker_threads(members[jobs[0].idx[0]].cfg.trainer.threads, n)
+        log.info("population: %d buckets in %d worker processes, %d thread(s) each (%s)", len(jobs), n, threads, why)
+        if progress is not None:
+            progress.stage(f"{len(jobs)} buckets in {n} workers")
+        run_in_workers(jobs, members, opts, n, threads, Handlers(
+            epoch=lambda idx: progress.advance(idx) if progress is not None else None,
+            finish=lambda i, metrics: (progress.finish(i, result_row(points[i], metrics))
+                                       if progress is not None else None),
+            bucket=record, failed=record_failure))
+    for job in jobs if n == 1 else []:
+        signals.check()  # once asked to stop, start no new bucket
+        torch.set_num_threads(job.threads)
+        log.info("population: %d members, widths %s padded to %s", len(job.idx), job.widths, job.width)
+        if progress is not None:
+            progress.stage(f"bucket w<={job.width} x{len(job.idx)}")
+        try:
+            record(job, train_bucket([members[i] for i in job.idx], job.width, opts, data_cache,
+                                     on_epoch=on_epoch, on_finish=on_finish))
+        except Exception as e:
+            record_failure(job, str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}",
+                           traceback.format_exc())
     signals.check()  # the last bucket was interrupted: the sweep stops here too
     return [r if r is not None else {"status": "failed"} for r in results]
