@@ -49,6 +49,7 @@ class Member:
     threads_reason: str = ""  # how trainer.threads was chosen for its population
     probe_history: List[Dict[str, float]] = field(default_factory=list)  # as train()'s, one row per measurement
     final_probes: Dict[str, float] = field(default_factory=dict)  # the final weights' values (completed only)
+    record: Dict[str, Any] = field(default_factory=dict)  # more metrics.json keys (a lone run's engine)
 
     def __post_init__(self) -> None:
         if self.order is None:
@@ -187,6 +188,7 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
         metrics["diverged_epoch"] = diverged_epoch
     if m.status == "interrupted" and m.signal is not None:
         metrics["signal"] = int(m.signal)
+    metrics.update(m.record)
     if m.tb is not None:
         m.tb.final_metrics(metrics)
         m.tb.close()

@@ -42,7 +42,7 @@ SPLITS = ("train", "val", "test")
 # Keys that may differ between a checkpoint's config and the run that resumes it.
 # The device and the data folder may change too: a run moved to another machine goes on there.
 RESUMABLE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.progress", "trainer.checkpoint_every",
-                  "trainer.threads", "trainer.device", "data.root", "logger")
+                  "trainer.threads", "trainer.device", "trainer.engine", "data.root", "logger")
 INIT_MODEL = "init_model.pt"
 RUN_FILES = ("metrics.json", "checkpoint.pt", "model.pt", "best_model.pt", INIT_MODEL, "label_noise.json",
              "hessian_density.png")
@@ -186,12 +186,17 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     t = cfg.trainer
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
+    record = _engine_record(cfg, on_epoch is not None)  # refuses an impossible trainer.engine first
     skipped = _prepare_dir(out_dir, t, sweep, config)
     if skipped is not None:
         return skipped
     resume = (out_dir / "checkpoint.pt").exists() and (t.resume or sweep)
     ck = resumable_checkpoint(out_dir / "checkpoint.pt", config) if resume else None
     save_hydra_files(out_dir, cfg)  # the folder is this run's now: describe it
+    if record["engine"] == "population":  # one loop: a population of one member
+        from regexp.population.run import train_lone
+
+        return train_lone(cfg, out_dir, overrides, ck, t0, record)
 
     # ---- set-up
     device = resolve_device(t.device)
@@ -420,10 +425,21 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         metrics["pruned_epoch"] = epoch
     if status == "interrupted":
         metrics["signal"] = int(stop_reason)
+    metrics.update(record)
     tb.final_metrics(metrics)
     tb.close()
     write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _engine_record(cfg: DictConfig, pruned: bool) -> Dict[str, str]:
+    """Which loop trains the run, said once at INFO, as metrics.json records it."""
+    from regexp.population.run import choose_run_engine
+
+    engine, why = choose_run_engine(cfg, pruned)
+    logging.getLogger("regexp").info("trainer.engine=%s trains this run with the %s engine: %s",
+                                     cfg.trainer.get("engine", "auto"), engine, why)
+    return {"engine": engine, "engine_reason": why}
 
 
 def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0) -> Dict[str, Any]:
@@ -440,7 +456,8 @@ def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0) -> Dic
     (``TBLogger.final_metrics``); both arguments are kept for the callers.
     """
     skip = {"task", "sweep", "logger", "extra", "hydra", "probe", "data.root", "data.download", "trainer.progress",
-            "trainer.resume", "trainer.overwrite", "trainer.checkpoint_every", "trainer.eval_batch_size"}
+            "trainer.resume", "trainer.overwrite", "trainer.checkpoint_every", "trainer.eval_batch_size",
+            "trainer.engine"}
     hp: Dict[str, Any] = {}
 
     def leaves(node: Any, prefix: str) -> None:
