@@ -200,16 +200,21 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
 RUN_ENGINES = ("auto", "population", "trainer")
 
 
-def choose_run_engine(cfg: DictConfig, pruned: bool = False) -> Tuple[str, str]:
+def choose_run_engine(cfg: DictConfig, pruned: bool = False, sweep: bool = False) -> Tuple[str, str]:
     """``(engine, why)`` for a lone run: ``population`` (a population of one member, through
     :func:`train_bucket`) or ``trainer`` (regexp/train/trainer.py's loop).
 
+    On auto, a job of a sweep (``sweep=True``: a point the sweep trains serially, a Hydra
+    multirun job) keeps the trainer: the sweep's own ``sweep.engine`` decided how its points
+    train, and a serial point is the lone-run reference a population member is checked against.
     ``trainer.engine=population`` with a config the population refuses raises ConfigError."""
     engine = cfg.trainer.get("engine", "auto")
     if engine not in RUN_ENGINES:
         raise ConfigError(f"trainer.engine={engine!r} is invalid: expected one of {', '.join(RUN_ENGINES)}")
     if engine == "trainer":
         return "trainer", "trainer.engine=trainer"
+    if engine == "auto" and sweep:
+        return "trainer", "a sweep's job (sweep.engine decides how a sweep's points train)"
     why = incompatibility(cfg)
     if why is None and pruned:  # the population has no per-epoch hook for a search's pruner
         why = "a search's pruner reads each epoch (the population has no per-epoch hook)"

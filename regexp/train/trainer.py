@@ -186,7 +186,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     t = cfg.trainer
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
-    record = _engine_record(cfg, on_epoch is not None)  # refuses an impossible trainer.engine first
+    record = _engine_record(cfg, on_epoch is not None, sweep)  # refuses an impossible trainer.engine first
     skipped = _prepare_dir(out_dir, t, sweep, config)
     if skipped is not None:
         return skipped
@@ -432,11 +432,11 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     return metrics
 
 
-def _engine_record(cfg: DictConfig, pruned: bool) -> Dict[str, str]:
+def _engine_record(cfg: DictConfig, pruned: bool, sweep: bool) -> Dict[str, str]:
     """Which loop trains the run, said once at INFO, as metrics.json records it."""
     from regexp.population.run import choose_run_engine
 
-    engine, why = choose_run_engine(cfg, pruned)
+    engine, why = choose_run_engine(cfg, pruned, sweep)
     logging.getLogger("regexp").info("trainer.engine=%s trains this run with the %s engine: %s",
                                      cfg.trainer.get("engine", "auto"), engine, why)
     return {"engine": engine, "engine_reason": why}
