@@ -34,6 +34,7 @@ from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
 from regexp.train.records import best_score, improves, run_metrics
 from regexp.train.rundir import save_hydra_files
 from regexp.train.threads import set_threads, step_flops
+from regexp.train import signals
 from regexp.train.signals import StopFlag
 from regexp.train.sparsity import count_sparsity
 from regexp.train.tblog import TBLogger, layer_grad_norms
@@ -193,7 +194,9 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     resume = (out_dir / "checkpoint.pt").exists() and (t.resume or sweep)
     ck = resumable_checkpoint(out_dir / "checkpoint.pt", config) if resume else None
     save_hydra_files(out_dir, cfg)  # the folder is this run's now: describe it
-    if record["engine"] == "population":  # one loop: a population of one member
+    # one loop: a population of one member. A signal already received: the trainer's set-up
+    # below writes the interrupted run's files, and neither engine takes a step.
+    if record["engine"] == "population" and signals.requested() is None:
         from regexp.population.run import train_lone
 
         return train_lone(cfg, out_dir, overrides, ck, t0, record)
