@@ -194,6 +194,8 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     resume = (out_dir / "checkpoint.pt").exists() and (t.resume or sweep)
     ck = resumable_checkpoint(out_dir / "checkpoint.pt", config) if resume else None
     save_hydra_files(out_dir, cfg)  # the folder is this run's now: describe it
+    logging.getLogger("regexp").info("trainer.engine=%s trains this run with the %s engine: %s",
+                                     t.get("engine", "auto"), record["engine"], record["engine_reason"])
     # one loop: a population of one member. A signal already received: the trainer's set-up
     # below writes the interrupted run's files, and neither engine takes a step.
     if record["engine"] == "population" and signals.requested() is None:
@@ -436,12 +438,10 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
 
 
 def _engine_record(cfg: DictConfig, pruned: bool, sweep: bool) -> Dict[str, str]:
-    """Which loop trains the run, said once at INFO, as metrics.json records it."""
+    """Which loop trains the run, as metrics.json records it (logged once the folder is the run's)."""
     from regexp.population.run import choose_run_engine
 
     engine, why = choose_run_engine(cfg, pruned, sweep)
-    logging.getLogger("regexp").info("trainer.engine=%s trains this run with the %s engine: %s",
-                                     cfg.trainer.get("engine", "auto"), engine, why)
     return {"engine": engine, "engine_reason": why}
 
 
