@@ -133,6 +133,8 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                 ck = (resumable_checkpoint(out / "checkpoint.pt", config)
                       if (out / "checkpoint.pt").exists() else None)
                 members[i] = Member(point, cfg, out, overrides, resume=ck)
+                # as a lone run's metrics.json says how it was trained (trainer.engine)
+                members[i].record = {"engine": "population", "engine_reason": "a sweep's population"}
                 # all points share the base, so the non-member keys of a point decide its group;
                 # members that resume train together with those stopped at the same step
                 key = json.dumps([shared_part(point), members[i].position], sort_keys=True, default=str)
