@@ -180,7 +180,7 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
             save_torch(m.out_dir / "best_model.pt", best_state)
     metrics = run_metrics(m.status, m.epochs, final, m.best, m.history, m.params, m.t0, device,
                           torch.get_num_threads(), m.threads_reason, m.overrides, extra,
-                          OmegaConf.to_container(m.cfg, resolve=True))
+                          OmegaConf.to_container(m.cfg, resolve=True), m.record)
     metrics.update(metrics_fields(bool(active(m.cfg.probe)), m.final_probes, m.probe_history))
     if m.stopped:
         metrics["stopped_epoch"] = m.epochs
@@ -188,7 +188,6 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
         metrics["diverged_epoch"] = diverged_epoch
     if m.status == "interrupted" and m.signal is not None:
         metrics["signal"] = int(m.signal)
-    metrics.update(m.record)
     if m.tb is not None:
         m.tb.final_metrics(metrics)
         m.tb.close()

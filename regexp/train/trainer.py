@@ -420,7 +420,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         if best_state is not None:
             save_torch(out_dir / "best_model.pt", best_state)
     metrics = run_metrics(status, epoch, final, best, history, params, t0, device, threads, threads_why,
-                          overrides, extra, config)
+                          overrides, extra, config, record)
     metrics.update(metrics_fields(probes is not None, final_probes, probe_history))
     if stop_reason == "early_stopping":
         metrics["stopped_epoch"] = epoch
@@ -430,7 +430,6 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         metrics["pruned_epoch"] = epoch
     if status == "interrupted":
         metrics["signal"] = int(stop_reason)
-    metrics.update(record)
     tb.final_metrics(metrics)
     tb.close()
     write_json(out_dir / "metrics.json", metrics)
