@@ -202,7 +202,9 @@ def test_sigterm_to_a_parallel_launcher_stops_its_workers(tmp_path):
 # ---------------------------------------------------------------- one run per folder
 def test_a_second_run_into_a_live_folder_is_refused(cli, tmp_path):
     run = tmp_path / "run"
-    first = spawn(["trainer.epochs=50", "data.n_train=1800", "trainer.batch_size=10", f"hydra.run.dir={run}"],
+    # long enough to outlast the second run's start-up also as a population of one (a lone
+    # run's default engine), which trains this several times faster than the trainer's loop
+    first = spawn(["trainer.epochs=150", "data.n_train=1800", "trainer.batch_size=10", f"hydra.run.dir={run}"],
                   tmp_path)
     wait_for(lambda: any(run.glob("events.out.tfevents.*")))
     before = (run / ".hydra" / "config.yaml").read_text()
@@ -215,7 +217,7 @@ def test_a_second_run_into_a_live_folder_is_refused(cli, tmp_path):
     first.communicate(timeout=300)
     assert first.returncode == 0
     m = metrics(run)
-    assert m["status"] == "completed" and m["epochs"] == 50 and m["config"]["model"]["width"] == 100
+    assert m["status"] == "completed" and m["epochs"] == 150 and m["config"]["model"]["width"] == 100
     assert "width: 7" not in (run / ".hydra" / "config.yaml").read_text()
 
 

@@ -52,6 +52,7 @@ class Member:
     tuning: Dict[str, Any] = field(default_factory=dict)  # its bucket's form and why (population/tuning.py)
     probe_history: List[Dict[str, float]] = field(default_factory=list)  # as train()'s, one row per measurement
     final_probes: Dict[str, float] = field(default_factory=dict)  # the final weights' values (completed only)
+    record: Dict[str, Any] = field(default_factory=dict)  # more metrics.json keys (a lone run's engine)
 
     def __post_init__(self) -> None:
         if self.order is None:
@@ -188,7 +189,7 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
             save_torch(m.out_dir / "best_model.pt", best_state)
     metrics = run_metrics(m.status, m.epochs, final, m.best, m.history, m.params, m.t0, device,
                           torch.get_num_threads(), m.threads_reason, m.overrides, extra,
-                          OmegaConf.to_container(m.cfg, resolve=True))
+                          OmegaConf.to_container(m.cfg, resolve=True), m.record)
     if m.tuning:  # beside threads_reason: what this machine's measurement chose for the bucket
         items = list(metrics.items())
         at = list(metrics).index("threads_reason") + 1

@@ -181,6 +181,8 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                 ck = (resumable_checkpoint(out / "checkpoint.pt", config)
                       if (out / "checkpoint.pt").exists() else None)
                 members[i] = Member(point, cfg, out, overrides, resume=ck)
+                # as a lone run's metrics.json says how it was trained (trainer.engine)
+                members[i].record = {"engine": "population", "engine_reason": "a sweep's population"}
                 # all points share the base, so the non-member keys of a point decide its group;
                 # members that resume train together with those stopped at the same step
                 key = json.dumps([shared_part(point), members[i].position], sort_keys=True, default=str)
@@ -248,3 +250,61 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                            traceback.format_exc())
     signals.check()  # the last bucket was interrupted: the sweep stops here too
     return [r if r is not None else {"status": "failed"} for r in results]
+
+
+RUN_ENGINES = ("auto", "population", "trainer")
+
+
+def choose_run_engine(cfg: DictConfig, pruned: bool = False, sweep: bool = False) -> Tuple[str, str]:
+    """``(engine, why)`` for a lone run: ``population`` (a population of one member, through
+    :func:`train_bucket`) or ``trainer`` (regexp/train/trainer.py's loop).
+
+    On auto, a job of a sweep (``sweep=True``: a point the sweep trains serially, a Hydra
+    multirun job) keeps the trainer: the sweep's own ``sweep.engine`` decided how its points
+    train, and a serial point is the lone-run reference a population member is checked against.
+    ``trainer.engine=population`` with a config the population refuses raises ConfigError."""
+    engine = cfg.trainer.get("engine", "auto")
+    if engine not in RUN_ENGINES:
+        raise ConfigError(f"trainer.engine={engine!r} is invalid: expected one of {', '.join(RUN_ENGINES)}")
+    if engine == "trainer":
+        return "trainer", "trainer.engine=trainer"
+    if engine == "auto" and sweep:
+        return "trainer", "a sweep's job (sweep.engine decides how a sweep's points train)"
+    why = incompatibility(cfg)
+    if why is None and pruned:  # the population has no per-epoch hook for a search's pruner
+        why = "a search's pruner reads each epoch (the population has no per-epoch hook)"
+    if why is None:
+        return "population", f"trainer.engine={engine}: the population supports this config"
+    if engine == "population":
+        raise ConfigError(f"trainer.engine=population is invalid for this run: {why}; "
+                          "use trainer.engine=trainer or auto")
+    return "trainer", why
+
+
+def train_lone(cfg: DictConfig, out_dir: Path, overrides: List[str], ck: Optional[Dict[str, Any]],
+               t0: float, record: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one run as a population of one member; return its metrics.json content.
+
+    ``train()`` has accepted the folder (and written its hydra files) and read ``ck``, the
+    checkpoint to go on from (either engine's); the member writes what ``train()`` writes,
+    plus ``record`` (the engine chosen) in metrics.json."""
+    from regexp.models.summary import model_summary
+    from regexp.train.threads import step_flops
+    from regexp.train.trainer import build_initial_model, resolve_device
+
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    data_cache: Dict[str, Any] = {}
+    member = Member({}, cfg, out_dir, list(overrides), resume=ck)
+    ds = load_cached(cfg, data_cache, data_key(cfg, member.point))
+    n = len(ds.y_train)
+    bs = n if t.batch_size == "full" else int(t.batch_size)
+    # the model train() logs and counts a step's FLOPs on; the member builds its own from the same seed
+    model, _, _ = build_initial_model(cfg, ds, device, None)
+    logging.getLogger("regexp").info(model_summary(model, ds.input_shape, cfg.model.name))
+    _, member.threads_reason = set_threads(t.threads, device, lambda: step_flops(model, ds.input_shape, min(bs, n)))
+    member.t0, member.record = t0, dict(record)
+    return train_bucket([member], member.width, Options(), data_cache)[0]

@@ -29,7 +29,8 @@ def improves(row: Row, best: Optional[Row], score: Callable[[Row], tuple]) -> bo
 
 def run_metrics(status: str, epochs: int, final: Optional[Row], best: Optional[Row], history, params: int,
                 t0: float, device: torch.device, threads: int, threads_reason: str, overrides,
-                extra: Dict[str, float], config: Dict[str, Any]) -> Dict[str, Any]:
+                extra: Dict[str, float], config: Dict[str, Any],
+                engine: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """``metrics.json``'s common fields, in their order (each engine then adds its own:
     ``diverged_epoch``, ``signal``, ``probes`` ...)."""
     return {
@@ -37,5 +38,6 @@ def run_metrics(status: str, epochs: int, final: Optional[Row], best: Optional[R
         "best": best if best is not None else final,
         "params": params, "wall_s": round(time.time() - t0, 3), "device": str(device),
         "threads": threads, "threads_reason": threads_reason,
+        **(engine or {}),  # how the run was trained: engine, engine_reason
         "overrides": list(overrides), "extra": extra, "history": history, "config": config,
     }

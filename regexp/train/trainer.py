@@ -34,6 +34,7 @@ from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
 from regexp.train.records import best_score, improves, run_metrics
 from regexp.train.rundir import save_hydra_files
 from regexp.train.threads import set_threads, step_flops
+from regexp.train import signals
 from regexp.train.signals import StopFlag
 from regexp.train.sparsity import count_sparsity
 from regexp.train.tblog import TBLogger, layer_grad_norms
@@ -42,7 +43,7 @@ SPLITS = ("train", "val", "test")
 # Keys that may differ between a checkpoint's config and the run that resumes it.
 # The device and the data folder may change too: a run moved to another machine goes on there.
 RESUMABLE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.progress", "trainer.checkpoint_every",
-                  "trainer.threads", "trainer.device", "data.root", "logger")
+                  "trainer.threads", "trainer.device", "trainer.engine", "data.root", "logger")
 INIT_MODEL = "init_model.pt"
 RUN_FILES = ("metrics.json", "checkpoint.pt", "model.pt", "best_model.pt", INIT_MODEL, "label_noise.json",
              "hessian_density.png")
@@ -186,12 +187,21 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     t = cfg.trainer
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
+    record = _engine_record(cfg, on_epoch is not None, sweep)  # refuses an impossible trainer.engine first
     skipped = _prepare_dir(out_dir, t, sweep, config)
     if skipped is not None:
         return skipped
     resume = (out_dir / "checkpoint.pt").exists() and (t.resume or sweep)
     ck = resumable_checkpoint(out_dir / "checkpoint.pt", config) if resume else None
     save_hydra_files(out_dir, cfg)  # the folder is this run's now: describe it
+    logging.getLogger("regexp").info("trainer.engine=%s trains this run with the %s engine: %s",
+                                     t.get("engine", "auto"), record["engine"], record["engine_reason"])
+    # one loop: a population of one member. A signal already received: the trainer's set-up
+    # below writes the interrupted run's files, and neither engine takes a step.
+    if record["engine"] == "population" and signals.requested() is None:
+        from regexp.population.run import train_lone
+
+        return train_lone(cfg, out_dir, overrides, ck, t0, record)
 
     # ---- set-up
     device = resolve_device(t.device)
@@ -410,7 +420,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
         if best_state is not None:
             save_torch(out_dir / "best_model.pt", best_state)
     metrics = run_metrics(status, epoch, final, best, history, params, t0, device, threads, threads_why,
-                          overrides, extra, config)
+                          overrides, extra, config, record)
     metrics.update(metrics_fields(probes is not None, final_probes, probe_history))
     if stop_reason == "early_stopping":
         metrics["stopped_epoch"] = epoch
@@ -424,6 +434,14 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     tb.close()
     write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _engine_record(cfg: DictConfig, pruned: bool, sweep: bool) -> Dict[str, str]:
+    """Which loop trains the run, as metrics.json records it (logged once the folder is the run's)."""
+    from regexp.population.run import choose_run_engine
+
+    engine, why = choose_run_engine(cfg, pruned, sweep)
+    return {"engine": engine, "engine_reason": why}
 
 
 def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0) -> Dict[str, Any]:
@@ -440,7 +458,8 @@ def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0) -> Dic
     (``TBLogger.final_metrics``); both arguments are kept for the callers.
     """
     skip = {"task", "sweep", "logger", "extra", "hydra", "probe", "data.root", "data.download", "trainer.progress",
-            "trainer.resume", "trainer.overwrite", "trainer.checkpoint_every", "trainer.eval_batch_size"}
+            "trainer.resume", "trainer.overwrite", "trainer.checkpoint_every", "trainer.eval_batch_size",
+            "trainer.engine"}
     hp: Dict[str, Any] = {}
 
     def leaves(node: Any, prefix: str) -> None:
