@@ -32,12 +32,15 @@ def _same_state(a, b):
 
 
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path):
+    # timed by the wall clock to land in epoch 2 of the trainer's loop (a population of one runs
+    # an epoch several times faster; tests/test_one_loop.py interrupts that one by its step count)
+    run_args = [*RUN, "trainer.engine=trainer"]
     ref = tmp_path / "ref"
-    cli([*RUN, f"hydra.run.dir={ref}"])
+    cli([*run_args, f"hydra.run.dir={ref}"])
 
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "regexp.run", *RUN, f"hydra.run.dir={run}"],
+    proc = subprocess.Popen([sys.executable, "-m", "regexp.run", *run_args, f"hydra.run.dir={run}"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "checkpoint.pt").exists() and time.time() < deadline:
@@ -51,7 +54,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path):
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ck["epoch"] < 4 and 0 < ck["step_in_epoch"] < 360, "the signal should land mid-epoch"
 
-    cli([*RUN, "trainer.resume=true", f"hydra.run.dir={run}"])
+    cli([*run_args, "trainer.resume=true", f"hydra.run.dir={run}"])
     done, expect = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
     assert done["status"] == "completed"
     assert done["history"] == expect["history"] and done["final"] == expect["final"]

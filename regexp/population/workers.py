@@ -77,6 +77,13 @@ def worker_count(requested: Union[int, str], jobs: Sequence[BucketJob], device: 
         return 1, f"{device.type}: buckets train in this process"
     if len(jobs) <= 1:
         return 1, "one bucket"
+    import multiprocessing as mp
+
+    method = mp.get_start_method(allow_none=True)
+    if mp.current_process().daemon or method not in (None, "fork", "spawn", "forkserver"):
+        # a launcher's worker (Hydra's joblib: start method "loky") is already one of the
+        # sweep's parallel jobs; a child spawned from it cannot even unpickle its start method
+        return 1, f"inside a launcher's worker process (start method {method}): buckets train in this process"
     if requested != "auto":
         return min(int(requested), len(jobs)), f"requested: {requested}"
     cores = usable_cores()
@@ -99,7 +106,7 @@ def _member_spec(m) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     return {"point": m.point, "cfg": OmegaConf.to_container(m.cfg, resolve=True), "out": str(m.out_dir),
-            "overrides": list(m.overrides), "resume": m.resume is not None}
+            "overrides": list(m.overrides), "resume": m.resume is not None, "record": dict(m.record)}
 
 
 def _rebuild(spec: Dict[str, Any], reason: str):
@@ -112,7 +119,7 @@ def _rebuild(spec: Dict[str, Any], reason: str):
     out = Path(spec["out"])
     ck = resumable_checkpoint(out / "checkpoint.pt", spec["cfg"]) if spec["resume"] else None
     return Member(spec["point"], OmegaConf.create(spec["cfg"]), out, spec["overrides"], resume=ck,
-                  threads_reason=reason)
+                  threads_reason=reason, record=spec["record"])
 
 
 def _worker_main(wid: int, jobs: List[Dict[str, Any]], opts: Dict[str, Any], threads: int, reason: str,
