@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from conftest import read_scalars
 from regexp.data import load_data
@@ -34,8 +35,8 @@ ATOL, RTOL = 1e-5, 1e-4  # weights after 300 steps (see the module docstring)
 LOSS_RTOL = 1e-5
 N_TRAIN, BATCH, EPOCHS = 320, 32, 30  # 10 steps an epoch: 300 steps
 BASE = [f"data.n_train={N_TRAIN}", f"trainer.batch_size={BATCH}", f"trainer.epochs={EPOCHS}",
-        "trainer.progress=false", "trainer.threads=1", "trainer.device=cpu", "logger.histogram_every=0",
-        "model.width=24"]
+        "trainer.progress=false", "trainer.threads=1", "trainer.device=cpu", "logger.histogram_every=0"]
+MLP = ["model.width=24"]
 ACT = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
@@ -47,6 +48,20 @@ def _plain_mlp(in_dim: int, classes: int, width: int, depth: int, act: str) -> n
         layers += [nn.Linear(d, width), ACT[act]()]
         d = width
     return nn.Sequential(*layers, nn.Linear(d, classes))
+
+
+def _plain_cnn(m, input_shape, classes: int) -> nn.Sequential:
+    """The 1-D CNN of ``model=cnn`` without pooling, flatten head (``model=cnn_mnist1d``)."""
+    assert m.pool == "none" and m.head == "flatten" and m.norm == "none"
+    n = len(m.channels)
+    per_stage = lambda v: list(v) if OmegaConf.is_list(v) else [v] * n  # noqa: E731
+    kernels, strides = per_stage(m.kernel_size), per_stage(m.stride)
+    pads = [k // 2 for k in kernels] if m.padding is None else per_stage(m.padding)
+    (c_in, length), layers = input_shape, []
+    for c, k, s, p in zip(m.channels, kernels, strides, pads):
+        layers += [nn.Conv1d(c_in, c, k, stride=s, padding=p), ACT[m.activation]()]
+        c_in, length = c, (length + 2 * p - k) // s + 1
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * length, classes))
 
 
 def _plain_optimizer(cfg, params) -> torch.optim.Optimizer:
@@ -84,9 +99,12 @@ def reference_run(cfg, init: Dict[str, torch.Tensor]) -> Tuple[nn.Module, List[f
     training-set loss after the epoch."""
     ds = load_data(cfg.data, cfg.seed)
     x, y = ds.split("train")
-    x = x.flatten(1)
     m = cfg.model
-    net = _plain_mlp(x.shape[1], ds.num_classes, m.width, m.depth, m.activation)
+    if m.name == "cnn":
+        net = _plain_cnn(m, ds.input_shape, ds.num_classes)
+    else:
+        x = x.flatten(1)
+        net = _plain_mlp(x.shape[1], ds.num_classes, m.width, m.depth, m.activation)
     assert [tuple(p.shape) for p in net.parameters()] == [tuple(t.shape) for t in init.values()]
     with torch.no_grad():
         for p, t in zip(net.parameters(), init.values()):
@@ -188,7 +206,7 @@ def _check_against_reference(cfg, out: Path, metrics: Dict) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_population_of_one_equals_plain_torch(compose_cfg, tmp_path, monkeypatch, case):
     overrides, manual = CASES[case]
-    base = compose_cfg(BASE + overrides)
+    base = compose_cfg(BASE + MLP + overrides)
     seen = _watch_path(monkeypatch)
     point = {"seed": 3}
     (metrics,) = train_population(base, [point], tmp_path)
@@ -199,7 +217,7 @@ def test_population_of_one_equals_plain_torch(compose_cfg, tmp_path, monkeypatch
 
 def test_member_by_member_form_equals_plain_torch(compose_cfg, tmp_path, monkeypatch):
     # loop_width=1: the wide-bucket CPU form (one GEMM per member on unpadded slices)
-    base = compose_cfg(BASE + ["model.depth=2", "optimizer=momentum", "optimizer.lr=0.02"])
+    base = compose_cfg(BASE + MLP + ["model.depth=2", "optimizer=momentum", "optimizer.lr=0.02"])
     seen = _watch_path(monkeypatch)
     point = {"seed": 1}
     (metrics,) = train_population(base, [point], tmp_path, Options(loop_width=1))
@@ -261,3 +279,21 @@ def test_manual_step_gradient_equals_autograd(depth, widths, loop, dropout, nois
             torch.testing.assert_close(real, r, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=lambda s: f"{name}: {s}")
             # the padded units' gradient is exactly zero: the optimizers then keep them zero
             assert torch.count_nonzero(g[i]) == torch.count_nonzero(real), name
+
+
+CNN_CASES = {
+    "adam": ["optimizer=adam", "optimizer.lr=0.003"],
+    "momentum-cosine-decay-smoothing": ["optimizer=momentum", "optimizer.lr=0.1", "scheduler=cosine",
+                                        "regularizer=[weight_decay,label_smoothing]",
+                                        "regularizer.weight_decay.lam=0.001", "regularizer.label_smoothing.eps=0.1"],
+}
+
+
+@pytest.mark.parametrize("case", list(CNN_CASES))
+def test_cnn_population_of_one_equals_plain_torch(compose_cfg, tmp_path, case):
+    # the MNIST-1D paper's ConvBase (three strided conv stages, flatten head), narrowed to 8 channels
+    base = compose_cfg(BASE + ["model=cnn_mnist1d", "model.channels=[8,8,8]"] + CNN_CASES[case])
+    point = {"seed": 2}
+    (metrics,) = train_population(base, [point], tmp_path)
+    assert metrics["status"] == "completed"
+    _check_against_reference(point_config(base, point), tmp_path / point_name(point), metrics)
