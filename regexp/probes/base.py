@@ -157,5 +157,6 @@ class Probe:
         raise NotImplementedError
 
     def figures(self, epoch: int, member: int = 0) -> Dict[str, Any]:
-        """Matplotlib figures of a member's last measurement, by name (``<name>.png`` in its run folder)."""
+        """Figures of a member's last measurement, by name (``<name>.png`` in its run folder):
+        matplotlib figures, or RGB images (H, W, 3, uint8) the probe rendered itself."""
         return {}

@@ -37,16 +37,21 @@ def probe_batch(x_train: torch.Tensor, y_train: torch.Tensor, seed: int, size: i
 
 
 def save_figure(fig, path: Path, tb, tag: str, step: int) -> Path:
-    """Write a matplotlib figure to ``path`` and as the TensorBoard image ``tag``, and close it."""
-    import matplotlib.pyplot as plt
+    """Write a matplotlib figure, or an RGB image (H, W, 3) a probe rendered itself, to ``path``
+    and as the TensorBoard image ``tag``; a figure is closed."""
     import numpy as np
     from PIL import Image
 
-    # drawn once for both (savefig and add_figure would each render it: most of the end-of-run
-    # probe time of a small model)
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-    plt.close(fig)
+    if isinstance(fig, np.ndarray):
+        rgb = fig
+    else:
+        import matplotlib.pyplot as plt
+
+        # drawn once for both (savefig and add_figure would each render it: most of the
+        # end-of-run probe time of a small model)
+        fig.canvas.draw()
+        rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+        plt.close(fig)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     path.write_bytes(buf.getvalue())
