@@ -15,9 +15,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from regexp.config import validate
+from regexp.config import check_finite_value, validate
 from regexp.errors import ConfigError
 from regexp.progress import SweepProgress, epochs_done, point_epochs
 from regexp.train import signals
@@ -60,10 +60,36 @@ def point_job(point: Dict[str, Any], sweep_dir: Path) -> Tuple[Path, List[str]]:
     return sweep_dir / point_name(point), [f"{k}={_fmt(v)}" for k, v in point.items()]
 
 
+# Bases whose whole tree passed validate(), by id (the object kept, so the id stays its own).
+_VALID_BASES: Dict[int, DictConfig] = {}
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (
+        isinstance(v, (list, tuple)) and all(_scalar(x) for x in v))
+
+
 def checked_config(base: DictConfig, point: Dict[str, Any]) -> DictConfig:
-    """The point's config, range-checked (a bad value raises ConfigError naming its key)."""
+    """The point's config, range-checked (a bad value raises ConfigError naming its key).
+
+    The walk over every key (unknown keys, non-finite numbers) is the slow part of validate()
+    and what a point could change of it is only its own values: a point sets existing keys
+    (point_config refuses others) in a struct config, so once its base has passed the walk, a
+    point of plain values needs only the ranges and its own values' finiteness checked."""
     cfg = point_config(base, point)
-    validate(cfg)
+    if id(base) not in _VALID_BASES:
+        try:
+            validate(base)
+            _VALID_BASES[id(base)] = base
+        except ConfigError:  # e.g. a key only the points fill: each point is checked whole
+            pass
+    if _VALID_BASES.get(id(base)) is base and all(_scalar(v) for v in point.values()):
+        for key in point:  # as the config holds it ("inf" given to a float key is inf there)
+            value = OmegaConf.select(cfg, key)
+            check_finite_value(key, OmegaConf.to_container(value) if isinstance(value, ListConfig) else value)
+        validate(cfg, walk=False)
+    else:
+        validate(cfg)
     return cfg
 
 

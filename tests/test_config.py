@@ -302,3 +302,23 @@ def test_cli_bad_input(cli, tmp_path, args, code, needle):
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
     assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("point, message", [
+    ({"optimizer.lr": "inf"}, "optimizer.lr=inf is invalid: expected a finite number"),
+    ({"optimizer.lr": float("nan")}, "optimizer.lr=nan is invalid: expected a finite number"),
+    ({"model.width": 0}, "model.width=0 is invalid: expected an integer >= 1"),
+    ({"model.widths": [8, -1]}, "model.widths=[8, -1] is invalid"),
+])
+def test_sweep_points_are_checked_like_whole_configs(compose_cfg, point, message):
+    # checked_config walks the whole tree once per base, then checks only each point's own
+    # values: a bad value gets the message validate() gives the point's whole config
+    from regexp.sweep import checked_config, point_config
+
+    base = compose_cfg()
+    with pytest.raises(ConfigError) as whole:
+        validate(point_config(base, point))
+    with pytest.raises(ConfigError) as short:
+        checked_config(base, point)
+    assert message in str(short.value) and str(short.value) == str(whole.value)
+    assert checked_config(base, {"model.width": 7}).model.width == 7

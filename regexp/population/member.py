@@ -8,6 +8,7 @@ schedule state included).
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,8 +54,13 @@ class Member:
     probe_history: List[Dict[str, float]] = field(default_factory=list)  # as train()'s, one row per measurement
     final_probes: Dict[str, float] = field(default_factory=dict)  # the final weights' values (completed only)
     record: Dict[str, Any] = field(default_factory=dict)  # more metrics.json keys (a lone run's engine)
+    # the resolved config as plain containers, made once: metrics.json, the checkpoint and the
+    # HParams entry all read it (resolving a whole config costs milliseconds, per member)
+    plain: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
+        if self.plain is None:
+            self.plain = OmegaConf.to_container(self.cfg, resolve=True)
         if self.order is None:
             self.order = torch.Generator().manual_seed(int(self.cfg.seed))
 
@@ -77,12 +83,12 @@ class Member:
         self.history, self.best, self.epochs = list(ck["history"]), ck["best"], ck["epoch"]
         self.probe_history = list(ck["probe_history"])
 
-    @property
+    @functools.cached_property
     def width(self) -> Width:
         """What the population pads: an MLP's widest hidden layer, a CNN's channels per stage."""
         return member_width(self.cfg.model)
 
-    @property
+    @functools.cached_property
     def widths(self) -> List[int]:
         """The hidden widths, input to output (a CNN's channels per stage)."""
         return hidden_widths(self.cfg.model)
@@ -97,7 +103,7 @@ class Member:
             self.tb = TBLogger(self.out_dir, self.cfg.logger.tensorboard, purge_step=self.resume["epoch"] + 1)
             return
         self.tb = TBLogger(self.out_dir, self.cfg.logger.tensorboard)
-        self.tb.hparams(_hparams(self.cfg, self.overrides, self.params))
+        self.tb.hparams(_hparams(self.cfg, self.overrides, self.params, self.plain))
 
     def improves(self, row: Dict[str, float]) -> bool:
         """Whether an evaluated epoch beats the best so far, ranked as train() ranks it."""
@@ -150,7 +156,7 @@ def checkpoint_dict(m: Member, state: Dict[str, torch.Tensor], opt_state: List[D
     rng = rng_state()
     rng["torch"] = m.dropout_gen.get_state()
     return {
-        "config": OmegaConf.to_container(m.cfg, resolve=True), "status": m.status, "epoch": m.epochs,
+        "config": m.plain, "status": m.status, "epoch": m.epochs,
         "step_in_epoch": step_in_epoch, "perm": perm, "running": running, "model": m.model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "regularizers": [r.state_dict() for r in m.regs], "history": m.history, "best": m.best,
@@ -189,7 +195,7 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
             save_torch(m.out_dir / "best_model.pt", best_state)
     metrics = run_metrics(m.status, m.epochs, final, m.best, m.history, m.params, m.t0, device,
                           torch.get_num_threads(), m.threads_reason, m.overrides, extra,
-                          OmegaConf.to_container(m.cfg, resolve=True), m.record)
+                          m.plain, m.record)
     if m.tuning:  # beside threads_reason: what this machine's measurement chose for the bucket
         items = list(metrics.items())
         at = list(metrics).index("threads_reason") + 1

@@ -180,7 +180,7 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                 # an unfinished run (interrupted population or lone run) goes on from its checkpoint
                 ck = (resumable_checkpoint(out / "checkpoint.pt", config)
                       if (out / "checkpoint.pt").exists() else None)
-                members[i] = Member(point, cfg, out, overrides, resume=ck)
+                members[i] = Member(point, cfg, out, overrides, resume=ck, plain=config)
                 # as a lone run's metrics.json says how it was trained (trainer.engine)
                 members[i].record = {"engine": "population", "engine_reason": "a sweep's population"}
                 # all points share the base, so the non-member keys of a point decide its group;

@@ -103,9 +103,7 @@ def worker_threads(requested: Union[int, str, None], workers: int) -> int:
 
 
 def _member_spec(m) -> Dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return {"point": m.point, "cfg": OmegaConf.to_container(m.cfg, resolve=True), "out": str(m.out_dir),
+    return {"point": m.point, "cfg": m.plain, "out": str(m.out_dir),
             "overrides": list(m.overrides), "resume": m.resume is not None, "record": dict(m.record)}
 
 
@@ -119,7 +117,7 @@ def _rebuild(spec: Dict[str, Any], reason: str):
     out = Path(spec["out"])
     ck = resumable_checkpoint(out / "checkpoint.pt", spec["cfg"]) if spec["resume"] else None
     return Member(spec["point"], OmegaConf.create(spec["cfg"]), out, spec["overrides"], resume=ck,
-                  threads_reason=reason, record=spec["record"])
+                  threads_reason=reason, record=spec["record"], plain=spec["cfg"])
 
 
 def _worker_main(wid: int, jobs: List[Dict[str, Any]], opts: Dict[str, Any], threads: int, reason: str,

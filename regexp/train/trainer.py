@@ -444,7 +444,8 @@ def _engine_record(cfg: DictConfig, pruned: bool, sweep: bool) -> Dict[str, str]
     return {"engine": engine, "engine_reason": why}
 
 
-def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0) -> Dict[str, Any]:
+def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0,
+             plain: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The hyperparameters shown in TensorBoard's HParams tab, by dotted config key.
 
     Every setting of the resolved config that can change what a run computes, so that every run
@@ -475,6 +476,6 @@ def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0) -> Dic
         else:
             hp[prefix] = node
 
-    leaves(OmegaConf.to_container(cfg, resolve=True), "")
+    leaves(plain if plain is not None else OmegaConf.to_container(cfg, resolve=True), "")
     hp["regularizers"] = ",".join(cfg.regularizer) or "none"
     return hp
