@@ -7,10 +7,10 @@ point and seed.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import itertools
 import logging
+import pickle
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -46,7 +46,9 @@ def _fmt(v: Any) -> str:
 
 
 def point_config(base: DictConfig, point: Dict[str, Any]) -> DictConfig:
-    cfg = copy.deepcopy(base)
+    # a copy through pickle's bytes in memory (our own object, never a file): OmegaConf's
+    # __deepcopy__ walks every node in Python, 3x slower, per point of a sweep of hundreds
+    cfg = pickle.loads(pickle.dumps(base))
     OmegaConf.set_struct(cfg, True)
     for key, value in point.items():
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
