@@ -363,7 +363,7 @@ def test_manual_step_gradient_equals_autograd(depth, widths, loop, dropout, nois
             assert torch.count_nonzero(g[i]) == torch.count_nonzero(real), name
 
 
-CNN_CASES = {
+NET_CASES = {
     "adam": ["optimizer=adam", "optimizer.lr=0.003"],
     "momentum-cosine-decay-smoothing": ["optimizer=momentum", "optimizer.lr=0.1", "scheduler=cosine",
                                         "regularizer=[weight_decay,label_smoothing]",
@@ -371,25 +371,19 @@ CNN_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CNN_CASES))
-def test_cnn_population_of_one_equals_plain_torch(compose_cfg, tmp_path, case):
-    # the MNIST-1D paper's ConvBase (three strided conv stages, flatten head), narrowed to 8 channels
-    base = compose_cfg(BASE + ["model=cnn_mnist1d", "model.channels=[8,8,8]"] + CNN_CASES[case])
-    point = {"seed": 2}
-    (metrics,) = train_population(base, [point], tmp_path)
-    assert metrics["status"] == "completed"
-    _check_against_reference(point_config(base, point), tmp_path / point_name(point), metrics)
+# the MNIST-1D paper's ConvBase (three strided conv stages, flatten head), narrowed to 8
+# channels; the default MNIST-1D Transformer (40 tokens of one value, two pre-norm layers, 4
+# heads), narrowed to embed_dim 16 (head dimension 4): 300 steps of either take seconds
+NETS = {"cnn": (["model=cnn_mnist1d", "model.channels=[8,8,8]"], 2),
+        "transformer": (["model=transformer", "model.embed_dim=16"], 4)}
 
 
-TRANSFORMER_CASES = CNN_CASES  # adam; momentum + cosine + weight decay + label smoothing
-
-
-@pytest.mark.parametrize("case", list(TRANSFORMER_CASES))
-def test_transformer_population_of_one_equals_plain_torch(compose_cfg, tmp_path, case):
-    # the default MNIST-1D Transformer (40 tokens of one value, two pre-norm layers, 4 heads),
-    # narrowed to embed_dim 16 (head dimension 4) so that 300 steps take seconds
-    base = compose_cfg(BASE + ["model=transformer", "model.embed_dim=16"] + TRANSFORMER_CASES[case])
-    point = {"seed": 4}
+@pytest.mark.parametrize("case", list(NET_CASES))
+@pytest.mark.parametrize("net", list(NETS))
+def test_cnn_and_transformer_population_of_one_equal_plain_torch(compose_cfg, tmp_path, net, case):
+    overrides, seed = NETS[net]
+    base = compose_cfg(BASE + overrides + NET_CASES[case])
+    point = {"seed": seed}
     (metrics,) = train_population(base, [point], tmp_path)
     assert metrics["status"] == "completed"
     _check_against_reference(point_config(base, point), tmp_path / point_name(point), metrics)
