@@ -13,6 +13,9 @@ script prints each one's steps/s (median) and the ratio regexp / plain.
   D: the PyTorch ensembling recipe (``torch.func.stack_module_state`` + ``functional_call`` +
      ``vmap``): the seeds of one width trained together as one vmapped model, fused optimizer,
      losses read once per epoch, the per-epoch evaluation vmapped too.
+``--model cnn`` / ``--model transformer`` sweep ``model.channels`` ([k, 2k], ``model=cnn``'s
+layout) / ``model.embed_dim`` (``model=transformer``) instead of the MLP's width; A and D then
+train the same network written with torch.nn here (``plain_cnn``, ``PlainTransformer``).
 It prints wall times, the ratios A/C, B/C and D/C, C's achieved GFLOP/s (useful work: unpadded
 training and evaluation FLOPs) and that as a fraction of this machine's float32 matmul
 throughput, measured here with the same thread count; also the CPU model and how C computed
@@ -21,7 +24,7 @@ each bucket (batched or member by member, and whether measured, cached or set by
 
     python scripts/bench.py [--epochs 20] [--repeats 3]
     python scripts/bench.py --sweep [--epochs 3] [--widths 4,8,...] [--seeds 3] [--depth 1]
-                            [--optimizer sgd|momentum|adam] [--eval-every 1]
+                            [--optimizer sgd|momentum|adam] [--eval-every 1] [--model mlp|cnn|transformer]
 
 ``--thread-scaling`` (the ``trainer.threads=auto`` threshold): training steps (forward,
 backward, fused Adam) of MLPs of several widths/depths and the default CNN and transformer on
@@ -64,7 +67,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -97,14 +100,91 @@ def plain_mlp(width: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(d, 10))
 
 
-def plain_train(data, width: int, depth: int, epochs: int, batch: int, opt_name: str, lr: float,
+def plain_cnn(channels: Sequence[int]) -> nn.Module:
+    """``model=cnn``'s default layout: per stage Conv1d (kernel 5, same padding), ReLU,
+    MaxPool1d(2); then global average pooling and a linear head."""
+    layers: List[nn.Module] = []
+    c_in = 1
+    for c in channels:
+        layers += [nn.Conv1d(c_in, c, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2)]
+        c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(c_in, 10))
+
+
+class PlainTransformer(nn.Module):
+    """``model=transformer`` on MNIST-1D written with torch.nn: 40 / patch tokens of ``patch``
+    values, learned positions, pre-norm ``nn.TransformerEncoderLayer``s, a final norm, the mean
+    over tokens, a linear head."""
+
+    def __init__(self, embed_dim: int, depth: int, heads: int, mlp_ratio: float, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.pos = nn.Parameter(torch.randn(1, 40 // patch, embed_dim) * 0.02)
+        self.embed = nn.Linear(patch, embed_dim)
+        layer = nn.TransformerEncoderLayer(embed_dim, heads, int(embed_dim * mlp_ratio), dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.reshape(x.shape[0], -1, self.patch)) + self.pos
+        return self.head(self.norm(self.encoder(h)).mean(1))
+
+
+# --sweep --model: the swept key, its default values (--widths) and default overrides (a key
+# also given by --set takes --set's value), per model
+SWEEPS = {
+    "mlp": ("model.width", SWEEP_WIDTHS, []),
+    # model=cnn's two stages [16, 32] scaled: [k, 2k]; --widths gives k
+    "cnn": ("model.channels", [2, 4, 8, 16, 32], []),
+    # multiples of model.heads (4); 40 tokens make an example ~40x an MLP's work: fewer of them
+    # keep the four arms within a minute or two on a loaded 2-core CPU
+    "transformer": ("model.embed_dim", [4, 8, 16], ["data.n_train=1000", "data.n_test=500"]),
+}
+CNN_DEFAULTS = {"kernel_size": 5, "stride": 1, "padding": None, "pool": "max", "norm": "none",
+                "head": "gap", "activation": "relu"}  # the layout plain_cnn writes out
+
+
+def sweep_value(model: str, w: int):
+    """A swept point's value of the model's key for width argument ``w``."""
+    return [w, 2 * w] if model == "cnn" else w
+
+
+def plain_builder(mcfg, value) -> Callable[[], nn.Module]:
+    """Arm A's and D's model for one swept value, the same function and FLOPs as regexp's."""
+    if mcfg.name == "cnn":
+        for key, want in CNN_DEFAULTS.items():
+            if mcfg[key] != want:
+                raise SystemExit(f"bench --sweep --model cnn: model.{key}={mcfg[key]} is not supported "
+                                 f"(arms A and D write out model=cnn's default layout: model.{key}={want})")
+        return lambda: plain_cnn(value)
+    if mcfg.name == "transformer":
+        patch = mcfg.patch_size or 1
+        if 40 % patch:
+            raise SystemExit(f"bench --sweep --model transformer: model.patch_size={patch} must divide 40")
+        return lambda: PlainTransformer(value, mcfg.depth, mcfg.heads, mcfg.mlp_ratio, patch)
+    return lambda: plain_mlp(value, mcfg.depth)
+
+
+def model_flops(cfg, value, n_train: int, n_eval: int, epochs: int, evals: int) -> float:
+    """Useful float ops of one CNN or Transformer run: 2·MAC a forward example, three times that
+    a training one (forward, input and weight gradients), multiply-adds from compat's cost."""
+    from regexp.population.compat import member_cost
+
+    macs = member_cost(cfg, (1, 40), 10)(tuple(value) if isinstance(value, list) else value)
+    return 2 * macs * (3 * n_train * epochs + n_eval * evals)
+
+
+def plain_train(data, net: Callable[[], nn.Module], epochs: int, batch: int, opt_name: str, lr: float,
                 seed: int, log_dir: Path, device: str = "cpu", eval_every: int = 1) -> int:
-    """A textbook loop: DataLoader, per-step loss.item() + TensorBoard, per-epoch evaluation."""
+    """A textbook loop: DataLoader, per-step loss.item() + TensorBoard, per-epoch evaluation;
+    ``net`` builds the model (after ``torch.manual_seed(seed)``)."""
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.tensorboard import SummaryWriter
 
     torch.manual_seed(seed)
-    model = plain_mlp(width, depth).to(device)
+    model = net().to(device)
     opt = (torch.optim.Adam(model.parameters(), lr=lr) if opt_name == "adam"
            else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9 if opt_name == "momentum" else 0.0))
     loader = DataLoader(TensorDataset(data.x_train.to(device), data.y_train.to(device)), batch_size=batch,
@@ -135,21 +215,26 @@ def plain_train(data, width: int, depth: int, epochs: int, batch: int, opt_name:
 
 
 # ---------------------------------------------------------------- D: the PyTorch ensembling recipe
-def ensemble_train(datas, width: int, depth: int, epochs: int, batch: int, opt_name: str, lr: float,
+def ensemble_train(datas, net: Callable[[], nn.Module], epochs: int, batch: int, opt_name: str, lr: float,
                    seeds: Sequence[int], log_dir: Path, device: str = "cpu", eval_every: int = 1) -> int:
     """The seeds of one width as one ensemble (PyTorch's model-ensembling tutorial, trained):
     stacked parameters, ``vmap`` over ``functional_call``, one optimizer over the stacked
     tensors (elementwise, so each member's update is its own), each member on its own split in
     its own order; losses stay on the device and are read and logged once per epoch."""
     import copy
+    import warnings
 
     from torch.func import functional_call, stack_module_state
     from torch.utils.tensorboard import SummaryWriter
 
+    # vmap has no batching rule for the CPU attention kernel and loops over the members there;
+    # that loop is part of what the recipe costs a Transformer: measured, not warned about
+    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+
     models = []
     for s in seeds:
         torch.manual_seed(s)
-        models.append(plain_mlp(width, depth).to(device))
+        models.append(net().to(device))
     params, buffers = stack_module_state(models)
     skeleton = copy.deepcopy(models[0]).to("meta")
     fwd = torch.vmap(lambda p, b, x: functional_call(skeleton, (p, b), (x,)))
@@ -236,12 +321,13 @@ def single(args) -> None:
     rates: Dict[str, List[float]] = {"plain": [], "regexp": []}
     with tempfile.TemporaryDirectory() as tmp:
         # warm-up, not timed: first imports (torch.optim pulls in dynamo), allocator, caches
-        plain_train(data, 100, 2, 1, 100, "adam", 1e-3, 0, Path(tmp) / "warm_plain")
+        plain_train(data, lambda: plain_mlp(100, 2), 1, 100, "adam", 1e-3, 0, Path(tmp) / "warm_plain")
         train(compose(base + ["trainer.epochs=1"]), Path(tmp) / "warm_regexp", [])
         for r in range(args.repeats):
             torch.set_num_threads(args.threads)
             t = time.perf_counter()
-            n = plain_train(data, 100, 2, args.epochs, 100, "adam", 1e-3, 0, Path(tmp) / f"plain{r}")
+            n = plain_train(data, lambda: plain_mlp(100, 2), args.epochs, 100, "adam", 1e-3, 0,
+                            Path(tmp) / f"plain{r}")
             rates["plain"].append(n / (time.perf_counter() - t))
             t = time.perf_counter()
             train(cfg, Path(tmp) / f"regexp{r}", [])
@@ -317,29 +403,39 @@ def sweep(args) -> None:
     from regexp.population.tuning import cpu_model
     from regexp.sweep import grid, run_points
 
-    widths = [int(w) for w in args.widths.split(",")] if args.widths else SWEEP_WIDTHS
+    swept, default_widths, defaults = SWEEPS[args.model]
+    given = {o.split("=", 1)[0].lstrip("+~") for o in args.set}
+    defaults = [o for o in defaults if o.split("=", 1)[0] not in given]  # every arm's data
+    widths = [int(w) for w in args.widths.split(",")] if args.widths else default_widths
+    values = [sweep_value(args.model, w) for w in widths]
     seeds = list(range(args.seeds))
-    base = [f"model.depth={args.depth}", f"optimizer={args.optimizer}", f"trainer.epochs={args.epochs}",
+    # the MLP's depth is --depth; the CNN and Transformer keep their config's layout
+    layout = [f"model.depth={args.depth}"] if args.model == "mlp" else [f"model={args.model}"]
+    base = [*layout, f"optimizer={args.optimizer}", f"trainer.epochs={args.epochs}",
             "trainer.batch_size=100", "trainer.progress=false", f"trainer.threads={args.threads}",
-            "trainer.device=" + args.device, f"trainer.eval_every={args.eval_every}", *args.set]
+            "trainer.device=" + args.device, f"trainer.eval_every={args.eval_every}", *defaults, *args.set]
     cfg = {e: compose(base + [f"sweep.engine={e}"]) for e in ("serial", "population")}
-    points = grid({"model.width": widths}, seeds)
+    points = grid({swept: values}, seeds)
     lr = float(cfg["serial"].optimizer.lr)
     data = {s: load_data(cfg["serial"].data, s) for s in seeds}
     n_train = len(data[0].y_train)
     n_eval = sum(len(data[0].split(s)[1]) for s in ("train", "val", "test"))
     evals = len([e for e in range(1, args.epochs + 1) if e % args.eval_every == 0 or e == args.epochs])
-    flops = sum(mlp_flops(w, args.depth, n_train, 0, args.epochs) + mlp_flops(w, args.depth, 0, n_eval, evals)
-                for w in widths) * len(seeds)
+    if args.model == "mlp":
+        flops = sum(mlp_flops(w, args.depth, n_train, 0, args.epochs) + mlp_flops(w, args.depth, 0, n_eval, evals)
+                    for w in widths) * len(seeds)
+    else:
+        flops = sum(model_flops(cfg["serial"], v, n_train, n_eval, args.epochs, evals) for v in values) * len(seeds)
+    net = {str(v): plain_builder(cfg["serial"].model, v) for v in values}
     roof = matmul_gflops(args.threads)
     roof_cpu = matmul_gflops(args.threads, per_cpu_second=True)
     times: Dict[str, List[float]] = {"A": [], "B": [], "C": [], "D": []}
     cpu: Dict[str, List[float]] = {"A": [], "B": [], "C": [], "D": []}
     with tempfile.TemporaryDirectory() as tmp:
         # warm-up, not timed: first imports (torch.optim pulls in dynamo), allocator, caches
-        warm = [{"model.width": widths[0], "seed": 0}]
-        plain_train(data[0], widths[0], args.depth, 1, 100, args.optimizer, lr, 0, Path(tmp) / "wA", args.device)
-        ensemble_train([data[s] for s in seeds], widths[0], args.depth, 1, 100, args.optimizer, lr, seeds,
+        warm = [{swept: values[0], "seed": 0}]
+        plain_train(data[0], net[str(values[0])], 1, 100, args.optimizer, lr, 0, Path(tmp) / "wA", args.device)
+        ensemble_train([data[s] for s in seeds], net[str(values[0])], 1, 100, args.optimizer, lr, seeds,
                        Path(tmp) / "wD", args.device)
         for engine in ("serial", "population"):
             run_points(compose(base + [f"sweep.engine={engine}", "trainer.epochs=1"]), warm,
@@ -354,7 +450,7 @@ def sweep(args) -> None:
             t, c0 = time.perf_counter(), time.process_time()
             for p in points:
                 d = load_data(cfg["serial"].data, p["seed"])
-                plain_train(d, p["model.width"], args.depth, args.epochs, 100, args.optimizer, lr,
+                plain_train(d, net[str(p[swept])], args.epochs, 100, args.optimizer, lr,
                             p["seed"], Path(tmp) / f"A{r}" / str(p), args.device, args.eval_every)
             times["A"].append(time.perf_counter() - t)
             cpu["A"].append(time.process_time() - c0)
@@ -366,9 +462,9 @@ def sweep(args) -> None:
                 assert all(row["status"] == "completed" for row in rows), rows
             torch.set_num_threads(args.threads)
             t, c0 = time.perf_counter(), time.process_time()
-            for w in widths:
-                ensemble_train([load_data(cfg["serial"].data, s) for s in seeds], w, args.depth, args.epochs,
-                               100, args.optimizer, lr, seeds, Path(tmp) / f"D{r}" / str(w), args.device,
+            for v in values:
+                ensemble_train([load_data(cfg["serial"].data, s) for s in seeds], net[str(v)], args.epochs,
+                               100, args.optimizer, lr, seeds, Path(tmp) / f"D{r}" / str(v), args.device,
                                args.eval_every)
             times["D"].append(time.perf_counter() - t)
             cpu["D"].append(time.process_time() - c0)
@@ -378,7 +474,13 @@ def sweep(args) -> None:
         forms = bucket_forms(Path(tmp) / "wC", points)
     a, b, c, d = (statistics.median(times[k]) for k in "ABCD")
     ca, cb, cc, cd = (statistics.median(cpu[k]) for k in "ABCD")
-    print(f"workload: MNIST-1D, MLP depth {args.depth}, widths {widths} x {len(seeds)} seeds "
+    m = cfg["serial"].model
+    what = {"mlp": f"MLP depth {args.depth}, widths {widths}",
+            "cnn": f"CNN (model=cnn: kernel 5, max pool, GAP), channels [k, 2k] for k in {widths}",
+            "transformer": f"Transformer (depth {m.get('depth')}, {m.get('heads')} heads, mlp_ratio "
+                           f"{m.get('mlp_ratio')}, patch {m.get('patch_size') or 1}), embed_dim {widths}"}
+    print(f"workload: MNIST-1D{' (' + ' '.join(defaults) + ')' if defaults else ''}, {what[args.model]} "
+          f"x {len(seeds)} seeds "
           f"{'(B, C: ' + ' '.join(args.set) + ') ' if args.set else ''}"
           f"({len(points)} models), {args.epochs} epochs, batch 100, {args.optimizer}, "
           f"eval every {args.eval_every}, {args.threads} thread(s), device {args.device}, "
@@ -391,7 +493,10 @@ def sweep(args) -> None:
     print(f"B regexp, one member at a time:  {b:8.2f} s  {cb:8.2f} s")
     print(f"C regexp population:             {c:8.2f} s  {cc:8.2f} s")
     print(f"D torch.func ensemble per width: {d:8.2f} s  {cd:8.2f} s")
-    print(f"wall: A/C = {a / c:.2f}x (target >= 5 on CPU)   B/C = {b / c:.2f}x   D/C = {d / c:.2f}x (target >= 2.5)")
+    if args.model == "mlp":
+        print(f"wall: A/C = {a / c:.2f}x (target >= 5 on CPU)   B/C = {b / c:.2f}x   D/C = {d / c:.2f}x (target >= 2.5)")
+    else:
+        print(f"wall: A/C = {a / c:.2f}x   B/C = {b / c:.2f}x (target >= 3)   D/C = {d / c:.2f}x (target >= 2)")
     print(f"cpu:  A/C = {ca / cc:.2f}x   B/C = {cb / cc:.2f}x   D/C = {cd / cc:.2f}x")
     print(f"useful work {flops / 1e9:.1f} GFLOP; C achieves {flops / c / 1e9:.1f} GFLOP/s = "
           f"{flops / c / 1e9 / roof:.0%} of the measured matmul throughput {roof:.1f} GFLOP/s "
@@ -630,9 +735,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=None,
                     help="alternating rounds; default 3 (single), 2 (sweep), 5 (thread-scaling)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every contender")
-    ap.add_argument("--widths", default="", help="sweep widths, comma-separated (default: 12 from 4 to 1024)")
+    ap.add_argument("--widths", default="",
+                    help="sweep widths, comma-separated (default: MLP 12 from 4 to 1024, CNN k = 2..32, "
+                         "Transformer embed_dim 4, 8, 16)")
     ap.add_argument("--seeds", type=int, default=3, help="sweep seeds per width")
     ap.add_argument("--depth", type=int, default=1, help="sweep MLP hidden layers")
+    ap.add_argument("--model", default="mlp", choices=tuple(SWEEPS),
+                    help="sweep model: mlp (model.width), cnn (model.channels [k, 2k]), transformer "
+                         "(model.embed_dim); --widths gives width, k or embed_dim")
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"), help="sweep optimizer")
     ap.add_argument("--eval-every", type=int, default=1, help="sweep: evaluate every this many epochs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
