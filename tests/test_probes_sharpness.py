@@ -47,9 +47,15 @@ def test_average_sharpness_replays_the_generator_draws():
     for _ in range(3):
         zw, zv = sigma * torch.randn(2, generator=g, dtype=torch.float64), \
             sigma * torch.randn(2, 2, generator=g, dtype=torch.float64)
-        # ½a‖w + z‖² − ½a‖w‖² = a wᵀz + ½a‖z‖²
-        by_hand.append(a * float(w.detach() @ zw + (v.detach() * zv).sum()) + 0.5 * a * float(zw @ zw + (zv ** 2).sum()))
-    assert s == pytest.approx(sum(by_hand) / 3, rel=1e-12)
+        # ½a‖w ± z‖² − ½a‖w‖² = ±a wᵀz + ½a‖z‖²: the antithetic pair's mean is ½a‖z‖²
+        for sign in (1, -1):
+            by_hand.append(sign * a * float(w.detach() @ zw + (v.detach() * zv).sum())
+                           + 0.5 * a * float(zw @ zw + (zv ** 2).sum()))
+    assert s == pytest.approx(sum(by_hand) / 6, rel=1e-12)
+    # a quadratic's pair mean is exactly ½a σ²‖z‖²: the first-order term is gone
+    g = torch.Generator().manual_seed(7)
+    zz = sum(float((sigma * torch.randn(n, generator=g, dtype=torch.float64)).pow(2).sum()) for _ in range(3) for n in (2, 4))
+    assert s == pytest.approx(0.5 * a * zz / 3, rel=1e-12)
     assert torch.equal(w.detach(), torch.tensor([1.0, -0.5], dtype=torch.float64))
 
 
