@@ -117,7 +117,7 @@ def _model_cfg():
 
 
 @pytest.mark.parametrize("overrides,why", [
-    (["model.norm=batch"], "model.norm=batch for a CNN"),
+    (["model.norm=instance", "probe=[sharpness]"], "model.norm=instance with probes"),
     (["regularizer=[dropout]"], "regularizer dropout with model=cnn"),
     (["regularizer=[weight_noise]"], "regularizer weight_noise with model=cnn"),
     (["data=mnist"], "model=cnn on data.name=mnist"),

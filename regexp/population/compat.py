@@ -27,6 +27,7 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp", "cnn", "transformer")
 NORMS = ("none", "batch", "layer")  # every model.norm the MLP builds (regexp/models/mlp.py)
+CNN_NORMS = ("none", "batch", "layer", "instance")  # every model.norm the CNN builds (models/layers.py)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying",
@@ -76,8 +77,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         why = model_incompatibility(cfg)
         if why is not None:
             return why
-    if cfg.model.get("norm", "none") not in NORMS:
-        return f"model.norm={cfg.model.norm} (population supports {', '.join(NORMS)})"
+    norms = CNN_NORMS if cfg.model.name == "cnn" else NORMS
+    if cfg.model.get("norm", "none") not in norms:
+        return f"model.norm={cfg.model.norm} (population supports {', '.join(norms)})"
     if cfg.optimizer.name not in OPTIMIZERS:
         return f"optimizer.name={cfg.optimizer.name} (population supports {', '.join(OPTIMIZERS)})"
     if cfg.optimizer.get("amsgrad", False):
@@ -167,9 +169,6 @@ def model_incompatibility(cfg: DictConfig) -> Optional[str]:
     if name == "cnn" and cfg.data.name not in SIGNAL_DATA:
         return (f"model=cnn on data.name={cfg.data.name} (population stacks Conv1d on 1-D signals: "
                 f"{', '.join(SIGNAL_DATA)})")
-    if name == "cnn" and cfg.model.get("norm", "none") != "none":
-        return (f"model.norm={cfg.model.norm} for a CNN (population supports none: batch norm would "
-                "need per-member running statistics)")
     for r in cfg.regularizer:
         if r not in STACKED_REGULARIZERS and r in NOT_FOR_NEW_MODELS:
             return f"regularizer {r} with model={name} ({NOT_FOR_NEW_MODELS[r]})"
