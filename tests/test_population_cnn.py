@@ -120,7 +120,6 @@ def _model_cfg():
     (["model.norm=instance", "probe=[sharpness]"], "model.norm=instance with probes"),
     (["regularizer=[dropout]"], "regularizer dropout with model=cnn"),
     (["regularizer=[weight_noise]"], "regularizer weight_noise with model=cnn"),
-    (["data=mnist"], "model=cnn on data.name=mnist"),
     # what reads an MLP's hidden sites, weights list or parameter names stays out, each in one line
     (["regularizer=[activity_l1]"], "regularizer activity_l1 with model=cnn (activity penalties read"),
     (["regularizer=[multi_task]"], "regularizer multi_task with model=cnn"),

@@ -61,19 +61,21 @@ def test_normalized_cnn_members_match_lone_runs(compose_cfg, tmp_path, norm):
     assert len({m["final"]["train_loss"] for m in pop}) == 3
 
 
-@pytest.mark.parametrize("norm", ["batch", "layer", "instance"])
+@pytest.mark.parametrize("shape,kernels", [((1, 40), [5, 3, 3]), ((3, 10, 10), [3, 3, 3])], ids=["1d", "2d"])
+@pytest.mark.parametrize("norm", ["none", "batch", "layer", "instance"])
 @pytest.mark.parametrize("act,pool,head", [("relu", "max", "flatten"), ("sigmoid", "none", "gap")])
-def test_one_step_equals_each_lone_model_and_padding_stays_inert(norm, act, pool, head):
+def test_one_step_equals_each_lone_model_and_padding_stays_inert(norm, act, pool, head, shape, kernels):
     # logits, each member's gradient and the running statistics after a training forward, then
-    # eval-mode logits, against each lone module; padded entries and their gradients exactly 0
+    # eval-mode logits, against each lone module (Conv1d on signals, Conv2d on images); padded
+    # entries and their gradients exactly 0
     torch.manual_seed(0)
     chans = [(3, 5, 4), (8, 8, 8), (2, 6, 7)]
-    models = [CNN((1, 40), 10, list(c), [5, 3, 3], pool, norm, act, 1, None, head) for c in chans]
-    lone = [CNN((1, 40), 10, list(c), [5, 3, 3], pool, norm, act, 1, None, head) for c in chans]
+    models = [CNN(shape, 10, list(c), kernels, pool, norm, act, 1, None, head) for c in chans]
+    lone = [CNN(shape, 10, list(c), kernels, pool, norm, act, 1, None, head) for c in chans]
     for a, b in zip(lone, models):
         a.load_state_dict(b.state_dict())
-    net = StackedCNN(models, chans, bucket_width(chans), (1, 40), torch.device("cpu"))
-    x, y = torch.randn(3, 16, 40), torch.randint(0, 10, (3, 16))
+    net = StackedCNN(models, chans, bucket_width(chans), shape, torch.device("cpu"))
+    x, y = torch.randn(3, 16, math.prod(shape)), torch.randint(0, 10, (3, 16))
     masks = net.param_masks()
     for _ in range(2):  # the second pass sees running statistics the first one moved
         for p in net.params:
@@ -85,7 +87,7 @@ def test_one_step_equals_each_lone_model_and_padding_stays_inert(norm, act, pool
             assert torch.equal(p.detach()[~real], torch.zeros_like(p.detach()[~real]))
         for i, m in enumerate(lone):
             m.zero_grad()
-            out = m(x[i].view(16, 1, 40))
+            out = m(x[i].view(16, *shape))
             F.cross_entropy(out, y[i]).backward()
             torch.testing.assert_close(logits[i].detach(), out.detach(), atol=1e-6, rtol=1e-5)
             grads = net.member_state(i, [p.grad for p in net.params])
@@ -99,9 +101,9 @@ def test_one_step_equals_each_lone_model_and_padding_stays_inert(norm, act, pool
     for i, m in enumerate(lone):
         m.eval()
         with torch.no_grad():
-            torch.testing.assert_close(ev[i].t(), m(x[i].view(16, 1, 40)), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(ev[i].t(), m(x[i].view(16, *shape)), atol=1e-6, rtol=1e-5)
     if norm == "batch":
-        assert all(isinstance(m.features[1], nn.BatchNorm1d) for m in lone)
+        assert all(isinstance(m.features[1], (nn.BatchNorm1d, nn.BatchNorm2d)) for m in lone)
         before = net.member_state(2)
         net.keep(torch.tensor([2, 0]))  # a finished member leaves; the others keep their statistics
         after = net.member_state(0)

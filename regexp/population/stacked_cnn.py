@@ -1,13 +1,15 @@
-"""M 1-D CNNs of one architecture as stacked tensors, each conv stage run as ONE grouped convolution.
+"""M CNNs of one architecture as stacked tensors, each conv stage run as ONE grouped convolution.
 
-The members' activations live side by side in the channel dimension, (B, M·C, L), so stage s
-is ``conv1d(h, weight.view(M·C_out, C_in, k), groups=M)``: group m sees only member m's
+The members' activations live side by side in the channel dimension, (B, M·C, L) for signals
+and (B, M·C, H, W) for images, so stage s is ``conv1d(h, weight.view(M·C_out, C_in, k),
+groups=M)`` (``conv2d`` with (k, k) kernels on images): group m sees only member m's
 channels and applies only member m's kernels. Pooling and the activation act per channel, so
 they need no member axis at all. The head is a batched product per member.
 
 Every parameter is stored 3-D with the member first, as :class:`StackedMLP`'s are, so the
 shared optimizer, clipping, penalties and checkpoints handle it unchanged: a conv weight as
-(M, C_out, C_in·k) (nn.Conv1d's (C_out, C_in, k) with its last two dimensions merged), a bias
+(M, C_out, C_in·k) (nn.Conv1d's (C_out, C_in, k) with its last two dimensions merged;
+nn.Conv2d's (C_out, C_in, k, k) as (M, C_out, C_in·k·k)), a bias
 as (M, 1, C_out), the head's weight as (M, classes, features).
 
 Members may differ in ``model.channels``. Each stage is padded to the bucket's widest member
@@ -25,6 +27,7 @@ zero gradient. Layer norm (GroupNorm(1, C)) pools each member's real channels an
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -53,7 +56,10 @@ class _Stage:
     momentum: Optional[float] = None  # batch norm's
 
 
-NORMS = {nn.BatchNorm1d: "batch", nn.GroupNorm: "layer", nn.InstanceNorm1d: "instance"}
+NORMS = {nn.BatchNorm1d: "batch", nn.BatchNorm2d: "batch", nn.GroupNorm: "layer", nn.InstanceNorm1d: "instance",
+         nn.InstanceNorm2d: "instance"}
+CONVS = {1: F.conv1d, 2: F.conv2d}
+POOLS = {(1, "max"): F.max_pool1d, (1, "avg"): F.avg_pool1d, (2, "max"): F.max_pool2d, (2, "avg"): F.avg_pool2d}
 # a normalized stage's stacked tensors: scale and shift (parameters), then batch norm's buffers
 NORM_PARAMS, BUFFERS = ("gamma", "beta"), ("mean", "var", "seen")
 
@@ -62,10 +68,10 @@ def stages_of(model: nn.Module) -> List[_Stage]:
     """The lone model's stages, read off its ``features`` (conv, norm, activation, site, pool)."""
     out: List[_Stage] = []
     for mod in model.features:
-        if isinstance(mod, nn.Conv1d):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             out.append(_Stage(mod.kernel_size[0], mod.stride[0], mod.padding[0], nn.Identity(), None, 0))
-        elif isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d)):
-            out[-1].pool = "max" if isinstance(mod, nn.MaxPool1d) else "avg"
+        elif isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d, nn.MaxPool2d, nn.AvgPool2d)):
+            out[-1].pool = "max" if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d)) else "avg"
         elif isinstance(mod, (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU)):
             out[-1].act = mod
         elif type(mod) in NORMS:
@@ -77,14 +83,15 @@ def stages_of(model: nn.Module) -> List[_Stage]:
     return out
 
 
-def conv_lengths(model: nn.Module, length: int) -> List[int]:
-    """Each stage's output length after its convolution, for inputs of ``length``."""
+def conv_positions(model: nn.Module, sizes: Sequence[int]) -> List[int]:
+    """Each stage's output positions after its convolution (a length, or height x width), for
+    inputs of spatial ``sizes`` (L,) or (H, W)."""
     out = []
     for st in stages_of(model):
-        length = (length + 2 * st.padding - st.kernel) // st.stride + 1
-        out.append(length)
+        sizes = [(n + 2 * st.padding - st.kernel) // st.stride + 1 for n in sizes]
+        out.append(math.prod(sizes))
         if st.pool is not None:
-            length //= 2
+            sizes = [n // 2 for n in sizes]
     return out
 
 
@@ -94,9 +101,9 @@ class StackedCNN(PlainStack):
     def __init__(self, models: Sequence[nn.Module], channels: Sequence[Channels], width: Channels,
                  input_shape: Sequence[int], device: torch.device):
         first = models[0]
-        if first.dims != 1:
-            raise ValueError("StackedCNN stacks 1-D CNNs (signals (C, L)) only")
-        convs = [[m for m in model.features if isinstance(m, nn.Conv1d)] for model in models]
+        self.dims = first.dims  # 1: signals (C, L); 2: images (C, H, W)
+        self.spatial = tuple(int(n) for n in input_shape[1:])
+        convs = [[m for m in model.features if isinstance(m, (nn.Conv1d, nn.Conv2d))] for model in models]
         self.in_channels = convs[0][0].in_channels
         self.flatten = bool(first.flatten)
         self.stages = stages_of(first)
@@ -127,7 +134,7 @@ class StackedCNN(PlainStack):
         self.buffers: List[torch.Tensor] = state[len(self.names):]
         self.mask_hidden = [float(st.act(torch.zeros(()))) != 0.0 for st in self.stages]
         self._channel_masks()
-        self.lengths = conv_lengths(first, int(input_shape[-1]))
+        self.lengths = conv_positions(first, self.spatial)
         # the engine sizes evaluation chunks by width (activations per example and member)
         self.width = max(c * n for c, n in zip(self.width_tuple, self.lengths))
         self.eval_bytes = EVAL_BYTES
@@ -149,7 +156,7 @@ class StackedCNN(PlainStack):
         """The lone parameter's shape for channels ``ch``."""
         c_in = self.in_channels if s == 0 else ch[s - 1]
         if kind == "conv":
-            return (ch[s], c_in, self.stages[s].kernel)
+            return (ch[s], c_in, *[self.stages[s].kernel] * self.dims)
         if kind in ("bias", "gamma", "beta", "mean", "var"):
             return (ch[s],)
         if kind == "seen":
@@ -162,7 +169,7 @@ class StackedCNN(PlainStack):
         """A member's slice of the stacked parameter (channels ``ch`` = the bucket's)."""
         shape = self._shape(kind, s, ch)
         if kind == "conv":
-            return (shape[0], shape[1] * shape[2])
+            return (shape[0], math.prod(shape[1:]))
         if kind in ("bias", "hbias", "gamma", "beta"):
             return (1, shape[0])
         return shape
@@ -171,7 +178,7 @@ class StackedCNN(PlainStack):
         """Member slice ``t`` (stored layout) as a view in which the lone tensor is a corner."""
         kind, s = self.kinds[j]
         if kind == "conv":
-            return t.view(t.shape[0], -1, self.stages[s].kernel)
+            return t.view(t.shape[0], -1, *[self.stages[s].kernel] * self.dims)
         if kind in ("bias", "hbias", "gamma", "beta"):
             return t[0]
         if kind == "head" and self.flatten:
@@ -252,11 +259,12 @@ class StackedCNN(PlainStack):
                 for j, p in enumerate(self.params)]
 
     def _channel_masks(self) -> None:
-        """(1, M·C_s, 1) float masks of each stage's real channels, and which stages are unpadded."""
+        """(1, M·C_s, 1) float masks of each stage's real channels ((1, M·C_s, 1, 1) on images),
+        and which stages are unpadded."""
         self.channel_mask = []
         for s, c in enumerate(self.width_tuple):
             real = torch.arange(c)[None, :] < self.widths[:, s:s + 1]
-            self.channel_mask.append(real.float().reshape(1, -1, 1).to(self.device))
+            self.channel_mask.append(real.float().reshape(1, -1, *[1] * self.dims).to(self.device))
         # stages no member is padded in (layer norm there is torch's own kernel)
         self.unpadded = [bool((self.widths[:, s] == c).all()) for s, c in enumerate(self.width_tuple)]
 
@@ -292,15 +300,16 @@ class StackedCNN(PlainStack):
 
     def _features(self, x: torch.Tensor, weights, training: bool,
                   counts: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-member features (M, B, F) the head sees, from inputs (M, B, C_in·L); ``training``:
+        """Per-member features (M, B, F) the head sees, from inputs (M, B, C_in·L) (images:
+        C_in·H·W); ``training``:
         batch norm on batch statistics (updating the running ones) or on the running ones."""
         m, b = x.shape[0], x.shape[1]
-        h = x.view(m, b, self.in_channels, -1).transpose(0, 1).reshape(b, m * self.in_channels, -1)
+        h = x.view(m, b, self.in_channels, -1).transpose(0, 1).reshape(b, m * self.in_channels, *self.spatial)
         stages, _ = self._layers(weights)
         for s, (st, (w, bias)) in enumerate(zip(self.stages, stages)):
-            k = st.kernel
-            h = F.conv1d(h, w.reshape(-1, w.shape[2] // k, k), bias.reshape(-1) if bias is not None else None,
-                         st.stride, st.padding, 1, m)
+            kernel = [st.kernel] * self.dims
+            h = CONVS[self.dims](h, w.reshape(-1, w.shape[2] // math.prod(kernel), *kernel),
+                                 bias.reshape(-1) if bias is not None else None, st.stride, st.padding, 1, m)
             if st.norm is not None:
                 h = self._norm(s, h, training)
             h = st.act(h)
@@ -308,10 +317,8 @@ class StackedCNN(PlainStack):
                 h = h * self.channel_mask[s]
             if counts is not None:
                 self._count(h, s, counts)
-            if st.pool == "max":
-                h = F.max_pool1d(h, 2)
-            elif st.pool == "avg":
-                h = F.avg_pool1d(h, 2)
+            if st.pool is not None:
+                h = POOLS[self.dims, st.pool](h, 2)
         c = h.shape[1] // m
         h = h.view(b, m, c, -1)
         if self.flatten:
@@ -319,7 +326,8 @@ class StackedCNN(PlainStack):
         return h.mean(-1).transpose(0, 1)
 
     def _norm(self, s: int, h: torch.Tensor, training: bool) -> torch.Tensor:
-        """Stage s's normalization of the convolution's output (B, M·C, L), each member's own."""
+        """Stage s's normalization of the convolution's output (B, M·C, *positions), each
+        member's own."""
         st = self.stages[s]
         g, b = (self.params[self.kinds.index((k, s))] for k in NORM_PARAMS)  # (M, 1, C) each
         if st.norm == "batch":
@@ -331,7 +339,7 @@ class StackedCNN(PlainStack):
             return F.group_norm(h, m, g.reshape(-1), b.reshape(-1), st.eps)
         n, c = h.shape[0], h.shape[1] // m
         y = masked_normalize(h.view(n, m, c, -1), self.channel_mask[s].view(1, m, c, 1), (2, 3), st.eps)
-        return y.view(h.shape) * g.reshape(1, -1, 1) + b.reshape(1, -1, 1)
+        return (y * g.view(1, m, c, 1) + b.view(1, m, c, 1)).view(h.shape)
 
     def _count(self, h: torch.Tensor, s: int, counts: torch.Tensor) -> None:
         """Add member by member the real channels' activations that are 0 and near 0."""
