@@ -128,7 +128,6 @@ def _model_cfg():
     (["regularizer=[masked_reconstruction]"], "regularizer masked_reconstruction with model=cnn"),
     (["regularizer=[soft_weight_sharing]"], "regularizer soft_weight_sharing with model=cnn"),
     (["regularizer=[dropconnect]"], "regularizer dropconnect with model=cnn"),
-    (["regularizer=[augmentation]"], "regularizer augmentation with model=cnn"),
     (["regularizer=[adversarial]"], "regularizer adversarial with model=cnn"),
     (["regularizer=[early_stopping]"], "regularizer early_stopping with model=cnn"),
 ])

@@ -17,13 +17,15 @@ from test_population import _assert_same_run, _pop_and_lone
 POINTS = [{"model.channels": [3, 4], "optimizer.lr": 0.02, "regularizer.weight_decay.lam": 0.001, "seed": 0},
           {"model.channels": [4, 4], "optimizer.lr": 0.05, "regularizer.weight_decay.lam": 0.0, "seed": 1},
           {"model.channels": [2, 3], "optimizer.lr": 0.01, "regularizer.weight_decay.lam": 0.01, "seed": 2}]
-# (data, model settings): no norm with a flatten head; batch norm with a gap head; layer norm
-# (GroupNorm(1, C)) on 3-channel CIFAR images with average pooling. (Batch norm with a flatten
-# head, momentum and lr 0.05 on these noise images grew float32 rounding to 3e-4 in 12 steps,
-# measured, past the tolerance; the same run with plain SGD stayed within 7e-7.)
+# (data, model settings): max-pooling and a flatten head without norm; batch norm with a
+# flatten head; layer norm (GroupNorm(1, C)) on 3-channel CIFAR images. The normalized ones
+# average-pool: after batch norm and relu, max pooling chooses between near-equal values, and
+# a float32 rounding difference of 1e-8 that switched one window's maximum moved the weights
+# by 3e-4 within 12 steps (measured; the same runs average-pooled agree within 6e-7).
 CASES = {
     "mnist": ("mnist", ["model.pool=max", "model.norm=none", "model.head=flatten", "optimizer=adam"]),
-    "fashion_batch": ("fashion_mnist", ["model.pool=max", "model.norm=batch", "optimizer=momentum"]),
+    "fashion_batch": ("fashion_mnist", ["model.pool=avg", "model.norm=batch", "model.head=flatten",
+                                        "optimizer=momentum"]),
     "cifar_layer": ("cifar10", ["model.pool=avg", "model.norm=layer", "optimizer=adam"]),
 }
 

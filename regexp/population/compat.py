@@ -141,11 +141,14 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
 # penalties on its stacked parameters, label smoothing and input noise. Why the rest stays out:
 STACKED_REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "label_smoothing",
                         "input_noise")
+# and, for a CNN, augmentation: its transforms act on the inputs alone, whatever the model
+# (tests/test_population_cnn_augment.py checks them against lone CNN runs, signals and images)
+CNN_REGULARIZERS = ("augmentation",)
 NOT_FOR_NEW_MODELS = {
     "dropout": "the stacked model draws no per-member dropout masks of its sites",
     "weight_noise": "per-member weight noise is drawn for MLP layers only",
     "dropconnect": "DropConnect's masks are drawn per MLP layer's units",
-    "augmentation": "the batch transforms are checked against lone MLP runs only",
+    "augmentation": "the batch transforms are checked against lone MLP and CNN runs only",
     "adversarial": "FGSM's input gradient runs through the MLP's weights list only",
     "activity_l1": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
     "activity_student_t": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
@@ -165,8 +168,9 @@ def model_incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why a CNN or Transformer run (regexp/population/stacked_cnn.py, stacked_transformer.py)
     cannot join a population, or None."""
     name = cfg.model.name
+    allowed = STACKED_REGULARIZERS + (CNN_REGULARIZERS if name == "cnn" else ())
     for r in cfg.regularizer:
-        if r not in STACKED_REGULARIZERS and r in NOT_FOR_NEW_MODELS:
+        if r not in allowed and r in NOT_FOR_NEW_MODELS:
             return f"regularizer {r} with model={name} ({NOT_FOR_NEW_MODELS[r]})"
     return None
 
