@@ -93,17 +93,21 @@ def test_population_engine_refuses_what_it_cannot_train(compose_cfg, tmp_path):
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("over", [["optimizer=adam", "regularizer=[weight_decay]"],
+                                  ["model=cnn_mnist1d", "model.norm=batch", "optimizer=momentum"]],
+                         ids=["mlp", "cnn-batch-norm"])
 @pytest.mark.parametrize("first,second", [("trainer", "population"), ("population", "trainer")])
-def test_a_run_interrupted_in_one_engine_resumes_in_the_other(compose_cfg, tmp_path, monkeypatch, first, second):
+def test_a_run_interrupted_in_one_engine_resumes_in_the_other(compose_cfg, tmp_path, monkeypatch, first, second,
+                                                              over):
     """SIGTERM in the middle of epoch 2 under ``first``; ``second`` goes on from its checkpoint to
-    the weights an uninterrupted run reaches."""
+    the weights an uninterrupted run reaches (batch norm's running statistics included)."""
     import math
 
     import regexp.population.engine as engine
     import regexp.train.trainer as trainer
     from regexp.data import load_data
 
-    over = ["optimizer=adam", "regularizer=[weight_decay]", "trainer.epochs=3"]
+    over = over + ["trainer.epochs=3"]
     ref = train(compose_cfg(BASE + over + ["trainer.engine=trainer"]), tmp_path / "ref", [])
     steps = math.ceil(len(load_data(compose_cfg(BASE).data, 0).y_train) / 100)
     # both loops ask once per step and once after each epoch's end (the trainer once more at

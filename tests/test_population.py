@@ -207,8 +207,9 @@ def test_engine_choice(compose_cfg, tmp_path):
     assert use_population(compose_cfg(BASE), points)
     assert not use_population(compose_cfg(BASE + ["sweep.engine=serial"]), points)
     assert use_population(compose_cfg(BASE + ["model=cnn"]), [{"seed": 0}])
-    with pytest.raises(ConfigError, match="model.norm=batch for a CNN"):
-        use_population(compose_cfg(BASE + ["model=cnn", "model.norm=batch", "sweep.engine=population"]),
+    assert use_population(compose_cfg(BASE + ["model=cnn", "model.norm=batch"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match="regularizer dropout with model=cnn"):
+        use_population(compose_cfg(BASE + ["model=cnn", "regularizer=[dropout]", "sweep.engine=population"]),
                        [{"seed": 0}])
     assert not use_population(compose_cfg(BASE + ["model=gru"]), [{"seed": 0}])
     with pytest.raises(ConfigError, match=r"model.name=gru \(population supports mlp, cnn, transformer\)"):

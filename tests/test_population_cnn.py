@@ -117,10 +117,9 @@ def _model_cfg():
 
 
 @pytest.mark.parametrize("overrides,why", [
-    (["model.norm=batch"], "model.norm=batch for a CNN"),
+    (["model.norm=instance", "probe=[sharpness]"], "model.norm=instance with probes"),
     (["regularizer=[dropout]"], "regularizer dropout with model=cnn"),
     (["regularizer=[weight_noise]"], "regularizer weight_noise with model=cnn"),
-    (["data=mnist"], "model=cnn on data.name=mnist"),
     # what reads an MLP's hidden sites, weights list or parameter names stays out, each in one line
     (["regularizer=[activity_l1]"], "regularizer activity_l1 with model=cnn (activity penalties read"),
     (["regularizer=[multi_task]"], "regularizer multi_task with model=cnn"),
@@ -129,7 +128,6 @@ def _model_cfg():
     (["regularizer=[masked_reconstruction]"], "regularizer masked_reconstruction with model=cnn"),
     (["regularizer=[soft_weight_sharing]"], "regularizer soft_weight_sharing with model=cnn"),
     (["regularizer=[dropconnect]"], "regularizer dropconnect with model=cnn"),
-    (["regularizer=[augmentation]"], "regularizer augmentation with model=cnn"),
     (["regularizer=[adversarial]"], "regularizer adversarial with model=cnn"),
     (["regularizer=[early_stopping]"], "regularizer early_stopping with model=cnn"),
 ])

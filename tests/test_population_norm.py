@@ -35,12 +35,15 @@ def test_normalized_and_residual_members_match_lone_runs(compose_cfg, tmp_path, 
     _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, overrides, POINTS)
     for p, a, b in zip(POINTS, pop, lone):
         _assert_same_run(tmp_path, p, a, b)  # model.pt holds the running statistics too
-        # so does the best epoch's state
-        best = [torch.load(tmp_path / d / point_name(p) / "best_model.pt") for d in ("pop", "lone")]
-        assert best[0].keys() == best[1].keys()
-        for k in best[1]:
-            torch.testing.assert_close(best[0][k], best[1][k], atol=1e-5, rtol=1e-4)
+        _assert_same_best(tmp_path, p)  # so does the best epoch's state
     assert len({m["final"]["train_loss"] for m in pop}) == 3
+
+
+def _assert_same_best(tmp_path, point) -> None:
+    best = [torch.load(tmp_path / d / point_name(point) / "best_model.pt") for d in ("pop", "lone")]
+    assert best[0].keys() == best[1].keys()
+    for k in best[1]:
+        torch.testing.assert_close(best[0][k], best[1][k], atol=1e-5, rtol=1e-4)
 
 
 def test_batch_norm_population_resumes_exactly(compose_cfg, tmp_path, monkeypatch):

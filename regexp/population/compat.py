@@ -27,6 +27,7 @@ from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp", "cnn", "transformer")
 NORMS = ("none", "batch", "layer")  # every model.norm the MLP builds (regexp/models/mlp.py)
+CNN_NORMS = ("none", "batch", "layer", "instance")  # every model.norm the CNN builds (models/layers.py)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
 REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout", "label_smoothing",
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying",
@@ -76,8 +77,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         why = model_incompatibility(cfg)
         if why is not None:
             return why
-    if cfg.model.get("norm", "none") not in NORMS:
-        return f"model.norm={cfg.model.norm} (population supports {', '.join(NORMS)})"
+    norms = CNN_NORMS if cfg.model.name == "cnn" else NORMS
+    if cfg.model.get("norm", "none") not in norms:
+        return f"model.norm={cfg.model.norm} (population supports {', '.join(norms)})"
     if cfg.optimizer.name not in OPTIMIZERS:
         return f"optimizer.name={cfg.optimizer.name} (population supports {', '.join(OPTIMIZERS)})"
     if cfg.optimizer.get("amsgrad", False):
@@ -135,16 +137,18 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     return None
 
 
-SIGNAL_DATA = ("mnist1d",)  # data sets of 1-D signals (C, L): what StackedCNN's Conv1d stacks
 # What a stacked CNN or Transformer trains (its own stacked forward, no MLP sites): plain
 # penalties on its stacked parameters, label smoothing and input noise. Why the rest stays out:
 STACKED_REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "label_smoothing",
                         "input_noise")
+# and, for a CNN, augmentation: its transforms act on the inputs alone, whatever the model
+# (tests/test_population_cnn_augment.py checks them against lone CNN runs, signals and images)
+CNN_REGULARIZERS = ("augmentation",)
 NOT_FOR_NEW_MODELS = {
     "dropout": "the stacked model draws no per-member dropout masks of its sites",
     "weight_noise": "per-member weight noise is drawn for MLP layers only",
     "dropconnect": "DropConnect's masks are drawn per MLP layer's units",
-    "augmentation": "the batch transforms are checked against lone MLP runs only",
+    "augmentation": "the batch transforms are checked against lone MLP and CNN runs only",
     "adversarial": "FGSM's input gradient runs through the MLP's weights list only",
     "activity_l1": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
     "activity_student_t": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
@@ -164,14 +168,9 @@ def model_incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why a CNN or Transformer run (regexp/population/stacked_cnn.py, stacked_transformer.py)
     cannot join a population, or None."""
     name = cfg.model.name
-    if name == "cnn" and cfg.data.name not in SIGNAL_DATA:
-        return (f"model=cnn on data.name={cfg.data.name} (population stacks Conv1d on 1-D signals: "
-                f"{', '.join(SIGNAL_DATA)})")
-    if name == "cnn" and cfg.model.get("norm", "none") != "none":
-        return (f"model.norm={cfg.model.norm} for a CNN (population supports none: batch norm would "
-                "need per-member running statistics)")
+    allowed = STACKED_REGULARIZERS + (CNN_REGULARIZERS if name == "cnn" else ())
     for r in cfg.regularizer:
-        if r not in STACKED_REGULARIZERS and r in NOT_FOR_NEW_MODELS:
+        if r not in allowed and r in NOT_FOR_NEW_MODELS:
             return f"regularizer {r} with model={name} ({NOT_FOR_NEW_MODELS[r]})"
     return None
 
@@ -214,23 +213,23 @@ def bucket_width(widths: Sequence[Width]) -> Width:
 
 
 def cnn_cost(model_cfg, input_shape: Sequence[int], classes: int) -> Callable[[Width], float]:
-    """Multiply-adds per example of a 1-D CNN as a function of its channels per stage."""
+    """Multiply-adds per example of a CNN (1-D or 2-D) as a function of its channels per stage."""
     from omegaconf import OmegaConf
 
     from regexp.models import build_model
-    from regexp.population.stacked_cnn import conv_lengths, stages_of
+    from regexp.population.stacked_cnn import conv_positions, stages_of
 
     stages = len(model_cfg.channels)
     probe = OmegaConf.merge(model_cfg, {"channels": [1] * stages})
     model = build_model(probe, tuple(input_shape), classes)  # lengths do not depend on channels
-    lengths = conv_lengths(model, int(input_shape[-1]))
-    kernels = [st.kernel for st in stages_of(model)]
-    positions = int(model.head.in_features)  # per channel of the last stage (1 under gap)
+    positions = conv_positions(model, input_shape[1:])
+    kernels = [st.kernel ** model.dims for st in stages_of(model)]
+    per_channel = int(model.head.in_features)  # the head's inputs per channel of the last stage (1 under gap)
 
     def cost(ch: Width) -> float:
         c_in = [int(input_shape[0]), *ch[:-1]]
-        return float(sum(n * c * ci * k for n, c, ci, k in zip(lengths, ch, c_in, kernels))
-                     + ch[-1] * positions * classes)
+        return float(sum(n * c * ci * k for n, c, ci, k in zip(positions, ch, c_in, kernels))
+                     + ch[-1] * per_channel * classes)
     return cost
 
 

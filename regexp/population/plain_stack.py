@@ -1,6 +1,6 @@
 """What the engine reads of a stacked model without MLP sites (StackedCNN, StackedTransformer).
 
-Such a model has one architecture for all members (the same parameter names), no buffers, no
+Such a model has one architecture for all members (the same parameter names), no
 hand-written step and no member-by-member form, and records no hidden activations: compat
 refuses every regularizer that would read an MLP's sites, weights list or per-layer widths.
 """
@@ -33,10 +33,16 @@ class PlainStack:
         return [self.names] * len(self.widths)
 
     @property
+    def state_names(self) -> List[str]:
+        """The names of :attr:`state_tensors` in a member's state_dict."""
+        return self.names
+
+    @property
     def state_tensors(self) -> List[torch.Tensor]:
         """Everything a member's state_dict holds, stacked (no buffers: its parameters)."""
         return self.params
 
     def stack_states(self, states: Sequence[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
         """Members' state_dicts, stacked like :attr:`state_tensors`."""
-        return [self._stack(j, [st[n] for st in states], p) for j, (n, p) in enumerate(zip(self.names, self.params))]
+        return [self._stack(j, [st[n] for st in states], p)
+                for j, (n, p) in enumerate(zip(self.state_names, self.state_tensors))]

@@ -1,13 +1,15 @@
-"""M 1-D CNNs of one architecture as stacked tensors, each conv stage run as ONE grouped convolution.
+"""M CNNs of one architecture as stacked tensors, each conv stage run as ONE grouped convolution.
 
-The members' activations live side by side in the channel dimension, (B, M·C, L), so stage s
-is ``conv1d(h, weight.view(M·C_out, C_in, k), groups=M)``: group m sees only member m's
+The members' activations live side by side in the channel dimension, (B, M·C, L) for signals
+and (B, M·C, H, W) for images, so stage s is ``conv1d(h, weight.view(M·C_out, C_in, k),
+groups=M)`` (``conv2d`` with (k, k) kernels on images): group m sees only member m's
 channels and applies only member m's kernels. Pooling and the activation act per channel, so
 they need no member axis at all. The head is a batched product per member.
 
 Every parameter is stored 3-D with the member first, as :class:`StackedMLP`'s are, so the
 shared optimizer, clipping, penalties and checkpoints handle it unchanged: a conv weight as
-(M, C_out, C_in·k) (nn.Conv1d's (C_out, C_in, k) with its last two dimensions merged), a bias
+(M, C_out, C_in·k) (nn.Conv1d's (C_out, C_in, k) with its last two dimensions merged;
+nn.Conv2d's (C_out, C_in, k, k) as (M, C_out, C_in·k·k)), a bias
 as (M, 1, C_out), the head's weight as (M, classes, features).
 
 Members may differ in ``model.channels``. Each stage is padded to the bucket's widest member
@@ -16,9 +18,16 @@ act(0): 0 for relu/tanh/gelu (multiplied by the channel mask where act(0) != 0, 
 sigmoid), max- or average-pooling zeros gives zeros, and the head's weights on it (every
 position of it under ``head=flatten``) are zero, so it sends nothing on and gets a zero
 gradient; every optimizer maps a zero parameter with zero gradient to zero.
+
+Normalized CNNs (``model.norm``) stack each stage's norm scale and shift as (M, 1, C_out), and
+batch norm's running statistics as (M, C_out) (``num_batches_tracked`` as (M,)), saved under the
+lone model's names (see :mod:`regexp.population.norms`). Batch and instance norm are per
+channel: a padded channel, all zeros, normalizes to 0 and, its scale and shift 0, stays 0 with
+zero gradient. Layer norm (GroupNorm(1, C)) pools each member's real channels and positions only.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from regexp.population.norms import Running, masked_normalize, member_batch_norm
 from regexp.population.plain_stack import PlainStack
 from regexp.train.sparsity import NEAR_ZERO
 
@@ -41,31 +51,47 @@ class _Stage:
     act: nn.Module
     pool: Optional[str]  # "max" | "avg" | None
     length: int  # output length of the convolution (where the hidden activations are counted)
+    norm: Optional[str] = None  # "batch" | "layer" | "instance" | None, after the convolution
+    eps: float = 0.0
+    momentum: Optional[float] = None  # batch norm's
+
+
+NORMS = {nn.BatchNorm1d: "batch", nn.BatchNorm2d: "batch", nn.GroupNorm: "layer", nn.InstanceNorm1d: "instance",
+         nn.InstanceNorm2d: "instance"}
+CONVS = {1: F.conv1d, 2: F.conv2d}
+POOLS = {(1, "max"): F.max_pool1d, (1, "avg"): F.avg_pool1d, (2, "max"): F.max_pool2d, (2, "avg"): F.avg_pool2d}
+# a normalized stage's stacked tensors: scale and shift (parameters), then batch norm's buffers
+NORM_PARAMS, BUFFERS = ("gamma", "beta"), ("mean", "var", "seen")
 
 
 def stages_of(model: nn.Module) -> List[_Stage]:
     """The lone model's stages, read off its ``features`` (conv, norm, activation, site, pool)."""
     out: List[_Stage] = []
     for mod in model.features:
-        if isinstance(mod, nn.Conv1d):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             out.append(_Stage(mod.kernel_size[0], mod.stride[0], mod.padding[0], nn.Identity(), None, 0))
-        elif isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d)):
-            out[-1].pool = "max" if isinstance(mod, nn.MaxPool1d) else "avg"
+        elif isinstance(mod, (nn.MaxPool1d, nn.AvgPool1d, nn.MaxPool2d, nn.AvgPool2d)):
+            out[-1].pool = "max" if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d)) else "avg"
         elif isinstance(mod, (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU)):
             out[-1].act = mod
+        elif type(mod) in NORMS:
+            if isinstance(mod, nn.GroupNorm) and mod.num_groups != 1:
+                raise ValueError("StackedCNN stacks GroupNorm(1, C) (model.norm=layer) only")
+            out[-1].norm, out[-1].eps, out[-1].momentum = NORMS[type(mod)], mod.eps, getattr(mod, "momentum", None)
         elif type(mod).__name__ not in ("Identity", "Site"):
             raise ValueError(f"StackedCNN cannot stack a {type(mod).__name__} layer")
     return out
 
 
-def conv_lengths(model: nn.Module, length: int) -> List[int]:
-    """Each stage's output length after its convolution, for inputs of ``length``."""
+def conv_positions(model: nn.Module, sizes: Sequence[int]) -> List[int]:
+    """Each stage's output positions after its convolution (a length, or height x width), for
+    inputs of spatial ``sizes`` (L,) or (H, W)."""
     out = []
     for st in stages_of(model):
-        length = (length + 2 * st.padding - st.kernel) // st.stride + 1
-        out.append(length)
+        sizes = [(n + 2 * st.padding - st.kernel) // st.stride + 1 for n in sizes]
+        out.append(math.prod(sizes))
         if st.pool is not None:
-            length //= 2
+            sizes = [n // 2 for n in sizes]
     return out
 
 
@@ -75,9 +101,9 @@ class StackedCNN(PlainStack):
     def __init__(self, models: Sequence[nn.Module], channels: Sequence[Channels], width: Channels,
                  input_shape: Sequence[int], device: torch.device):
         first = models[0]
-        if first.dims != 1:
-            raise ValueError("StackedCNN stacks 1-D CNNs (signals (C, L)) only")
-        convs = [[m for m in model.features if isinstance(m, nn.Conv1d)] for model in models]
+        self.dims = first.dims  # 1: signals (C, L); 2: images (C, H, W)
+        self.spatial = tuple(int(n) for n in input_shape[1:])
+        convs = [[m for m in model.features if isinstance(m, (nn.Conv1d, nn.Conv2d))] for model in models]
         self.in_channels = convs[0][0].in_channels
         self.flatten = bool(first.flatten)
         self.stages = stages_of(first)
@@ -87,21 +113,28 @@ class StackedCNN(PlainStack):
         self.classes = first.head.out_features
         self.device = device
         self.names = [n for n, _ in first.named_parameters()]
-        # which member slices each parameter holds: ("conv", stage) / ("bias", stage) / ("head", _) / ("hbias", _)
+        # which member slices each state tensor holds, in state_dict order within parameters and
+        # buffers: ("conv", stage) / ("bias", stage) / ("gamma" | "beta", stage) / ("head", _) /
+        # ("hbias", _), then ("mean" | "var" | "seen", stage) of batch norm
         self.kinds: List[Tuple[str, int]] = []
-        for s in range(len(self.stages)):
+        for s, st in enumerate(self.stages):
             self.kinds.append(("conv", s))
             if convs[0][s].bias is not None:
                 self.kinds.append(("bias", s))
+            if st.norm is not None:
+                self.kinds += [(k, s) for k in NORM_PARAMS]
         self.kinds += [("head", 0), ("hbias", 0)] if first.head.bias is not None else [("head", 0)]
-        self.params: List[torch.Tensor] = []
-        lone = [list(model.parameters()) for model in models]
-        for j in range(len(self.kinds)):
-            like = torch.zeros(self._padded_shape(j), device=device)
-            self.params.append(self._stack(j, [p[j].detach() for p in lone], like).requires_grad_())
+        self.kinds += [(k, s) for s, st in enumerate(self.stages) if st.norm == "batch" for k in BUFFERS]
+        self.buffer_names = [n for n, _ in first.named_buffers()]
+        lone = [[t.detach() for t in [*model.parameters(), *model.buffers()]] for model in models]
+        state = [self._stack(j, [t[j] for t in lone], torch.zeros(self._padded_shape(j), dtype=lone[0][j].dtype,
+                                                                   device=device))
+                 for j in range(len(self.kinds))]
+        self.params: List[torch.Tensor] = [t.requires_grad_() for t in state[:len(self.names)]]
+        self.buffers: List[torch.Tensor] = state[len(self.names):]
         self.mask_hidden = [float(st.act(torch.zeros(()))) != 0.0 for st in self.stages]
         self._channel_masks()
-        self.lengths = conv_lengths(first, int(input_shape[-1]))
+        self.lengths = conv_positions(first, self.spatial)
         # the engine sizes evaluation chunks by width (activations per example and member)
         self.width = max(c * n for c, n in zip(self.width_tuple, self.lengths))
         self.eval_bytes = EVAL_BYTES
@@ -123,9 +156,11 @@ class StackedCNN(PlainStack):
         """The lone parameter's shape for channels ``ch``."""
         c_in = self.in_channels if s == 0 else ch[s - 1]
         if kind == "conv":
-            return (ch[s], c_in, self.stages[s].kernel)
-        if kind == "bias":
+            return (ch[s], c_in, *[self.stages[s].kernel] * self.dims)
+        if kind in ("bias", "gamma", "beta", "mean", "var"):
             return (ch[s],)
+        if kind == "seen":
+            return ()
         if kind == "head":
             return (self.classes, ch[-1] * (self.out_len if self.flatten else 1))
         return (self.classes,)
@@ -134,8 +169,8 @@ class StackedCNN(PlainStack):
         """A member's slice of the stacked parameter (channels ``ch`` = the bucket's)."""
         shape = self._shape(kind, s, ch)
         if kind == "conv":
-            return (shape[0], shape[1] * shape[2])
-        if kind in ("bias", "hbias"):
+            return (shape[0], math.prod(shape[1:]))
+        if kind in ("bias", "hbias", "gamma", "beta"):
             return (1, shape[0])
         return shape
 
@@ -143,8 +178,8 @@ class StackedCNN(PlainStack):
         """Member slice ``t`` (stored layout) as a view in which the lone tensor is a corner."""
         kind, s = self.kinds[j]
         if kind == "conv":
-            return t.view(t.shape[0], -1, self.stages[s].kernel)
-        if kind in ("bias", "hbias"):
+            return t.view(t.shape[0], -1, *[self.stages[s].kernel] * self.dims)
+        if kind in ("bias", "hbias", "gamma", "beta"):
             return t[0]
         if kind == "head" and self.flatten:
             return t.view(t.shape[0], -1, self.out_len)
@@ -192,11 +227,26 @@ class StackedCNN(PlainStack):
             return shapes[0]
         raise ValueError("StackedCNN.stack: 'like' is none of its parameters")
 
+    @property
+    def state_names(self) -> List[str]:
+        return self.names + self.buffer_names
+
+    @property
+    def state_tensors(self) -> List[torch.Tensor]:
+        """Everything a member's state_dict holds, stacked: parameters, then buffers."""
+        return self.params + self.buffers
+
+    def _running(self, s: int) -> Running:
+        """Stage s's batch-norm buffers (mean, var, seen)."""
+        at = self.kinds.index(("mean", s)) - len(self.names)
+        return tuple(self.buffers[at:at + 3])
+
     def member_state(self, i: int, tensors: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        """Member ``i``'s unpadded tensors under nn.Module names (default: its parameters)."""
-        tensors = tensors if tensors is not None else self.params
+        """Member ``i``'s unpadded tensors under nn.Module names (default: its state_dict's,
+        parameters and buffers; a list of the parameters alone gives those)."""
+        tensors = tensors if tensors is not None else self.state_tensors
         out = {}
-        for j, (name, t) in enumerate(zip(self.names, tensors)):
+        for j, (name, t) in enumerate(zip(self.state_names, tensors)):
             shape = self._real(j, i)
             out[name] = self._corner(j, i, t[i]).detach().reshape(shape).cpu().clone()
         return out
@@ -209,16 +259,20 @@ class StackedCNN(PlainStack):
                 for j, p in enumerate(self.params)]
 
     def _channel_masks(self) -> None:
-        """(1, M·C_s, 1) float masks of each stage's real channels."""
+        """(1, M·C_s, 1) float masks of each stage's real channels ((1, M·C_s, 1, 1) on images),
+        and which stages are unpadded."""
         self.channel_mask = []
         for s, c in enumerate(self.width_tuple):
             real = torch.arange(c)[None, :] < self.widths[:, s:s + 1]
-            self.channel_mask.append(real.float().reshape(1, -1, 1).to(self.device))
+            self.channel_mask.append(real.float().reshape(1, -1, *[1] * self.dims).to(self.device))
+        # stages no member is padded in (layer norm there is torch's own kernel)
+        self.unpadded = [bool((self.widths[:, s] == c).all()) for s, c in enumerate(self.width_tuple)]
 
     def keep(self, idx: torch.Tensor) -> None:
         """Drop every member not in ``idx`` (a finished or diverged one)."""
         sel = idx.to(self.device)
         self.params = [p.detach().index_select(0, sel).requires_grad_() for p in self.params]
+        self.buffers = [t.index_select(0, sel) for t in self.buffers]
         self.widths = self.widths.index_select(0, idx.cpu())
         self._channel_masks()
 
@@ -240,33 +294,52 @@ class StackedCNN(PlainStack):
                 bias[s] = p
             elif kind == "head":
                 head = next(ws) if ws is not None else p
-            else:
+            elif kind == "hbias":
                 hb = p
         return list(zip(convs, bias)), (head, hb)
 
-    def _features(self, x: torch.Tensor, weights, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-member features (M, B, F) the head sees, from inputs (M, B, C_in·L)."""
+    def _features(self, x: torch.Tensor, weights, training: bool,
+                  counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-member features (M, B, F) the head sees, from inputs (M, B, C_in·L) (images:
+        C_in·H·W); ``training``:
+        batch norm on batch statistics (updating the running ones) or on the running ones."""
         m, b = x.shape[0], x.shape[1]
-        h = x.view(m, b, self.in_channels, -1).transpose(0, 1).reshape(b, m * self.in_channels, -1)
+        h = x.view(m, b, self.in_channels, -1).transpose(0, 1).reshape(b, m * self.in_channels, *self.spatial)
         stages, _ = self._layers(weights)
         for s, (st, (w, bias)) in enumerate(zip(self.stages, stages)):
-            k = st.kernel
-            h = F.conv1d(h, w.reshape(-1, w.shape[2] // k, k), bias.reshape(-1) if bias is not None else None,
-                         st.stride, st.padding, 1, m)
+            kernel = [st.kernel] * self.dims
+            h = CONVS[self.dims](h, w.reshape(-1, w.shape[2] // math.prod(kernel), *kernel),
+                                 bias.reshape(-1) if bias is not None else None, st.stride, st.padding, 1, m)
+            if st.norm is not None:
+                h = self._norm(s, h, training)
             h = st.act(h)
             if self.mask_hidden[s]:
                 h = h * self.channel_mask[s]
             if counts is not None:
                 self._count(h, s, counts)
-            if st.pool == "max":
-                h = F.max_pool1d(h, 2)
-            elif st.pool == "avg":
-                h = F.avg_pool1d(h, 2)
+            if st.pool is not None:
+                h = POOLS[self.dims, st.pool](h, 2)
         c = h.shape[1] // m
         h = h.view(b, m, c, -1)
         if self.flatten:
             return h.transpose(0, 1).reshape(m, b, -1)
         return h.mean(-1).transpose(0, 1)
+
+    def _norm(self, s: int, h: torch.Tensor, training: bool) -> torch.Tensor:
+        """Stage s's normalization of the convolution's output (B, M·C, *positions), each
+        member's own."""
+        st = self.stages[s]
+        g, b = (self.params[self.kinds.index((k, s))] for k in NORM_PARAMS)  # (M, 1, C) each
+        if st.norm == "batch":
+            return member_batch_norm(h, self._running(s), g, b, training, st.momentum, st.eps)
+        if st.norm == "instance":
+            return F.instance_norm(h, weight=g.reshape(-1), bias=b.reshape(-1), eps=st.eps)
+        m = len(self.widths)
+        if self.unpadded[s]:  # GroupNorm(1, C) of each member is GroupNorm(M) of them all
+            return F.group_norm(h, m, g.reshape(-1), b.reshape(-1), st.eps)
+        n, c = h.shape[0], h.shape[1] // m
+        y = masked_normalize(h.view(n, m, c, -1), self.channel_mask[s].view(1, m, c, 1), (2, 3), st.eps)
+        return (y * g.view(1, m, c, 1) + b.view(1, m, c, 1)).view(h.shape)
 
     def _count(self, h: torch.Tensor, s: int, counts: torch.Tensor) -> None:
         """Add member by member the real channels' activations that are 0 and near 0."""
@@ -280,7 +353,7 @@ class StackedCNN(PlainStack):
         """Logits (M, B, C) of inputs (M, B, D). Dropout masks are refused by compat for CNNs."""
         if masks and any(mk is not None for mk in masks):
             raise ValueError("StackedCNN has no dropout sites (compat refuses dropout for CNNs)")
-        feats = self._features(x, weights)
+        feats = self._features(x, weights, True)
         _, (w, b) = self._layers(weights)
         return torch.baddbmm(b, feats, w.transpose(1, 2)) if b is not None else torch.bmm(feats, w.transpose(1, 2))
 
@@ -292,7 +365,7 @@ class StackedCNN(PlainStack):
         out = torch.empty(m, self.classes, n, device=x.device, dtype=x.dtype)
         _, (w, b) = self._layers(None)
         for i in range(0, n, chunk):
-            feats = self._features(x[:, i:i + chunk], None, counts)
+            feats = self._features(x[:, i:i + chunk], None, False, counts)
             z = torch.bmm(w, feats.transpose(1, 2))
             out[:, :, i:i + chunk] = z + b.transpose(1, 2) if b is not None else z
         return out

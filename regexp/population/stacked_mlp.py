@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from regexp.population.norms import masked_normalize, member_batch_norm
 from regexp.train.sparsity import NEAR_ZERO
 
 NORMS = (nn.BatchNorm1d, nn.LayerNorm)
@@ -257,22 +258,13 @@ class StackedMLP:
         g, b = self.norms[l]
         m, n, w = z.shape
         if self.running:
-            # members side by side as channels: torch's own kernel, whose running-statistics
-            # update (momentum, unbiased variance) lands in place in the stacked (M, width) buffers
-            mean, var, seen = self.running[l]
-            if training:
-                seen += 1
-            y = F.batch_norm(z.transpose(0, 1).reshape(n, m * w), mean.view(-1), var.view(-1), g.reshape(-1),
-                             b.reshape(-1), training, self.momentum, self.eps)
+            y = member_batch_norm(z.transpose(0, 1).reshape(n, m * w), self.running[l], g, b, training,
+                                  self.momentum, self.eps)
             return y.view(n, m, w).transpose(0, 1)
         mask = self.unit_masks[l]
-        k = mask.sum(2, keepdim=True)  # each member's real width
-        if bool((k == w).all()):
+        if bool((mask.sum(2) == w).all()):
             return F.layer_norm(z, (w,), eps=self.eps) * g + b
-        # over each member's real units only, masked so no gradient reaches the padded ones
-        d = (z - (z * mask).sum(2, keepdim=True) / k) * mask
-        var = (d * d).sum(2, keepdim=True) / k
-        return d * torch.rsqrt(var + self.eps) * g + b
+        return masked_normalize(z, mask, (2,), self.eps) * g + b  # over each member's real units only
 
     def _forward_loop(self, x: torch.Tensor, masks, weights=None) -> torch.Tensor:
         """The same function, member by member with nn.Linear's own kernel on unpadded slices.
