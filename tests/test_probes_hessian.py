@@ -227,3 +227,12 @@ def test_density_plot_redrawn_equals_a_fresh_one(tmp_path):
     again = png(shared.draw(density(0.1, 2.0), 0.02, "epoch 2"), "narrow.png")
     fresh = png(DensityPlot().draw(density(0.1, 2.0), 0.02, "epoch 2"), "fresh.png")
     assert again == fresh != first
+
+
+def test_density_tick_labels_are_rounded_to_the_spacing():
+    from regexp.probes.hessian import tick_label
+
+    assert [tick_label(v, 2.5) for v in (0.0, 2.5, 5.0, 7.5)] == ["0", "2.5", "5", "7.5"]
+    # the locator's sums: 3 × 0.1 and a zero that comes out as ±1e-16
+    assert [tick_label(v, 0.1) for v in (0.30000000000000004, -1e-16, -0.1)] == ["0.3", "0", "-0.1"]
+    assert tick_label(0.00025, 5e-5) == "0.00025" and tick_label(40.0, 10.0) == "40"
