@@ -118,18 +118,6 @@ def _model_cfg():
 
 @pytest.mark.parametrize("overrides,why", [
     (["model.norm=instance", "probe=[sharpness]"], "model.norm=instance with probes"),
-    (["regularizer=[dropout]"], "regularizer dropout with model=cnn"),
-    (["regularizer=[weight_noise]"], "regularizer weight_noise with model=cnn"),
-    # what reads an MLP's hidden sites, weights list or parameter names stays out, each in one line
-    (["regularizer=[activity_l1]"], "regularizer activity_l1 with model=cnn (activity penalties read"),
-    (["regularizer=[multi_task]"], "regularizer multi_task with model=cnn"),
-    (["regularizer=[tangent_prop]"], "regularizer tangent_prop with model=cnn"),
-    (["regularizer=[gradient_norm_penalty]"], "regularizer gradient_norm_penalty with model=cnn"),
-    (["regularizer=[masked_reconstruction]"], "regularizer masked_reconstruction with model=cnn"),
-    (["regularizer=[soft_weight_sharing]"], "regularizer soft_weight_sharing with model=cnn"),
-    (["regularizer=[dropconnect]"], "regularizer dropconnect with model=cnn"),
-    (["regularizer=[adversarial]"], "regularizer adversarial with model=cnn"),
-    (["regularizer=[early_stopping]"], "regularizer early_stopping with model=cnn"),
 ])
 def test_cnn_features_a_population_cannot_train_are_refused(compose_cfg, overrides, why):
     assert incompatibility(compose_cfg(["model=cnn"] + overrides)).startswith(why)

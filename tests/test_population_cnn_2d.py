@@ -61,3 +61,24 @@ def test_image_cost_counts_both_kernel_dimensions(compose_cfg):
     cfg = compose_cfg(["model=cnn", "model.channels=[4]", "model.kernel_size=3", "model.pool=none"])
     cost = cnn_cost(cfg.model, (1, 28, 28), 10)
     assert cost((4,)) == 28 * 28 * 4 * 1 * 9 + 4 * 10
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_image_cnn_draws_and_activity_penalties_with_norms_match_lone_runs(compose_cfg, tmp_path, norm):
+    # the draws on images: each member's dropout mask over (C, H, W) at the input and each
+    # stage, DropConnect and weight noise on its (C_out, C_in·k·k) block, the activity penalty
+    # on each stage's normalized site, all in its lone run's order, with per-member values.
+    # Batch norm trains with plain SGD: the convolution's bias before it has a gradient of pure
+    # rounding noise (the norm takes away each channel's mean), whose momentum buffer the
+    # checkpoint comparison would read (it differed by 3e-5 there; the weights agreed)
+    _write(tmp_path / "data", "mnist")
+    overrides = ["data=mnist", f"data.root={tmp_path / 'data'}", "data.download=false", "data.n_train=null",
+                 "model=cnn", "model.kernel_size=3", "trainer.batch_size=32", "model.pool=avg", f"model.norm={norm}",
+                 "optimizer=sgd" if norm == "batch" else "optimizer=momentum", "regularizer=[weight_decay,dropconnect,weight_noise,dropout,activity_l1]"]
+    points = [{**p, "regularizer.dropout.p": d, "regularizer.dropconnect.p": c, "regularizer.weight_noise.sigma": s,
+               "regularizer.activity_l1.alpha": a}
+              for p, d, c, s, a in zip(POINTS, [0.1, 0.0, 0.2], [0.2, 0.0, 0.1], [0.02, 0.05, 0.0], [0.01, 0.0, 0.02])]
+    assert incompatibility(compose_cfg(overrides)) is None
+    _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, overrides, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)

@@ -2,9 +2,10 @@
 
 Each member's head a(h) = W h + c (built, initialized and, on resume, restored by its own
 ``MultiTask`` regularizer, as in a lone run) becomes a slice of W (M, T, width) and c
-(M, 1, T); a narrower member's columns for padded units are zero and stay zero (their
-features are exactly 0, so is their gradient). The term is the regularizer's own
-``aux_term`` on the features the output layer reads (the last hidden layer the stacked
+(M, 1, T), its columns where the stacked model keeps the member's features (``columns``: a
+prefix, or a Transformer's head-by-head embedding); the columns of padded units are zero and
+stay zero (their features are exactly 0, so is their gradient). The term is the regularizer's
+own ``aux_term`` on the features the output layer reads (``head_input``, which the stacked
 forward records), against each member's standardized targets of its own training rows. The
 heads are stepped by a :class:`StackedOptimizer` of the members' rule and values, as a lone
 run's optimizer steps the head's parameter group (the same lr and schedule, no clipping:
@@ -21,13 +22,14 @@ from regexp.regularizers.multi_task import aux_term
 
 
 class StackedHeads:
-    def __init__(self, regs: List, widths: List[int], width: int, make_opt, device: torch.device):
-        self.regs, self.widths = regs, list(widths)
+    def __init__(self, regs: List, columns: List[torch.Tensor], width: int, make_opt, device: torch.device):
+        """``columns[m]``: where member m's features sit among the ``width`` the output layer reads."""
+        self.regs, self.columns = regs, list(columns)
         t = regs[0].aux.out_features
         w = torch.zeros(len(regs), t, width)
         c = torch.zeros(len(regs), 1, t)
-        for i, (r, k) in enumerate(zip(regs, widths)):
-            w[i, :, :k] = r.aux.weight.detach()
+        for i, (r, cols) in enumerate(zip(regs, columns)):
+            w[i][:, cols] = r.aux.weight.detach()
             c[i, 0] = r.aux.bias.detach()
         self.params = [w.to(device).requires_grad_(), c.to(device).requires_grad_()]
         self.z = torch.stack([r.z_train for r in regs]).to(device)  # (M, n, T)
@@ -46,15 +48,22 @@ class StackedHeads:
 
     def keep(self, sel: torch.Tensor) -> None:
         idx = sel.tolist()
-        self.regs, self.widths = [self.regs[i] for i in idx], [self.widths[i] for i in idx]
+        self.regs, self.columns = [self.regs[i] for i in idx], [self.columns[i] for i in idx]
         self.params = [p.detach().index_select(0, sel.to(p.device)).requires_grad_() for p in self.params]
         self.z = self.z.index_select(0, sel.to(self.z.device))
         self.opt.keep(sel)
         self.opt.set_params(self.params)
 
     def _unpad(self, k: int, t: torch.Tensor, j: int) -> torch.Tensor:
-        """Member k's slice of parameter j's stacked tensor, in nn.Linear's layout."""
-        return t[k, :, :self.widths[k]] if j == 0 else t[k, 0]
+        """Member k's slice of parameter j's stacked tensor, in nn.Linear's layout (a copy)."""
+        return t[k][:, self.columns[k]] if j == 0 else t[k, 0]
+
+    def _pad_(self, k: int, out: torch.Tensor, j: int, value: torch.Tensor) -> None:
+        """Write member k's ``value`` (nn.Linear's layout) into its slice of ``out``."""
+        if j == 0:
+            out[k][:, self.columns[k]] = value.to(out.device, out.dtype)
+        else:
+            out[k, 0] = value
 
     @torch.no_grad()
     def sync(self, k: int) -> None:
@@ -86,6 +95,6 @@ class StackedHeads:
             for j, p in enumerate(self.params):
                 out = torch.zeros_like(p, requires_grad=False)
                 for k, st in enumerate(states):
-                    self._unpad(k, out, j).copy_(st[offset + j][key])
+                    self._pad_(k, out, j, st[offset + j][key])
                 stacked.append(out)
             self.opt.state[key] = stacked

@@ -108,7 +108,8 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
         return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
                 "beside the run; a population stacks only its members)")
-    if "multi_task" in cfg.regularizer and (cfg.optimizer.name == "sam" or int(cfg.model.depth) == 0):
+    if "multi_task" in cfg.regularizer and (cfg.optimizer.name == "sam" or (cfg.model.name == "mlp"
+                                                                            and int(cfg.model.depth) == 0)):
         return ("regularizer multi_task with optimizer=sam or model.depth=0 (the population's heads read "
                 "the last hidden layer and take plain steps)")
     shaped = [r for r in regs if r in ("activity_l1", "activity_student_t", "activity_kl", "multi_task")]
@@ -137,41 +138,34 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     return None
 
 
-# What a stacked CNN or Transformer trains (its own stacked forward, no MLP sites): plain
-# penalties on its stacked parameters, label smoothing and input noise. Why the rest stays out:
+# What a stacked CNN or Transformer trains through the MLP population's own code paths: penalties
+# on its stacked parameters, the batch transforms (FGSM through its stacked forward), dropout at
+# its own sites, weight noise and DropConnect on each member's block of its weights, activity
+# penalties and multi_task's heads on what its forward records, early stopping, the starts it
+# loads, learned mixtures, the pretext head; a CNN also the double-backward batch penalties.
 STACKED_REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "label_smoothing",
-                        "input_noise")
-# and, for a CNN, augmentation: its transforms act on the inputs alone, whatever the model
-# (tests/test_population_cnn_augment.py checks them against lone CNN runs, signals and images)
-CNN_REGULARIZERS = ("augmentation",)
-NOT_FOR_NEW_MODELS = {
-    "dropout": "the stacked model draws no per-member dropout masks of its sites",
-    "weight_noise": "per-member weight noise is drawn for MLP layers only",
-    "dropconnect": "DropConnect's masks are drawn per MLP layer's units",
-    "augmentation": "the batch transforms are checked against lone MLP and CNN runs only",
-    "adversarial": "FGSM's input gradient runs through the MLP's weights list only",
-    "activity_l1": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
-    "activity_student_t": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
-    "activity_kl": "activity penalties read the MLP's recorded hidden layers (net.hidden)",
-    "multi_task": "its heads read the MLP's last recorded hidden layer",
-    "tangent_prop": "its batch penalty's extra pass keeps the MLP's hidden activations",
-    "gradient_norm_penalty": "its batch penalty's extra pass keeps the MLP's hidden activations",
-    "masked_reconstruction": "its pretext head reads the MLP's last hidden layer",
-    "soft_weight_sharing": "its mixtures are matched to the stacked MLP's weights only",
-    "early_stopping": "its restored best state is checked against lone MLP runs only",
-    "transfer": "frozen tensors and loaded starts are matched to the stacked MLP only",
-    "parameter_tying": "members' references are matched by the stacked MLP's parameter names",
-}
+                        "input_noise", "early_stopping", "transfer", "augmentation", "adversarial",
+                        "parameter_tying", "dropout", "soft_weight_sharing", "activity_l1", "activity_student_t",
+                        "masked_reconstruction", "multi_task", "weight_noise", "dropconnect")
+CNN_REGULARIZERS = STACKED_REGULARIZERS + ("tangent_prop", "gradient_norm_penalty", "activity_kl")
+# Why the rest stays out, for both models (none now), then for one of them:
+NOT_FOR_NEW_MODELS: Dict[str, str] = {}
+NOT_FOR_MODEL = {"transformer": {
+    # torch's CPU attention kernel has no double backward: a lone run fails alike
+    "tangent_prop": "its double backward would run through attention, whose CPU kernel has none",
+    "gradient_norm_penalty": "its double backward would run through attention, whose CPU kernel has none",
+    "activity_kl": "its firing rates need relu or sigmoid units; a Transformer's hidden site is a layer norm's",
+}}
 
 
 def model_incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why a CNN or Transformer run (regexp/population/stacked_cnn.py, stacked_transformer.py)
     cannot join a population, or None."""
     name = cfg.model.name
-    allowed = STACKED_REGULARIZERS + (CNN_REGULARIZERS if name == "cnn" else ())
     for r in cfg.regularizer:
-        if r not in allowed and r in NOT_FOR_NEW_MODELS:
-            return f"regularizer {r} with model={name} ({NOT_FOR_NEW_MODELS[r]})"
+        why = NOT_FOR_NEW_MODELS.get(r) or NOT_FOR_MODEL.get(name, {}).get(r)
+        if why is not None:
+            return f"regularizer {r} with model={name} ({why})"
     return None
 
 

@@ -19,8 +19,12 @@ import torch
 class MemberDropout:
     def __init__(self, input_p: Sequence[float], hidden_p: Sequence[float],
                  generators: Sequence[torch.Generator], widths: Sequence[int], in_dim: int,
-                 width: int, hidden_layers: int, device: torch.device, exact: bool, seed: int = 0):
+                 width: int, hidden_layers: int, device: torch.device, exact: bool, seed: int = 0,
+                 before: Optional[Sequence[int]] = None):
+        """``before``: the weight each site (the input's first, then the hidden ones) feeds, in
+        the stacked model's :attr:`weights` order; None: site l feeds weight l (an MLP's, a CNN's)."""
         self.input_p, self.hidden_p = list(input_p), list(hidden_p)
+        self.before = list(before) if before is not None else list(range(1 + hidden_layers))
         self.generators = list(generators)
         self.widths = list(widths)
         self.in_dim, self.width, self.hidden_layers = in_dim, width, hidden_layers
@@ -47,7 +51,7 @@ class MemberDropout:
         return [self.site_mask(l, batch) for l in range(1 + self.hidden_layers)]
 
     def site_mask(self, l: int, batch: int) -> Optional[torch.Tensor]:
-        """The mask of the input of linear layer ``l`` (0: the network's input), or None."""
+        """The mask of dropout site ``l`` (0: the network's input), or None."""
         if not any(p > 0 for p in (self.input_p if l == 0 else self.hidden_p)):
             return None  # sizes unread: a stacked CNN's or Transformer's sites are not the MLP's
         if l == 0:

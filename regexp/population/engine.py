@@ -155,7 +155,7 @@ class LossTerms:
                 out.append(self.activity[name].activity_of(net.hidden, hp, True, net.unit_mask))
                 continue
             if name == "multi_task":  # on the features the output layer reads
-                out.append(self.heads.term(net.hidden[-1], hp))
+                out.append(self.heads.term(net.head_input, hp))
                 continue
             if cls.batch_penalty_of is not None:
                 out.append(cls.batch_penalty_of(batch, hp, True))
@@ -251,16 +251,18 @@ class Bucket:
         if opts.compile and any(f[0].batch_penalty_of is not None for f in self.terms.forms.values()):
             raise ConfigError("extra.population.compile=true is invalid with tangent_prop or gradient_norm_penalty "
                               "(torch.compile has no double backward): expected false")
-        self.heads = _heads(members, width, cfg, device)
+        self.heads = _heads(members, self.net, cfg, device)
         self.terms.heads = self.heads
         self.net.record = bool(self.terms.activity) or self.heads is not None
         exact = opts.exact_dropout if opts.exact_dropout is not None else device.type == "cpu"
+        sizes, padded = self.net.site_sizes  # the hidden dropout sites' units per example
         self.drop = MemberDropout([_reg(m, "dropout", "input_p") for m in members],
                                   [_reg(m, "dropout", "p") for m in members],
-                                  [m.dropout_gen for m in members], [m.widths for m in members],
-                                  int(torch.tensor(data.input_shape).prod()), self.net.hidden_widths,
-                                  len(self.net.weights) - 1, device, exact, int(cfg.seed))
-        self.noise = _step_noise(members, self.drop, len(self.net.weights), device)
+                                  [m.dropout_gen for m in members], sizes,
+                                  int(torch.tensor(data.input_shape).prod()), padded,
+                                  len(self.net.site_weights) - 1, device, exact, int(cfg.seed),
+                                  self.net.site_weights)
+        self.noise = _step_noise(members, self.drop, self.net, device)
         self.transforms = BatchTransforms([m.cfg.regularizer for m in members], data.input_shape, self.noise, device)
         self.pretext = MemberPretext.of(members, data.input_shape, device)
         self.member_set = data.member_set.clone()
@@ -395,27 +397,32 @@ def clip_grad_norms_(params: List[torch.Tensor], max_norm: torch.Tensor) -> None
         p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))
 
 
-def _heads(members: List[Member], width: int, cfg, device: torch.device) -> Optional[StackedHeads]:
-    """The members' multi_task heads, stepped by the members' own update rule and values."""
+def _heads(members: List[Member], net, cfg, device: torch.device) -> Optional[StackedHeads]:
+    """The members' multi_task heads on the features ``net``'s output layer reads, stepped by the
+    members' own update rule and values."""
     if "multi_task" not in cfg.regularizer:
         return None
     regs = [next(r for r in m.regs if r.name == "multi_task") for m in members]
-    return StackedHeads(regs, [m.width for m in members], width,
+    return StackedHeads(regs, net.head_columns(), net.weights[-1].shape[2],
                         lambda ps: StackedOptimizer(_base_name(cfg.optimizer), ps, _member_hypers(members),
                                                     bool(cfg.optimizer.get("nesterov", False)), device,
                                                     bool(cfg.optimizer.get("centered", False))), device)
 
 
-def _step_noise(members: List[Member], drop: MemberDropout, layers: int, device: torch.device) -> StepNoise:
-    """Input and weight noise of the members (σ per member), drawn in a lone run's order."""
+def _step_noise(members: List[Member], drop: MemberDropout, net, device: torch.device) -> StepNoise:
+    """Input and weight noise of the members (σ per member), drawn in a lone run's order on the
+    weights a lone model's Linear/Conv transforms reach (``net.perturbed``; default: all), in
+    each member's block of them (``net.weight_corners``; default: an MLP's)."""
+    layers = len(net.weights)
+    body = getattr(net, "perturbed", [True] * (layers - 1))
     regs = members[0].cfg.regularizer  # the regularizer list is shared; only σ may differ
     sigmas = lambda name: [_reg(m, name, "sigma") for m in members] if name in regs else None  # noqa: E731
     head = bool(regs.weight_noise.include_head) if "weight_noise" in regs else False
     connect = [_reg(m, "dropconnect", "p") for m in members] if "dropconnect" in regs else None
     connect_head = bool(regs.dropconnect.include_head) if "dropconnect" in regs else False
     first = [n for n in regs if n in ("dropconnect", "weight_noise")][:1] == ["dropconnect"]  # attach order
-    return StepNoise(drop, sigmas("input_noise"), sigmas("weight_noise"), [True] * (layers - 1) + [head], device,
-                     connect, [True] * (layers - 1) + [connect_head], first)
+    return StepNoise(drop, sigmas("input_noise"), sigmas("weight_noise"), body + [head], device,
+                     connect, body + [connect_head], first, getattr(net, "weight_corners", None))
 
 
 @dataclass
@@ -506,9 +513,10 @@ def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, ma
     def extra_pass(x: torch.Tensor) -> torch.Tensor:
         # the step's hidden activations stay what the activity penalties and heads read, as a
         # lone run's tangent_prop restores its sites after its extra pass
-        kept = b.net.hidden
+        kept, record = b.net.hidden, b.net.record
+        b.net.record = False  # nor is the head's recorded input (a CNN's, a Transformer's) replaced
         out = b.forward(x, _second_masks(b, x, masks), weights)
-        b.net.hidden = kept
+        b.net.hidden, b.net.record = kept, record
         return out
 
     return Batch(xb, yb, loss, extra_pass, b.terms.loss, b.net.params, tuple(b.data.input_shape))

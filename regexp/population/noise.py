@@ -12,7 +12,7 @@ transforms like input noise (the three in config order), are in :mod:`regexp.pop
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -20,16 +20,39 @@ from regexp.population.dropout import MemberDropout
 from regexp.regularizers.dropconnect import connect_mask, connected
 
 
+# A member's lone weight inside its stacked slice: (rows, cols) of its top-left corner, or the
+# positions (LongTensors) its rows and columns take (a Transformer's head-by-head embedding).
+Block = Tuple[Union[int, torch.Tensor], Union[int, torch.Tensor]]
+
+
+def _size(block: Block) -> Tuple[int, int]:
+    return tuple(v if isinstance(v, int) else len(v) for v in block)
+
+
+def _place_(out: torch.Tensor, block: Block, values: torch.Tensor) -> None:
+    """Write a member's lone-shaped ``values`` into its slice ``out`` at ``block``."""
+    r, c = block
+    if isinstance(r, int) and isinstance(c, int):
+        out[:r, :c] = values
+        return
+    rows = torch.arange(r) if isinstance(r, int) else r
+    cols = torch.arange(c) if isinstance(c, int) else c
+    out[rows[:, None], cols[None, :]] = values
+
+
 class StepNoise:
     def __init__(self, drop: MemberDropout, input_sigma: Optional[Sequence[float]],
                  weight_sigma: Optional[Sequence[float]], noised_layers: Sequence[bool], device: torch.device,
                  connect_p: Optional[Sequence[float]] = None, connected_layers: Sequence[bool] = (),
-                 connect_first: bool = False):
+                 connect_first: bool = False,
+                 corners: Optional[Callable[[], List[List[Tuple[int, int]]]]] = None):
         """``input_sigma`` / ``weight_sigma`` / ``connect_p`` (DropConnect's p): one value per
         member, or None when the population has no such regularizer (σ = 0 or p = 0 still draws,
         as a lone run does); ``noised_layers`` / ``connected_layers``: which linear layers weight
         noise / DropConnect perturb (the head only with ``include_head``); ``connect_first``:
-        DropConnect was attached before weight noise (listed first among the regularizers)."""
+        DropConnect was attached before weight noise (listed first among the regularizers);
+        ``corners``: per weight, each member's :data:`Block`, read at every draw (a CNN's:
+        :meth:`StackedCNN.weight_corners`); None: an MLP's, from its widths."""
         self.drop, self.device = drop, device
         self.input_sigma = list(input_sigma) if input_sigma is not None else None
         self.weight_sigma = list(weight_sigma) if weight_sigma is not None else None
@@ -37,6 +60,7 @@ class StepNoise:
         self.connect_p = list(connect_p) if connect_p is not None else None
         self.connects = (list(connected_layers) if connect_p is not None else []) or [False] * len(noised_layers)
         self.transforms = ("connect", "noise") if connect_first else ("noise", "connect")
+        self.corners = corners
         self._masks = {}
         self._scales()
 
@@ -78,11 +102,14 @@ class StepNoise:
         last = len(weights) - 1
         ks = [k if isinstance(k, (list, tuple)) else [k] * last for k in widths]
         masks, used = [], list(weights)
+        corners = self.corners() if self.corners is not None and (any(self.noised) or any(self.connects)) else None
         for l, w in enumerate(weights):
-            masks.append(self.drop.site_mask(l, batch))
+            if l in self.drop.before:  # a dropout site feeds this weight: its mask first, as a lone pass draws
+                masks.append(self.drop.site_mask(len(masks), batch))
             if not (self.noised[l] or self.connects[l]):
                 continue  # nothing drawn on this weight (sizes unread: a CNN's or Transformer's are not the MLP's)
-            real = [(w.shape[1] if l == last else k[l], w.shape[2] if l == 0 else k[l - 1]) for k in ks]
+            real = (corners[l] if corners is not None else
+                    [(w.shape[1] if l == last else k[l], w.shape[2] if l == 0 else k[l - 1]) for k in ks])
             for kind in self.transforms:
                 if kind == "noise" and self.noised[l]:
                     used[l] = used[l] + self.s_w * self._normal(w.shape, real)
@@ -90,28 +117,28 @@ class StepNoise:
                     used[l] = connected(used[l], self._mask(w.shape, real), self.keep_c)
         return masks, used
 
-    def _mask(self, shape: torch.Size, real: List[Tuple[int, int]]) -> torch.Tensor:
+    def _mask(self, shape: torch.Size, real: List[Block]) -> torch.Tensor:
         """(M, rows, cols) DropConnect masks, each member's drawn on its real (rows, cols) with
         its own keep probability (padded weights are zero: whatever multiplies them is moot)."""
         if not self.drop.exact:
             u = torch.rand(shape, generator=self.drop.batched_gen, device=self.device)
             return (u < self.keep_c).float()
         out = torch.ones(shape)
-        for i, ((r, c), g, p) in enumerate(zip(real, self.drop.generators, self.connect_p)):
-            out[i, :r, :c] = connect_mask(torch.empty(r, c), 1.0 - p, g)
+        for i, (block, g, p) in enumerate(zip(real, self.drop.generators, self.connect_p)):
+            _place_(out[i], block, connect_mask(torch.empty(_size(block)), 1.0 - p, g))
         return out.to(self.device)
 
-    def _normal(self, shape: torch.Size, real: List[Tuple[int, int]]) -> torch.Tensor:
-        """(M, rows, cols) standard normal draws on each member's real (rows, cols), zero elsewhere."""
+    def _normal(self, shape: torch.Size, real: List[Block]) -> torch.Tensor:
+        """(M, rows, cols) standard normal draws on each member's real block, zero elsewhere."""
         if not self.drop.exact:
-            key = (tuple(shape), tuple(real))
+            key = (tuple(shape), tuple(tuple(v if isinstance(v, int) else tuple(v.tolist()) for v in b) for b in real))
             if key not in self._masks:  # made once per shape, not per step
                 mask = torch.zeros(shape)
-                for i, (r, c) in enumerate(real):
-                    mask[i, :r, :c] = 1.0
+                for i, block in enumerate(real):
+                    _place_(mask[i], block, 1.0)
                 self._masks[key] = mask.to(self.device)
             return torch.randn(shape, generator=self.drop.batched_gen, device=self.device) * self._masks[key]
         out = torch.zeros(shape)
-        for i, ((r, c), g) in enumerate(zip(real, self.drop.generators)):
-            out[i, :r, :c] = torch.randn(r, c, generator=g)
+        for i, (block, g) in enumerate(zip(real, self.drop.generators)):
+            _place_(out[i], block, torch.randn(_size(block), generator=g))
         return out.to(self.device)

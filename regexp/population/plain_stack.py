@@ -1,12 +1,15 @@
 """What the engine reads of a stacked model without MLP sites (StackedCNN, StackedTransformer).
 
 Such a model has one architecture for all members (the same parameter names), no
-hand-written step and no member-by-member form, and records no hidden activations: compat
-refuses every regularizer that would read an MLP's sites, weights list or per-layer widths.
+hand-written step and no member-by-member form. What the MLP population's regularizer paths
+read of it: its dropout sites (:attr:`site_sizes`, :attr:`site_weights`), the hidden
+activations a forward with ``record`` keeps (``hidden``, ``head_input``, ``unit_mask``), and
+where each member's lone weights and head features sit in its slices (``weight_corners``,
+``head_columns``).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -26,6 +29,17 @@ class PlainStack:
 
     def _stack(self, j: int, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def site_sizes(self) -> Tuple[List[List[int]], List[int]]:
+        """Units per example of each hidden dropout site: each member's, and the bucket's (padded)."""
+        return self.layer_widths, self.hidden_widths
+
+    @property
+    def site_weights(self) -> List[int]:
+        """The weight (in :attr:`weights` order) each dropout site feeds, the input's first: a
+        CNN's input feeds its first convolution, stage s's site the next stage or the head."""
+        return list(range(len(self.weights)))
 
     @property
     def member_names(self) -> List[List[str]]:

@@ -133,13 +133,11 @@ class StackedCNN(PlainStack):
         self.params: List[torch.Tensor] = [t.requires_grad_() for t in state[:len(self.names)]]
         self.buffers: List[torch.Tensor] = state[len(self.names):]
         self.mask_hidden = [float(st.act(torch.zeros(()))) != 0.0 for st in self.stages]
-        self._channel_masks()
         self.lengths = conv_positions(first, self.spatial)
+        self._channel_masks()
         # the engine sizes evaluation chunks by width (activations per example and member)
         self.width = max(c * n for c, n in zip(self.width_tuple, self.lengths))
         self.eval_bytes = EVAL_BYTES
-        # the per-member sizes the engine's dropout and noise draws are built with (inactive:
-        # compat refuses dropout, weight noise and DropConnect for CNNs)
         self.hidden_widths = list(self.width_tuple)
 
     # ------------------------------------------------------------------ layout
@@ -260,13 +258,17 @@ class StackedCNN(PlainStack):
 
     def _channel_masks(self) -> None:
         """(1, M·C_s, 1) float masks of each stage's real channels ((1, M·C_s, 1, 1) on images),
-        and which stages are unpadded."""
+        which stages are unpadded, and ``unit_mask``: each stage's as (M, 1, C_s·P_s), the real
+        units of its recorded site over its P_s positions (None without padding)."""
         self.channel_mask = []
         for s, c in enumerate(self.width_tuple):
             real = torch.arange(c)[None, :] < self.widths[:, s:s + 1]
             self.channel_mask.append(real.float().reshape(1, -1, *[1] * self.dims).to(self.device))
         # stages no member is padded in (layer norm there is torch's own kernel)
         self.unpadded = [bool((self.widths[:, s] == c).all()) for s, c in enumerate(self.width_tuple)]
+        m, padded = len(self.widths), not all(self.unpadded)
+        self.unit_mask = ([cm.view(m, 1, -1, 1).expand(-1, -1, -1, n).reshape(m, 1, -1)
+                           for cm, n in zip(self.channel_mask, self.lengths)] if padded else None)
 
     def keep(self, idx: torch.Tensor) -> None:
         """Drop every member not in ``idx`` (a finished or diverged one)."""
@@ -275,6 +277,23 @@ class StackedCNN(PlainStack):
         self.buffers = [t.index_select(0, sel) for t in self.buffers]
         self.widths = self.widths.index_select(0, idx.cpu())
         self._channel_masks()
+
+    def weight_corners(self) -> List[List[Tuple[int, int]]]:
+        """Per weight (:attr:`weights` order), each member's lone weight as the (rows, cols)
+        block at the top left of its stored slice (where weight noise and DropConnect draw)."""
+        return [[self._stored(kind, s, [int(c) for c in ch]) for ch in self.widths]
+                for kind, s in self.kinds if kind in ("conv", "head")]
+
+    def head_columns(self) -> List[torch.Tensor]:
+        """Where each member's features sit among the head's inputs: the first ones."""
+        return [torch.arange(self._stored("head", 0, [int(c) for c in ch])[1]) for ch in self.widths]
+
+    @property
+    def site_sizes(self) -> Tuple[List[List[int]], List[int]]:
+        """Units per example of each stage's dropout site (channels × the convolution's output
+        length: the site comes before the pooling), each member's and the bucket's."""
+        per = lambda ch: [int(c) * n for c, n in zip(ch, self.lengths)]  # noqa: E731
+        return [per(ch) for ch in self.widths], per(self.width_tuple)
 
     def hidden_units(self, i: int) -> int:
         """Member i's hidden activations per example (channels × positions of every stage)."""
@@ -298,12 +317,16 @@ class StackedCNN(PlainStack):
                 hb = p
         return list(zip(convs, bias)), (head, hb)
 
-    def _features(self, x: torch.Tensor, weights, training: bool,
-                  counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, weights, training: bool, counts: Optional[torch.Tensor] = None,
+                  masks: Optional[List[Optional[torch.Tensor]]] = None,
+                  hidden: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Per-member features (M, B, F) the head sees, from inputs (M, B, C_in·L) (images:
-        C_in·H·W); ``training``:
-        batch norm on batch statistics (updating the running ones) or on the running ones."""
+        C_in·H·W); ``training``: batch norm on batch statistics (updating the running ones) or on
+        the running ones; ``masks``: the dropout masks of the input and of each stage's site,
+        (M, B, C·positions) or None; ``hidden`` gains each site's output."""
         m, b = x.shape[0], x.shape[1]
+        if masks and masks[0] is not None:
+            x = x * masks[0]
         h = x.view(m, b, self.in_channels, -1).transpose(0, 1).reshape(b, m * self.in_channels, *self.spatial)
         stages, _ = self._layers(weights)
         for s, (st, (w, bias)) in enumerate(zip(self.stages, stages)):
@@ -315,6 +338,10 @@ class StackedCNN(PlainStack):
             h = st.act(h)
             if self.mask_hidden[s]:
                 h = h * self.channel_mask[s]
+            if masks and masks[s + 1] is not None:  # a member's (C, positions) mask beside the others' channels
+                h = h * masks[s + 1].view(m, b, -1, *h.shape[2:]).transpose(0, 1).reshape(h.shape)
+            if hidden is not None:  # the stage's site, (M, B, C·positions) as the activity penalties read it
+                hidden.append(h.reshape(b, m, -1).transpose(0, 1))
             if counts is not None:
                 self._count(h, s, counts)
             if st.pool is not None:
@@ -350,10 +377,12 @@ class StackedCNN(PlainStack):
 
     def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
                 weights: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-        """Logits (M, B, C) of inputs (M, B, D). Dropout masks are refused by compat for CNNs."""
-        if masks and any(mk is not None for mk in masks):
-            raise ValueError("StackedCNN has no dropout sites (compat refuses dropout for CNNs)")
-        feats = self._features(x, weights, True)
+        """Logits (M, B, C) of inputs (M, B, D); ``masks``: the dropout sites' (input, then each
+        stage's); ``weights`` replaces the stored weights (weight noise, DropConnect)."""
+        self.hidden = []
+        feats = self._features(x, weights, True, None, masks, self.hidden if self.record else None)
+        if self.record:
+            self.head_input = feats
         _, (w, b) = self._layers(weights)
         return torch.baddbmm(b, feats, w.transpose(1, 2)) if b is not None else torch.bmm(feats, w.transpose(1, 2))
 

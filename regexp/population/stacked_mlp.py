@@ -18,7 +18,7 @@ batched form only.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -161,6 +161,25 @@ class StackedMLP:
     @property
     def params(self) -> List[torch.Tensor]:
         return [p for _, p, _ in self.named_params()]
+
+    @property
+    def site_sizes(self) -> Tuple[List[List[int]], List[int]]:
+        """Units per example of each hidden dropout site: each member's, and the bucket's (padded)."""
+        return self.layer_widths, self.hidden_widths
+
+    @property
+    def head_input(self) -> torch.Tensor:
+        """The features the output layer read in the last recorded forward: the last hidden layer."""
+        return self.hidden[-1]
+
+    def head_columns(self) -> List[torch.Tensor]:
+        """Where each member's features sit among the output layer's inputs: the first ones."""
+        return [torch.arange(ks[-1]) for ks in self.layer_widths]
+
+    @property
+    def site_weights(self) -> List[int]:
+        """The weight each dropout site feeds (the input's first): every linear layer has one."""
+        return list(range(len(self.weights)))
 
     def named_params(self) -> List[tuple]:
         """(name, stacked tensor, is_weight) in nn.Module order (the first member's names)."""

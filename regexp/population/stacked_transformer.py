@@ -105,6 +105,12 @@ class StackedTransformer(PlainStack):
         for i, idx in enumerate(self._e_index):
             real[i, 0, idx] = 1.0
         self.unit_mask = real.to(self.device) if padded else None
+        # (M, 1, E): for each stored unit, the member unit it holds (padded ones: themselves), so a
+        # dropout mask drawn over a member's units in its own order lands on the head-by-head layout
+        order = torch.arange(self.embed).repeat(len(es), 1)
+        for i, idx in enumerate(self._e_index):
+            order[i, idx] = torch.arange(len(idx))
+        self.unit_order = order[:, None].to(self.device) if padded else None
         self.count = torch.tensor(es, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         # each member's own attention scale 1/√d_m, on q (M, 1, 1, 1, 1)
         scale = [1.0 / math.sqrt(e // self.heads) for e in es]
@@ -191,9 +197,34 @@ class StackedTransformer(PlainStack):
 
     @property
     def layer_widths(self) -> List[List[int]]:
-        """Each member's padded size (the engine's dropout, weight-noise and DropConnect draws, which
-        compat refuses for a Transformer, would read per-layer sizes here)."""
+        """Each member's embedding dimension: the units of its one hidden dropout site."""
         return [[int(e)] for e in self.widths]
+
+    @property
+    def perturbed(self) -> List[bool]:
+        """Which weights but the head a lone model's Linear transforms (weight noise, DropConnect)
+        reach: the patch embedding and the MLP's; attention calls its projections' weights
+        directly (never their module) and the position embedding is no layer."""
+        names = [n for n, _, is_w in self.named_params() if is_w][:-1]
+        return [n == "embed.weight" or n.endswith(("linear1.weight", "linear2.weight")) for n in names]
+
+    def weight_corners(self) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """Per weight (:attr:`weights` order), each member's rows and columns in its stored slice."""
+        out = []
+        for j, (_, _, is_w) in enumerate(self.named_params()):
+            if is_w:
+                out.append([tuple(ix.reshape(-1) for ix in self._grid(j, i)) for i in range(len(self.widths))])
+        return out
+
+    def head_columns(self) -> List[torch.Tensor]:
+        """Where each member's features (its embedding's units) sit in the head-by-head layout."""
+        return list(self._e_index)
+
+    @property
+    def site_weights(self) -> List[int]:
+        """The lone model's two dropout sites: its input feeds the patch embedding, the pooled
+        features (``hidden_site``) the head (the encoder's own dropout is 0)."""
+        return [0, len(self.weights) - 1]
 
     @property
     def hidden_widths(self) -> List[int]:
@@ -232,10 +263,16 @@ class StackedTransformer(PlainStack):
         var = (xc * xc).sum(-1, keepdim=True) / self.count
         return torch.addcmul(b, xc * torch.rsqrt(var + eps), g)
 
-    def _features(self, x: torch.Tensor, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The pooled features (M, B, E) the head reads, of inputs (M, B, D)."""
+    def _features(self, x: torch.Tensor, counts: Optional[torch.Tensor] = None,
+                  masks: Optional[List[Optional[torch.Tensor]]] = None,
+                  p: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The pooled features (M, B, E) the head reads, of inputs (M, B, D); ``masks``: the input's
+        and the hidden site's dropout masks (M, B, D) and (M, B, E), either None; ``p``: the
+        tensors to compute with by name (default: the parameters)."""
         m, b = x.shape[0], x.shape[1]
-        p = dict(zip(self.names, self.params))
+        if masks and masks[0] is not None:
+            x = x * masks[0]
+        p = p if p is not None else dict(zip(self.names, self.params))
         t = self.n_tokens
         tok = self.tokens(x.reshape(m * b, *self.input_shape)).reshape(m, b * t, -1)
         h = torch.baddbmm(p["embed.bias"], tok, p["embed.weight"].transpose(1, 2))
@@ -258,6 +295,9 @@ class StackedTransformer(PlainStack):
             a = F.gelu(torch.baddbmm(q("linear1.bias"), a, q("linear1.weight").transpose(1, 2)))
             h = h + torch.baddbmm(q("linear2.bias"), a, q("linear2.weight").transpose(1, 2))
         h = self._layer_norm(h, p["norm.weight"], p["norm.bias"], self.eps[-1]).view(m, b, t, e).mean(2)
+        if masks and masks[1] is not None:  # a member's mask covers its units in its own order
+            mask = masks[1]
+            h = h * (mask.gather(2, self.unit_order.expand_as(mask)) if self.unit_order is not None else mask)
         if counts is not None:  # the hidden site: padded units are no units
             real = self.unit_mask > 0 if self.unit_mask is not None else torch.ones_like(h[:, :1], dtype=torch.bool)
             counts += torch.stack([((h == 0) & real).sum((1, 2)), ((h.abs() < NEAR_ZERO) & real).sum((1, 2))], 1)
@@ -265,13 +305,15 @@ class StackedTransformer(PlainStack):
 
     def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
                 weights: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-        """Logits (M, B, C) of inputs (M, B, D). Dropout masks and weight noise are refused by
-        compat for Transformers."""
-        noisy = weights is not None and any(w is not s for w, s in zip(weights, self.weights))
-        if (masks and any(mk is not None for mk in masks)) or noisy:
-            raise ValueError("StackedTransformer takes no dropout masks or noisy weights (compat refuses them)")
+        """Logits (M, B, C) of inputs (M, B, D); ``masks``: the dropout sites' (:attr:`site_weights`);
+        ``weights`` replaces the stored weights (weight noise, DropConnect)."""
         p = dict(zip(self.names, self.params))
-        return torch.baddbmm(p["head.bias"], self._features(x), p["head.weight"].transpose(1, 2))
+        if weights is not None:
+            p.update(zip([n for n, _, is_w in self.named_params() if is_w], weights))
+        h = self._features(x, None, masks, p)
+        if self.record:  # the hidden site's output, as the activity penalties and aux heads read it
+            self.hidden, self.head_input = [h], h
+        return torch.baddbmm(p["head.bias"], h, p["head.weight"].transpose(1, 2))
 
     @torch.no_grad()
     def eval_logits(self, x: torch.Tensor, chunk: int, counts: Optional[torch.Tensor] = None) -> torch.Tensor:

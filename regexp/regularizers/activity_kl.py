@@ -22,13 +22,13 @@ position). ρ̂ is kept inside [1e-6, 1 − 1e-6] so a unit that is off on the w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Union
 
 import torch
 
 from regexp.errors import ConfigError
 from regexp.models.layers import ACTIVATIONS
-from regexp.regularizers.activity import ActivityPenalty, record_hidden
+from regexp.regularizers.activity import ActivityPenalty, Units, layer_units, record_hidden
 from regexp.regularizers.base import member_sum, per_member, register
 
 EPS = 1e-6
@@ -64,13 +64,12 @@ class ActivityKL(ActivityPenalty):
                               f"expected model.activation one of {', '.join(SQUASH)}")
         self.squash = SQUASH[found.pop()]
 
-    def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool,
-                    units: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool, units: Units = None) -> torch.Tensor:
         rho = per_member(hp.rho, stacked, 2)
         out = 0
-        for h in hs:
+        for h, u in zip(hs, layer_units(units, len(hs))):
             rate = self.squash(h).flatten(int(stacked) + 1).mean(int(stacked))  # ρ̂: (units,) or (M, units)
             kl = kl_bernoulli(rho, rate)
             # a padded unit's ρ̂ = squash(0) = 0 would add KL(ρ ‖ ε): it is no unit, so it adds nothing
-            out = out + member_sum(kl if units is None else kl * units.flatten(1), stacked)
+            out = out + member_sum(kl if u is None else kl * u.flatten(1), stacked)
         return per_member(hp.alpha, stacked, 1) * out

@@ -6,11 +6,11 @@ may stay large; the activations come from the model's hidden ``Site`` modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 
-from regexp.regularizers.activity import ActivityPenalty, batch_sum
+from regexp.regularizers.activity import ActivityPenalty, Units, batch_sum, layer_units
 from regexp.regularizers.base import per_member, register
 
 
@@ -24,7 +24,6 @@ class ActivityL1(ActivityPenalty):
 
     ranges = {"alpha": (lambda v: v >= 0, "a number >= 0")}
 
-    def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool,
-                    units: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool, units: Units = None) -> torch.Tensor:
         return per_member(hp.alpha, stacked, 1) * sum(
-            batch_sum((h if units is None else h * units).abs(), stacked) for h in hs)
+            batch_sum((h if u is None else h * u).abs(), stacked) for h, u in zip(hs, layer_units(units, len(hs))))

@@ -6,11 +6,11 @@ units, but it grows only logarithmically, so a few strongly active units are bar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 
-from regexp.regularizers.activity import ActivityPenalty, batch_sum
+from regexp.regularizers.activity import ActivityPenalty, Units, batch_sum, layer_units
 from regexp.regularizers.base import per_member, register
 
 
@@ -25,8 +25,8 @@ class ActivityStudentT(ActivityPenalty):
 
     ranges = {"alpha": (lambda v: v >= 0, "a number >= 0"), "gamma": (lambda v: v > 0, "a number > 0")}
 
-    def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool,
-                    units: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool, units: Units = None) -> torch.Tensor:
         g = per_member(hp.gamma, stacked, 3)
         return per_member(hp.alpha, stacked, 1) * sum(
-            batch_sum(torch.log1p(g * (h if units is None else h * units).pow(2)), stacked) for h in hs)
+            batch_sum(torch.log1p(g * (h if u is None else h * u).pow(2)), stacked)
+            for h, u in zip(hs, layer_units(units, len(hs))))

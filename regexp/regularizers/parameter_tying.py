@@ -106,6 +106,8 @@ class ParameterTying(Regularizer):
             self.tied = self._tied(own, ref)
             # by name, for the population's stacked references (penalty_of)
             self.reference = {k: ref[k].to(own[k].device, own[k].dtype) for k in self.tied}
+            # an untied tensor's reference in a population: zeros of its shape (any stacked model pads it)
+            self.shapes = {k: p.shape for k, p in own.items()}
             self.pairs = [(own[k], self.reference[k]) for k in self.tied]
             where = f"{self.cfg.run_dir}/{self.cfg.file}"
         if not self.tied:
@@ -134,7 +136,8 @@ class ParameterTying(Regularizer):
         ref, tied = [], []
         for name, like in named:
             per = [r.reference.get(name) for r in regs]
-            ref.append(stack([t if t is not None else like.new_zeros((0,) * (like.dim() - 1)) for t in per], like))
+            ref.append(stack([t if t is not None else like.new_zeros(r.shapes[name]) for t, r in zip(per, regs)],
+                             like))
             tied.append(torch.tensor([float(t is not None) for t in per], device=like.device))
         return {"ref": ref, "tied": tied}
 
