@@ -208,8 +208,10 @@ def test_engine_choice(compose_cfg, tmp_path):
     assert not use_population(compose_cfg(BASE + ["sweep.engine=serial"]), points)
     assert use_population(compose_cfg(BASE + ["model=cnn"]), [{"seed": 0}])
     assert use_population(compose_cfg(BASE + ["model=cnn", "model.norm=batch"]), [{"seed": 0}])
-    with pytest.raises(ConfigError, match="regularizer dropout with model=cnn"):
-        use_population(compose_cfg(BASE + ["model=cnn", "regularizer=[dropout]", "sweep.engine=population"]),
+    assert use_population(compose_cfg(BASE + ["model=cnn", "regularizer=[dropout]"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match="regularizer tangent_prop with model=transformer"):
+        use_population(compose_cfg(BASE + ["model=transformer", "regularizer=[tangent_prop]",
+                                           "sweep.engine=population"]),
                        [{"seed": 0}])
     assert not use_population(compose_cfg(BASE + ["model=gru"]), [{"seed": 0}])
     with pytest.raises(ConfigError, match=r"model.name=gru \(population supports mlp, cnn, transformer\)"):

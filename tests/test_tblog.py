@@ -99,3 +99,20 @@ def histogram_summary(step: int):
 
     values = torch.randn(500, generator=torch.Generator().manual_seed(step))
     return Summary(value=[Summary.Value(tag="h", histo=histogram_proto(values))])
+
+
+def test_a_writer_reopened_within_the_second_is_read_after_the_first(tmp_path):
+    # TensorBoard orders a run's event files by name (seconds, host, pid, an unpadded writer
+    # counter): without the wait a resumed run's file opened in the same second can sort first
+    from conftest import read_scalars
+
+    for _ in range(12):  # pushes the process's writer counter past 9 -> 10 (a one-digit-to-two switch)
+        TBLogger(tmp_path / "other").close()
+    for first, last in ((0, 3), (3, 6)):
+        tb = TBLogger(tmp_path / "run", purge_step=first or None)
+        for step in range(first, last):
+            tb.scalars({"x": float(step)}, step)
+        tb.close()
+    names = sorted(f.name for f in (tmp_path / "run").iterdir())
+    assert len(names) == 2 and int(names[0].split(".")[3]) < int(names[1].split(".")[3])
+    assert read_scalars(tmp_path / "run")["x"] == [(s, float(s)) for s in range(6)]

@@ -24,12 +24,28 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def after_existing_files(log_dir: Path) -> None:
+    """Wait, if need be, until a new event file's name sorts after the folder's existing ones.
+
+    TensorBoard reads a run's event files in name order, and the name is
+    ``events.out.tfevents.<whole seconds>.<host>.<pid>.<writer counter>``: a run resumed within
+    the second its previous writer was opened (in the same process: a test, a sweep retrying a
+    point) would get a name that sorts by pid and an unpadded counter ("10" < "9"), so its
+    epochs could be read before the interrupted part's and the purge of the steps it repeats
+    misapplied. Waiting for the next second (at most one) puts it after them."""
+    stamps = [int(f.name.split(".")[3]) for f in log_dir.glob("events.out.tfevents.*")
+              if len(f.name.split(".")) > 3 and f.name.split(".")[3].isdigit()]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(max(0.0, max(stamps) + 1 - time.time()) + 1e-3)
+
+
 class TBLogger:
     def __init__(self, log_dir: Path, enabled: bool = True, purge_step: Optional[int] = None):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            after_existing_files(Path(log_dir))
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
             fast_records(self.writer)
 
