@@ -27,6 +27,12 @@ class PlainStack:
     params: List[torch.Tensor]
     widths: torch.Tensor
 
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward the probes differentiate, as a lone model's eval mode: without dropout
+        masks or weight noise the stacked forward is that already when the model has no batch
+        norm (StackedCNN overrides it)."""
+        return self.forward(x)
+
     def _stack(self, j: int, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
