@@ -82,14 +82,18 @@ def _assert_same_probes(tmp_path, p, a, b):
     assert (tmp_path / "pop" / name / "hessian_density.png").stat().st_size > 1000
 
 
-# Normalized members, one of them padded: an MLP's hidden width 12 in a bucket of 16, a CNN's
-# channels per stage. Batch norm: the lone probes run in eval mode on the running statistics
+# Normalized members, one of them padded: an MLP's hidden width 12 in a bucket of 16 (or its
+# list of widths, layer by layer), a CNN's channels per stage. Batch norm: the lone probes run in eval mode on the running statistics
 # and leave them as they are, so a member's statistics after training (model.pt) must be its
 # lone run's, and num_batches_tracked counts the training steps only.
 NORMED = {
     "mlp-batch": (["model.norm=batch", "model.activation=tanh", "optimizer=momentum"],
                   [{"model.width": 12}, {"model.width": 16}]),
     "mlp-layer": (["model.norm=layer", "model.activation=tanh"], [{"model.width": 12}, {"model.width": 16}]),
+    # uneven widths, each layer padded to its widest, and skips ([40, 20, 20]: two, [32, 16, 16]: one)
+    "mlp-widths-batch-residual": (["model.norm=batch", "model.residual=true", "model.activation=tanh",
+                                   "optimizer=momentum"],
+                                  [{"model.widths": [40, 20, 20]}, {"model.widths": [32, 16, 16]}]),
     "cnn-batch": (["model=cnn", "model.norm=batch", "model.kernel_size=3", "model.activation=tanh",
                    "optimizer=momentum"],
                   [{"model.channels": [3, 4]}, {"model.channels": [4, 5]}]),
