@@ -59,7 +59,7 @@ def test_bad_widths_are_refused_naming_the_key(compose_cfg, value):
 
 
 @pytest.mark.parametrize("overrides, why", [
-    (["model.norm=layer", "probe=[sharpness]"], "model.norm=layer with probes"),
+    (["model.widths=[8,4]", "regularizer=[activity_l1]"], "regularizer activity_l1 with model.widths"),
 ])
 def test_population_refuses_shapes_it_cannot_batch(compose_cfg, overrides, why):
     from regexp.population.run import use_population

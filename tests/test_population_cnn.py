@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from regexp.models.cnn import CNN
-from regexp.population.compat import bucket_width, bucket_widths, cnn_cost, incompatibility
+from regexp.population.compat import bucket_width, bucket_widths, cnn_cost
 from regexp.population.optim import StackedOptimizer
 from regexp.population.stacked_cnn import StackedCNN
 from test_population import _assert_same_run, _pop_and_lone
@@ -114,14 +114,6 @@ def _model_cfg():
     return OmegaConf.create({"name": "cnn", "channels": [25, 25, 25], "kernel_size": [5, 3, 3], "stride": 2,
                              "padding": 1, "pool": "none", "head": "flatten", "norm": "none",
                              "activation": "relu", "init": "default", "init_std": 0.01, "init_a": None})
-
-
-@pytest.mark.parametrize("overrides,why", [
-    (["model.norm=instance", "probe=[sharpness]"], "model.norm=instance with probes"),
-])
-def test_cnn_features_a_population_cannot_train_are_refused(compose_cfg, overrides, why):
-    assert incompatibility(compose_cfg(["model=cnn"] + overrides)).startswith(why)
-    assert incompatibility(compose_cfg(["model=cnn"])) is None
 
 
 def test_a_cnn_bucket_is_batched_without_measuring(monkeypatch):

@@ -83,12 +83,6 @@ def test_padded_units_stay_inert_through_the_norm(norm):
         assert isinstance(lone[0].hidden[1], nn.BatchNorm1d)
 
 
-def test_norms_with_probes_are_refused_in_one_line(compose_cfg):
-    why = incompatibility(compose_cfg(["model.norm=batch", "probe=[sharpness]"]))
-    assert why.startswith("model.norm=batch with probes")
-    assert incompatibility(compose_cfg(["model.residual=true", "probe=[sharpness]"])) is None
-
-
 # uneven hidden widths, each layer padded to the bucket's widest: [40, 20, 20] has skips on
 # layers 1 and 3 (40 inputs), [32, 16, 16] on layer 3, [40, 24, 20] on layer 1
 UNEVEN = [{"model.widths": [40,20,20], "optimizer.lr": 0.02, "seed": 0},

@@ -3,7 +3,11 @@
 Stated tolerance (float32 runs): a member's probe values equal its lone run's within
 |a - b| <= 1e-6 + 1e-4·|b|. The batched products only change the summation order; the
 loss differences (sharpness) lose digits to cancellation, hence the absolute term. In float64
-(the padding test) the values agree to 1e-9.
+(the padding and norm tests, on the same weights) the values agree to 1e-9. Normalized members
+(batch, layer, instance norm) train with momentum where Adam's normalized step would magnify
+the rounding noise of the bias before a per-channel norm (tests/test_population_cnn_norm.py);
+their parameters and running statistics end within |a - b| <= 1e-5 + 1e-4·|b| of their lone
+runs' (as tests/test_population.py) and equal, bit for bit, a population's trained without probes.
 """
 from __future__ import annotations
 
@@ -48,26 +52,79 @@ def test_member_probes_equal_lone_run_probes(compose_cfg, tmp_path):
     points = [{"model.width": 12, "seed": 0}, {"model.width": 16, "seed": 1}]
     pop, lone = _runs(compose_cfg, tmp_path, PROBES + ["model.activation=tanh"], points)
     for p, a, b in zip(points, pop, lone):
-        assert [r["epoch"] for r in a["probe_history"]] == [r["epoch"] for r in b["probe_history"]] == [1, 2]
-        for ra, rb in zip(a["probe_history"], b["probe_history"]):
-            assert ra.keys() == rb.keys()
-            for k in rb:
-                assert ra[k] == pytest.approx(rb[k], rel=RTOL, abs=ATOL), (p, ra["epoch"], k)
-        assert a["probes"] == {k: v for k, v in a["probe_history"][-1].items() if k != "epoch"}
+        _assert_same_probes(tmp_path, p, a, b)
         name = point_name(p)
-        saved = json.loads((tmp_path / "pop" / name / "metrics.json").read_text())
-        assert list(saved)[-3:] == ["config", "probes", "probe_history"] == list(b)[-3:]
-        sp, sl = read_scalars(tmp_path / "pop" / name), read_scalars(tmp_path / "lone" / name)
-        tags = {t for t in sl if t.startswith("probe/")}
-        assert tags and {t for t in sp if t.startswith("probe/")} == tags
-        for t in tags:
-            assert [s for s, _ in sp[t]] == [s for s, _ in sl[t]] == [1, 2], t
-            assert [v for _, v in sp[t]] == pytest.approx([v for _, v in sl[t]], rel=1e-3, abs=ATOL), t
-        assert (tmp_path / "pop" / name / "hessian_density.png").stat().st_size > 1000
         # the checkpoint carries the same probe history and the same generator position
         cp, cl = (torch.load(tmp_path / d / name / "checkpoint.pt", weights_only=True) for d in ("pop", "lone"))
         assert torch.equal(cp["probes"]["generator"], cl["probes"]["generator"])
         assert [r["epoch"] for r in cp["probe_history"]] == [r["epoch"] for r in cl["probe_history"]] == [1]
+
+
+def _assert_same_probes(tmp_path, p, a, b):
+    """Member ``a`` of point ``p`` measured what its lone run ``b`` measured, at epochs 1 and 2:
+    ``probe_history`` and ``probes`` in metrics.json, and the ``probe/*`` TensorBoard scalars."""
+    assert [r["epoch"] for r in a["probe_history"]] == [r["epoch"] for r in b["probe_history"]] == [1, 2]
+    for ra, rb in zip(a["probe_history"], b["probe_history"]):
+        assert ra.keys() == rb.keys()
+        for k in rb:
+            assert ra[k] == pytest.approx(rb[k], rel=RTOL, abs=ATOL), (p, ra["epoch"], k)
+    assert a["probes"] == {k: v for k, v in a["probe_history"][-1].items() if k != "epoch"}
+    name = point_name(p)
+    saved = json.loads((tmp_path / "pop" / name / "metrics.json").read_text())
+    assert list(saved)[-3:] == ["config", "probes", "probe_history"] == list(b)[-3:]
+    assert saved["probe_history"] == a["probe_history"]
+    sp, sl = read_scalars(tmp_path / "pop" / name), read_scalars(tmp_path / "lone" / name)
+    tags = {t for t in sl if t.startswith("probe/")}
+    assert tags and {t for t in sp if t.startswith("probe/")} == tags
+    for t in tags:
+        assert [s for s, _ in sp[t]] == [s for s, _ in sl[t]] == [1, 2], t
+        assert [v for _, v in sp[t]] == pytest.approx([v for _, v in sl[t]], rel=1e-3, abs=ATOL), t
+    assert (tmp_path / "pop" / name / "hessian_density.png").stat().st_size > 1000
+
+
+# Normalized members, one of them padded: an MLP's hidden width 12 in a bucket of 16 (or its
+# list of widths, layer by layer), a CNN's channels per stage. Batch norm: the lone probes run in eval mode on the running statistics
+# and leave them as they are, so a member's statistics after training (model.pt) must be its
+# lone run's, and num_batches_tracked counts the training steps only.
+NORMED = {
+    "mlp-batch": (["model.norm=batch", "model.activation=tanh", "optimizer=momentum"],
+                  [{"model.width": 12}, {"model.width": 16}]),
+    "mlp-layer": (["model.norm=layer", "model.activation=tanh"], [{"model.width": 12}, {"model.width": 16}]),
+    # uneven widths, each layer padded to its widest, and skips ([40, 20, 20]: two, [32, 16, 16]: one)
+    "mlp-widths-batch-residual": (["model.norm=batch", "model.residual=true", "model.activation=tanh",
+                                   "optimizer=momentum"],
+                                  [{"model.widths": [40, 20, 20]}, {"model.widths": [32, 16, 16]}]),
+    "cnn-batch": (["model=cnn", "model.norm=batch", "model.kernel_size=3", "model.activation=tanh",
+                   "optimizer=momentum"],
+                  [{"model.channels": [3, 4]}, {"model.channels": [4, 5]}]),
+    "cnn-instance": (["model=cnn", "model.norm=instance", "model.kernel_size=3", "model.pool=avg",
+                      "optimizer=momentum"],
+                     [{"model.channels": [3, 4]}, {"model.channels": [4, 5]}]),
+    "cnn-layer": (["model=cnn", "model.norm=layer", "model.kernel_size=3", "model.activation=sigmoid"],
+                  [{"model.channels": [3, 4]}, {"model.channels": [4, 5]}]),
+}
+
+
+@pytest.mark.parametrize("case", list(NORMED))
+def test_normalized_member_probes_equal_lone_run_probes(compose_cfg, tmp_path, case):
+    overrides, widths = NORMED[case]
+    points = [{**w, "seed": s} for s, w in enumerate(widths)]
+    pop, lone = _runs(compose_cfg, tmp_path, PROBES + overrides, points)
+    train_population(compose_cfg(TINY + overrides), points, tmp_path / "plain")
+    for p, a, b in zip(points, pop, lone):
+        name = point_name(p)
+        wa, wb, wp = (torch.load(tmp_path / d / name / "model.pt", weights_only=True) for d in ("pop", "lone", "plain"))
+        assert wa.keys() == wb.keys() == wp.keys()
+        for k in wb:
+            # the probes leave the training (batch norm's running statistics included) exactly as
+            # without them, and the member ends where its lone run does
+            assert torch.equal(wa[k], wp[k]), k
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+        if "batch" in case:
+            seen = [k for k in wb if k.endswith("num_batches_tracked")]
+            assert seen and all(int(wa[k]) == 2 * 200 // 50 for k in seen)
+            assert any(k.endswith("running_mean") for k in wb)
+        _assert_same_probes(tmp_path, p, a, b)
 
 
 def test_uneven_width_member_probes_equal_lone_run_probes(compose_cfg, tmp_path):
@@ -148,6 +205,74 @@ def test_padded_member_probes_ignore_padding():
             theta, exact = last[0].runs[0].eig()[0], torch.linalg.eigvalsh(H)
             assert float((theta[:, None] - exact[None]).abs().min(1).values.max()) < 1e-9
             torch.testing.assert_close(theta[[0, -1]], exact[[0, -1]], rtol=0, atol=1e-9)
+
+
+def _normed_members(kind: str, norm: str):
+    """Two float64 members of one bucket with ``norm``, the first padded, their weights and
+    batch norm's running statistics moved away from their start (so eval mode's statistics are
+    not the batch's), stacked; with the input shape of one example."""
+    from regexp.models.cnn import CNN
+    from regexp.population.compat import bucket_width
+    from regexp.population.stacked_cnn import StackedCNN
+
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        if kind == "mlp":
+            shape, sizes = (6,), [3, 5]
+            models = [MLP(6, 4, w, 2, "tanh", norm) for w in sizes]
+        else:
+            shape, sizes = (2, 12), [(3, 4), (4, 5)]
+            models = [CNN(shape, 4, list(c), 3, "max", norm, "tanh", 1, None, "flatten") for c in sizes]
+        with torch.no_grad():
+            for mdl in models:
+                for q in mdl.parameters():
+                    q.add_(0.3 * torch.randn_like(q))
+                for n, t in mdl.named_buffers():
+                    if n.endswith("running_mean"):
+                        t.copy_(0.5 * torch.randn_like(t))
+                    elif n.endswith("running_var"):
+                        t.copy_(0.5 + torch.rand_like(t))
+        net = (StackedMLP(models, sizes, 5, "tanh", torch.device("cpu")) if kind == "mlp" else
+               StackedCNN(models, sizes, bucket_width(sizes), shape, torch.device("cpu")))
+    finally:
+        torch.set_default_dtype(old)
+    return models, net, shape
+
+
+@pytest.mark.parametrize("kind,norm", [("mlp", "batch"), ("mlp", "layer"), ("cnn", "batch"), ("cnn", "layer"),
+                                       ("cnn", "instance")])
+def test_normalized_member_probes_equal_lone_eval_mode_probes(kind, norm):
+    # on the same weights, in float64: every probe value of each member equals its lone model's
+    # in eval mode (batch norm on its running statistics), with the norms' scales and shifts in
+    # the parameter set, and the stacked running statistics stay exactly as they were
+    models, net, shape = _normed_members(kind, norm)
+    d = math.prod(shape)
+    x, y = torch.randn(2, 40, d, dtype=torch.float64), torch.randint(0, 4, (2, 40))
+    inputs = ProbeInputs(net.eval_forward, net.params, x, y, x, y, 16, members=2, batched=True,
+                         masks=net.param_masks(), is_weight=[w for _, _, w in net.named_params()])
+    assert inputs.axis.dims == [sum(q.numel() for q in m.parameters()) for m in models]
+    before = [t.clone() for t in net.state_tensors]
+    for probe in (HessianProbe(HessianProbe.Config(lanczos_steps=12, trace_samples=3, top_k=3)),
+                  SharpnessProbe(SharpnessProbe.Config(samples=3, noise_microbatches=4))):
+        got = probe.measure(inputs, [torch.Generator().manual_seed(s) for s in (5, 6)])
+        for m, (mdl, g) in enumerate(zip(models, got)):
+            mdl.eval()
+            alone = ProbeInputs(lambda z, mdl=mdl: mdl(z.view(-1, *shape)), list(mdl.parameters()),
+                                x[m], y[m], x[m], y[m], 16)
+            want = probe.measure(alone, [torch.Generator().manual_seed(5 + m)])[0]
+            assert g.keys() == want.keys()
+            for k in want:
+                assert g[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), (m, k)
+    for t, b in zip(net.state_tensors, before):
+        assert torch.equal(t, b)
+    # in training mode (batch statistics) batch norm's members would measure other values
+    if norm == "batch":
+        train_mode = ProbeInputs(net.forward, net.params, x, y, x, y, 16, members=2, batched=True,
+                                 masks=net.param_masks(), is_weight=inputs.is_weight)
+        with torch.no_grad():
+            assert abs(float(train_mode.loss()[0]) - float(inputs.loss()[0])) > 1e-3
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

@@ -311,10 +311,11 @@ class Bucket:
         return [p for p in self.net.params if p.requires_grad]
 
     def probe_inputs(self) -> ProbeInputs:
-        """The members as the probes see them: the stacked forward without dropout or noise (a
-        lone run's eval mode), padded units masked out."""
+        """The members as the probes see them: the stacked forward in a lone run's eval mode (no
+        dropout or noise; batch norm on the running statistics, left unchanged), every parameter
+        (norm scales and shifts included), padded units masked out."""
         net, pr = self.net, self.probes
-        return ProbeInputs(net.forward, net.params, pr.x, pr.y, pr.x_train, pr.y_train, pr.eval_batch_size,
+        return ProbeInputs(net.eval_forward, net.params, pr.x, pr.y, pr.x_train, pr.y_train, pr.eval_batch_size,
                            members=len(self.members), batched=True, masks=net.param_masks(),
                            is_weight=[is_w for _, _, is_w in net.named_params()])
 

@@ -27,6 +27,13 @@ class PlainStack:
     params: List[torch.Tensor]
     widths: torch.Tensor
 
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward the probes differentiate, as a lone model's eval mode computes it. Given no
+        dropout masks and no weight noise, the plain forward is that already for a model without
+        batch norm (the Transformer); StackedCNN, whose batch norm must read its running
+        statistics, overrides it."""
+        return self.forward(x)
+
     def _stack(self, j: int, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

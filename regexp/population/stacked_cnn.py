@@ -383,6 +383,15 @@ class StackedCNN(PlainStack):
         feats = self._features(x, weights, True, None, masks, self.hidden if self.record else None)
         if self.record:
             self.head_input = feats
+        return self._head(feats, weights)
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (M, B, C) of inputs (M, B, D) as a lone model's eval mode computes them, through
+        autograd (the probes differentiate it): no dropout, batch norm on the running statistics,
+        which stay as they are, and nothing recorded."""
+        return self._head(self._features(x, None, False), None)
+
+    def _head(self, feats: torch.Tensor, weights: Optional[List[torch.Tensor]]) -> torch.Tensor:
         _, (w, b) = self._layers(weights)
         return torch.baddbmm(b, feats, w.transpose(1, 2)) if b is not None else torch.bmm(feats, w.transpose(1, 2))
 

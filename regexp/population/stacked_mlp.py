@@ -215,6 +215,8 @@ class StackedMLP:
             out.append(rows[:, :, None] & cols[:, None, :])
             if b is not None:
                 out.append(rows[:, None, :].clone())
+            if l < len(self.norms):  # the norm's scale and shift, (M, 1, width) as the bias
+                out += [real[l][:, None, :].clone() for _ in self.norms[l]]
         return out
 
     def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
@@ -271,6 +273,14 @@ class StackedMLP:
                 self.hidden.append(a)
             h = a + _fit(h, a.shape[-1]) * self.skips[l] if self.skips[l] is not None else a
         return h
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (M, B, C) of inputs (M, B, D) as a lone model's eval mode computes them, through
+        autograd (the probes differentiate it): no dropout, batch norm on the running statistics,
+        which stay as they are, and nothing recorded."""
+        if not self.fancy:
+            return self.forward(x)
+        return self._forward_general(x, None, None, False)
 
     def _norm(self, l: int, z: torch.Tensor, training: bool) -> torch.Tensor:
         """Hidden layer l's normalization of pre-activations (M, B, width), each member's own."""
