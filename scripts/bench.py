@@ -81,6 +81,15 @@ SWEEP_WIDTHS = [4, 6, 11, 18, 30, 50, 85, 143, 241, 406, 683, 1024]  # 12 widths
 
 
 # ---------------------------------------------------------------- configs
+def cpu_time() -> float:
+    """CPU seconds of this process and of its finished children: a population's worker
+    processes (``extra.population.workers``) do its work outside this process."""
+    import resource
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
 def compose(overrides: Sequence[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
@@ -382,10 +391,10 @@ def probes(args) -> None:
         for r in range(args.repeats):
             for m, name in contenders:
                 torch.set_num_threads(args.threads)
-                t, c = time.perf_counter(), time.process_time()
+                t, c = time.perf_counter(), cpu_time()
                 run(m, cfgs[name], Path(tmp) / f"{m} {name} {r}")
                 wall[(m, name)].append(time.perf_counter() - t)
-                cpu[(m, name)].append(time.process_time() - c)
+                cpu[(m, name)].append(cpu_time() - c)
     print(f"workload: MLP 40-100-100-10, MNIST-1D, batch 100, Adam, {args.epochs} epochs, "
           f"probe=[{args.probes}] {' '.join(args.set)} (defaults otherwise), {args.threads} thread(s), "
           f"{args.repeats} alternating repeats (medians); load average at the end "
@@ -420,6 +429,10 @@ def sweep(args) -> None:
     base = [*layout, f"optimizer={args.optimizer}", f"trainer.epochs={args.epochs}",
             "trainer.batch_size=100", "trainer.progress=false", f"trainer.threads={args.threads}",
             "trainer.device=" + args.device, f"trainer.eval_every={args.eval_every}", *defaults, *args.set]
+    # C on one process like the others (its worker processes would add a core the other arms
+    # lack): --set extra.population.workers=auto to measure them
+    if "extra.population.workers" not in given:
+        base.append("++extra.population.workers=1")
     cfg = {e: compose(base + [f"sweep.engine={e}"]) for e in ("serial", "population")}
     points = grid({swept: values}, seeds)
     lr = float(cfg["serial"].optimizer.lr)
@@ -453,27 +466,27 @@ def sweep(args) -> None:
         warm_c = time.perf_counter() - t
         for r in range(args.repeats):
             torch.set_num_threads(args.threads)
-            t, c0 = time.perf_counter(), time.process_time()
+            t, c0 = time.perf_counter(), cpu_time()
             for p in points:
                 d = load_data(cfg["serial"].data, p["seed"])
                 plain_train(d, net[str(p[swept])], args.epochs, 100, args.optimizer, lr,
                             p["seed"], Path(tmp) / f"A{r}" / str(p), args.device, args.eval_every)
             times["A"].append(time.perf_counter() - t)
-            cpu["A"].append(time.process_time() - c0)
+            cpu["A"].append(cpu_time() - c0)
             for key, engine in (("B", "serial"), ("C", "population")):
-                t, c0 = time.perf_counter(), time.process_time()
+                t, c0 = time.perf_counter(), cpu_time()
                 rows = run_points(cfg[engine], points, Path(tmp) / f"{key}{r}")
                 times[key].append(time.perf_counter() - t)
-                cpu[key].append(time.process_time() - c0)
+                cpu[key].append(cpu_time() - c0)
                 assert all(row["status"] == "completed" for row in rows), rows
             torch.set_num_threads(args.threads)
-            t, c0 = time.perf_counter(), time.process_time()
+            t, c0 = time.perf_counter(), cpu_time()
             for v in values:
                 ensemble_train([load_data(cfg["serial"].data, s) for s in seeds], net[str(v)], args.epochs,
                                100, args.optimizer, lr, seeds, Path(tmp) / f"D{r}" / str(v), args.device,
                                args.eval_every)
             times["D"].append(time.perf_counter() - t)
-            cpu["D"].append(time.process_time() - c0)
+            cpu["D"].append(cpu_time() - c0)
             print(f"round {r + 1}: wall A {times['A'][-1]:.2f}s B {times['B'][-1]:.2f}s C {times['C'][-1]:.2f}s"
                   f" D {times['D'][-1]:.2f}s | cpu A {cpu['A'][-1]:.2f}s B {cpu['B'][-1]:.2f}s"
                   f" C {cpu['C'][-1]:.2f}s D {cpu['D'][-1]:.2f}s", flush=True)
@@ -710,10 +723,10 @@ def manual(args) -> None:
                 for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
                     engine._manual_ok = arms[name]
                     torch.set_num_threads(args.threads)
-                    t, c = time.perf_counter(), time.process_time()
+                    t, c = time.perf_counter(), cpu_time()
                     rows = run_points(cfg, points, Path(tmp) / f"{name}{r}")
                     wall[name].append(time.perf_counter() - t)
-                    cpu[name].append(time.process_time() - c)
+                    cpu[name].append(cpu_time() - c)
                     assert all(row["status"] == "completed" for row in rows), rows
         finally:
             engine._manual_ok = chosen
