@@ -26,10 +26,13 @@ import torch
 from regexp.errors import ConfigError
 
 
-# Starting workers costs the torch + regexp imports (~3 CPU-seconds, 10 s wall on the loaded
-# 2-core EPYC) and each worker's own data set-up; auto gives each worker at least this much
-# training work, several seconds of one core at the population's 10-20 GFLOP/s.
-MIN_WORKER_FLOPS = 100e9
+# Starting a worker costs the torch + regexp imports and its own data set-up: ~3 CPU-seconds
+# (10 s wall on the loaded 2-core EPYC), 3.8 CPU-seconds on the 2-core Xeon. Two workers pay
+# only when each gets several times that in training work: at 100 GFLOP each the bench sweep
+# (209 GFLOP, 20 epochs) took 8.8-10.4 s wall against 6.6-6.9 s in one process on the Xeon
+# (14.3 against 6.6 CPU-seconds). 500 GFLOP is 12-50 s of one core at the population's 10-40
+# GFLOP/s on either CPU, over three times the start-up cost.
+MIN_WORKER_FLOPS = 500e9
 # A bucket step costs a fixed dispatch time besides its products (tens of small kernels and
 # the optimizer's per-tensor calls): counted as this many FLOPs so that many cheap steps of a
 # narrow bucket weigh in the balance (~0.2 ms at the rates above; an estimate).
