@@ -76,3 +76,15 @@ def test_worker_count_and_its_option(compose_cfg):
     with pytest.raises(ConfigError, match="extra.population.workers"):
         options(compose_cfg(["+extra.population.workers=0"]))
     assert options(compose_cfg(["+extra.population.workers=2"])).workers == 2
+
+
+@pytest.mark.model_small_widths
+def test_small_width_is_the_models_own_unless_set(compose_cfg):
+    from regexp.population.engine import small_for
+    from regexp.population.run import options
+
+    opts = options(compose_cfg([]))
+    assert (small_for(opts, "mlp"), small_for(opts, "cnn"), small_for(opts, "transformer")) == (32, 0, 0)
+    assert small_for(options(compose_cfg(["+extra.population.small_width=8"])), "cnn") == 8
+    with pytest.raises(ConfigError, match="extra.population.small_width"):
+        options(compose_cfg(["+extra.population.small_width=-1"]))

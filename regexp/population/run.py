@@ -21,7 +21,7 @@ from regexp.errors import ConfigError
 from regexp.optim import build_optimizer
 from regexp.population.compat import bucket_width, bucket_widths, incompatibility, member_cost, shared_part
 from regexp.population.data import data_key, load_cached
-from regexp.population.engine import Options, train_bucket
+from regexp.population.engine import Options, small_for, train_bucket
 from regexp.population.member import Member
 from regexp.population.tuning import checked_loop_width
 from regexp.population.workers import (STEP_OVERHEAD_FLOPS, BucketJob, Handlers, check_workers, run_in_workers,
@@ -46,6 +46,10 @@ def options(base: DictConfig) -> Options:
             raise ConfigError(f"extra.population.{k} is unknown: expected one of {', '.join(known)}")
     opts = Options(**given)
     opts.loop_width = checked_loop_width(opts.loop_width)
+    if opts.small_width is not None and (isinstance(opts.small_width, bool) or not isinstance(opts.small_width, int)
+                                         or opts.small_width < 0):
+        raise ConfigError(f"extra.population.small_width={opts.small_width!r} is invalid: expected an integer >= 0 "
+                          "(or null: the model's own)")
     if opts.bucket_ratio < 1:
         raise ConfigError(f"extra.population.bucket_ratio={opts.bucket_ratio} is invalid: expected >= 1")
     check_workers(opts.workers)
@@ -137,7 +141,7 @@ def _plan(members: Dict[int, Member], pending: Dict[str, List[int]], opts: Optio
         steps = math.ceil(len(ds.y_train) / bs)
         depths = sorted({len(members[i].widths) for i in idx})
         for widths in [b for d in depths for b in bucket_widths([shape(i) for i in idx if len(members[i].widths) == d],
-                                                                 opts.bucket_ratio, opts.small_width, cost)]:
+                                                                 opts.bucket_ratio, small_for(opts, first.model.name), cost)]:
             chosen = [i for i in idx if shape(i) in widths]
             top = bucket_width([members[i].width for i in chosen])
             # members compute the padded shape (or less, member by member)
