@@ -36,7 +36,7 @@ import torch.nn as nn
 from regexp.population.plain_stack import PlainStack
 from regexp.train.sparsity import NEAR_ZERO
 
-EVAL_BYTES = 2**26  # one evaluation chunk's activations (all members): each chunk pays T steps' dispatch
+EVAL_BYTES = 2**24  # one evaluation chunk's activations (all members): a few hundred examples, the steps cache-sized
 Dims = Tuple[Optional[str], ...]
 
 
@@ -228,29 +228,34 @@ class StackedGRU(PlainStack):
     # ------------------------------------------------------------------ compute
     def _layer(self, x: torch.Tensor, l: int, p: Dict[str, torch.Tensor], m: int, b: int
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Layer l of inputs (M, B·T, in): its outputs (M, B, T, D·H) and each direction's final
-        state (M, B, D·H)."""
+        """Layer l of time-major inputs (M, T·B, in): its outputs (M, T, B, D·H) and each
+        direction's final state (M, B, D·H)."""
         t, h, d = self.steps, self.hidden_size, self.directions
         ends = ["", "_reverse"][:d]
+        # each direction's input projections for all steps, one view per step (unbind: its
+        # backward is one stack, where indexing step by step would write each step's gradient
+        # into a zero tensor of all steps)
         gi = [torch.baddbmm(p[f"rnn.bias_ih_l{l}{e}"], x, p[f"rnn.weight_ih_l{l}{e}"].transpose(1, 2))
-              .view(m, b, t, 3 * h) for e in ends]
-        if d == 2:  # the reverse direction's step s reads position T-1-s
-            gi[1] = gi[1].flip(2)
-        gi = torch.cat(gi, 0)  # (D·M, B, T, 3H)
+              .view(m, t, b, 3 * h).unbind(1) for e in ends]
         w_hh = torch.cat([p[f"rnn.weight_hh_l{l}{e}"] for e in ends], 0).transpose(1, 2)  # (D·M, H, 3H)
         b_hh = torch.cat([p[f"rnn.bias_hh_l{l}{e}"] for e in ends], 0)  # (D·M, 1, 3H)
         state = x.new_zeros(d * m, b, h)
         outs = []
         for s in range(t):
-            g = gi[:, :, s]
+            # the reverse direction's step s reads position T-1-s: joined per step (a cache-sized
+            # copy), not by flipping all steps' projections at once
+            g = gi[0][s] if d == 1 else torch.cat([gi[0][s], gi[1][t - 1 - s]], 0)
             gh = torch.baddbmm(b_hh, state, w_hh)
-            rz = torch.sigmoid(gh[..., :2 * h] + g[..., :2 * h])
-            n = torch.tanh(g[..., 2 * h:] + gh[..., 2 * h:] * rz[..., :h])
-            state = (state - n) * rz[..., h:] + n  # ATen's order of h' = (1 - z)·n + z·h
+            g_rz, g_n = g.split([2 * h, h], -1)
+            gh_rz, gh_n = gh.split([2 * h, h], -1)
+            r, z = torch.sigmoid(gh_rz + g_rz).split([h, h], -1)
+            n = torch.tanh(g_n + gh_n * r)
+            state = (state - n) * z + n  # ATen's order of h' = (1 - z)·n + z·h
             outs.append(state)
-        out = torch.stack(outs, 2)  # (D·M, B, T, H)
-        if d == 2:
-            out = torch.cat([out[:m], out[m:].flip(2)], -1)
+        if d == 1:
+            out = torch.stack(outs, 1)  # (M, T, B, H)
+        else:  # position t: the forward direction's step t beside the reverse one's step T-1-t
+            out = torch.cat([torch.stack([o[:m] for o in outs], 1), torch.stack([o[m:] for o in outs[::-1]], 1)], -1)
         final = state.view(d, m, b, h).permute(1, 2, 0, 3).reshape(m, b, d * h)
         return out, final
 
@@ -264,14 +269,14 @@ class StackedGRU(PlainStack):
         if masks and masks[0] is not None:
             x = x * masks[0]
         p = p if p is not None else dict(zip(self.names, self.params))
-        seq = x.reshape(m * b, *self.input_shape)
-        # (N, C, L) -> (N, L, C); (N, C, H, W) -> (N, H, C·W): one step per position / row, as the lone model
-        seq = seq.transpose(1, 2) if seq.dim() == 3 else seq.permute(0, 2, 1, 3).flatten(2)
-        h = seq.reshape(m, b * self.steps, self.features)
+        # time-major (M, T, B, features): (C, L) is L steps of C values, (C, H, W) H rows of C·W, as the lone model reads
+        seq = x.reshape(m, b, *self.input_shape)
+        seq = seq.permute(0, 3, 1, 2) if seq.dim() == 4 else seq.permute(0, 3, 1, 2, 4)
+        h = seq.reshape(m, self.steps * b, self.features)
         for l in range(self.layers):
             out, final = self._layer(h, l, p, m, b)
-            h = out.reshape(m, b * self.steps, -1)
-        feats = out.reshape(m, b, -1) if self.flatten else final
+            h = out.reshape(m, self.steps * b, -1)
+        feats = out.transpose(1, 2).reshape(m, b, -1) if self.flatten else final
         if masks and len(masks) > 1 and masks[1] is not None:  # a member's mask covers its features in its own order
             mask = masks[1]
             feats = feats * (mask.gather(2, self.unit_order.expand_as(mask)) if self.unit_order is not None else mask)
