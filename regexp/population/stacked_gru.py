@@ -232,32 +232,45 @@ class StackedGRU(PlainStack):
         direction's final state (M, B, D·H)."""
         t, h, d = self.steps, self.hidden_size, self.directions
         ends = ["", "_reverse"][:d]
-        # each direction's input projections for all steps, one view per step (unbind: its
-        # backward is one stack, where indexing step by step would write each step's gradient
-        # into a zero tensor of all steps)
-        gi = [torch.baddbmm(p[f"rnn.bias_ih_l{l}{e}"], x, p[f"rnn.weight_ih_l{l}{e}"].transpose(1, 2))
-              .view(m, t, b, 3 * h).unbind(1) for e in ends]
+        # both directions' input projections for all steps in one product: the reverse
+        # direction's members read the steps backwards, so step s of every member and direction is
+        # one (D·M, B, 3H) view (unbind: its backward is one stack, where indexing step by step
+        # would write each step's gradient into a zero tensor of all steps)
+        if d == 2:
+            x = torch.cat([x, x.view(m, t, b, -1).flip(1).view(m, t * b, -1)], 0)
+        w_ih = torch.cat([p[f"rnn.weight_ih_l{l}{e}"] for e in ends], 0).transpose(1, 2)  # (D·M, in, 3H)
+        b_ih = torch.cat([p[f"rnn.bias_ih_l{l}{e}"] for e in ends], 0)
+        steps = torch.baddbmm(b_ih, x, w_ih).view(d * m, t, b, 3 * h).unbind(1)
         w_hh = torch.cat([p[f"rnn.weight_hh_l{l}{e}"] for e in ends], 0).transpose(1, 2)  # (D·M, H, 3H)
         b_hh = torch.cat([p[f"rnn.bias_hh_l{l}{e}"] for e in ends], 0)  # (D·M, 1, 3H)
         state = x.new_zeros(d * m, b, h)
         outs = []
-        for s in range(t):
-            # the reverse direction's step s reads position T-1-s: joined per step (a cache-sized
-            # copy), not by flipping all steps' projections at once
-            g = gi[0][s] if d == 1 else torch.cat([gi[0][s], gi[1][t - 1 - s]], 0)
-            gh = torch.baddbmm(b_hh, state, w_hh)
-            g_rz, g_n = g.split([2 * h, h], -1)
-            gh_rz, gh_n = gh.split([2 * h, h], -1)
-            r, z = torch.sigmoid(gh_rz + g_rz).split([h, h], -1)
-            n = torch.tanh(g_n + gh_n * r)
-            state = (state - n) * z + n  # ATen's order of h' = (1 - z)·n + z·h
+        step = self._step if torch.is_grad_enabled() else self._step_
+        for g in steps:
+            state = step(g, torch.baddbmm(b_hh, state, w_hh), state, h)
             outs.append(state)
-        if d == 1:
-            out = torch.stack(outs, 1)  # (M, T, B, H)
-        else:  # position t: the forward direction's step t beside the reverse one's step T-1-t
-            out = torch.cat([torch.stack([o[:m] for o in outs], 1), torch.stack([o[m:] for o in outs[::-1]], 1)], -1)
+        out = torch.stack(outs, 1)  # (D·M, T, B, H)
+        if d == 2:  # position t: the forward direction's step t beside the reverse one's step T-1-t
+            out = torch.cat([out[:m], out[m:].flip(1)], -1)
         final = state.view(d, m, b, h).permute(1, 2, 0, 3).reshape(m, b, d * h)
         return out, final
+
+    @staticmethod
+    def _step(g: torch.Tensor, gh: torch.Tensor, state: torch.Tensor, h: int) -> torch.Tensor:
+        """The next state from the step's input and state projections (D·M, B, 3H), ATen's
+        order: r, z = σ(gh + g); n = tanh(g_n + gh_n·r); h' = (h - n)·z + n."""
+        g_rz, g_n = g.split([2 * h, h], -1)
+        gh_rz, gh_n = gh.split([2 * h, h], -1)
+        r, z = torch.sigmoid(gh_rz + g_rz).split([h, h], -1)
+        n = torch.tanh(torch.addcmul(g_n, gh_n, r))
+        return torch.addcmul(n, state - n, z)
+
+    @staticmethod
+    def _step_(g: torch.Tensor, gh: torch.Tensor, state: torch.Tensor, h: int) -> torch.Tensor:
+        """:meth:`_step` without a graph (evaluation), in place in ``gh``: fewer allocations."""
+        rz = gh[..., :2 * h].add_(g[..., :2 * h]).sigmoid_()
+        n = torch.addcmul(g[..., 2 * h:], gh[..., 2 * h:], rz[..., :h]).tanh_()
+        return torch.addcmul(n, state - n, rz[..., h:])
 
     def _features(self, x: torch.Tensor, counts: Optional[torch.Tensor] = None,
                   masks: Optional[List[Optional[torch.Tensor]]] = None,
