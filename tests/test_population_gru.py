@@ -134,3 +134,27 @@ def test_regularizers_a_lone_gru_refuses_are_refused(compose_cfg, reg):
     why = incompatibility(compose_cfg(["model=gru", f"regularizer=[{reg}]"]))
     assert why is not None and reg in why and "gru" in why and "\n" not in why
     assert incompatibility(compose_cfg(["model=gru", "regularizer=[dropout,l1]"])) is None
+
+
+def test_interrupted_gru_population_resumes_to_its_lone_runs(compose_cfg, tmp_path, monkeypatch):
+    # SIGTERM in the middle of epoch 2: each member's checkpoint holds its unpadded nn.GRU
+    # weights and Adam moments; the re-launch stacks them back (padding zero) and ends at the
+    # lone result
+    from test_population_stop_transfer import _interrupt_resume_and_lone
+    points = [{"model.hidden_size": 4, "optimizer.lr": 0.01, "seed": 0},
+              {"model.hidden_size": 7, "optimizer.lr": 0.003, "seed": 1}]
+    stopped, _, _ = _interrupt_resume_and_lone(compose_cfg, tmp_path, monkeypatch, [
+        "data.n_train=400", "model=gru", "optimizer=adam", "trainer.epochs=2"], points, 1)
+    assert [m["status"] for m in stopped] == ["interrupted"] * 2 and [m["epochs"] for m in stopped] == [1, 1]
+
+
+def test_gru_member_probes_equal_lone_run_probes(compose_cfg, tmp_path):
+    # the Hessian and sharpness probes see each member through the stacked forward, padding
+    # (hidden 3 inside 5) masked out
+    from test_population_probes import PROBES, _runs
+    points = [{"model.hidden_size": 3, "seed": 0}, {"model.hidden_size": 5, "seed": 1}]
+    pop, lone = _runs(compose_cfg, tmp_path, PROBES + ["model=gru", "trainer.epochs=1"], points)
+    for p, a, b in zip(points, pop, lone):
+        assert [r["epoch"] for r in a["probe_history"]] == [r["epoch"] for r in b["probe_history"]] == [1]
+        for k, v in b["probe_history"][0].items():
+            assert a["probe_history"][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (p, k)
