@@ -113,16 +113,17 @@ def test_cost_counts_the_gates_products_and_the_head():
                                                          "model.head=last"]], ids=["bi-flatten", "uni2-last"])
 def test_members_of_different_hidden_sizes_match_lone_runs(compose_cfg, tmp_path, layout):
     # three hidden sizes padded into one bucket; each member with its own seed, lr, weight
-    # decay λ and input noise σ (it draws its lone run's noise)
+    # decay λ, input noise σ and dropout p (it draws its lone run's noise and masks, the hidden
+    # site's laid over its own features of either head)
     points = [{"model.hidden_size": 4, "optimizer.lr": 0.01, "regularizer.weight_decay.lam": 0.001,
-               "regularizer.input_noise.sigma": 0.1, "seed": 0},
+               "regularizer.input_noise.sigma": 0.1, "regularizer.dropout.p": 0.2, "seed": 0},
               {"model.hidden_size": 8, "optimizer.lr": 0.003, "regularizer.weight_decay.lam": 0.01,
-               "regularizer.input_noise.sigma": 0.0, "seed": 1},
+               "regularizer.input_noise.sigma": 0.0, "regularizer.dropout.p": 0.0, "seed": 1},
               {"model.hidden_size": 6, "optimizer.lr": 0.005, "regularizer.weight_decay.lam": 0.0,
-               "regularizer.input_noise.sigma": 0.05, "seed": 2}]
-    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, ["data.n_train=400", "model=gru", *layout,
-                                                            "optimizer=adam", "regularizer=[weight_decay,input_noise]"],
-                                    points)
+               "regularizer.input_noise.sigma": 0.05, "regularizer.dropout.p": 0.1, "seed": 2}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
+        "data.n_train=400", "model=gru", *layout, "optimizer=adam", "regularizer=[weight_decay,input_noise,dropout]",
+        "regularizer.dropout.input_p=0.1"], points)
     assert use_population(base, points)
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
