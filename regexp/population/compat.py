@@ -151,7 +151,7 @@ CNN_REGULARIZERS = STACKED_REGULARIZERS + ("tangent_prop", "gradient_norm_penalt
 # a GRU: the double-backward batch penalties (its stacked recurrence is plain autograd), no weight draws
 GRU_REGULARIZERS = tuple(r for r in STACKED_REGULARIZERS if r not in ("weight_noise", "dropconnect")) + (
     "tangent_prop", "gradient_norm_penalty")
-# Why the rest stays out, for both models (none now), then for one of them:
+# Why the rest stays out, for every stacked model but the MLP (none now), then for one of them:
 NOT_FOR_NEW_MODELS: Dict[str, str] = {}
 NOT_FOR_MODEL = {"transformer": {
     # torch's CPU attention kernel has no double backward: a lone run fails alike
