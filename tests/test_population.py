@@ -22,6 +22,11 @@ from regexp.sweep import point_config, point_name, run_points
 from regexp.train.trainer import train
 
 ATOL, RTOL = 1e-5, 1e-4
+# The fraction of hidden activations below 1e-3 in magnitude is a count: an activation within
+# float32 rounding of the threshold falls on either side. Smooth units crowd around 0 (a GRU of
+# hidden size 4: 320 features x 1,000 test signals, ~0.4% of them within 1e-3), so after
+# training one or two may flip (measured: one); 1e-5 allows three in 320,000.
+NEAR_ZERO_ATOL = 1e-5
 BASE = ["trainer.epochs=2", "trainer.progress=false", "trainer.threads=1", "data.n_train=1200",
         "logger.histogram_every=1"]
 
@@ -48,7 +53,8 @@ def _assert_same_run(tmp_path: Path, point, pop, lone):
     for rp, rl in zip(pop["history"], lone["history"]):
         assert rp.keys() == rl.keys()
         for k in rp:
-            assert rp[k] == pytest.approx(rl[k], rel=RTOL, abs=1e-6), k
+            near = NEAR_ZERO_ATOL if k.endswith("near_zero_frac") else 1e-6
+            assert rp[k] == pytest.approx(rl[k], rel=RTOL, abs=near), k
     assert pop["best"]["epoch"] == lone["best"]["epoch"]
     assert pop["extra"].keys() == lone["extra"].keys()
     for k in pop["extra"]:
@@ -58,7 +64,8 @@ def _assert_same_run(tmp_path: Path, point, pop, lone):
     assert set(sp) == set(sl)
     for tag in sl:
         assert [s for s, _ in sp[tag]] == [s for s, _ in sl[tag]], tag
-        assert [v for _, v in sp[tag]] == pytest.approx([v for _, v in sl[tag]], rel=1e-3, abs=1e-6), tag
+        near = NEAR_ZERO_ATOL if tag.endswith("near_zero_frac") else 1e-6
+        assert [v for _, v in sp[tag]] == pytest.approx([v for _, v in sl[tag]], rel=1e-3, abs=near), tag
     # every file a lone run leaves, with the same checkpoint layout
     files = {p.name for p in (tmp_path / "lone" / name).iterdir() if not p.name.startswith("events")}
     assert files <= {p.name for p in (tmp_path / "pop" / name).iterdir()}
@@ -211,11 +218,14 @@ def test_engine_choice(compose_cfg, tmp_path):
     assert use_population(compose_cfg(BASE + ["model=cnn", "regularizer=[dropout]"]), [{"seed": 0}])
     with pytest.raises(ConfigError, match="regularizer tangent_prop with model=transformer"):
         use_population(compose_cfg(BASE + ["model=transformer", "regularizer=[tangent_prop]",
-                                           "sweep.engine=population"]),
+                                           "sweep.engine=population"]), [{"seed": 0}])
+    assert use_population(compose_cfg(BASE + ["model=gru"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match="regularizer weight_noise with model=gru"):
+        use_population(compose_cfg(BASE + ["model=gru", "regularizer=[weight_noise]", "sweep.engine=population"]),
                        [{"seed": 0}])
-    assert not use_population(compose_cfg(BASE + ["model=gru"]), [{"seed": 0}])
-    with pytest.raises(ConfigError, match=r"model.name=gru \(population supports mlp, cnn, transformer\)"):
-        use_population(compose_cfg(BASE + ["model=gru", "sweep.engine=population"]), [{"seed": 0}])
+    assert not use_population(compose_cfg(BASE + ["regularizer=[ensemble]"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match=r"regularizer ensemble \(population supports "):
+        use_population(compose_cfg(BASE + ["regularizer=[ensemble]", "sweep.engine=population"]), [{"seed": 0}])
     with pytest.raises(ConfigError, match="sweep.engine"):
         use_population(compose_cfg(BASE + ["sweep.engine=fast"]), points)
 

@@ -35,6 +35,7 @@ MODEL_SETUP: Dict[str, Dict[str, Any]] = {
             "widths": [[2, 2, 2], [3, 3, 3], [4, 4, 4]]},
     "transformer": {"overrides": ["model=transformer", "model.heads=2"], "width_key": "model.embed_dim",
                     "widths": [4, 6, 8]},
+    "gru": {"overrides": ["model=gru"], "width_key": "model.hidden_size", "widths": [3, 5, 8]},
 }
 # settings beside a regularizer's own group: activity_kl takes relu or sigmoid, and relu (the
 # default) is what the others train with; multi_task needs MNIST-1D, the default data
@@ -42,8 +43,9 @@ NEEDS = {"activity_kl": ["model.activation=sigmoid"]}
 
 
 def _needs(name: str, model: str):
-    """``NEEDS`` where the model has the key (a transformer's activation is fixed: gelu)."""
-    return [] if model == "transformer" else NEEDS.get(name, [])
+    """``NEEDS`` where the model has the key (a transformer's activation is fixed: gelu; a GRU's
+    are its gates')."""
+    return [] if model in ("transformer", "gru") else NEEDS.get(name, [])
 
 
 def _member_values(cfg, name: str) -> Dict[str, List[Any]]:

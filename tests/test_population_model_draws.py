@@ -1,6 +1,6 @@
-"""The MLP population's draws and recorded activations on CNN and Transformer members, against
+"""The MLP population's draws and recorded activations on CNN, Transformer and GRU members, against
 lone runs: weight noise and DropConnect on each member's block of the stacked weights, the
-activity penalties on each model's own sites, the double-backward batch penalties (CNN),
+activity penalties on each model's own sites, the double-backward batch penalties (CNN, GRU),
 and the batched (GPU) draws keeping padding zero.
 
 Stated tolerance (as tests/test_population.py): every parameter of a member agrees with its
@@ -59,15 +59,17 @@ def test_cnn_activity_kl_members_match_lone_runs(compose_cfg, tmp_path):
 
 @pytest.mark.parametrize("reg,mode", [("tangent_prop", None), ("gradient_norm_penalty", "sgd"),
                                       ("gradient_norm_penalty", "full")])
-def test_cnn_double_backward_penalties_match_lone_runs(compose_cfg, tmp_path, reg, mode):
+@pytest.mark.parametrize("model", ["cnn", "gru"])
+def test_double_backward_penalties_match_lone_runs(compose_cfg, tmp_path, reg, mode, model):
     # the penalty's extra pass (tangent_prop's input derivative, the micro-batches' gradient
-    # norms) runs through the stacked grouped convolutions, each member with its own λ; its
+    # norms) runs through the stacked grouped convolutions (a GRU: its stacked recurrence),
+    # each member with its own λ; its
     # extra pass draws fresh dropout masks, as the lone run's does, and leaves the step's
     # recorded features to multi_task's heads, listed after it
-    points = _points("cnn", {f"regularizer.{reg}.lam": [0.01, 0.0, 0.02], "regularizer.dropout.p": [0.1, 0.2, 0.0],
+    points = _points(model, {f"regularizer.{reg}.lam": [0.01, 0.0, 0.02], "regularizer.dropout.p": [0.1, 0.2, 0.0],
                              "regularizer.multi_task.lam": [0.5, 1.0, 0.0], "optimizer.lr": [0.05, 0.02, 0.03]})
     extra = [f"regularizer.{reg}.mode={mode}"] if mode else []
-    _check(compose_cfg, tmp_path, "cnn", ["optimizer=momentum", f"regularizer=[dropout,{reg},multi_task]", *extra],
+    _check(compose_cfg, tmp_path, model, ["optimizer=momentum", f"regularizer=[dropout,{reg},multi_task]", *extra],
            points)
 
 
@@ -76,15 +78,17 @@ def test_batched_draws_keep_padding_zero(compose_cfg, tmp_path, monkeypatch, mod
     """The GPU mode (one call draws every member's dropout masks, weight noise and DropConnect
     masks: the lone runs' distributions, not their numbers), run on the CPU: the padded
     entries of every stacked tensor (a Transformer's between its members' head-by-head units)
-    end exactly 0 and the members train to finite losses other than the exact mode's."""
+    end exactly 0 and the members train to finite losses other than the exact mode's. A GRU
+    takes no weight draws (a lone GRU run refuses them): its dropout masks alone."""
     import math
 
     import regexp.population.engine as engine
     from regexp.population import Options, train_population
 
-    base = compose_cfg(BASE + SETUP[model]["overrides"] + [
-        "optimizer=momentum", "trainer.epochs=1", "regularizer=[dropout,dropconnect,weight_noise]",
-        "regularizer.weight_noise.sigma=0.05", "regularizer.weight_noise.include_head=true"])
+    draws = ["regularizer=[dropout]"] if model == "gru" else [
+        "regularizer=[dropout,dropconnect,weight_noise]", "regularizer.weight_noise.sigma=0.05",
+        "regularizer.weight_noise.include_head=true"]
+    base = compose_cfg(BASE + SETUP[model]["overrides"] + ["optimizer=momentum", "trainer.epochs=1", *draws])
     points = _points(model, {})
     ends = []
     real = engine._finish_completed

@@ -1,4 +1,4 @@
-"""Regularizers written once for every stacked model: CNN and Transformer populations against
+"""Regularizers written once for every stacked model: CNN, Transformer and GRU populations against
 lone runs (augmentation and FGSM, dropout at each model's sites, early stopping, transfer with
 and without freezing, parameter tying, soft weight sharing, masked reconstruction, multi-task
 heads), and which regularizers each model trains or refuses. Weight draws, activity penalties
@@ -28,6 +28,7 @@ SETUP: Dict[str, Dict[str, Any]] = {
     # steps of size lr (see tests/test_population_transformer.py)
     "transformer": {"overrides": ["data.n_train=400", "model=transformer", "model.depth=1", "model.heads=2",
                                   "model.mlp_ratio=2.0"], "key": "model.embed_dim", "sizes": [8, 8, 12]},
+    "gru": {"overrides": ["data.n_train=400", "model=gru"], "key": "model.hidden_size", "sizes": [4, 4, 6]},
 }
 
 
@@ -129,11 +130,11 @@ def test_transfer_and_tying_members_match_lone_runs(compose_cfg, tmp_path, model
 
 @pytest.mark.parametrize("model", SETUP)
 def test_every_regularizer_trains_in_a_model_population_or_is_refused_in_one_line(compose_cfg, model):
-    from regexp.population.compat import (CNN_REGULARIZERS, NOT_FOR_MODEL, NOT_FOR_NEW_MODELS, NOT_STACKED,
-                                          STACKED_REGULARIZERS, incompatibility)
+    from regexp.population.compat import (MODEL_REGULARIZERS, NOT_FOR_MODEL, NOT_FOR_NEW_MODELS, NOT_STACKED,
+                                          incompatibility)
     from regexp.regularizers.base import REGULARIZERS as ALL
 
-    trains = set(CNN_REGULARIZERS if model == "cnn" else STACKED_REGULARIZERS)
+    trains = set(MODEL_REGULARIZERS[model])
     refused = set(NOT_FOR_NEW_MODELS) | set(NOT_FOR_MODEL.get(model, {})) | set(NOT_STACKED)
     assert trains | refused == set(ALL) and not trains & refused
     for name in trains:

@@ -9,7 +9,7 @@ p, augmentation's shift and scale, FGSM's ε, the penalties' λ, label noise, ra
 member loads its own data), the gradient-clipping norm) and in width (or list of hidden widths,
 ``model.widths``: one population per depth, each layer padded to the bucket's widest; a CNN's
 ``model.channels``, stage by stage; a Transformer's ``embed_dim``, padded exactly:
-regexp/population/stacked_transformer.py). Widths are
+regexp/population/stacked_transformer.py; a GRU's ``hidden_size``: regexp/population/stacked_gru.py). Widths are
 grouped into buckets of similar size and padded inside a bucket with masked units: a bucket holds
 widths whose per-example cost is within
 ``ratio`` of each other; only widths up to ``small`` (where per-step overhead, not
@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
-MODELS = ("mlp", "cnn", "transformer")
+MODELS = ("mlp", "cnn", "transformer", "gru")
 NORMS = ("none", "batch", "layer")  # every model.norm the MLP builds (regexp/models/mlp.py)
 CNN_NORMS = ("none", "batch", "layer", "instance")  # every model.norm the CNN builds (models/layers.py)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "sam")
@@ -38,7 +38,7 @@ REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "
 BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
 MEMBER_KEYS = (
-    "seed", "model.width", "model.widths", "model.channels", "model.embed_dim",
+    "seed", "model.width", "model.widths", "model.channels", "model.embed_dim", "model.hidden_size",
     "data.label_noise", "data.random_inputs",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.beta1",
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
@@ -145,19 +145,29 @@ STACKED_REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_d
                         "parameter_tying", "dropout", "soft_weight_sharing", "activity_l1", "activity_student_t",
                         "masked_reconstruction", "multi_task", "weight_noise", "dropconnect")
 CNN_REGULARIZERS = STACKED_REGULARIZERS + ("tangent_prop", "gradient_norm_penalty", "activity_kl")
-# Why the rest stays out, for both models (none now), then for one of them:
+# a GRU: the double-backward batch penalties (its stacked recurrence is plain autograd), no weight draws
+GRU_REGULARIZERS = tuple(r for r in STACKED_REGULARIZERS if r not in ("weight_noise", "dropconnect")) + (
+    "tangent_prop", "gradient_norm_penalty")
+# Why the rest stays out, for every stacked model but the MLP (none now), then for one of them:
 NOT_FOR_NEW_MODELS: Dict[str, str] = {}
 NOT_FOR_MODEL = {"transformer": {
     # torch's CPU attention kernel has no double backward: a lone run fails alike
     "tangent_prop": "its double backward would run through attention, whose CPU kernel has none",
     "gradient_norm_penalty": "its double backward would run through attention, whose CPU kernel has none",
     "activity_kl": "its firing rates need relu or sigmoid units; a Transformer's hidden site is a layer norm's",
+}, "gru": {
+    # a lone GRU run refuses these three (regularizers/weight_transform.py, activity_kl.py)
+    "weight_noise": "a lone GRU run refuses it: it perturbs Linear/Conv weights, not the recurrent ones",
+    "dropconnect": "a lone GRU run refuses it: it perturbs Linear/Conv weights, not the recurrent ones",
+    "activity_kl": "a lone GRU run refuses it: the GRU's hidden site emits no relu or sigmoid firing rates",
 }}
+# What each stacked model other than the MLP trains (the rest: NOT_FOR_MODEL, NOT_STACKED)
+MODEL_REGULARIZERS = {"cnn": CNN_REGULARIZERS, "transformer": STACKED_REGULARIZERS, "gru": GRU_REGULARIZERS}
 
 
 def model_incompatibility(cfg: DictConfig) -> Optional[str]:
-    """Why a CNN or Transformer run (regexp/population/stacked_cnn.py, stacked_transformer.py)
-    cannot join a population, or None."""
+    """Why a CNN, Transformer or GRU run (regexp/population/stacked_cnn.py, stacked_transformer.py,
+    stacked_gru.py) cannot join a population, or None."""
     name = cfg.model.name
     for r in cfg.regularizer:
         why = NOT_FOR_NEW_MODELS.get(r) or NOT_FOR_MODEL.get(name, {}).get(r)
@@ -168,28 +178,32 @@ def model_incompatibility(cfg: DictConfig) -> Optional[str]:
 
 # What a population pads for a member: an MLP's widest hidden layer (an int), its list of
 # hidden widths (``model.widths``, a tuple, in bucketing), a CNN's channels (a tuple, one per
-# stage), a Transformer's embed_dim (an int). A group never mixes models, and tuples of
+# stage), a Transformer's embed_dim, a GRU's hidden_size (ints). A group never mixes models, and tuples of
 # different lengths never share a bucket.
 Width = Union[int, Tuple[int, ...]]
 
 
 def member_width(model_cfg) -> Width:
     """A member's padded size: a CNN's ``model.channels``, a Transformer's ``model.embed_dim``,
-    an MLP's widest hidden layer."""
+    a GRU's ``model.hidden_size``, an MLP's widest hidden layer."""
     if model_cfg.name == "cnn":
         return tuple(int(c) for c in model_cfg.channels)
     if model_cfg.name == "transformer":
         return int(model_cfg.embed_dim)
+    if model_cfg.name == "gru":
+        return int(model_cfg.hidden_size)
     return max(hidden_widths(model_cfg), default=int(model_cfg.width))
 
 
 def hidden_widths(model_cfg) -> List[int]:
     """An MLP's hidden widths, input to output (``model.widths``, or depth times ``model.width``);
-    a CNN's channels per stage; a Transformer's embedding dimension (one padded size)."""
+    a CNN's channels per stage; a Transformer's embedding dimension, a GRU's hidden size (one padded size)."""
     if model_cfg.name == "cnn":
         return [int(c) for c in model_cfg.channels]
     if model_cfg.name == "transformer":
         return [int(model_cfg.embed_dim)]
+    if model_cfg.name == "gru":
+        return [int(model_cfg.hidden_size)]
     listed = model_cfg.get("widths")
     if listed is not None:
         return [int(w) for w in listed]
@@ -234,6 +248,17 @@ def transformer_cost(model_cfg, input_shape: Sequence[int], classes: int) -> Cal
     return lambda e: float(t * (td * e + depth * (4 * e * e + 2 * e * int(e * ratio) + 2 * t * e)) + e * classes)
 
 
+def gru_cost(model_cfg, input_shape: Sequence[int], classes: int) -> Callable[[int], float]:
+    """Multiply-adds per example of a GRU as a function of its hidden size: per layer, direction
+    and step the input's and the state's products with the three gates, then the head."""
+    steps = int(input_shape[1])
+    features = int(input_shape[0]) * (int(input_shape[2]) if len(input_shape) == 3 else 1)
+    d, layers = (2 if model_cfg.bidirectional else 1), int(model_cfg.layers)
+    per_step = 1 if model_cfg.head == "last" else steps
+    return lambda h: float(steps * d * (3 * h * (features + h) + (layers - 1) * 3 * h * (d * h + h))
+                           + per_step * d * h * classes)
+
+
 def member_cost(cfg: DictConfig, input_shape: Sequence[int], classes: int,
                 listed: bool = False) -> Callable[[Width], float]:
     """Multiply-adds per example of a member of ``cfg``'s population as a function of its width
@@ -243,6 +268,8 @@ def member_cost(cfg: DictConfig, input_shape: Sequence[int], classes: int,
         return cnn_cost(cfg.model, input_shape, classes)
     if cfg.model.name == "transformer":
         return transformer_cost(cfg.model, input_shape, classes)
+    if cfg.model.name == "gru":
+        return gru_cost(cfg.model, input_shape, classes)
     if listed:
         return widths_cost(in_dim, classes)
     return mlp_cost(in_dim, int(cfg.model.depth), classes)

@@ -40,6 +40,7 @@ from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.pretext import MemberPretext
 from regexp.population import tuning
 from regexp.population.stacked_cnn import StackedCNN
+from regexp.population.stacked_gru import StackedGRU
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.population.stacked_transformer import StackedTransformer
 from regexp.population.transforms import BatchTransforms
@@ -243,6 +244,9 @@ class Bucket:
         elif cfg.model.name == "transformer":
             self.net = StackedTransformer([m.model for m in members], [m.width for m in members], width,
                                           data.input_shape, device)
+        elif cfg.model.name == "gru":
+            self.net = StackedGRU([m.model for m in members], [m.width for m in members], width,
+                                  data.input_shape, device)
         else:
             self.net = StackedMLP([m.model for m in members], [m.width for m in members], width,
                                   cfg.model.activation, device, False)
