@@ -96,12 +96,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
     regs = list(cfg.regularizer)
-    # a lone run's extra forward passes draw their own weight noise; the population draws a step's once
-    extra_pass = [r for r in regs if r == "tangent_prop" or (r == "gradient_norm_penalty"
-                                                             and cfg.regularizer[r].mode == "sgd")]
-    if extra_pass and "weight_noise" in regs:
-        return (f"regularizer {extra_pass[0]} with weight_noise (its extra forward passes would need weight "
-                "noise of their own; the population draws a step's once)")
     if "masked_reconstruction" in regs and "input_noise" in regs[:regs.index("masked_reconstruction")]:
         return ("regularizer input_noise before masked_reconstruction (the population masks the batch before "
                 "adding noise; list masked_reconstruction first)")
@@ -119,10 +113,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if "multi_task" in regs and "soft_weight_sharing" in regs:
         return ("regularizers multi_task and soft_weight_sharing together (the population steps one extra "
                 "parameter group per bucket, the head's or the mixture's)")
-    drawn = [r for r in ("weight_noise", "dropconnect") if r in cfg.regularizer]
-    if cfg.optimizer.name == "sam" and drawn:
-        return (f"optimizer=sam with regularizer {drawn[0]} (the population draws a step's weight "
-                "perturbation once; SAM's second pass would need draws of its own)")
     if cfg.optimizer.name == "sam" and "soft_weight_sharing" in cfg.regularizer:
         return ("optimizer=sam with regularizer soft_weight_sharing (SAM's ascent would perturb each member's "
                 "mixture too, which the population's stacked ascent over the weights does not)")

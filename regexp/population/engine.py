@@ -485,7 +485,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             if i == loop.steps_per_epoch - 1 and loop.grad_norms:
                 grad_norms = _grad_norms(b)
             if b.sam:  # the same batch's gradient once more, at each member's ascended weights
-                _ascend(b, lambda: (b.net.manual_step(xb, yb, _second_masks(b, xb, masks), weights), b.clip_()))
+                _ascend(b, lambda: (b.net.manual_step(xb, yb, *_fresh_draws(b, xb.shape[1], masks, weights)),
+                                    b.clip_()))
             b.opt.step(loop.factor(loop.step))
             loop.step += 1
             running[:, 0] += loss * xb.shape[1]
@@ -511,8 +512,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         b.before_step(loop.factor(loop.step))
         if i == loop.steps_per_epoch - 1 and loop.grad_norms:
             grad_norms = _grad_norms(b)
-        if b.sam:
-            _ascend(b, lambda: backward(masks=_second_masks(b, xb, masks)))
+        if b.sam:  # drawn inside the closure: a lone run perturbs the ascended weights
+            _ascend(b, lambda: backward(xb, yb, *_fresh_draws(b, xb.shape[1], masks, weights)))
         b.step(loop.factor(loop.step))
         loop.step += 1
         running += torch.stack([loss] + pens, 1).detach() * xb.shape[1]  # no graph kept across steps
@@ -529,23 +530,28 @@ def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
 
 def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, masks, weights) -> Batch:
     """The step as a batch penalty sees it; each of its extra forward passes draws fresh
-    dropout masks, as a lone run's extra pass does (weight noise there is refused: compat)."""
+    dropout masks, weight noise and DropConnect masks, as a lone run's extra pass does."""
     def extra_pass(x: torch.Tensor) -> torch.Tensor:
         # the step's hidden activations stay what the activity penalties and heads read, as a
         # lone run's tangent_prop restores its sites after its extra pass
         kept, record = b.net.hidden, b.net.record
         b.net.record = False  # nor is the head's recorded input (a CNN's, a Transformer's) replaced
-        out = b.forward(x, _second_masks(b, x, masks), weights)
+        out = b.forward(x, *_fresh_draws(b, x.shape[1], masks, weights))
         b.net.hidden, b.net.record = kept, record
         return out
 
     return Batch(xb, yb, loss, extra_pass, b.terms.loss, b.net.params, tuple(b.data.input_shape))
 
 
-def _second_masks(b: Bucket, xb: torch.Tensor, masks):
-    """SAM's second forward draws fresh dropout masks, as a lone run's second forward does
-    (input noise, added to the batch once, stays)."""
-    return b.drop.masks(xb.shape[1]) if b.drop.active else masks
+def _fresh_draws(b: Bucket, batch: int, masks, weights):
+    """(dropout masks, weights) of another training forward pass of ``batch`` examples (SAM's
+    second pass, a batch penalty's extra ones): as a lone run's pass, it draws fresh dropout
+    masks and, layer by layer, fresh weight noise and DropConnect masks on the weights as they
+    are now (SAM's ascended ones), from each member's generator in the lone order; input
+    noise, added to the batch once, stays."""
+    if any(b.noise.noised) or any(b.noise.connects):
+        return b.noise.forward_draws(batch, b.net.weights, b.net.layer_widths)
+    return (b.drop.masks(batch) if b.drop.active else masks), weights
 
 
 def train_bucket(members: List[Member], width: int, opts: Options, data_cache=None,
