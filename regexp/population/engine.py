@@ -304,10 +304,23 @@ class Bucket:
         return {} if self.mixtures is None else {"soft_weight_sharing": self.mixtures.penalty}
 
     def zero_grad(self) -> None:
+        """Every optimizer group's gradients, as train()'s ``optimizer.zero_grad`` (SAM's second
+        pass starts from none: the heads' first-pass gradient must not add to it)."""
         for p in self.net.params:
             p.grad = None
         if self.mixtures is not None:
             self.mixtures.zero_grad()
+        if self.heads is not None:
+            for p in self.heads.params:
+                p.grad = None
+
+    @property
+    def ascended(self) -> List[torch.Tensor]:
+        """What SAM's ascent moves: train()'s optimizer's every group, the trainable weights, then
+        the regularizers' groups (multi_task's head, the learned mixture), under one norm ‖g_m‖."""
+        extra = [] if self.heads is None else list(self.heads.params)
+        extra += [] if self.mixtures is None else list(self.mixtures.params)
+        return self.trainable + extra
 
     def step(self, factor: float) -> None:
         """Every optimizer group's update, as train()'s one ``optimizer.step()``."""
@@ -525,7 +538,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
 def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
-    ascended_gradient(b.trainable, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
+    ascended_gradient(b.ascended, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
 
 
 def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, masks, weights) -> Batch:
