@@ -33,6 +33,17 @@ def test_weight_noise_and_dropconnect_members_match_lone_runs(compose_cfg, tmp_p
                                           "regularizer.weight_noise.include_head=true"], points)
 
 
+@pytest.mark.parametrize("model", ["cnn", "transformer"])
+def test_sam_members_with_weight_draws_match_lone_sam_runs(compose_cfg, tmp_path, model):
+    # SAM's second pass draws each member's DropConnect masks, weight noise and dropout masks
+    # again, in the lone order, on its block of the ascended weights; radii differ
+    points = _points(model, {"regularizer.weight_noise.sigma": [0.02, 0.0, 0.05], "regularizer.dropconnect.p": [0.2, 0.3, 0.0],
+                             "regularizer.dropout.p": [0.1, 0.0, 0.2], "optimizer.rho": [0.05, 0.1, 0.02]})
+    _check(compose_cfg, tmp_path, model, ["optimizer=sam", "optimizer.base=momentum", "optimizer.lr=0.03",
+                                          "regularizer=[dropconnect,weight_noise,dropout]",
+                                          "regularizer.weight_noise.include_head=true"], points)
+
+
 @pytest.mark.parametrize("model", SETUP)
 def test_activity_penalty_members_match_lone_runs(compose_cfg, tmp_path, model):
     # each member's α and γ on its own recorded sites after dropout (a CNN: every stage's
@@ -59,18 +70,21 @@ def test_cnn_activity_kl_members_match_lone_runs(compose_cfg, tmp_path):
 
 @pytest.mark.parametrize("reg,mode", [("tangent_prop", None), ("gradient_norm_penalty", "sgd"),
                                       ("gradient_norm_penalty", "full")])
-@pytest.mark.parametrize("model", ["cnn", "gru"])
+@pytest.mark.parametrize("model", ["cnn", "gru", "cnn+weight_noise"])
 def test_double_backward_penalties_match_lone_runs(compose_cfg, tmp_path, reg, mode, model):
     # the penalty's extra pass (tangent_prop's input derivative, the micro-batches' gradient
     # norms) runs through the stacked grouped convolutions (a GRU: its stacked recurrence),
     # each member with its own λ; its
-    # extra pass draws fresh dropout masks, as the lone run's does, and leaves the step's
-    # recorded features to multi_task's heads, listed after it
+    # extra pass draws fresh dropout masks (and weight noise: each member's σ on its kernels),
+    # as the lone run's does, and leaves the step's recorded features to multi_task's heads,
+    # listed after it
+    model, noised = model.split("+")[0], model.endswith("+weight_noise")
     points = _points(model, {f"regularizer.{reg}.lam": [0.01, 0.0, 0.02], "regularizer.dropout.p": [0.1, 0.2, 0.0],
-                             "regularizer.multi_task.lam": [0.5, 1.0, 0.0], "optimizer.lr": [0.05, 0.02, 0.03]})
+                             "regularizer.multi_task.lam": [0.5, 1.0, 0.0], "optimizer.lr": [0.05, 0.02, 0.03],
+                             **({"regularizer.weight_noise.sigma": [0.03, 0.0, 0.05]} if noised else {})})
     extra = [f"regularizer.{reg}.mode={mode}"] if mode else []
-    _check(compose_cfg, tmp_path, model, ["optimizer=momentum", f"regularizer=[dropout,{reg},multi_task]", *extra],
-           points)
+    regs = ",".join(["dropout", reg, "multi_task"] + (["weight_noise"] if noised else []))
+    _check(compose_cfg, tmp_path, model, ["optimizer=momentum", f"regularizer=[{regs}]", *extra], points)
 
 
 @pytest.mark.parametrize("model", SETUP)
