@@ -87,13 +87,14 @@ def test_double_backward_penalties_match_lone_runs(compose_cfg, tmp_path, reg, m
     _check(compose_cfg, tmp_path, model, ["optimizer=momentum", f"regularizer=[{regs}]", *extra], points)
 
 
-@pytest.mark.parametrize("model", SETUP)
-def test_batched_draws_keep_padding_zero(compose_cfg, tmp_path, monkeypatch, model):
+@pytest.mark.parametrize("model,opt", [*((m, "momentum") for m in SETUP), ("cnn", "sam"), ("transformer", "sam")])
+def test_batched_draws_keep_padding_zero(compose_cfg, tmp_path, monkeypatch, model, opt):
     """The GPU mode (one call draws every member's dropout masks, weight noise and DropConnect
     masks: the lone runs' distributions, not their numbers), run on the CPU: the padded
     entries of every stacked tensor (a Transformer's between its members' head-by-head units)
     end exactly 0 and the members train to finite losses other than the exact mode's. A GRU
-    takes no weight draws (a lone GRU run refuses them): its dropout masks alone."""
+    takes no weight draws (a lone GRU run refuses them): its dropout masks alone. SAM: its
+    ascent and its second pass's draws leave the padding 0 too."""
     import math
 
     import regexp.population.engine as engine
@@ -102,7 +103,8 @@ def test_batched_draws_keep_padding_zero(compose_cfg, tmp_path, monkeypatch, mod
     draws = ["regularizer=[dropout]"] if model == "gru" else [
         "regularizer=[dropout,dropconnect,weight_noise]", "regularizer.weight_noise.sigma=0.05",
         "regularizer.weight_noise.include_head=true"]
-    base = compose_cfg(BASE + SETUP[model]["overrides"] + ["optimizer=momentum", "trainer.epochs=1", *draws])
+    sam = ["optimizer.base=momentum", "optimizer.lr=0.03"] if opt == "sam" else []
+    base = compose_cfg(BASE + SETUP[model]["overrides"] + [f"optimizer={opt}", *sam, "trainer.epochs=1", *draws])
     points = _points(model, {})
     ends = []
     real = engine._finish_completed
