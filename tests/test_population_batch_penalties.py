@@ -155,6 +155,25 @@ def test_gradient_norm_penalty_members_match_lone_runs(compose_cfg, tmp_path, mo
         _assert_same_run(tmp_path, p, a, b)
 
 
+@pytest.mark.parametrize("penalty", [["regularizer.tangent_prop.lam=0.1"],
+                                     ["regularizer.gradient_norm_penalty.mode=sgd",
+                                      "regularizer.gradient_norm_penalty.micro_batches=3",
+                                      "regularizer.gradient_norm_penalty.lam=0.05"]])
+def test_extra_passes_draw_their_own_weight_noise_and_dropconnect_masks(compose_cfg, tmp_path, penalty):
+    """Each extra forward pass (the tangent pass; the k micro-batch passes) perturbs the weights
+    anew, layer by layer between its dropout masks, from each member's generator, as a lone
+    run's pass does; σ and p differ per member (one member at σ = 0 and p = 0 still draws)."""
+    name = penalty[0].split(".")[1]
+    points = [{"model.width": 16, "regularizer.weight_noise.sigma": 0.05, "regularizer.dropconnect.p": 0.2, "seed": 0},
+              {"model.width": 12, "regularizer.weight_noise.sigma": 0.0, "regularizer.dropconnect.p": 0.0, "seed": 1}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + [
+        "optimizer=momentum", f"regularizer=[{name},weight_noise,dropconnect,dropout]", "regularizer.dropout.p=0.1",
+        "regularizer.weight_noise.include_head=false", "model.activation=tanh"] + penalty, points)
+    assert use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+
+
 def test_masked_reconstruction_members_match_lone_runs(compose_cfg, tmp_path):
     """The head has C·L outputs, each member's segments are its lone run's draws (before input
     noise and dropout), its loss the masked MSE and its report the lone run's."""
@@ -171,9 +190,6 @@ def test_masked_reconstruction_members_match_lone_runs(compose_cfg, tmp_path):
 
 # ---------------------------------------------------------------- what cannot join is refused
 @pytest.mark.parametrize("regs,extra,why", [
-    ("[tangent_prop,weight_noise]", [], "regularizer tangent_prop with weight_noise"),
-    ("[gradient_norm_penalty,weight_noise]", ["regularizer.gradient_norm_penalty.mode=sgd"],
-     "regularizer gradient_norm_penalty with weight_noise"),
     ("[input_noise,masked_reconstruction]", [], "regularizer input_noise before masked_reconstruction"),
 ])
 def test_combinations_that_cannot_match_are_refused_in_one_line(compose_cfg, regs, extra, why):
@@ -182,21 +198,22 @@ def test_combinations_that_cannot_match_are_refused_in_one_line(compose_cfg, reg
     assert not use_population(cfg, points)
     with pytest.raises(ConfigError, match=why):
         use_population(compose_cfg([f"regularizer={regs}", "sweep.engine=population"] + extra), points)
-    # full mode has no extra pass: weight noise joins
-    assert use_population(compose_cfg(["regularizer=[gradient_norm_penalty,weight_noise]"]), points)
 
 
-def test_both_penalties_with_sam_in_the_member_by_member_form_match_lone_runs(compose_cfg, tmp_path):
-    """SAM's second pass recomputes both penalties (the tangent pass drawing its own masks again),
-    and the member-by-member forward (wide buckets on CPU) is differentiated twice the same way."""
+@pytest.mark.parametrize("noise", [[], ["weight_noise"]])
+def test_both_penalties_with_sam_in_the_member_by_member_form_match_lone_runs(compose_cfg, tmp_path, noise):
+    """SAM's second pass recomputes both penalties (the tangent pass drawing its own masks, and
+    weight noise, again), and the member-by-member forward (wide buckets on CPU) is
+    differentiated twice the same way."""
     from regexp.population import Options, train_population
     from regexp.sweep import point_config, point_name
     from regexp.train.trainer import train
     from test_population import BASE
 
+    regs = ",".join(["gradient_norm_penalty", "tangent_prop", "dropout"] + noise)
     base = compose_cfg(BASE + SMALL + [
-        "trainer.epochs=1", "optimizer=sam", "regularizer=[gradient_norm_penalty,tangent_prop,dropout]",
-        "regularizer.dropout.p=0.1", "model.activation=gelu"])
+        "trainer.epochs=1", "optimizer=sam", f"regularizer=[{regs}]", "regularizer.dropout.p=0.1",
+        "model.activation=gelu"])
     points = [{"model.width": 12, "regularizer.tangent_prop.lam": 0.2, "regularizer.gradient_norm_penalty.lam": 0.01,
                "optimizer.rho": 0.05, "seed": 0},
               {"model.width": 8, "regularizer.tangent_prop.lam": 0.01, "regularizer.gradient_norm_penalty.lam": 0.1,

@@ -33,6 +33,17 @@ def test_weight_noise_and_dropconnect_members_match_lone_runs(compose_cfg, tmp_p
                                           "regularizer.weight_noise.include_head=true"], points)
 
 
+@pytest.mark.parametrize("model", ["cnn", "transformer"])
+def test_sam_members_with_weight_draws_match_lone_sam_runs(compose_cfg, tmp_path, model):
+    # SAM's second pass draws each member's DropConnect masks, weight noise and dropout masks
+    # again, in the lone order, on its block of the ascended weights; radii differ
+    points = _points(model, {"regularizer.weight_noise.sigma": [0.02, 0.0, 0.05], "regularizer.dropconnect.p": [0.2, 0.3, 0.0],
+                             "regularizer.dropout.p": [0.1, 0.0, 0.2], "optimizer.rho": [0.05, 0.1, 0.02]})
+    _check(compose_cfg, tmp_path, model, ["optimizer=sam", "optimizer.base=momentum", "optimizer.lr=0.03",
+                                          "regularizer=[dropconnect,weight_noise,dropout]",
+                                          "regularizer.weight_noise.include_head=true"], points)
+
+
 @pytest.mark.parametrize("model", SETUP)
 def test_activity_penalty_members_match_lone_runs(compose_cfg, tmp_path, model):
     # each member's α and γ on its own recorded sites after dropout (a CNN: every stage's
@@ -59,27 +70,31 @@ def test_cnn_activity_kl_members_match_lone_runs(compose_cfg, tmp_path):
 
 @pytest.mark.parametrize("reg,mode", [("tangent_prop", None), ("gradient_norm_penalty", "sgd"),
                                       ("gradient_norm_penalty", "full")])
-@pytest.mark.parametrize("model", ["cnn", "gru"])
+@pytest.mark.parametrize("model", ["cnn", "gru", "cnn+weight_noise"])
 def test_double_backward_penalties_match_lone_runs(compose_cfg, tmp_path, reg, mode, model):
     # the penalty's extra pass (tangent_prop's input derivative, the micro-batches' gradient
     # norms) runs through the stacked grouped convolutions (a GRU: its stacked recurrence),
     # each member with its own λ; its
-    # extra pass draws fresh dropout masks, as the lone run's does, and leaves the step's
-    # recorded features to multi_task's heads, listed after it
+    # extra pass draws fresh dropout masks (and weight noise: each member's σ on its kernels),
+    # as the lone run's does, and leaves the step's recorded features to multi_task's heads,
+    # listed after it
+    model, noised = model.split("+")[0], model.endswith("+weight_noise")
     points = _points(model, {f"regularizer.{reg}.lam": [0.01, 0.0, 0.02], "regularizer.dropout.p": [0.1, 0.2, 0.0],
-                             "regularizer.multi_task.lam": [0.5, 1.0, 0.0], "optimizer.lr": [0.05, 0.02, 0.03]})
+                             "regularizer.multi_task.lam": [0.5, 1.0, 0.0], "optimizer.lr": [0.05, 0.02, 0.03],
+                             **({"regularizer.weight_noise.sigma": [0.03, 0.0, 0.05]} if noised else {})})
     extra = [f"regularizer.{reg}.mode={mode}"] if mode else []
-    _check(compose_cfg, tmp_path, model, ["optimizer=momentum", f"regularizer=[dropout,{reg},multi_task]", *extra],
-           points)
+    regs = ",".join(["dropout", reg, "multi_task"] + (["weight_noise"] if noised else []))
+    _check(compose_cfg, tmp_path, model, ["optimizer=momentum", f"regularizer=[{regs}]", *extra], points)
 
 
-@pytest.mark.parametrize("model", SETUP)
-def test_batched_draws_keep_padding_zero(compose_cfg, tmp_path, monkeypatch, model):
+@pytest.mark.parametrize("model,opt", [*((m, "momentum") for m in SETUP), ("cnn", "sam"), ("transformer", "sam")])
+def test_batched_draws_keep_padding_zero(compose_cfg, tmp_path, monkeypatch, model, opt):
     """The GPU mode (one call draws every member's dropout masks, weight noise and DropConnect
     masks: the lone runs' distributions, not their numbers), run on the CPU: the padded
     entries of every stacked tensor (a Transformer's between its members' head-by-head units)
     end exactly 0 and the members train to finite losses other than the exact mode's. A GRU
-    takes no weight draws (a lone GRU run refuses them): its dropout masks alone."""
+    takes no weight draws (a lone GRU run refuses them): its dropout masks alone. SAM: its
+    ascent and its second pass's draws leave the padding 0 too."""
     import math
 
     import regexp.population.engine as engine
@@ -88,7 +103,8 @@ def test_batched_draws_keep_padding_zero(compose_cfg, tmp_path, monkeypatch, mod
     draws = ["regularizer=[dropout]"] if model == "gru" else [
         "regularizer=[dropout,dropconnect,weight_noise]", "regularizer.weight_noise.sigma=0.05",
         "regularizer.weight_noise.include_head=true"]
-    base = compose_cfg(BASE + SETUP[model]["overrides"] + ["optimizer=momentum", "trainer.epochs=1", *draws])
+    sam = ["optimizer.base=momentum", "optimizer.lr=0.03"] if opt == "sam" else []
+    base = compose_cfg(BASE + SETUP[model]["overrides"] + [f"optimizer={opt}", *sam, "trainer.epochs=1", *draws])
     points = _points(model, {})
     ends = []
     real = engine._finish_completed

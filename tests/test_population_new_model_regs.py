@@ -171,3 +171,15 @@ def test_multi_task_members_match_lone_runs(compose_cfg, tmp_path, model):
     points = _points(model, {"regularizer.multi_task.lam": [1.0, 0.0, 0.5], "regularizer.dropout.p": [0.1, 0.0, 0.2],
                              "optimizer.lr": [0.05, 0.02, 0.03]})
     _check(compose_cfg, tmp_path, model, ["optimizer=momentum", "regularizer=[dropout,multi_task]"], points)
+
+
+@pytest.mark.parametrize("reg", ["multi_task", "soft_weight_sharing"])
+@pytest.mark.parametrize("model", ["cnn", "transformer"])
+def test_sam_members_ascend_their_heads_and_mixtures_as_lone_sam_runs(compose_cfg, tmp_path, model, reg):
+    # the lone SAM ascends every group of its optimizer: the weights and multi_task's head (a
+    # Transformer's on its scattered columns) or the learned mixture, under one norm per member
+    own = ({"regularizer.multi_task.lam": [1.0, 0.0, 0.5]} if reg == "multi_task" else
+           {"regularizer.soft_weight_sharing.tau": [0.5, 0.0, 1.0], "regularizer.soft_weight_sharing.lr": [0.01, 0.003, 0.005]})
+    points = _points(model, {**own, "optimizer.rho": [0.1, 0.05, 0.2], "regularizer.dropout.p": [0.1, 0.0, 0.2]})
+    _check(compose_cfg, tmp_path, model, ["optimizer=sam", "optimizer.base=momentum", "optimizer.lr=0.03",
+                                          f"regularizer=[dropout,{reg}]"], points)

@@ -125,7 +125,16 @@ def test_population_with_mixtures_resumes_exactly(compose_cfg, tmp_path, monkeyp
             assert all(torch.equal(sa[k], sb[k]) for k in sb)
 
 
-def test_sam_with_soft_weight_sharing_is_refused(compose_cfg):
-    cfg = compose_cfg(["optimizer=sam"] + SWS)
-    assert "soft_weight_sharing" in incompatibility(cfg)
-    assert incompatibility(compose_cfg(["optimizer=adam"] + SWS)) is None
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_members_with_mixtures_match_lone_sam_runs(compose_cfg, tmp_path, adaptive):
+    # the lone SAM's parameters are every group of its optimizer: the ascent moves each member's
+    # mixture (μ, ξ, η) with its weights, under one norm; radii, τ and the mixture's lr differ
+    points = [{"model.width": 8, "seed": 0, "optimizer.rho": 0.1, "regularizer.soft_weight_sharing.tau": 0.01},
+              {"model.width": 12, "seed": 1, "optimizer.rho": 0.3, "regularizer.soft_weight_sharing.tau": 0.003,
+               "regularizer.soft_weight_sharing.lr": 0.003}]
+    base = ["optimizer=sam", "optimizer.base=adam", "optimizer.lr=0.01", f"optimizer.adaptive={str(adaptive).lower()}"]
+    _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, base + SWS, points)
+    assert incompatibility(compose_cfg(base + SWS)) is None
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+        _same_mixture(tmp_path, p)

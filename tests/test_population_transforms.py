@@ -130,17 +130,22 @@ def test_augmentation_per_member_matches_lone_runs(compose_cfg, tmp_path):
     assert (w1 - w2).abs().max() > 1e-3  # the augmentation is real: other values, other weights
 
 
-@pytest.mark.parametrize("opt,smoothing", [("momentum", 0.0), ("sam", 0.1)])
-def test_adversarial_per_member_matches_lone_runs(compose_cfg, tmp_path, opt, smoothing):
+@pytest.mark.parametrize("opt,smoothing,draws", [("momentum", 0.0, []), ("sam", 0.1, []),
+                                                 ("sam", 0.0, ["dropconnect", "weight_noise"])])
+def test_adversarial_per_member_matches_lone_runs(compose_cfg, tmp_path, opt, smoothing, draws):
     """ε differs per member (0: a lone run skips the attack and draws nothing); the FGSM pass
     draws its own dropout masks before the training pass's; hand-written gradients for the
-    step (no smoothing) and autograd with SAM's second pass on the same attacked batch."""
+    step (no smoothing) and autograd with SAM's second pass on the same attacked batch (with
+    DropConnect and weight noise: the FGSM pass, the step's and SAM's second pass each draw
+    their own)."""
     points = [{"model.width": 20, "regularizer.adversarial.eps": 0.1, "seed": 0},
               {"model.width": 28, "regularizer.adversarial.eps": 0.0, "seed": 1},
               {"model.width": 28, "regularizer.adversarial.eps": 0.3, "seed": 1}]
+    regs = ",".join(["input_noise", "adversarial", "dropout", "label_smoothing"] + draws)
     _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
-        f"optimizer={opt}", "regularizer=[input_noise,adversarial,dropout,label_smoothing]",
-        "regularizer.dropout.p=0.2", f"regularizer.label_smoothing.eps={smoothing}"], points)
+        f"optimizer={opt}", f"regularizer=[{regs}]", "regularizer.dropout.p=0.2",
+        f"regularizer.label_smoothing.eps={smoothing}"] + (["regularizer.weight_noise.sigma=0.02"] if draws else []),
+        points)
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
     assert "adversarial/fgsm_test_acc" in pop[0]["extra"]
@@ -191,9 +196,8 @@ def test_batched_draws_keep_padding_zero(compose_cfg, tmp_path, monkeypatch):
 def test_refusals(compose_cfg):
     for regs in ("[augmentation,adversarial,dropconnect]", "[dropconnect,weight_noise]"):
         assert incompatibility(compose_cfg([f"regularizer={regs}"])) is None
-    assert incompatibility(compose_cfg(["optimizer=sam", "regularizer=[dropconnect]"])) == (
-        "optimizer=sam with regularizer dropconnect (the population draws a step's weight perturbation "
-        "once; SAM's second pass would need draws of its own)")
+    # SAM's second pass draws its own masks (tests/test_population_probes.py)
+    assert incompatibility(compose_cfg(["optimizer=sam", "regularizer=[dropconnect]"])) is None
 
 
 def test_interrupted_population_resumes_its_draws(compose_cfg, tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ own ``aux_term`` on the features the output layer reads (``head_input``, which t
 forward records), against each member's standardized targets of its own training rows. The
 heads are stepped by a :class:`StackedOptimizer` of the members' rule and values, as a lone
 run's optimizer steps the head's parameter group (the same lr and schedule, no clipping:
-``clip_grad_norm_`` sees the model's parameters only).
+``clip_grad_norm_`` sees the model's parameters only; under SAM the ascent moves the head too,
+as the lone SAM's moves every group).
 """
 from __future__ import annotations
 

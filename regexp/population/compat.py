@@ -96,22 +96,15 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
     regs = list(cfg.regularizer)
-    # a lone run's extra forward passes draw their own weight noise; the population draws a step's once
-    extra_pass = [r for r in regs if r == "tangent_prop" or (r == "gradient_norm_penalty"
-                                                             and cfg.regularizer[r].mode == "sgd")]
-    if extra_pass and "weight_noise" in regs:
-        return (f"regularizer {extra_pass[0]} with weight_noise (its extra forward passes would need weight "
-                "noise of their own; the population draws a step's once)")
     if "masked_reconstruction" in regs and "input_noise" in regs[:regs.index("masked_reconstruction")]:
         return ("regularizer input_noise before masked_reconstruction (the population masks the batch before "
                 "adding noise; list masked_reconstruction first)")
     if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
         return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
                 "beside the run; a population stacks only its members)")
-    if "multi_task" in cfg.regularizer and (cfg.optimizer.name == "sam" or (cfg.model.name == "mlp"
-                                                                            and int(cfg.model.depth) == 0)):
-        return ("regularizer multi_task with optimizer=sam or model.depth=0 (the population's heads read "
-                "the last hidden layer and take plain steps)")
+    if "multi_task" in cfg.regularizer and cfg.model.name == "mlp" and int(cfg.model.depth) == 0:
+        return ("regularizer multi_task with model.depth=0 (the population's heads read the last hidden "
+                "layer)")
     shaped = [r for r in regs if r in ("activity_l1", "activity_student_t", "activity_kl", "multi_task")]
     if shaped and (cfg.model.get("widths") is not None or cfg.model.get("residual", False)):
         return (f"regularizer {shaped[0]} with model.widths or model.residual (the population records one "
@@ -119,13 +112,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if "multi_task" in regs and "soft_weight_sharing" in regs:
         return ("regularizers multi_task and soft_weight_sharing together (the population steps one extra "
                 "parameter group per bucket, the head's or the mixture's)")
-    drawn = [r for r in ("weight_noise", "dropconnect") if r in cfg.regularizer]
-    if cfg.optimizer.name == "sam" and drawn:
-        return (f"optimizer=sam with regularizer {drawn[0]} (the population draws a step's weight "
-                "perturbation once; SAM's second pass would need draws of its own)")
-    if cfg.optimizer.name == "sam" and "soft_weight_sharing" in cfg.regularizer:
-        return ("optimizer=sam with regularizer soft_weight_sharing (SAM's ascent would perturb each member's "
-                "mixture too, which the population's stacked ascent over the weights does not)")
     if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
         return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
                 "stacked tensor as trained)")

@@ -304,10 +304,23 @@ class Bucket:
         return {} if self.mixtures is None else {"soft_weight_sharing": self.mixtures.penalty}
 
     def zero_grad(self) -> None:
+        """Every optimizer group's gradients, as train()'s ``optimizer.zero_grad`` (SAM's second
+        pass starts from none: the heads' first-pass gradient must not add to it)."""
         for p in self.net.params:
             p.grad = None
         if self.mixtures is not None:
             self.mixtures.zero_grad()
+        if self.heads is not None:
+            for p in self.heads.params:
+                p.grad = None
+
+    @property
+    def ascended(self) -> List[torch.Tensor]:
+        """What SAM's ascent moves: train()'s optimizer's every group, the trainable weights, then
+        the regularizers' groups (multi_task's head, the learned mixture), under one norm ‖g_m‖."""
+        extra = [] if self.heads is None else list(self.heads.params)
+        extra += [] if self.mixtures is None else list(self.mixtures.params)
+        return self.trainable + extra
 
     def step(self, factor: float) -> None:
         """Every optimizer group's update, as train()'s one ``optimizer.step()``."""
@@ -485,7 +498,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             if i == loop.steps_per_epoch - 1 and loop.grad_norms:
                 grad_norms = _grad_norms(b)
             if b.sam:  # the same batch's gradient once more, at each member's ascended weights
-                _ascend(b, lambda: (b.net.manual_step(xb, yb, _second_masks(b, xb, masks), weights), b.clip_()))
+                _ascend(b, lambda: (b.net.manual_step(xb, yb, *_fresh_draws(b, xb.shape[1], masks, weights)),
+                                    b.clip_()))
             b.opt.step(loop.factor(loop.step))
             loop.step += 1
             running[:, 0] += loss * xb.shape[1]
@@ -511,8 +525,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         b.before_step(loop.factor(loop.step))
         if i == loop.steps_per_epoch - 1 and loop.grad_norms:
             grad_norms = _grad_norms(b)
-        if b.sam:
-            _ascend(b, lambda: backward(masks=_second_masks(b, xb, masks)))
+        if b.sam:  # drawn inside the closure: a lone run perturbs the ascended weights
+            _ascend(b, lambda: backward(xb, yb, *_fresh_draws(b, xb.shape[1], masks, weights)))
         b.step(loop.factor(loop.step))
         loop.step += 1
         running += torch.stack([loss] + pens, 1).detach() * xb.shape[1]  # no graph kept across steps
@@ -524,28 +538,33 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
 def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
-    ascended_gradient(b.trainable, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
+    ascended_gradient(b.ascended, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
 
 
 def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, masks, weights) -> Batch:
     """The step as a batch penalty sees it; each of its extra forward passes draws fresh
-    dropout masks, as a lone run's extra pass does (weight noise there is refused: compat)."""
+    dropout masks, weight noise and DropConnect masks, as a lone run's extra pass does."""
     def extra_pass(x: torch.Tensor) -> torch.Tensor:
         # the step's hidden activations stay what the activity penalties and heads read, as a
         # lone run's tangent_prop restores its sites after its extra pass
         kept, record = b.net.hidden, b.net.record
         b.net.record = False  # nor is the head's recorded input (a CNN's, a Transformer's) replaced
-        out = b.forward(x, _second_masks(b, x, masks), weights)
+        out = b.forward(x, *_fresh_draws(b, x.shape[1], masks, weights))
         b.net.hidden, b.net.record = kept, record
         return out
 
     return Batch(xb, yb, loss, extra_pass, b.terms.loss, b.net.params, tuple(b.data.input_shape))
 
 
-def _second_masks(b: Bucket, xb: torch.Tensor, masks):
-    """SAM's second forward draws fresh dropout masks, as a lone run's second forward does
-    (input noise, added to the batch once, stays)."""
-    return b.drop.masks(xb.shape[1]) if b.drop.active else masks
+def _fresh_draws(b: Bucket, batch: int, masks, weights):
+    """(dropout masks, weights) of another training forward pass of ``batch`` examples (SAM's
+    second pass, a batch penalty's extra ones): as a lone run's pass, it draws fresh dropout
+    masks and, layer by layer, fresh weight noise and DropConnect masks on the weights as they
+    are now (SAM's ascended ones), from each member's generator in the lone order; input
+    noise, added to the batch once, stays."""
+    if any(b.noise.noised) or any(b.noise.connects):
+        return b.noise.forward_draws(batch, b.net.weights, b.net.layer_widths)
+    return (b.drop.masks(batch) if b.drop.active else masks), weights
 
 
 def train_bucket(members: List[Member], width: int, opts: Options, data_cache=None,

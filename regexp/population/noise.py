@@ -96,9 +96,10 @@ class StepNoise:
 
     def forward_draws(self, batch: int, weights: List[torch.Tensor], widths: List[int]
                       ) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
-        """What one training forward pass of ``batch`` examples draws: (dropout masks per layer
-        input, the weights to compute with); ``widths``: each member's hidden width, or its list
-        of them (model.widths)."""
+        """What one training forward pass of ``batch`` examples draws (the step's, FGSM's, SAM's
+        second, a batch penalty's extra one: each draws its own, as in a lone run): (dropout
+        masks per layer input, the weights to compute with, perturbed from ``weights`` as they
+        are now); ``widths``: each member's hidden width, or its list of them (model.widths)."""
         last = len(weights) - 1
         ks = [k if isinstance(k, (list, tuple)) else [k] * last for k in widths]
         masks, used = [], list(weights)

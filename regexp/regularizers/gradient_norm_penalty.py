@@ -19,7 +19,8 @@ Costs about three backward passes per step (``full``) or k + 2 (``sgd``). Writte
 (``batch_penalty_of``): in a population each member's norm is that of its own loss's gradient
 with respect to its own slices of the stacked parameters (members are independent, so the
 gradient of the summed losses is each member's own), with λ per member; ``sgd``'s micro-batch
-passes draw fresh dropout masks from each member's generator, as the lone run's do.
+passes draw fresh dropout masks, weight noise and DropConnect masks from each member's
+generator, as the lone run's do.
 """
 from __future__ import annotations
 

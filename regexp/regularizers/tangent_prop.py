@@ -26,8 +26,8 @@ sampled transformations, tangent propagation asks for the infinitesimal invarian
 at the training points themselves. The penalty is written once (``batch_penalty_of``): a
 population runs the same double backward on its stacked forward (inputs (M, B, D), members
 independent, so each member's J·v is its own), with λ per member; its extra pass draws fresh
-dropout masks from each member's generator, as the lone run's does (weight noise, drawn anew
-by that pass too, is refused there).
+dropout masks, weight noise and DropConnect masks from each member's generator, as the lone
+run's does.
 """
 from __future__ import annotations
 
