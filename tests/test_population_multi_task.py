@@ -107,6 +107,33 @@ def test_interrupted_multi_task_population_resumes_to_the_uninterrupted_result(c
     for k in lone[0]["extra"]:
         assert handed["extra"][k] == pytest.approx(lone[0]["extra"][k], rel=RTOL, abs=1e-6)
 
+# uneven hidden widths: the head reads the last layer, padded to that layer's widest (20, not
+# the bucket's 40); with skips ([40, 20, 20]: around layers 1 and 3) it reads the last layer's
+# output after the skip's sum, not the site on its branch
+UNEVEN = [{"model.widths": [40, 20, 20], "regularizer.multi_task.lam": 1.0, "seed": 0},
+          {"model.widths": [32, 16, 16], "regularizer.multi_task.lam": 0.3, "seed": 1},
+          {"model.widths": [40, 24, 20], "regularizer.multi_task.lam": 0.0, "seed": 2}]
+
+
+@pytest.mark.parametrize("overrides,points", [
+    (["optimizer=momentum", "regularizer=[dropout,multi_task]", "regularizer.dropout.p=0.1"], UNEVEN),
+    (["optimizer=momentum", "model.residual=true"], UNEVEN),
+    (["optimizer=adam", "model.residual=true", "model.norm=layer", "model.depth=2"],
+     [{"model.width": 40, "regularizer.multi_task.lam": 1.0, "seed": 0},  # a skip around both layers
+      {"model.width": 16, "regularizer.multi_task.lam": 0.5, "seed": 1}]),  # around the second only
+], ids=["uneven", "uneven_residual", "residual"])
+def test_multi_task_with_uneven_widths_and_skips_matches_lone_runs(compose_cfg, tmp_path, overrides, points):
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + overrides, points)
+    assert incompatibility(base) is None and use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)  # weights, history, extra (val R²), penalty curve
+        ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=False)
+                  for d in ("pop", "lone"))
+        for k in ("weight", "bias"):  # the head itself
+            torch.testing.assert_close(ca["regularizers"][-1]["aux"][k], cb["regularizers"][-1]["aux"][k],
+                                       atol=ATOL, rtol=RTOL)
+
+
 def test_population_refuses_multi_task_where_its_heads_cannot_follow(compose_cfg):
     assert incompatibility(compose_cfg(SMALL + ["optimizer=sam"])).startswith("regularizer multi_task with")
     assert incompatibility(compose_cfg(SMALL + ["model.depth=0"])).startswith("regularizer multi_task with")

@@ -112,10 +112,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
                                                                             and int(cfg.model.depth) == 0)):
         return ("regularizer multi_task with optimizer=sam or model.depth=0 (the population's heads read "
                 "the last hidden layer and take plain steps)")
-    shaped = [r for r in regs if r in ("activity_l1", "activity_student_t", "activity_kl", "multi_task")]
-    if shaped and (cfg.model.get("widths") is not None or cfg.model.get("residual", False)):
-        return (f"regularizer {shaped[0]} with model.widths or model.residual (the population records one "
-                "unit mask for every hidden layer, and no skip)")
     if "multi_task" in regs and "soft_weight_sharing" in regs:
         return ("regularizers multi_task and soft_weight_sharing together (the population steps one extra "
                 "parameter group per bucket, the head's or the mixture's)")

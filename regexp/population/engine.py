@@ -168,7 +168,7 @@ class LossTerms:
                 out.append(self.stacked[name](net))
                 continue
             if name in self.activity:  # on the hidden activations the forward just recorded
-                out.append(self.activity[name].activity_of(net.hidden, hp, True, net.unit_mask))
+                out.append(self.activity[name].activity_of(net.hidden, hp, True, net.site_units))
                 continue
             if name == "multi_task":  # on the features the output layer reads
                 out.append(self.heads.term(net.head_input, hp))
