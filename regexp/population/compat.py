@@ -112,9 +112,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
                                                                             and int(cfg.model.depth) == 0)):
         return ("regularizer multi_task with optimizer=sam or model.depth=0 (the population's heads read "
                 "the last hidden layer and take plain steps)")
-    if "multi_task" in regs and "soft_weight_sharing" in regs:
-        return ("regularizers multi_task and soft_weight_sharing together (the population steps one extra "
-                "parameter group per bucket, the head's or the mixture's)")
     drawn = [r for r in ("weight_noise", "dropconnect") if r in cfg.regularizer]
     if cfg.optimizer.name == "sam" and drawn:
         return (f"optimizer=sam with regularizer {drawn[0]} (the population draws a step's weight "

@@ -317,6 +317,12 @@ class Bucket:
         if self.mixtures is not None:
             self.mixtures.opt.step(factor)
 
+    def extra_groups(self) -> List[Union[StackedHeads, StackedMixtures]]:
+        """The regularizers' own optimizer groups (multi_task's heads, the learned mixtures), in
+        the order train() appends them after the weights' group: the config's."""
+        groups = {"multi_task": self.heads, "soft_weight_sharing": self.mixtures}
+        return [groups[r] for r in self.members[0].cfg.regularizer if groups.get(r) is not None]
+
     def sync_member(self, k: int) -> None:
         """Member k's stacked state its lone regularizers read (logs, report, checkpoint) into them."""
         if self.mixtures is not None:
@@ -671,11 +677,10 @@ def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], ru
     best = b.net.member_state(k, b.best) if b.best is not None else None
     sums = running[k].cpu() if running is not None else torch.zeros(1 + len(b.terms.reg_names))
     opt_state = _member_opt_state(b, k)
-    if b.heads is not None:  # the head is the lone optimizer's second group, its state in the regularizer's
+    if b.heads is not None:  # the head's weights are the regularizer's (its state_dict)
         b.heads.sync(k)
-        opt_state += b.heads.member_opt_state(k)
-    if b.mixtures is not None:  # likewise the learned mixture's group (not with multi_task: compat)
-        opt_state += b.mixtures.member_opt_state(k)
+    for g in b.extra_groups():  # each a further group of the lone optimizer, in its order
+        opt_state += g.member_opt_state(k)
     return checkpoint_dict(m, b.net.member_state(k), opt_state, loop.total_steps,
                            b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu() if perms is not None else None,
                            sums, best, steps_done=loop.step, step_in_epoch=in_epoch,
@@ -719,10 +724,10 @@ def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Option
         per_param = [[st[j][key] for st in states] for j in range(len(b.trainable))]
         b.opt.state[key] = ([ts[0].to(b.device) for ts in per_param] if key == "step"  # shared count
                             else [b.net.stack(ts, p) for ts, p in zip(per_param, b.trainable)])
-    if b.heads is not None:
-        b.heads.restore(states, len(b.trainable), loop.step)
-    if b.mixtures is not None:  # the mixture's group follows the weights' in torch.optim's state
-        b.mixtures.load_opt_state(states, len(b.trainable), loop.step)
+    first = len(b.trainable)  # the regularizers' groups follow the weights' in torch.optim's state
+    for g in b.extra_groups():
+        g.restore(states, first, loop.step)
+        first += len(g.params)
     if all(ck["best_state"] is not None for ck in cks):
         b.best = b.net.stack_states([ck["best_state"] for ck in cks])
     if in_epoch == 0:
