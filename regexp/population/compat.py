@@ -102,9 +102,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if extra_pass and "weight_noise" in regs:
         return (f"regularizer {extra_pass[0]} with weight_noise (its extra forward passes would need weight "
                 "noise of their own; the population draws a step's once)")
-    if "masked_reconstruction" in regs and "input_noise" in regs[:regs.index("masked_reconstruction")]:
-        return ("regularizer input_noise before masked_reconstruction (the population masks the batch before "
-                "adding noise; list masked_reconstruction first)")
     if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
         return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
                 "beside the run; a population stacks only its members)")

@@ -282,8 +282,9 @@ class Bucket:
                                   len(self.net.site_weights) - 1, device, exact, int(cfg.seed),
                                   self.net.site_weights)
         self.noise = _step_noise(members, self.drop, self.net, device)
-        self.transforms = BatchTransforms([m.cfg.regularizer for m in members], data.input_shape, self.noise, device)
         self.pretext = MemberPretext.of(members, data.input_shape, device)
+        self.transforms = BatchTransforms([m.cfg.regularizer for m in members], data.input_shape, self.noise, device,
+                                          self.pretext)
         self.member_set = data.member_set.clone()
         self.best: Optional[List[torch.Tensor]] = None
         dwd = [m.cfg.regularizer.get("decoupled_weight_decay") for m in members]
@@ -475,10 +476,10 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
     xs, ys = b.data.batch(rows)  # the epoch's examples in each member's order, gathered at once
     for i in range(start, loop.steps_per_epoch):
         xb, yb = xs[:, i * loop.bs:(i + 1) * loop.bs], ys[:, i * loop.bs:(i + 1) * loop.bs]
-        if b.pretext is not None:  # a lone step's transform_batch, before its noise and dropout
+        if b.pretext is not None and b.transforms.pretext_first:  # listed first: before every other draw
             xb = b.pretext.draw(xb)
         weights = None
-        if b.transforms.active:  # augmentation, FGSM: the whole step's draws in the lone run's order
+        if b.transforms.active:  # augmentation, FGSM, a later pretext: the step's draws in the lone run's order
             xb, masks, weights = b.transforms.draw(xb, yb, b.net.forward, b.net.weights, b.net.layer_widths)
         elif b.noise.active:
             xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.layer_widths)
