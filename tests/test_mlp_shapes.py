@@ -1,6 +1,8 @@
 """MLP shapes: uneven hidden widths (``model.widths``) and residual connections
 (``model.residual``): parameter counts, the forward pass against a hand computation, and the
-refusals (bad widths; the population engine, which trains plain MLPs only)."""
+refusal of bad widths, and that the population engine takes both shapes (its members' equality
+with their lone runs: tests/test_population_norm.py, test_population_activity.py,
+test_population_multi_task.py)."""
 from __future__ import annotations
 
 import pytest
@@ -58,13 +60,10 @@ def test_bad_widths_are_refused_naming_the_key(compose_cfg, value):
         validate(compose_cfg([f"model.widths={value}"]))
 
 
-@pytest.mark.parametrize("overrides, why", [
-    (["model.widths=[8,4]", "regularizer=[activity_l1]"], "regularizer activity_l1 with model.widths"),
-])
-def test_population_refuses_shapes_it_cannot_batch(compose_cfg, overrides, why):
+@pytest.mark.parametrize("overrides", [["model.widths=[8,4]", "regularizer=[activity_l1]"],
+                                       ["model.residual=true", "regularizer=[multi_task]"]])
+def test_population_takes_shapes_with_activity_penalties_and_heads(compose_cfg, overrides):
     from regexp.population.run import use_population
 
-    assert incompatibility(compose_cfg(overrides[:1])) is None  # the shape alone trains in a population
-    assert incompatibility(compose_cfg(overrides)).startswith(why)
-    with pytest.raises(ConfigError, match=f"sweep.engine=population is invalid for this sweep: {why}"):
-        use_population(compose_cfg([*overrides, "sweep.engine=population"]), [{"seed": 0}, {"seed": 1}])
+    assert incompatibility(compose_cfg(overrides)) is None
+    assert use_population(compose_cfg([*overrides, "sweep.engine=population"]), [{"seed": 0}, {"seed": 1}])

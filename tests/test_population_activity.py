@@ -151,8 +151,47 @@ def test_activity_penalty_with_a_norm_reads_the_normalized_activations(compose_c
         _assert_same_run(tmp_path, p, a, b)
 
 
-def test_activity_penalty_with_uneven_widths_or_skips_is_refused(compose_cfg):
-    for extra in (["model.widths=[20,10]"], ["model.residual=true"]):
-        assert incompatibility(compose_cfg(["regularizer=[activity_kl]", "model.activation=sigmoid"] + extra)) == (
-            "regularizer activity_kl with model.widths or model.residual (the population records one unit mask "
-            "for every hidden layer, and no skip)")
+# uneven hidden widths (each layer padded to the bucket's widest, its own unit mask) and skips
+# ([40, 20, 20] on 40 inputs: skips around layers 1 and 3, [32, 16, 16] around layer 3,
+# [40, 24, 20] around layer 1), each member with its own α, γ, ρ
+UNEVEN = [{"model.widths": [40, 20, 20], "regularizer.activity_l1.alpha": 1e-2, "regularizer.activity_kl.alpha": 5e-2,
+           "regularizer.activity_kl.rho": 0.05, "regularizer.activity_student_t.alpha": 1e-2,
+           "regularizer.activity_student_t.gamma": 2.0, "seed": 0},
+          {"model.widths": [32, 16, 16], "regularizer.activity_l1.alpha": 0.0, "regularizer.activity_kl.alpha": 2e-2,
+           "regularizer.activity_kl.rho": 0.2, "regularizer.activity_student_t.alpha": 3e-2,
+           "regularizer.activity_student_t.gamma": 0.5, "seed": 1},
+          {"model.widths": [40, 24, 20], "regularizer.activity_l1.alpha": 3e-2, "regularizer.activity_kl.alpha": 0.0,
+           "regularizer.activity_kl.rho": 0.1, "regularizer.activity_student_t.alpha": 0.0,
+           "regularizer.activity_student_t.gamma": 1.0, "seed": 2}]
+
+
+@pytest.mark.parametrize("overrides", [
+    # sigmoid: act(0) = 1/2 is masked per layer, and KL's padded rates (0) kept out by each
+    # layer's own mask, whose widths differ from layer to layer and from the widest member's
+    ["regularizer=[dropout,activity_l1,activity_kl]", "regularizer.dropout.p=0.1", "model.activation=sigmoid"],
+    # the sites sit on each residual branch, before the skip's sum, as in the lone Residual block
+    ["regularizer=[activity_student_t,activity_kl]", "model.activation=sigmoid", "model.residual=true"],
+    ["regularizer=[dropout,activity_l1]", "regularizer.dropout.p=0.1", "model.residual=true", "model.norm=layer"],
+], ids=["uneven", "uneven_residual", "uneven_residual_layer_norm"])
+def test_activity_penalties_with_uneven_widths_and_skips_match_lone_runs(compose_cfg, tmp_path, overrides):
+    listed = overrides[0][len("regularizer=["):-1].split(",")
+    points = [{k: v for k, v in p.items() if not k.startswith("regularizer.") or k.split(".")[1] in listed}
+              for p in UNEVEN]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + ["optimizer=momentum"] + overrides, points)
+    assert incompatibility(base) is None and use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)  # includes the penalty/<name> curves
+    assert len({a["final"]["train_loss"] for a in pop}) == 3
+
+
+def test_activity_penalty_with_even_skips_matches_lone_runs(compose_cfg, tmp_path):
+    # one width per member, residual: width 40 (the input's) has a skip around every layer, 16
+    # around all but the first; relu KL's padded rates are kept out by the masks
+    points = [{"model.width": 40, "regularizer.activity_kl.alpha": 5e-2, "regularizer.activity_kl.rho": 0.1, "seed": 0},
+              {"model.width": 16, "regularizer.activity_kl.alpha": 1e-2, "regularizer.activity_kl.rho": 0.3,
+               "seed": 1}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + [
+        "optimizer=momentum", "regularizer=[activity_kl]", "model.residual=true", "model.depth=3"], points)
+    assert incompatibility(base) is None and use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)

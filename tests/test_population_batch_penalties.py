@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from regexp.errors import ConfigError
 from regexp.models.mlp import MLP
 from regexp.population import use_population
+from regexp.population.compat import incompatibility
 from regexp.population.pretext import MemberPretext
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.regularizers import REGULARIZERS
@@ -174,15 +175,23 @@ def test_extra_passes_draw_their_own_weight_noise_and_dropconnect_masks(compose_
         _assert_same_run(tmp_path, p, a, b)
 
 
-def test_masked_reconstruction_members_match_lone_runs(compose_cfg, tmp_path):
-    """The head has C·L outputs, each member's segments are its lone run's draws (before input
-    noise and dropout), its loss the masked MSE and its report the lone run's."""
+@pytest.mark.parametrize("regs", ["[masked_reconstruction,input_noise,dropout]",
+                                  "[input_noise,masked_reconstruction,dropout]",
+                                  "[augmentation,masked_reconstruction,input_noise,dropout]"])
+def test_masked_reconstruction_members_match_lone_runs(compose_cfg, tmp_path, regs):
+    """The head has C·L outputs, each member's segments are its lone run's draws, its loss the
+    masked MSE and its report the lone run's. The batch transforms run in config order, as the
+    lone step's ``transform_batch`` calls: listed after input noise (or augmentation), the
+    segments are hidden in the noisy (augmented) batch, which is also the reconstruction's
+    target, and drawn after the noise."""
     points = [{"model.width": 16, "optimizer.lr": 0.01, "regularizer.input_noise.sigma": 0.1, "seed": 0},
               {"model.width": 24, "optimizer.lr": 0.003, "regularizer.input_noise.sigma": 0.0, "seed": 1}]
+    if "augmentation" in regs:  # each member its own shift
+        points = [{**p, "regularizer.augmentation.shift": s} for p, s in zip(points, (2, 4))]
     base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + [
-        "optimizer=adam", "regularizer=[masked_reconstruction,input_noise,dropout]", "regularizer.dropout.p=0.1",
+        "optimizer=adam", f"regularizer={regs}", "regularizer.dropout.p=0.1",
         "regularizer.masked_reconstruction.segment=8"], points)
-    assert use_population(base, points)
+    assert incompatibility(base) is None and use_population(base, points)
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
     assert 0 < pop[0]["extra"]["masked_reconstruction/test_mse"] != pop[1]["extra"]["masked_reconstruction/test_mse"]
@@ -190,7 +199,8 @@ def test_masked_reconstruction_members_match_lone_runs(compose_cfg, tmp_path):
 
 # ---------------------------------------------------------------- what cannot join is refused
 @pytest.mark.parametrize("regs,extra,why", [
-    ("[input_noise,masked_reconstruction]", [], "regularizer input_noise before masked_reconstruction"),
+    ("[multi_task]", ["model.depth=0"], "regularizer multi_task with model.depth=0"),
+    ("[parameter_tying]", ["regularizer.parameter_tying.mode=joint"], "regularizer parameter_tying with mode=joint"),
 ])
 def test_combinations_that_cannot_match_are_refused_in_one_line(compose_cfg, regs, extra, why):
     points = [{"model.width": 8, "seed": 0}]

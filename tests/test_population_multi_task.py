@@ -113,5 +113,86 @@ def test_interrupted_multi_task_population_resumes_to_the_uninterrupted_result(c
     for k in lone[0]["extra"]:
         assert handed["extra"][k] == pytest.approx(lone[0]["extra"][k], rel=RTOL, abs=1e-6)
 
+# uneven hidden widths: the head reads the last layer, padded to that layer's widest (20, not
+# the bucket's 40); with skips ([40, 20, 20]: around layers 1 and 3) it reads the last layer's
+# output after the skip's sum, not the site on its branch
+UNEVEN = [{"model.widths": [40, 20, 20], "regularizer.multi_task.lam": 1.0, "seed": 0},
+          {"model.widths": [32, 16, 16], "regularizer.multi_task.lam": 0.3, "seed": 1},
+          {"model.widths": [40, 24, 20], "regularizer.multi_task.lam": 0.0, "seed": 2}]
+
+
+@pytest.mark.parametrize("overrides,points", [
+    (["optimizer=momentum", "regularizer=[dropout,multi_task]", "regularizer.dropout.p=0.1"], UNEVEN),
+    (["optimizer=momentum", "model.residual=true"], UNEVEN),
+    (["optimizer=adam", "model.residual=true", "model.norm=layer", "model.depth=2"],
+     [{"model.width": 40, "regularizer.multi_task.lam": 1.0, "seed": 0},  # a skip around both layers
+      {"model.width": 16, "regularizer.multi_task.lam": 0.5, "seed": 1}]),  # around the second only
+], ids=["uneven", "uneven_residual", "residual"])
+def test_multi_task_with_uneven_widths_and_skips_matches_lone_runs(compose_cfg, tmp_path, overrides, points):
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + overrides, points)
+    assert incompatibility(base) is None and use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)  # weights, history, extra (val R²), penalty curve
+        ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=False)
+                  for d in ("pop", "lone"))
+        for k in ("weight", "bias"):  # the head itself
+            torch.testing.assert_close(ca["regularizers"][-1]["aux"][k], cb["regularizers"][-1]["aux"][k],
+                                       atol=ATOL, rtol=RTOL)
+
+
+def _same_groups(tmp_path, p, regs) -> None:
+    """Each regularizer's own state (the head, the mixture) and every optimizer group's state
+    (weights, then the regularizers' groups in config order) as the lone run's."""
+    ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=False) for d in ("pop", "lone"))
+    for i, r in enumerate(regs):
+        key = "aux" if r == "multi_task" else "mixture"
+        for k, v in cb["regularizers"][i][key].items():
+            torch.testing.assert_close(ca["regularizers"][i][key][k], v, atol=ATOL, rtol=RTOL)
+    assert [(len(g["params"]), g["lr"]) for g in ca["optimizer"]["param_groups"]] == pytest.approx(
+        [(len(g["params"]), g["lr"]) for g in cb["optimizer"]["param_groups"]])
+    assert ca["optimizer"]["state"].keys() == cb["optimizer"]["state"].keys()
+    for i, st in cb["optimizer"]["state"].items():
+        assert ca["optimizer"]["state"][i].keys() == st.keys()
+        for key, v in st.items():
+            torch.testing.assert_close(ca["optimizer"]["state"][i][key], v, atol=ATOL, rtol=RTOL)
+
+
+# each member's head and mixture: its own λ, τ, mixture lr; the two extra groups stepped together
+BOTH = [{"model.width": 16, "regularizer.multi_task.lam": 1.0, "regularizer.soft_weight_sharing.tau": 0.01,
+         "regularizer.soft_weight_sharing.lr": 0.01, "seed": 0},
+        {"model.width": 12, "regularizer.multi_task.lam": 0.3, "regularizer.soft_weight_sharing.tau": 0.002,
+         "regularizer.soft_weight_sharing.lr": 0.003, "seed": 1}]
+
+
+@pytest.mark.parametrize("regs", [["multi_task", "soft_weight_sharing"], ["soft_weight_sharing", "multi_task"]])
+def test_multi_task_with_soft_weight_sharing_matches_lone_runs(compose_cfg, tmp_path, regs):
+    # Adam's state in each group and the cosine schedule on each group's own lr; the groups'
+    # order in the checkpoint is the config's, as train() appends them
+    overrides = [f"regularizer=[{','.join(regs)}]", "regularizer.soft_weight_sharing.components=4",
+                 "optimizer=adam", "scheduler=cosine"]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + overrides, BOTH)
+    assert incompatibility(base) is None and use_population(base, BOTH)
+    for p, a, b in zip(BOTH, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)  # weights, history, both penalty curves, extra (R², mixture)
+        _same_groups(tmp_path, p, regs)
+    assert {"multi_task/val_r2_shift", "soft_weight_sharing/mu_1"} <= set(pop[0]["extra"])
+
+
+def test_interrupted_population_with_head_and_mixture_resumes_to_the_lone_result(compose_cfg, tmp_path, monkeypatch):
+    # the mixture's group listed first: its Adam state comes back from the entries after the
+    # weights', the head's after the mixture's
+    from test_population_stop_transfer import _interrupt_resume_and_lone
+
+    regs = ["soft_weight_sharing", "multi_task"]
+    overrides = SMALL[:1] + SMALL[2:] + [f"regularizer=[{','.join(regs)}]",
+                                         "regularizer.soft_weight_sharing.components=4", "optimizer=adam",
+                                         "trainer.epochs=3"]
+    _, resumed, lone = _interrupt_resume_and_lone(compose_cfg, tmp_path, monkeypatch, overrides, BOTH, 1)
+    for p, a, b in zip(BOTH, resumed, lone):
+        for k in b["extra"]:
+            assert a["extra"][k] == pytest.approx(b["extra"][k], rel=RTOL, abs=1e-6), k
+        _same_groups(tmp_path, p, regs)
+
+
 def test_population_refuses_multi_task_where_its_heads_cannot_follow(compose_cfg):
     assert incompatibility(compose_cfg(SMALL + ["model.depth=0"])).startswith("regularizer multi_task with")

@@ -96,22 +96,12 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
     regs = list(cfg.regularizer)
-    if "masked_reconstruction" in regs and "input_noise" in regs[:regs.index("masked_reconstruction")]:
-        return ("regularizer input_noise before masked_reconstruction (the population masks the batch before "
-                "adding noise; list masked_reconstruction first)")
     if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
         return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
                 "beside the run; a population stacks only its members)")
     if "multi_task" in cfg.regularizer and cfg.model.name == "mlp" and int(cfg.model.depth) == 0:
         return ("regularizer multi_task with model.depth=0 (the population's heads read the last hidden "
                 "layer)")
-    shaped = [r for r in regs if r in ("activity_l1", "activity_student_t", "activity_kl", "multi_task")]
-    if shaped and (cfg.model.get("widths") is not None or cfg.model.get("residual", False)):
-        return (f"regularizer {shaped[0]} with model.widths or model.residual (the population records one "
-                "unit mask for every hidden layer, and no skip)")
-    if "multi_task" in regs and "soft_weight_sharing" in regs:
-        return ("regularizers multi_task and soft_weight_sharing together (the population steps one extra "
-                "parameter group per bucket, the head's or the mixture's)")
     if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
         return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
                 "stacked tensor as trained)")

@@ -168,7 +168,7 @@ class LossTerms:
                 out.append(self.stacked[name](net))
                 continue
             if name in self.activity:  # on the hidden activations the forward just recorded
-                out.append(self.activity[name].activity_of(net.hidden, hp, True, net.unit_mask))
+                out.append(self.activity[name].activity_of(net.hidden, hp, True, net.site_units))
                 continue
             if name == "multi_task":  # on the features the output layer reads
                 out.append(self.heads.term(net.head_input, hp))
@@ -282,8 +282,9 @@ class Bucket:
                                   len(self.net.site_weights) - 1, device, exact, int(cfg.seed),
                                   self.net.site_weights)
         self.noise = _step_noise(members, self.drop, self.net, device)
-        self.transforms = BatchTransforms([m.cfg.regularizer for m in members], data.input_shape, self.noise, device)
         self.pretext = MemberPretext.of(members, data.input_shape, device)
+        self.transforms = BatchTransforms([m.cfg.regularizer for m in members], data.input_shape, self.noise, device,
+                                          self.pretext)
         self.member_set = data.member_set.clone()
         self.best: Optional[List[torch.Tensor]] = None
         dwd = [m.cfg.regularizer.get("decoupled_weight_decay") for m in members]
@@ -329,6 +330,12 @@ class Bucket:
             self.heads.step(factor)
         if self.mixtures is not None:
             self.mixtures.opt.step(factor)
+
+    def extra_groups(self) -> List[Union[StackedHeads, StackedMixtures]]:
+        """The regularizers' own optimizer groups (multi_task's heads, the learned mixtures), in
+        the order train() appends them after the weights' group: the config's."""
+        groups = {"multi_task": self.heads, "soft_weight_sharing": self.mixtures}
+        return [groups[r] for r in self.members[0].cfg.regularizer if groups.get(r) is not None]
 
     def sync_member(self, k: int) -> None:
         """Member k's stacked state its lone regularizers read (logs, report, checkpoint) into them."""
@@ -482,10 +489,10 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
     xs, ys = b.data.batch(rows)  # the epoch's examples in each member's order, gathered at once
     for i in range(start, loop.steps_per_epoch):
         xb, yb = xs[:, i * loop.bs:(i + 1) * loop.bs], ys[:, i * loop.bs:(i + 1) * loop.bs]
-        if b.pretext is not None:  # a lone step's transform_batch, before its noise and dropout
+        if b.pretext is not None and b.transforms.pretext_first:  # listed first: before every other draw
             xb = b.pretext.draw(xb)
         weights = None
-        if b.transforms.active:  # augmentation, FGSM: the whole step's draws in the lone run's order
+        if b.transforms.active:  # augmentation, FGSM, a later pretext: the step's draws in the lone run's order
             xb, masks, weights = b.transforms.draw(xb, yb, b.net.forward, b.net.weights, b.net.layer_widths)
         elif b.noise.active:
             xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.layer_widths)
@@ -690,11 +697,10 @@ def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], ru
     best = b.net.member_state(k, b.best) if b.best is not None else None
     sums = running[k].cpu() if running is not None else torch.zeros(1 + len(b.terms.reg_names))
     opt_state = _member_opt_state(b, k)
-    if b.heads is not None:  # the head is the lone optimizer's second group, its state in the regularizer's
+    if b.heads is not None:  # the head's weights are the regularizer's (its state_dict)
         b.heads.sync(k)
-        opt_state += b.heads.member_opt_state(k)
-    if b.mixtures is not None:  # likewise the learned mixture's group (not with multi_task: compat)
-        opt_state += b.mixtures.member_opt_state(k)
+    for g in b.extra_groups():  # each a further group of the lone optimizer, in its order
+        opt_state += g.member_opt_state(k)
     return checkpoint_dict(m, b.net.member_state(k), opt_state, loop.total_steps,
                            b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu() if perms is not None else None,
                            sums, best, steps_done=loop.step, step_in_epoch=in_epoch,
@@ -738,10 +744,10 @@ def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Option
         per_param = [[st[j][key] for st in states] for j in range(len(b.trainable))]
         b.opt.state[key] = ([ts[0].to(b.device) for ts in per_param] if key == "step"  # shared count
                             else [b.net.stack(ts, p) for ts, p in zip(per_param, b.trainable)])
-    if b.heads is not None:
-        b.heads.restore(states, len(b.trainable), loop.step)
-    if b.mixtures is not None:  # the mixture's group follows the weights' in torch.optim's state
-        b.mixtures.load_opt_state(states, len(b.trainable), loop.step)
+    first = len(b.trainable)  # the regularizers' groups follow the weights' in torch.optim's state
+    for g in b.extra_groups():
+        g.restore(states, first, loop.step)
+        first += len(g.params)
     if all(ck["best_state"] is not None for ck in cks):
         b.best = b.net.stack_states([ck["best_state"] for ck in cks])
     if in_epoch == 0:

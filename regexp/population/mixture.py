@@ -82,7 +82,7 @@ class StackedMixtures:
                 d[key] = (t if key == "step" else t[k, 0]).detach().cpu().clone()
         return out
 
-    def load_opt_state(self, states: List[Dict[int, Dict[str, torch.Tensor]]], first: int, steps: int) -> None:
+    def restore(self, states: List[Dict[int, Dict[str, torch.Tensor]]], first: int, steps: int) -> None:
         """The members' checkpointed mixture state (torch.optim's entries ``first`` ..., one dict per
         member) into the stacked optimizer."""
         self.opt.steps = steps

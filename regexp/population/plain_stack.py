@@ -27,6 +27,12 @@ class PlainStack:
     params: List[torch.Tensor]
     widths: torch.Tensor
 
+    @property
+    def site_units(self):
+        """The mask of real units the activity penalties weigh the recorded sites with (None
+        without padding; a CNN's: one per stage)."""
+        return self.unit_mask
+
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward the probes differentiate, as a lone model's eval mode computes it. Given no
         dropout masks and no weight noise, the plain forward is that already for a model without

@@ -115,6 +115,9 @@ class StackedMLP:
         # a padded unit's entries are exactly 0 there, for every activation.
         self.record = False
         self.hidden: List[torch.Tensor] = []
+        # the features the output layer read in the last recorded forward (multi_task's heads):
+        # the last hidden layer's output, its skip included where it has one
+        self.head_input: Optional[torch.Tensor] = None
         self.unit_masks = [(torch.arange(h)[None, None, :] < torch.tensor([ks[l] for ks in self.layer_widths])
                             [:, None, None]).float().to(device) for l, h in enumerate(self.hidden_widths)]
         self._init_norms_and_skips(models, layers, device)
@@ -168,9 +171,10 @@ class StackedMLP:
         return self.layer_widths, self.hidden_widths
 
     @property
-    def head_input(self) -> torch.Tensor:
-        """The features the output layer read in the last recorded forward: the last hidden layer."""
-        return self.hidden[-1]
+    def site_units(self) -> List[torch.Tensor]:
+        """Each hidden site's mask of real units, (M, 1, width of layer l): what the activity
+        penalties weigh the recorded activations with (uneven ``model.widths``: a mask per layer)."""
+        return self.unit_masks
 
     def head_columns(self) -> List[torch.Tensor]:
         """Where each member's features sit among the output layer's inputs: the first ones."""
@@ -244,6 +248,8 @@ class StackedMLP:
                     h = h * masks[l + 1]
                 if self.record:
                     self.hidden.append(h)
+        if self.record and self.hidden:
+            self.head_input = self.hidden[-1]
         return h
 
     def _forward_general(self, x: torch.Tensor, masks, weights, training: bool,
@@ -258,6 +264,8 @@ class StackedMLP:
             wt = w.transpose(1, 2)
             z = torch.baddbmm(b, h, wt) if b is not None else torch.bmm(h, wt)
             if l == last:
+                if training and self.record:  # a residual layer's skip included, as the head reads it
+                    self.head_input = h
                 return z
             if self.norms:
                 z = self._norm(l, z, training)
@@ -319,6 +327,8 @@ class StackedMLP:
                         hidden[l].append(F.pad(h, (0, self.width - k)))
             outs.append(h)
         self.hidden = [torch.stack(hs) for hs in hidden] if self.record else []
+        if self.record and self.hidden:
+            self.head_input = self.hidden[-1]
         return torch.stack(outs)
 
     @torch.no_grad()

@@ -8,6 +8,10 @@ member's batch goes through the same functions, written once in the regularizers
   :func:`~regexp.regularizers.augmentation.draws` from its own generator (exact mode: the
   lone run's numbers, in its order; batched mode: the shared one), then one
   :func:`~regexp.regularizers.augmentation.augment` transforms every member's examples.
+- ``masked_reconstruction`` listed after another of these: each member's segments hidden
+  (:mod:`regexp.population.pretext`) at that point, so its targets are the batch as transformed
+  so far (noisy, augmented), as the lone run's; listed first, the engine hides them before the
+  step's other draws.
 - ``adversarial``: :func:`~regexp.regularizers.adversarial.fgsm` on the stacked forward with a
   per-member ε; its forward pass draws fresh dropout masks and weight perturbations, as the
   lone run's FGSM pass does in training mode. A lone run with ε = 0 skips the attack and draws
@@ -20,18 +24,27 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from regexp.population.noise import StepNoise
+from regexp.population.pretext import MemberPretext
 from regexp.regularizers.adversarial import fgsm
 from regexp.regularizers.augmentation import augment, draws
 
 KINDS = ("input_noise", "augmentation", "adversarial")
+PRETEXT = "masked_reconstruction"
 Forward = Callable[..., torch.Tensor]
 
 
 class BatchTransforms:
-    def __init__(self, regs, input_shape: Tuple[int, ...], noise: StepNoise, device: torch.device):
+    def __init__(self, regs, input_shape: Tuple[int, ...], noise: StepNoise, device: torch.device,
+                 pretext: Optional[MemberPretext] = None):
         """``regs``: every member's regularizer configs (one ``cfg.regularizer`` per member,
-        the same names in the same order; their numeric values may differ)."""
-        self.kinds = [k for k in regs[0] if k in KINDS]
+        the same names in the same order; their numeric values may differ); ``pretext``: the
+        members' masked_reconstruction, if they have it."""
+        kinds = [k for k in regs[0] if k in KINDS or k == PRETEXT]
+        # listed first, nothing precedes its masking: the engine hides the segments before the
+        # step's other draws (the lone order either way)
+        self.pretext_first = bool(kinds) and kinds[0] == PRETEXT
+        self.kinds = kinds[1:] if self.pretext_first else kinds
+        self.pretext = pretext
         self.input_shape, self.noise, self.device = tuple(input_shape), noise, device
         aug = [r.get("augmentation") for r in regs]
         self.shift = [int(a.shift) for a in aug] if aug[0] is not None else None
@@ -43,8 +56,9 @@ class BatchTransforms:
 
     @property
     def active(self) -> bool:
-        """Whether a step transforms its batch beyond input noise (which StepNoise draws alone)."""
-        return "augmentation" in self.kinds or "adversarial" in self.kinds
+        """Whether a step transforms its batch beyond input noise (which StepNoise draws alone)
+        and a leading pretext mask (which the engine draws)."""
+        return any(k in self.kinds for k in ("augmentation", "adversarial", PRETEXT))
 
     def keep(self, idx: List[int]) -> None:
         for name in ("shift", "scale", "eps"):
@@ -60,6 +74,8 @@ class BatchTransforms:
                 x = self.noise.noisy_input(x)
             elif kind == "augmentation":
                 x = self.augment(x)
+            elif kind == PRETEXT:
+                x = self.pretext.draw(x)
             else:
                 x = self.adversarial(x, y, forward, weights, widths)
         return (x, *self.noise.forward_draws(x.shape[1], weights, widths))

@@ -7,7 +7,7 @@ A lone run passes its model's (B, ...) activations with the config's values and 
 scalar; the population engine passes its stacked (M, B, width) activations with an (M,)
 tensor per numeric key and ``units``, the (M, 1, width) mask of each member's real units
 (a narrower member's padded units are zero there; a list, one per hidden layer, where layers
-differ in width: a CNN's stages), and gets one value per member.
+differ in width: a CNN's stages, an MLP's ``model.widths``), and gets one value per member.
 """
 from __future__ import annotations
 
