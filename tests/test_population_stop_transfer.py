@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from regexp.population import use_population
+
 from test_population import ATOL, BASE, RTOL, _assert_same_run, _pop_and_lone
 from regexp.sweep import point_name
 
@@ -35,6 +37,32 @@ def test_early_stopped_members_stop_at_their_own_epochs_and_match_lone_runs(comp
         d = tmp_path / "pop" / point_name(p)
         final, best = torch.load(d / "model.pt"), torch.load(d / "best_model.pt")
         assert all(torch.equal(final[k], best[k]) for k in best)  # the best weights restored
+
+
+def test_early_stopped_members_probe_their_restored_best_weights_as_lone_runs(compose_cfg, tmp_path):
+    """A member's final probes measure the weights model.pt holds (its best epoch's), at the epoch
+    it stopped, as its lone run's do; one stopping skips that epoch's periodic probe and draws its
+    final one where its lone run draws it. Probe values within the tolerance of
+    test_population_probes.py (|a - b| <= 1e-6 + 1e-4·|b|)."""
+    from test_population_probes import PROBES, _assert_same_probes
+
+    # alone, the first and third stop at epochs 5 and 6 (periodic probes before, the final one on
+    # the best weights), the second runs all 7 epochs and restores epoch 4's weights
+    points = [{"model.width": 8, "seed": 0, "regularizer.early_stopping.patience": 1},
+              {"model.width": 12, "seed": 1, "regularizer.early_stopping.patience": 50},
+              {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 1,
+               "regularizer.early_stopping.min_delta": 0.01, "regularizer.early_stopping.monitor": "val_loss"}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
+        "optimizer=sgd", "optimizer.lr=0.5", "trainer.epochs=7", "regularizer=[early_stopping]",
+        "logger.histogram_every=0"] + PROBES, points)
+    assert use_population(base, points)
+    assert [m.get("stopped_epoch") for m in lone] == [5, None, 6] and [m["best"]["epoch"] for m in lone] == [4, 4, 5]
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+        _assert_same_probes(tmp_path, p, a, b, range(1, b["epochs"] + 1))
+        cp, cl = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=True)
+                  for d in ("pop", "lone"))
+        assert torch.equal(cp["probes"]["generator"], cl["probes"]["generator"])
 
 
 def _interrupt_resume_and_lone(compose_cfg, tmp_path, monkeypatch, overrides, points, epochs_done: int):
@@ -141,9 +169,7 @@ def test_every_regularizer_the_population_cannot_train_is_refused_with_its_reaso
     why = incompatibility(compose_cfg(["regularizer=[weight_decay,ensemble]"]))
     assert why.startswith("regularizer ensemble (population supports") and why.endswith(NOT_STACKED["ensemble"])
     assert "\n" not in why
-    # probes measure a stopped member's restored best weights, which the batched probes never see
-    assert "early_stopping with probes" in incompatibility(compose_cfg(["regularizer=[early_stopping]",
-                                                                        "probe=[sharpness]"]))
+    assert incompatibility(compose_cfg(["regularizer=[early_stopping]", "probe=[sharpness]"])) is None
     assert "freeze=true with probes" in incompatibility(compose_cfg([
         "regularizer=[transfer]", "regularizer.transfer.run_dir=x", "probe=[sharpness]"]))
     assert incompatibility(compose_cfg(["regularizer=[transfer]", "regularizer.transfer.run_dir=x",

@@ -129,9 +129,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
         return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
                 "stacked tensor as trained)")
-    if "early_stopping" in cfg.regularizer and active(cfg.probe):
-        return ("regularizer early_stopping with probes (a member's final probes are measured on its "
-                "restored best weights, which the population's batched probes do not see)")
     return None
 
 

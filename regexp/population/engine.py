@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Set, Tuple, Union
@@ -607,7 +607,10 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
             for k in stopped:  # its final files now, as train() writes them when it stops
                 m = b.members[k]
                 m.status = "completed"
-                results[ids[id(m)]] = _finish_completed(b, k, _checkpoint(b, k, loop, perms, running, 0))
+                ck = _checkpoint(b, k, loop, perms, running, 0)
+                if b.probes is not None:
+                    _stopped_probes(b, k, epoch)
+                results[ids[id(m)]] = _finish_completed(b, k, ck)
                 if on_finish is not None:
                     on_finish(m, results[ids[id(m)]])
             done = done + stopped
@@ -684,13 +687,54 @@ def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], ru
 
 
 def _final_probes(b: Bucket, epoch: int) -> None:
-    """Every member's end-of-run measurement, batched: its history row, scalars and figures."""
-    for k, (m, values) in enumerate(zip(b.members, b.probes.measure_members(b.probe_inputs()))):
-        logs: Dict[str, float] = {}
-        probe_record(m.probe_history, epoch, values, logs)
-        m.final_probes = values
-        write_scalars(m.tb, logs, epoch)
-        b.probes.save_figures(m.out_dir, m.tb, epoch, k)
+    """Every member's end-of-run measurement, batched: its history row, scalars and figures; on
+    the weights model.pt holds (early stopping's best epoch, as train() loads them back first)."""
+    with _best_weights(b):
+        measured = b.probes.measure_members(b.probe_inputs())
+    for k, (m, values) in enumerate(zip(b.members, measured)):
+        _record_final(b.probes, m, k, epoch, values)
+
+
+def _record_final(probes, m: Member, k: int, epoch: int, values: Dict[str, float]) -> None:
+    logs: Dict[str, float] = {}
+    probe_record(m.probe_history, epoch, values, logs)
+    m.final_probes = values
+    write_scalars(m.tb, logs, epoch)
+    probes.save_figures(m.out_dir, m.tb, epoch, k)
+
+
+def _restores_best(b: Bucket) -> bool:
+    """Whether the members end on their best epoch's weights (the regularizer list is shared)."""
+    return b.best is not None and any(r.restores_best for r in b.members[0].regs)
+
+
+@contextmanager
+def _best_weights(b: Bucket):
+    """The stacked state holds every member's final weights (its best epoch's, when restored) inside."""
+    if not _restores_best(b):
+        yield
+        return
+    with torch.no_grad():
+        kept = [t.detach().clone() for t in b.net.state_tensors]
+        for t, best in zip(b.net.state_tensors, b.best):
+            t.copy_(best)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, k in zip(b.net.state_tensors, kept):
+                t.copy_(k)
+
+
+def _stopped_probes(b: Bucket, k: int, epoch: int) -> None:
+    """A member early stopping ended: its final probes as its lone run measures them, on its lone
+    model holding the weights model.pt will (the best epoch's), with its probe batch and generator
+    (the other members go on, so the batched probes, which draw for all, do not measure it)."""
+    m = b.members[k]
+    state = b.net.member_state(k, b.best) if _restores_best(b) else b.net.member_state(k)
+    m.model.load_state_dict(state)
+    lone = b.probes.member(k)
+    _record_final(lone, m, 0, epoch, lone.measure(m.model))
 
 
 def _finish_completed(b: Bucket, k: int, ck: Dict) -> Dict:
@@ -815,8 +859,10 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                                          device=x.device)
                     sparsity = (counts.double() / units[:, None]).tolist()
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
-    probed = (b.probes.measure_members(b.probe_inputs())
-              if b.probes is not None and b.probes.due(epoch) and epoch < t.epochs else None)
+    probed = drawn = None
+    if b.probes is not None and b.probes.due(epoch) and epoch < t.epochs:
+        drawn = [g.get_state() for g in b.probes.generators]  # a member stopping now never drew these
+        probed = b.probes.measure_members(b.probe_inputs())
     diverged, improved = [], []
     hist_every = cfg.logger.histogram_every
     lrs = [b.opt.lr_of(k, lr_factor_now) for k in range(len(b.members))]
@@ -857,6 +903,8 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         m.epochs = epoch
         if probed is not None and not m.stopped:  # train() skips the periodic probe of its last epoch
             probe_record(m.probe_history, epoch, probed[k], logs)
+        elif probed is not None:  # so its final measurement draws where its lone run's does
+            b.probes.generators[k].set_state(drawn[k])
         write_scalars(m.tb, logs, epoch)
         b.sync_member(k)
         for r in m.regs:
