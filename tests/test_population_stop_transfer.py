@@ -160,6 +160,31 @@ def test_transfer_members_start_from_their_own_runs_and_match_lone_runs(compose_
         assert [torch.equal(final[k], start[k]) for k in start] == [freeze and not k.startswith("head.") for k in start]
 
 
+def test_frozen_transfer_members_probe_only_their_trained_tensors_as_lone_runs(compose_cfg, tmp_path):
+    """A lone run's probes see the parameters that require a gradient (freeze: the head's); the
+    batched probes leave the frozen stacked tensors out alike, the narrow member padded (its
+    masks kept for the head only). Probe values within |a - b| <= 1e-6 + 1e-4·|b|."""
+    from regexp.sweep import point_config
+    from regexp.train.trainer import train
+    from test_population_probes import PROBES, _assert_same_probes
+
+    src = compose_cfg(BASE + ["optimizer=sgd", "trainer.epochs=1"])
+    for w, s in ((8, 5), (12, 6)):
+        train(point_config(src, {"model.width": w, "seed": s}), tmp_path / f"src{w}", [], sweep=True)
+    points = [{"model.width": w, "seed": s, "regularizer.transfer.run_dir": str(tmp_path / f"src{w}")}
+              for w, s in ((8, 0), (12, 1))]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
+        "optimizer=adam", "regularizer=[transfer]", "regularizer.transfer.freeze=true",
+        "logger.histogram_every=0"] + PROBES, points)
+    assert use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+        _assert_same_probes(tmp_path, p, a, b)
+        # the weights a lone run's probes see: the head's alone (the frozen hidden layers left out)
+        assert a["probes"]["norm/l2_weights"] == pytest.approx(
+            torch.load(tmp_path / "pop" / point_name(p) / "model.pt")["head.weight"].norm().item(), rel=1e-5)
+
+
 def test_every_regularizer_the_population_cannot_train_is_refused_with_its_reason(compose_cfg):
     from regexp.population.compat import NOT_STACKED, REGULARIZERS, incompatibility
     from regexp.regularizers.base import REGULARIZERS as ALL
@@ -170,7 +195,6 @@ def test_every_regularizer_the_population_cannot_train_is_refused_with_its_reaso
     assert why.startswith("regularizer ensemble (population supports") and why.endswith(NOT_STACKED["ensemble"])
     assert "\n" not in why
     assert incompatibility(compose_cfg(["regularizer=[early_stopping]", "probe=[sharpness]"])) is None
-    assert "freeze=true with probes" in incompatibility(compose_cfg([
-        "regularizer=[transfer]", "regularizer.transfer.run_dir=x", "probe=[sharpness]"]))
-    assert incompatibility(compose_cfg(["regularizer=[transfer]", "regularizer.transfer.run_dir=x",
-                                        "regularizer.transfer.freeze=false", "probe=[sharpness]"])) is None
+    for freeze in (True, False):
+        assert incompatibility(compose_cfg(["regularizer=[transfer]", "regularizer.transfer.run_dir=x",
+                                            f"regularizer.transfer.freeze={freeze}", "probe=[sharpness]"])) is None

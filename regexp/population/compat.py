@@ -22,7 +22,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig
 
-from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp", "cnn", "transformer", "gru")
@@ -126,9 +125,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if cfg.optimizer.name == "sam" and "soft_weight_sharing" in cfg.regularizer:
         return ("optimizer=sam with regularizer soft_weight_sharing (SAM's ascent would perturb each member's "
                 "mixture too, which the population's stacked ascent over the weights does not)")
-    if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
-        return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
-                "stacked tensor as trained)")
     return None
 
 

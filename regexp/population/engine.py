@@ -331,12 +331,16 @@ class Bucket:
 
     def probe_inputs(self) -> ProbeInputs:
         """The members as the probes see them: the stacked forward in a lone run's eval mode (no
-        dropout or noise; batch norm on the running statistics, left unchanged), every parameter
-        (norm scales and shifts included), padded units masked out."""
+        dropout or noise; batch norm on the running statistics, left unchanged), the trainable
+        parameters (norm scales and shifts included; a lone run's probes leave out what transfer
+        froze), padded units masked out."""
         net, pr = self.net, self.probes
-        return ProbeInputs(net.eval_forward, net.params, pr.x, pr.y, pr.x_train, pr.y_train, pr.eval_batch_size,
-                           members=len(self.members), batched=True, masks=net.param_masks(),
-                           is_weight=[is_w for _, _, is_w in net.named_params()])
+        trained = [p.requires_grad for p in net.params]
+        masks = net.param_masks()
+        return ProbeInputs(net.eval_forward, [p for p, t in zip(net.params, trained) if t], pr.x, pr.y,
+                           pr.x_train, pr.y_train, pr.eval_batch_size, members=len(self.members), batched=True,
+                           masks=None if masks is None else [mk for mk, t in zip(masks, trained) if t],
+                           is_weight=[is_w for (_, _, is_w), t in zip(net.named_params(), trained) if t])
 
     def keep(self, idx: List[int]) -> None:
         sel = torch.tensor(idx, dtype=torch.long)
