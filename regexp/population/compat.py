@@ -81,8 +81,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return f"model.norm={cfg.model.norm} (population supports {', '.join(norms)})"
     if cfg.optimizer.name not in OPTIMIZERS:
         return f"optimizer.name={cfg.optimizer.name} (population supports {', '.join(OPTIMIZERS)})"
-    if cfg.optimizer.get("amsgrad", False):
-        return "optimizer.amsgrad=true"
     extra = [r for r in cfg.regularizer if r not in REGULARIZERS]
     if extra:
         why = NOT_STACKED.get(extra[0], "it has no stacked form")

@@ -106,6 +106,12 @@ def _member_hypers(members: List[Member]) -> Dict[str, List[float]]:
             "dampening": [c.dampening for c in o]}
 
 
+def _amsgrad(cfg) -> bool:
+    """Adam's amsgrad, shared by the members (it adds a state tensor); every optimizer group of a
+    lone run's one torch optimizer (multi_task's head, the learned mixture) takes it too."""
+    return bool(cfg.optimizer.get("amsgrad", False))
+
+
 def _reg(m: Member, name: str, key: str, default: float = 0.0) -> float:
     r = m.cfg.regularizer.get(name)
     return float(r[key]) if r is not None else default
@@ -258,14 +264,15 @@ class Bucket:
         freeze_(self.net, self.frozen)
         self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.trainable, _member_hypers(members),
                                     bool(cfg.optimizer.get("nesterov", False)), device,
-                                    bool(cfg.optimizer.get("centered", False)))
+                                    bool(cfg.optimizer.get("centered", False)), _amsgrad(cfg))
         # SAM (regexp/optim/sam.py): each member's own radius and gradient norm
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
         # soft weight sharing: each member's mixture, a second optimizer group of its own
         self.mixtures: Optional[StackedMixtures] = stacked_mixtures(
             members, self.net, _base_name(cfg.optimizer), _member_hypers(members),
-            bool(cfg.optimizer.get("nesterov", False)), bool(cfg.optimizer.get("centered", False)), device)
+            bool(cfg.optimizer.get("nesterov", False)), bool(cfg.optimizer.get("centered", False)), device,
+            _amsgrad(cfg))
         self.terms = LossTerms(members, device, self.net, self._stacked_penalties())
         if opts.compile and any(f[0].batch_penalty_of is not None for f in self.terms.forms.values()):
             raise ConfigError("extra.population.compile=true is invalid with tangent_prop or gradient_norm_penalty "
@@ -430,7 +437,8 @@ def _heads(members: List[Member], net, cfg, device: torch.device) -> Optional[St
     return StackedHeads(regs, net.head_columns(), net.weights[-1].shape[2],
                         lambda ps: StackedOptimizer(_base_name(cfg.optimizer), ps, _member_hypers(members),
                                                     bool(cfg.optimizer.get("nesterov", False)), device,
-                                                    bool(cfg.optimizer.get("centered", False))), device)
+                                                    bool(cfg.optimizer.get("centered", False)), _amsgrad(cfg)),
+                        device)
 
 
 def _step_noise(members: List[Member], drop: MemberDropout, net, device: torch.device) -> StepNoise:
