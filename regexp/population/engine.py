@@ -625,7 +625,15 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 results[ids[id(m)]] = _finish_completed(b, k, ck)
                 if on_finish is not None:
                     on_finish(m, results[ids[id(m)]])
-            done = done + stopped
+            # as train(): a stop requested at this epoch's end records the run as interrupted instead
+            pruned = [k for k, m in enumerate(b.members) if m.pruned] if not stop.requested else []
+            for k in pruned:  # its checkpoint and metrics.json, no final weights or probes
+                m = b.members[k]
+                m.status = "pruned"
+                results[ids[id(m)]] = finish(m, device, checkpoint=_checkpoint(b, k, loop, perms, running, 0))
+                if on_finish is not None:
+                    on_finish(m, results[ids[id(m)]])
+            done = done + stopped + pruned
             if done:
                 kept = [k for k in range(len(b.members)) if k not in done]
                 if not kept:  # every member is written out: nothing left to stack
@@ -912,8 +920,12 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             # early stopping: every regularizer sees the row, as in train(); the member is
             # written out by train_bucket (its hook reads the row, not the model's weights)
             m.stopped = any([r.epoch_end(m.model, row) for r in m.regs])
+            # then the pruner, whose stop train() records instead of early stopping's
+            m.pruned = m.on_row is not None and bool(m.on_row(dict(row)))
+            m.stopped = m.stopped and not m.pruned
         m.epochs = epoch
-        if probed is not None and not m.stopped:  # train() skips the periodic probe of its last epoch
+        # train() skips the periodic probe of its last epoch
+        if probed is not None and not (m.stopped or m.pruned):
             probe_record(m.probe_history, epoch, probed[k], logs)
         elif probed is not None:  # so its final measurement draws where its lone run's does
             b.probes.generators[k].set_state(drawn[k])
