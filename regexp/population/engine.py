@@ -625,8 +625,9 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 results[ids[id(m)]] = _finish_completed(b, k, ck)
                 if on_finish is not None:
                     on_finish(m, results[ids[id(m)]])
-            # as train(): a stop requested at this epoch's end records the run as interrupted instead
-            pruned = [k for k, m in enumerate(b.members) if m.pruned] if not stop.requested else []
+            pruned = [k for k, m in enumerate(b.members) if m.pruned]
+            if pruned and stop.requested:  # as train(): the run is recorded as interrupted instead
+                pruned = []
             for k in pruned:  # its checkpoint and metrics.json, no final weights or probes
                 m = b.members[k]
                 m.status = "pruned"
