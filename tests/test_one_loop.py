@@ -123,3 +123,60 @@ def test_a_run_interrupted_in_one_engine_resumes_in_the_other(compose_cfg, tmp_p
         torch.testing.assert_close(a[k], b[k], atol=ATOL, rtol=RTOL)
     assert [r["epoch"] for r in m["history"]] == [r["epoch"] for r in ref["history"]]
 
+
+
+def _prune_at(epoch: int, seen: list):
+    """A search's pruner as train() calls it: True stops the run after ``epoch``."""
+    def on_epoch(row):
+        seen.append(dict(row))
+        return row["epoch"] >= epoch
+    return on_epoch
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optimizer=adam", "regularizer=[dropout]", "probe=[sharpness]", "probe.every=1", "probe.batch_size=64",
+     "probe.sharpness.samples=2", "probe.sharpness.noise_microbatches=2"],
+    # early stopping would stop at epoch 2 too (see above): the pruner's stop is the one recorded
+    ["regularizer=[early_stopping]", "optimizer=sgd", "regularizer.early_stopping.patience=1",
+     "regularizer.early_stopping.monitor=val_loss", "regularizer.early_stopping.min_delta=1.0"],
+], ids=["adam-dropout-probes", "early-stopping"])
+def test_a_pruned_run_is_the_same_with_either_engine(compose_cfg, tmp_path, overrides):
+    """train()'s on_epoch (a search's pruner) sees the same rows in both engines; pruned after epoch
+    2 of 4, each leaves status pruned, pruned_epoch, no final weights or probes, the periodic probes
+    before that epoch only, and a checkpoint (status pruned) a later launch goes on from."""
+    runs, seen = {}, {}
+    for engine in ("trainer", "population"):
+        cfg = compose_cfg(BASE + overrides + ["trainer.epochs=4", f"trainer.engine={engine}"])
+        seen[engine] = []
+        runs[engine] = train(cfg, tmp_path / engine, [], on_epoch=_prune_at(2, seen[engine]))
+    pop, lone = runs["population"], runs["trainer"]
+    assert (pop["engine"], lone["engine"]) == ("population", "trainer")
+    assert [r["epoch"] for r in seen["population"]] == [r["epoch"] for r in seen["trainer"]] == [1, 2]
+    for a, b in zip(seen["population"], seen["trainer"]):
+        assert a.keys() == b.keys() and a == pytest.approx(b, rel=RTOL, abs=1e-6)
+    assert pop["status"] == lone["status"] == "pruned" and pop["pruned_epoch"] == lone["pruned_epoch"] == 2
+    assert "stopped_epoch" not in pop and "stopped_epoch" not in lone
+    assert [k for k in pop if k != "population_tuning"] == list(lone)
+    for k in set(lone) - OWN - {"history", "final", "best", "probe_history"}:
+        assert pop[k] == pytest.approx(lone[k], rel=RTOL, abs=1e-6), k
+    for rp, rl in zip(pop["history"] + [pop["final"], pop["best"]] + pop.get("probe_history", []),
+                      lone["history"] + [lone["final"], lone["best"]] + lone.get("probe_history", []), strict=True):
+        assert rp == pytest.approx(rl, rel=RTOL, abs=1e-6)
+    files = {p.name for p in (tmp_path / "trainer").iterdir() if not p.name.startswith("events")}
+    assert files == {p.name for p in (tmp_path / "population").iterdir() if not p.name.startswith("events")}
+    assert "model.pt" not in files and "checkpoint.pt" in files
+    cp, cl = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("population", "trainer"))
+    assert (cp["status"], cp["epoch"], cp["step_in_epoch"]) == (cl["status"], cl["epoch"], cl["step_in_epoch"]) == (
+        "pruned", 2, 0)
+    for k in cl["model"]:
+        torch.testing.assert_close(cp["model"][k], cl["model"][k], atol=ATOL, rtol=RTOL)
+    assert cp["regularizers"] == cl["regularizers"]
+    if "probe=[sharpness]" in overrides:  # the periodic probe of the pruned epoch is skipped, not drawn
+        assert [r["epoch"] for r in pop["probe_history"]] == [r["epoch"] for r in lone["probe_history"]] == [1]
+        assert pop["probes"] == lone["probes"] == {}
+        assert torch.equal(cp["probes"]["generator"], cl["probes"]["generator"])
+    sp, sl = read_scalars(tmp_path / "population"), read_scalars(tmp_path / "trainer")
+    assert set(sp) == set(sl)
+    for tag in sl:
+        assert [s for s, _ in sp[tag]] == [s for s, _ in sl[tag]], tag
+        assert [v for _, v in sp[tag]] == pytest.approx([v for _, v in sl[tag]], rel=1e-3, abs=1e-6), tag

@@ -60,10 +60,11 @@ def test_member_probes_equal_lone_run_probes(compose_cfg, tmp_path):
         assert [r["epoch"] for r in cp["probe_history"]] == [r["epoch"] for r in cl["probe_history"]] == [1]
 
 
-def _assert_same_probes(tmp_path, p, a, b):
-    """Member ``a`` of point ``p`` measured what its lone run ``b`` measured, at epochs 1 and 2:
+def _assert_same_probes(tmp_path, p, a, b, epochs=(1, 2)):
+    """Member ``a`` of point ``p`` measured what its lone run ``b`` measured, at ``epochs``:
     ``probe_history`` and ``probes`` in metrics.json, and the ``probe/*`` TensorBoard scalars."""
-    assert [r["epoch"] for r in a["probe_history"]] == [r["epoch"] for r in b["probe_history"]] == [1, 2]
+    epochs = list(epochs)
+    assert [r["epoch"] for r in a["probe_history"]] == [r["epoch"] for r in b["probe_history"]] == epochs
     for ra, rb in zip(a["probe_history"], b["probe_history"]):
         assert ra.keys() == rb.keys()
         for k in rb:
@@ -71,13 +72,14 @@ def _assert_same_probes(tmp_path, p, a, b):
     assert a["probes"] == {k: v for k, v in a["probe_history"][-1].items() if k != "epoch"}
     name = point_name(p)
     saved = json.loads((tmp_path / "pop" / name / "metrics.json").read_text())
-    assert list(saved)[-3:] == ["config", "probes", "probe_history"] == list(b)[-3:]
+    keys = [k for k in saved if k != "population_tuning"]  # in the lone run's order
+    assert keys == list(b) and keys[keys.index("config"):][:3] == ["config", "probes", "probe_history"]
     assert saved["probe_history"] == a["probe_history"]
     sp, sl = read_scalars(tmp_path / "pop" / name), read_scalars(tmp_path / "lone" / name)
     tags = {t for t in sl if t.startswith("probe/")}
     assert tags and {t for t in sp if t.startswith("probe/")} == tags
     for t in tags:
-        assert [s for s, _ in sp[t]] == [s for s, _ in sl[t]] == [1, 2], t
+        assert [s for s, _ in sp[t]] == [s for s, _ in sl[t]] == epochs, t
         assert [v for _, v in sp[t]] == pytest.approx([v for _, v in sl[t]], rel=1e-3, abs=ATOL), t
     assert (tmp_path / "pop" / name / "hessian_density.png").stat().st_size > 1000
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from regexp.population import use_population
+
 from test_population import ATOL, BASE, RTOL, _assert_same_run, _pop_and_lone
 from regexp.sweep import point_name
 
@@ -35,6 +37,32 @@ def test_early_stopped_members_stop_at_their_own_epochs_and_match_lone_runs(comp
         d = tmp_path / "pop" / point_name(p)
         final, best = torch.load(d / "model.pt"), torch.load(d / "best_model.pt")
         assert all(torch.equal(final[k], best[k]) for k in best)  # the best weights restored
+
+
+def test_early_stopped_members_probe_their_restored_best_weights_as_lone_runs(compose_cfg, tmp_path):
+    """A member's final probes measure the weights model.pt holds (its best epoch's), at the epoch
+    it stopped, as its lone run's do; one stopping skips that epoch's periodic probe and draws its
+    final one where its lone run draws it. Probe values within the tolerance of
+    test_population_probes.py (|a - b| <= 1e-6 + 1e-4·|b|)."""
+    from test_population_probes import PROBES, _assert_same_probes
+
+    # alone, the first and third stop at epochs 5 and 6 (periodic probes before, the final one on
+    # the best weights), the second runs all 7 epochs and restores epoch 4's weights
+    points = [{"model.width": 8, "seed": 0, "regularizer.early_stopping.patience": 1},
+              {"model.width": 12, "seed": 1, "regularizer.early_stopping.patience": 50},
+              {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 1,
+               "regularizer.early_stopping.min_delta": 0.01, "regularizer.early_stopping.monitor": "val_loss"}]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
+        "optimizer=sgd", "optimizer.lr=0.5", "trainer.epochs=7", "regularizer=[early_stopping]",
+        "logger.histogram_every=0"] + PROBES, points)
+    assert use_population(base, points)
+    assert [m.get("stopped_epoch") for m in lone] == [5, None, 6] and [m["best"]["epoch"] for m in lone] == [4, 4, 5]
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+        _assert_same_probes(tmp_path, p, a, b, range(1, b["epochs"] + 1))
+        cp, cl = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=True)
+                  for d in ("pop", "lone"))
+        assert torch.equal(cp["probes"]["generator"], cl["probes"]["generator"])
 
 
 def _interrupt_resume_and_lone(compose_cfg, tmp_path, monkeypatch, overrides, points, epochs_done: int):
@@ -132,6 +160,31 @@ def test_transfer_members_start_from_their_own_runs_and_match_lone_runs(compose_
         assert [torch.equal(final[k], start[k]) for k in start] == [freeze and not k.startswith("head.") for k in start]
 
 
+def test_frozen_transfer_members_probe_only_their_trained_tensors_as_lone_runs(compose_cfg, tmp_path):
+    """A lone run's probes see the parameters that require a gradient (freeze: the head's); the
+    batched probes leave the frozen stacked tensors out alike, the narrow member padded (its
+    masks kept for the head only). Probe values within |a - b| <= 1e-6 + 1e-4·|b|."""
+    from regexp.sweep import point_config
+    from regexp.train.trainer import train
+    from test_population_probes import PROBES, _assert_same_probes
+
+    src = compose_cfg(BASE + ["optimizer=sgd", "trainer.epochs=1"])
+    for w, s in ((8, 5), (12, 6)):
+        train(point_config(src, {"model.width": w, "seed": s}), tmp_path / f"src{w}", [], sweep=True)
+    points = [{"model.width": w, "seed": s, "regularizer.transfer.run_dir": str(tmp_path / f"src{w}")}
+              for w, s in ((8, 0), (12, 1))]
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
+        "optimizer=adam", "regularizer=[transfer]", "regularizer.transfer.freeze=true",
+        "logger.histogram_every=0"] + PROBES, points)
+    assert use_population(base, points)
+    for p, a, b in zip(points, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)
+        _assert_same_probes(tmp_path, p, a, b)
+        # the weights a lone run's probes see: the head's alone (the frozen hidden layers left out)
+        assert a["probes"]["norm/l2_weights"] == pytest.approx(
+            torch.load(tmp_path / "pop" / point_name(p) / "model.pt")["head.weight"].norm().item(), rel=1e-5)
+
+
 def test_every_regularizer_the_population_cannot_train_is_refused_with_its_reason(compose_cfg):
     from regexp.population.compat import NOT_STACKED, REGULARIZERS, incompatibility
     from regexp.regularizers.base import REGULARIZERS as ALL
@@ -141,10 +194,7 @@ def test_every_regularizer_the_population_cannot_train_is_refused_with_its_reaso
     why = incompatibility(compose_cfg(["regularizer=[weight_decay,ensemble]"]))
     assert why.startswith("regularizer ensemble (population supports") and why.endswith(NOT_STACKED["ensemble"])
     assert "\n" not in why
-    # probes measure a stopped member's restored best weights, which the batched probes never see
-    assert "early_stopping with probes" in incompatibility(compose_cfg(["regularizer=[early_stopping]",
-                                                                        "probe=[sharpness]"]))
-    assert "freeze=true with probes" in incompatibility(compose_cfg([
-        "regularizer=[transfer]", "regularizer.transfer.run_dir=x", "probe=[sharpness]"]))
-    assert incompatibility(compose_cfg(["regularizer=[transfer]", "regularizer.transfer.run_dir=x",
-                                        "regularizer.transfer.freeze=false", "probe=[sharpness]"])) is None
+    assert incompatibility(compose_cfg(["regularizer=[early_stopping]", "probe=[sharpness]"])) is None
+    for freeze in (True, False):
+        assert incompatibility(compose_cfg(["regularizer=[transfer]", "regularizer.transfer.run_dir=x",
+                                            f"regularizer.transfer.freeze={freeze}", "probe=[sharpness]"])) is None

@@ -29,9 +29,10 @@ point's); two trials with the same values share it. After the trials: ``trials.c
 config) and one line ``best: ...`` on the console.
 
 Pruning stops a serially trained trial after an epoch whose metric the pruner rejects; its
-folder's ``metrics.json`` then says ``status: pruned``. It uses the trainer's per-epoch
-hook (``train(..., on_epoch=fn)``); trials trained as a population are never pruned (their
-epochs are reported to the study afterwards, for the pruner's statistics).
+folder's ``metrics.json`` then says ``status: pruned``. It uses ``train()``'s per-epoch
+hook (``train(..., on_epoch=fn)``), which both engines of a lone run call alike; trials trained
+together as a population (``parallel``) are never pruned (their epochs are reported to the study
+afterwards, for the pruner's statistics).
 """
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig
 
-from regexp.probes.runner import active
 from regexp.regularizers.base import REGULARIZERS as ALL
 
 MODELS = ("mlp", "cnn", "transformer", "gru")
@@ -82,8 +81,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
         return f"model.norm={cfg.model.norm} (population supports {', '.join(norms)})"
     if cfg.optimizer.name not in OPTIMIZERS:
         return f"optimizer.name={cfg.optimizer.name} (population supports {', '.join(OPTIMIZERS)})"
-    if cfg.optimizer.get("amsgrad", False):
-        return "optimizer.amsgrad=true"
     extra = [r for r in cfg.regularizer if r not in REGULARIZERS]
     if extra:
         why = NOT_STACKED.get(extra[0], "it has no stacked form")
@@ -102,12 +99,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if "multi_task" in cfg.regularizer and cfg.model.name == "mlp" and int(cfg.model.depth) == 0:
         return ("regularizer multi_task with model.depth=0 (the population's heads read the last hidden "
                 "layer)")
-    if "transfer" in cfg.regularizer and cfg.regularizer.transfer.freeze and active(cfg.probe):
-        return ("regularizer.transfer.freeze=true with probes (the population's batched probes see every "
-                "stacked tensor as trained)")
-    if "early_stopping" in cfg.regularizer and active(cfg.probe):
-        return ("regularizer early_stopping with probes (a member's final probes are measured on its "
-                "restored best weights, which the population's batched probes do not see)")
     return None
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Set, Tuple, Union
@@ -104,6 +104,12 @@ def _member_hypers(members: List[Member]) -> Dict[str, List[float]]:
         return {"lr": [c.lr for c in o], **{k: [c[k] for c in o] for k in keys}}
     return {"lr": [c.lr for c in o], "momentum": [c.momentum for c in o],
             "dampening": [c.dampening for c in o]}
+
+
+def _amsgrad(cfg) -> bool:
+    """Adam's amsgrad, shared by the members (it adds a state tensor); every optimizer group of a
+    lone run's one torch optimizer (multi_task's head, the learned mixture) takes it too."""
+    return bool(cfg.optimizer.get("amsgrad", False))
 
 
 def _reg(m: Member, name: str, key: str, default: float = 0.0) -> float:
@@ -258,14 +264,15 @@ class Bucket:
         freeze_(self.net, self.frozen)
         self.opt = StackedOptimizer(_base_name(cfg.optimizer), self.trainable, _member_hypers(members),
                                     bool(cfg.optimizer.get("nesterov", False)), device,
-                                    bool(cfg.optimizer.get("centered", False)))
+                                    bool(cfg.optimizer.get("centered", False)), _amsgrad(cfg))
         # SAM (regexp/optim/sam.py): each member's own radius and gradient norm
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
         # soft weight sharing: each member's mixture, a second optimizer group of its own
         self.mixtures: Optional[StackedMixtures] = stacked_mixtures(
             members, self.net, _base_name(cfg.optimizer), _member_hypers(members),
-            bool(cfg.optimizer.get("nesterov", False)), bool(cfg.optimizer.get("centered", False)), device)
+            bool(cfg.optimizer.get("nesterov", False)), bool(cfg.optimizer.get("centered", False)), device,
+            _amsgrad(cfg))
         self.terms = LossTerms(members, device, self.net, self._stacked_penalties())
         if opts.compile and any(f[0].batch_penalty_of is not None for f in self.terms.forms.values()):
             raise ConfigError("extra.population.compile=true is invalid with tangent_prop or gradient_norm_penalty "
@@ -351,12 +358,16 @@ class Bucket:
 
     def probe_inputs(self) -> ProbeInputs:
         """The members as the probes see them: the stacked forward in a lone run's eval mode (no
-        dropout or noise; batch norm on the running statistics, left unchanged), every parameter
-        (norm scales and shifts included), padded units masked out."""
+        dropout or noise; batch norm on the running statistics, left unchanged), the trainable
+        parameters (norm scales and shifts included; a lone run's probes leave out what transfer
+        froze), padded units masked out."""
         net, pr = self.net, self.probes
-        return ProbeInputs(net.eval_forward, net.params, pr.x, pr.y, pr.x_train, pr.y_train, pr.eval_batch_size,
-                           members=len(self.members), batched=True, masks=net.param_masks(),
-                           is_weight=[is_w for _, _, is_w in net.named_params()])
+        trained = [p.requires_grad for p in net.params]
+        masks = net.param_masks()
+        return ProbeInputs(net.eval_forward, [p for p, t in zip(net.params, trained) if t], pr.x, pr.y,
+                           pr.x_train, pr.y_train, pr.eval_batch_size, members=len(self.members), batched=True,
+                           masks=None if masks is None else [mk for mk, t in zip(masks, trained) if t],
+                           is_weight=[is_w for (_, _, is_w), t in zip(net.named_params(), trained) if t])
 
     def keep(self, idx: List[int]) -> None:
         sel = torch.tensor(idx, dtype=torch.long)
@@ -446,7 +457,8 @@ def _heads(members: List[Member], net, cfg, device: torch.device) -> Optional[St
     return StackedHeads(regs, net.head_columns(), net.weights[-1].shape[2],
                         lambda ps: StackedOptimizer(_base_name(cfg.optimizer), ps, _member_hypers(members),
                                                     bool(cfg.optimizer.get("nesterov", False)), device,
-                                                    bool(cfg.optimizer.get("centered", False))), device)
+                                                    bool(cfg.optimizer.get("centered", False)), _amsgrad(cfg)),
+                        device)
 
 
 def _step_noise(members: List[Member], drop: MemberDropout, net, device: torch.device) -> StepNoise:
@@ -633,10 +645,22 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
             for k in stopped:  # its final files now, as train() writes them when it stops
                 m = b.members[k]
                 m.status = "completed"
-                results[ids[id(m)]] = _finish_completed(b, k, _checkpoint(b, k, loop, perms, running, 0))
+                ck = _checkpoint(b, k, loop, perms, running, 0)
+                if b.probes is not None:
+                    _stopped_probes(b, k, epoch)
+                results[ids[id(m)]] = _finish_completed(b, k, ck)
                 if on_finish is not None:
                     on_finish(m, results[ids[id(m)]])
-            done = done + stopped
+            pruned = [k for k, m in enumerate(b.members) if m.pruned]
+            if pruned and stop.requested:  # as train(): the run is recorded as interrupted instead
+                pruned = []
+            for k in pruned:  # its checkpoint and metrics.json, no final weights or probes
+                m = b.members[k]
+                m.status = "pruned"
+                results[ids[id(m)]] = finish(m, device, checkpoint=_checkpoint(b, k, loop, perms, running, 0))
+                if on_finish is not None:
+                    on_finish(m, results[ids[id(m)]])
+            done = done + stopped + pruned
             if done:
                 kept = [k for k in range(len(b.members)) if k not in done]
                 if not kept:  # every member is written out: nothing left to stack
@@ -709,13 +733,54 @@ def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], ru
 
 
 def _final_probes(b: Bucket, epoch: int) -> None:
-    """Every member's end-of-run measurement, batched: its history row, scalars and figures."""
-    for k, (m, values) in enumerate(zip(b.members, b.probes.measure_members(b.probe_inputs()))):
-        logs: Dict[str, float] = {}
-        probe_record(m.probe_history, epoch, values, logs)
-        m.final_probes = values
-        write_scalars(m.tb, logs, epoch)
-        b.probes.save_figures(m.out_dir, m.tb, epoch, k)
+    """Every member's end-of-run measurement, batched: its history row, scalars and figures; on
+    the weights model.pt holds (early stopping's best epoch, as train() loads them back first)."""
+    with _best_weights(b):
+        measured = b.probes.measure_members(b.probe_inputs())
+    for k, (m, values) in enumerate(zip(b.members, measured)):
+        _record_final(b.probes, m, k, epoch, values)
+
+
+def _record_final(probes, m: Member, k: int, epoch: int, values: Dict[str, float]) -> None:
+    logs: Dict[str, float] = {}
+    probe_record(m.probe_history, epoch, values, logs)
+    m.final_probes = values
+    write_scalars(m.tb, logs, epoch)
+    probes.save_figures(m.out_dir, m.tb, epoch, k)
+
+
+def _restores_best(b: Bucket) -> bool:
+    """Whether the members end on their best epoch's weights (the regularizer list is shared)."""
+    return b.best is not None and any(r.restores_best for r in b.members[0].regs)
+
+
+@contextmanager
+def _best_weights(b: Bucket):
+    """The stacked state holds every member's final weights (its best epoch's, when restored) inside."""
+    if not _restores_best(b):
+        yield
+        return
+    with torch.no_grad():
+        kept = [t.detach().clone() for t in b.net.state_tensors]
+        for t, best in zip(b.net.state_tensors, b.best):
+            t.copy_(best)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, k in zip(b.net.state_tensors, kept):
+                t.copy_(k)
+
+
+def _stopped_probes(b: Bucket, k: int, epoch: int) -> None:
+    """A member early stopping ended: its final probes as its lone run measures them, on its lone
+    model holding the weights model.pt will (the best epoch's), with its probe batch and generator
+    (the other members go on, so the batched probes, which draw for all, do not measure it)."""
+    m = b.members[k]
+    state = b.net.member_state(k, b.best) if _restores_best(b) else b.net.member_state(k)
+    m.model.load_state_dict(state)
+    lone = b.probes.member(k)
+    _record_final(lone, m, 0, epoch, lone.measure(m.model))
 
 
 def _finish_completed(b: Bucket, k: int, ck: Dict) -> Dict:
@@ -840,8 +905,10 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                                          device=x.device)
                     sparsity = (counts.double() / units[:, None]).tolist()
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
-    probed = (b.probes.measure_members(b.probe_inputs())
-              if b.probes is not None and b.probes.due(epoch) and epoch < t.epochs else None)
+    probed = drawn = None
+    if b.probes is not None and b.probes.due(epoch) and epoch < t.epochs:
+        drawn = [g.get_state() for g in b.probes.generators]  # a member stopping now never drew these
+        probed = b.probes.measure_members(b.probe_inputs())
     diverged, improved = [], []
     hist_every = cfg.logger.histogram_every
     lrs = [b.opt.lr_of(k, lr_factor_now) for k in range(len(b.members))]
@@ -879,9 +946,15 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             # early stopping: every regularizer sees the row, as in train(); the member is
             # written out by train_bucket (its hook reads the row, not the model's weights)
             m.stopped = any([r.epoch_end(m.model, row) for r in m.regs])
+            # then the pruner, whose stop train() records instead of early stopping's
+            m.pruned = m.on_row is not None and bool(m.on_row(dict(row)))
+            m.stopped = m.stopped and not m.pruned
         m.epochs = epoch
-        if probed is not None and not m.stopped:  # train() skips the periodic probe of its last epoch
+        # train() skips the periodic probe of its last epoch
+        if probed is not None and not (m.stopped or m.pruned):
             probe_record(m.probe_history, epoch, probed[k], logs)
+        elif probed is not None:  # so its final measurement draws where its lone run's does
+            b.probes.generators[k].set_state(drawn[k])
         write_scalars(m.tb, logs, epoch)
         b.sync_member(k)
         for r in m.regs:

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,9 @@ class Member:
     best: Optional[Dict[str, float]] = None
     status: str = "running"
     stopped: bool = False  # early stopping ended its training (it completed, before the last epoch)
+    # a search's pruner (train()'s on_epoch): sees each evaluated row; True stops the member there
+    on_row: Optional[Callable[[Dict[str, float]], bool]] = None
+    pruned: bool = False  # on_row stopped it (status pruned, checkpointed, as train() leaves it)
     epochs: int = 0
     signal: Optional[int] = None
     resume: Optional[Dict[str, Any]] = None  # the checkpoint.pt of an interrupted run, to go on from
@@ -205,6 +208,8 @@ def finish(m: Member, device: torch.device, state: Optional[Dict[str, torch.Tens
         metrics["stopped_epoch"] = m.epochs
     if diverged_epoch is not None:
         metrics["diverged_epoch"] = diverged_epoch
+    if m.status == "pruned":
+        metrics["pruned_epoch"] = m.epochs
     if m.status == "interrupted" and m.signal is not None:
         metrics["signal"] = int(m.signal)
     if m.tb is not None:

@@ -28,7 +28,7 @@ class StackedMixtures:
     """The members' mixtures, their optimizer, and the stacked penalty."""
 
     def __init__(self, members: List, net, opt_name: str, hypers: Dict[str, List[float]], nesterov: bool,
-                 centered: bool, device: torch.device):
+                 centered: bool, device: torch.device, amsgrad: bool = False):
         regs = [_reg(m) for m in members]
         self.regs = regs
         names = {id(p): n for n, p in members[0].model.named_parameters()}
@@ -37,7 +37,7 @@ class StackedMixtures:
                        .requires_grad_() for n in PARAMS]
         self.lam = torch.tensor([r.lam for r in regs], device=device)
         self.opt = StackedOptimizer(opt_name, self.params, {**hypers, "lr": [float(r.cfg.lr) for r in regs]},
-                                    nesterov, device, centered)
+                                    nesterov, device, centered, amsgrad)
         self.masks = self._masks(net)
 
     def _masks(self, net) -> Optional[List[torch.Tensor]]:
@@ -94,8 +94,8 @@ class StackedMixtures:
 
 
 def stacked_mixtures(members: List, net, opt_name: str, hypers: Dict[str, List[float]], nesterov: bool,
-                     centered: bool, device: torch.device) -> Optional[StackedMixtures]:
+                     centered: bool, device: torch.device, amsgrad: bool = False) -> Optional[StackedMixtures]:
     """The bucket's mixtures, or None when its members have no soft weight sharing."""
     if NAME not in members[0].cfg.regularizer:
         return None
-    return StackedMixtures(members, net, opt_name, hypers, nesterov, centered, device)
+    return StackedMixtures(members, net, opt_name, hypers, nesterov, centered, device, amsgrad)

@@ -9,8 +9,13 @@ foreach steps), applied to the stacked tensors: the same per-element arithmetic 
 ``torch.optim`` on a lone member. Otherwise the same steps as torch's foreach
 implementation run with broadcast per-member values.
 
+Adam's ``amsgrad`` (shared: it adds a state tensor) keeps torch's ``max_exp_avg_sq``, the
+elementwise maximum of every second-moment estimate so far, and divides by its root instead:
+denom = √max(v_1..v_t)/√(1-β2^t) + ε, torch's formula (the bias correction is the current
+step's, applied to the maximum).
+
 Padded units stay zero under every rule: their parameter and gradient are zero, so the
-momentum buffer, Adam's moments and the decoupled decay all leave them at zero, and the
+momentum buffer, Adam's moments (and their maximum) and the decoupled decay all leave them at zero, and the
 adaptive rules' steps g/(√h + ε) (AdaGrad, RMSprop) and AdaDelta's √(Δ+ε)/√(h+ε)·g are zero.
 """
 from __future__ import annotations
@@ -44,11 +49,12 @@ class StackedOptimizer:
     parameters, lr = base · factor(t)."""
 
     def __init__(self, name: str, params: List[torch.Tensor], hp: Dict[str, Sequence[float]],
-                 nesterov: bool, device: torch.device, centered: bool = False):
+                 nesterov: bool, device: torch.device, centered: bool = False, amsgrad: bool = False):
         self.name, self.nesterov, self.device = name, nesterov, device
         self.centered = centered  # RMSprop's centred variant (shared: it adds a state tensor)
         self.params = params
         self.adam = name in ("adam", "adamw")
+        self.amsgrad = amsgrad and self.adam  # SAM's config has the key for any base; only Adam's reads it
         self.hp = {k: hyper(v, device) for k, v in hp.items()}
         if name == "adam":  # torch.optim.Adam gets no weight decay in regexp.optim
             self.hp["weight_decay"] = 0.0
@@ -111,13 +117,16 @@ class StackedOptimizer:
             self.state = {"exp_avg": [torch.zeros_like(p) for p in self.params],
                           "exp_avg_sq": [torch.zeros_like(p) for p in self.params],
                           "step": [torch.zeros((), device=self.device) for _ in self.params]}
+            if self.amsgrad:
+                self.state["max_exp_avg_sq"] = [torch.zeros_like(p) for p in self.params]
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+        vmax = self.state.get("max_exp_avg_sq", [])
         if self.fused:
             torch._foreach_add_(self.state["step"], 1.0)
             kernel = torch._fused_adamw_ if self.name == "adamw" else torch._fused_adam_
-            kernel(self.params, grads, m, v, [], self.state["step"], lr=lr, beta1=hp["beta1"],
+            kernel(self.params, grads, m, v, vmax, self.state["step"], lr=lr, beta1=hp["beta1"],
                    beta2=hp["beta2"], weight_decay=hp["weight_decay"], eps=hp["eps"],
-                   amsgrad=False, maximize=False)
+                   amsgrad=self.amsgrad, maximize=False)
             return
         for s in self.state["step"]:
             s.add_(1.0)
@@ -125,12 +134,15 @@ class StackedOptimizer:
         decay = _f32(1.0 - lr * hp["weight_decay"])
         bc1, bc2 = 1.0 - hp["beta1"] ** t, 1.0 - hp["beta2"] ** t
         step_size, bc2_sqrt = _f32(lr / bc1), _f32(bc2 ** 0.5)
-        for p, g, ma, va in zip(self.params, grads, m, v):
+        for j, (p, g, ma, va) in enumerate(zip(self.params, grads, m, v)):
             if isinstance(decay, torch.Tensor) or decay != 1.0:
                 p.mul_(decay)
             ma.lerp_(g, _f32(1.0 - hp["beta1"]) if isinstance(hp["beta1"], torch.Tensor)
                      else 1.0 - hp["beta1"])
             va.mul_(_f32(hp["beta2"])).addcmul_(g * _f32(1.0 - hp["beta2"]), g)
+            if self.amsgrad:
+                torch.maximum(vmax[j], va, out=vmax[j])
+                va = vmax[j]
             denom = va.sqrt().div_(bc2_sqrt).add_(_f32(hp["eps"]))
             p.sub_(ma / denom * step_size)
 

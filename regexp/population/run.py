@@ -12,7 +12,7 @@ import logging
 import math
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -259,7 +259,7 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
 RUN_ENGINES = ("auto", "population", "trainer")
 
 
-def choose_run_engine(cfg: DictConfig, pruned: bool = False, sweep: bool = False) -> Tuple[str, str]:
+def choose_run_engine(cfg: DictConfig, sweep: bool = False) -> Tuple[str, str]:
     """``(engine, why)`` for a lone run: ``population`` (a population of one member, through
     :func:`train_bucket`) or ``trainer`` (regexp/train/trainer.py's loop).
 
@@ -275,8 +275,6 @@ def choose_run_engine(cfg: DictConfig, pruned: bool = False, sweep: bool = False
     if engine == "auto" and sweep:
         return "trainer", "a sweep's job (sweep.engine decides how a sweep's points train)"
     why = incompatibility(cfg)
-    if why is None and pruned:  # the population has no per-epoch hook for a search's pruner
-        why = "a search's pruner reads each epoch (the population has no per-epoch hook)"
     if why is None:
         return "population", f"trainer.engine={engine}: the population supports this config"
     if engine == "population":
@@ -286,12 +284,14 @@ def choose_run_engine(cfg: DictConfig, pruned: bool = False, sweep: bool = False
 
 
 def train_lone(cfg: DictConfig, out_dir: Path, overrides: List[str], ck: Optional[Dict[str, Any]],
-               t0: float, record: Dict[str, Any]) -> Dict[str, Any]:
+               t0: float, record: Dict[str, Any],
+               on_epoch: Optional[Callable[[Dict[str, float]], bool]] = None) -> Dict[str, Any]:
     """Train one run as a population of one member; return its metrics.json content.
 
     ``train()`` has accepted the folder (and written its hydra files) and read ``ck``, the
     checkpoint to go on from (either engine's); the member writes what ``train()`` writes,
-    plus ``record`` (the engine chosen) in metrics.json."""
+    plus ``record`` (the engine chosen) in metrics.json. ``on_epoch``: train()'s (a search's
+    pruner), called with each evaluated row at the same point of the epoch's end."""
     from regexp.models.summary import model_summary
     from regexp.train.threads import step_flops
     from regexp.train.trainer import build_initial_model, resolve_device
@@ -302,7 +302,7 @@ def train_lone(cfg: DictConfig, out_dir: Path, overrides: List[str], ck: Optiona
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     data_cache: Dict[str, Any] = {}
-    member = Member({}, cfg, out_dir, list(overrides), resume=ck)
+    member = Member({}, cfg, out_dir, list(overrides), resume=ck, on_row=on_epoch)
     ds = load_cached(cfg, data_cache, data_key(cfg, member.point))
     n = len(ds.y_train)
     bs = n if t.batch_size == "full" else int(t.batch_size)

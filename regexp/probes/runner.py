@@ -103,6 +103,17 @@ class Probes:
                 row.update(values)
         return out
 
+    def member(self, k: int) -> "Probes":
+        """Member k's probes as its lone run has them: its probe batch, training set and
+        generator (shared: what the lone view draws, the member has drawn), probes of their own
+        (whose figures show this member's measurement)."""
+        lone = object.__new__(Probes)
+        lone.every, lone.batched, lone.eval_batch_size = self.every, False, self.eval_batch_size
+        lone.probes = [type(p)(p.cfg) for p in self.probes]
+        lone.x, lone.y, lone.x_train, lone.y_train = self.x[k], self.y[k], self.x_train[k], self.y_train[k]
+        lone.generators = [self.generators[k]]
+        return lone
+
     def keep(self, idx: Sequence[int]) -> None:
         """Only the members ``idx`` go on (the others finished or diverged)."""
         sel = torch.tensor(list(idx), dtype=torch.long, device=self.x.device)

@@ -187,7 +187,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     t = cfg.trainer
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
-    record = _engine_record(cfg, on_epoch is not None, sweep)  # refuses an impossible trainer.engine first
+    record = _engine_record(cfg, sweep)  # refuses an impossible trainer.engine first
     skipped = _prepare_dir(out_dir, t, sweep, config)
     if skipped is not None:
         return skipped
@@ -201,7 +201,7 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     if record["engine"] == "population" and signals.requested() is None:
         from regexp.population.run import train_lone
 
-        return train_lone(cfg, out_dir, overrides, ck, t0, record)
+        return train_lone(cfg, out_dir, overrides, ck, t0, record, on_epoch)
 
     # ---- set-up
     device = resolve_device(t.device)
@@ -436,11 +436,11 @@ def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool
     return metrics
 
 
-def _engine_record(cfg: DictConfig, pruned: bool, sweep: bool) -> Dict[str, str]:
+def _engine_record(cfg: DictConfig, sweep: bool) -> Dict[str, str]:
     """Which loop trains the run, as metrics.json records it (logged once the folder is the run's)."""
     from regexp.population.run import choose_run_engine
 
-    engine, why = choose_run_engine(cfg, pruned, sweep)
+    engine, why = choose_run_engine(cfg, sweep)
     return {"engine": engine, "engine_reason": why}
 
 
