@@ -29,16 +29,21 @@ def _tuning_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _pad_every_model(request, monkeypatch):
+def _pad_every_model(request):
     """The population tests give members of different sizes to check the padded path (masked
     units inside one bucket); a CNN's, Transformer's or GRU's members would otherwise share a
     bucket only within the cost ratio (engine.SMALL_WIDTH). Every model's widths up to 32
     share one here, as an MLP's do by default; tests marked ``model_small_widths`` see the
     defaults."""
-    if request.node.get_closest_marker("model_small_widths") is None:
-        from regexp.population import engine
+    if request.node.get_closest_marker("model_small_widths") is not None:
+        yield
+        return
+    from regexp.population import engine
 
-        monkeypatch.setattr(engine, "SMALL_WIDTH", {"mlp": 32, "cnn": 32, "transformer": 32, "gru": 32})
+    # a patch of its own: tests call their monkeypatch's undo() midway, which must not undo this
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "SMALL_WIDTH", {"mlp": 32, "cnn": 32, "transformer": 32, "gru": 32})
+        yield
 
 
 def run_cli(args: List[str], cwd: Path, check: bool = True, env_extra=None, timeout: int = 300):
