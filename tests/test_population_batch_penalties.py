@@ -199,7 +199,6 @@ def test_masked_reconstruction_members_match_lone_runs(compose_cfg, tmp_path, re
 
 # ---------------------------------------------------------------- what cannot join is refused
 @pytest.mark.parametrize("regs,extra,why", [
-    ("[multi_task]", ["model.depth=0"], "regularizer multi_task with model.depth=0"),
     ("[parameter_tying]", ["regularizer.parameter_tying.mode=joint"], "regularizer parameter_tying with mode=joint"),
 ])
 def test_combinations_that_cannot_match_are_refused_in_one_line(compose_cfg, regs, extra, why):

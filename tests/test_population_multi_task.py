@@ -194,5 +194,25 @@ def test_interrupted_population_with_head_and_mixture_resumes_to_the_lone_result
         _same_groups(tmp_path, p, regs)
 
 
-def test_population_refuses_multi_task_where_its_heads_cannot_follow(compose_cfg):
-    assert incompatibility(compose_cfg(SMALL + ["model.depth=0"])).startswith("regularizer multi_task with")
+# logistic regression: no hidden layer, so the head reads what the output layer reads, the
+# input after its dropout mask (the lone model's input site); each member its own λ and seed
+DEPTH0 = [{"regularizer.multi_task.lam": 1.0, "regularizer.dropout.input_p": 0.2, "seed": 0},
+          {"regularizer.multi_task.lam": 0.3, "regularizer.dropout.input_p": 0.0, "seed": 1}]
+
+
+@pytest.mark.parametrize("overrides", [["optimizer=adam"],
+                                       ["optimizer=momentum", "+extra.population.loop_width=1"]],
+                         ids=["batched", "member_by_member"])
+def test_multi_task_without_hidden_layer_matches_lone_runs(compose_cfg, tmp_path, overrides):
+    base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + overrides + [
+        "model.depth=0", "regularizer=[dropout,multi_task]", "regularizer.dropout.p=0"], DEPTH0)
+    assert incompatibility(base) is None and use_population(base, DEPTH0)
+    for p, a, b in zip(DEPTH0, pop, lone):
+        _assert_same_run(tmp_path, p, a, b)  # weights, history, extra (val R²), penalty curve
+        ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=False)
+                  for d in ("pop", "lone"))
+        assert cb["regularizers"][-1]["aux"]["weight"].shape == (2, 40)  # read from the 40 inputs
+        for k in ("weight", "bias"):
+            torch.testing.assert_close(ca["regularizers"][-1]["aux"][k], cb["regularizers"][-1]["aux"][k],
+                                       atol=ATOL, rtol=RTOL)
+    assert pop[0]["extra"] != pop[1]["extra"]

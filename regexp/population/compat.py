@@ -95,9 +95,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
     if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
         return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
                 "beside the run; a population stacks only its members)")
-    if "multi_task" in cfg.regularizer and cfg.model.name == "mlp" and int(cfg.model.depth) == 0:
-        return ("regularizer multi_task with model.depth=0 (the population's heads read the last hidden "
-                "layer)")
     return None
 
 

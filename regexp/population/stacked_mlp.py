@@ -116,7 +116,8 @@ class StackedMLP:
         self.record = False
         self.hidden: List[torch.Tensor] = []
         # the features the output layer read in the last recorded forward (multi_task's heads):
-        # the last hidden layer's output, its skip included where it has one
+        # the last hidden layer's output, its skip included where it has one; with no hidden
+        # layer (depth 0) the input after its dropout mask, as a lone model's head reads its input site
         self.head_input: Optional[torch.Tensor] = None
         self.unit_masks = [(torch.arange(h)[None, None, :] < torch.tensor([ks[l] for ks in self.layer_widths])
                             [:, None, None]).float().to(device) for l, h in enumerate(self.hidden_widths)]
@@ -177,8 +178,9 @@ class StackedMLP:
         return self.unit_masks
 
     def head_columns(self) -> List[torch.Tensor]:
-        """Where each member's features sit among the output layer's inputs: the first ones."""
-        return [torch.arange(ks[-1]) for ks in self.layer_widths]
+        """Where each member's features sit among the output layer's inputs: the first ones
+        (all of the input's, with no hidden layer)."""
+        return [torch.arange(ks[-1] if ks else self.weights[-1].shape[2]) for ks in self.layer_widths]
 
     @property
     def site_weights(self) -> List[int]:
@@ -248,9 +250,14 @@ class StackedMLP:
                     h = h * masks[l + 1]
                 if self.record:
                     self.hidden.append(h)
-        if self.record and self.hidden:
-            self.head_input = self.hidden[-1]
+        if self.record:
+            self.head_input = self.hidden[-1] if self.hidden else self._masked_input(x, masks)
         return h
+
+    @staticmethod
+    def _masked_input(x: torch.Tensor, masks) -> torch.Tensor:
+        """What a depth-0 output layer reads: the input, times its dropout mask."""
+        return x * masks[0] if masks and masks[0] is not None else x
 
     def _forward_general(self, x: torch.Tensor, masks, weights, training: bool,
                          counts: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -327,8 +334,8 @@ class StackedMLP:
                         hidden[l].append(F.pad(h, (0, self.width - k)))
             outs.append(h)
         self.hidden = [torch.stack(hs) for hs in hidden] if self.record else []
-        if self.record and self.hidden:
-            self.head_input = self.hidden[-1]
+        if self.record:
+            self.head_input = self.hidden[-1] if self.hidden else self._masked_input(x, masks)
         return torch.stack(outs)
 
     @torch.no_grad()
