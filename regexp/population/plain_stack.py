@@ -9,7 +9,7 @@ where each member's lone weights and head features sit in its slices (``weight_c
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,3 +73,51 @@ class PlainStack:
         """Members' state_dicts, stacked like :attr:`state_tensors`."""
         return [self._stack(j, [st[n] for st in states], p)
                 for j, (n, p) in enumerate(zip(self.state_names, self.state_tensors))]
+
+
+class GridStack(PlainStack):
+    """A PlainStack whose members' lone tensors sit inside their stacked slices at the advanced
+    indices :meth:`_grid` gives (a Transformer's head-by-head embedding, a GRU's gate blocks):
+    stacking, unstacking and the padding masks follow from those indices alone."""
+
+    def _member_shape(self, j: int, i: int) -> Tuple[int, ...]:
+        """Member i's lone shape of parameter j."""
+        raise NotImplementedError
+
+    def _grid(self, j: int, i: int) -> Tuple[torch.Tensor, ...]:
+        """Advanced indices of member i's lone tensor of parameter j inside its slice."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _pair(idx: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """The (rows, cols) grid of one or two index lists (a 1-D tensor is stored (1, n))."""
+        if len(idx) == 1:
+            return (torch.zeros(1, dtype=torch.long), idx[0])
+        return (idx[0][:, None], idx[1][None, :])
+
+    def _stack(self, j: int, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like, requires_grad=False)
+        for i, t in enumerate(tensors):
+            grid = self._grid(j, i)
+            out[i][grid] = t.to(out.device, out.dtype).reshape(out[i][grid].shape)
+        return out
+
+    def stack(self, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The members' lone tensors of one parameter, stacked and zero-padded into ``like``'s
+        shape (``like`` is one of :attr:`params`): the inverse of :meth:`member_state`."""
+        j = next((k for k, p in enumerate(self.params) if p is like), None)
+        if j is None:
+            raise ValueError(f"{type(self).__name__}.stack: 'like' is none of its parameters")
+        return self._stack(j, tensors, like)
+
+    def member_state(self, i: int, tensors: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Member ``i``'s unpadded tensors under nn.Module names (default: its parameters)."""
+        tensors = tensors if tensors is not None else self.params
+        return {name: t[i].detach()[self._grid(j, i)].reshape(self._member_shape(j, i)).cpu().clone()
+                for j, (name, t) in enumerate(zip(self.names, tensors))}
+
+    def real_entries(self) -> List[torch.Tensor]:
+        """Each parameter's real entries (bool, its stored shape) per member."""
+        m = len(self.widths)
+        return [self._stack(j, [torch.ones(self._member_shape(j, i)) for i in range(m)], p) > 0
+                for j, p in enumerate(self.params)]

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from regexp.population.plain_stack import PlainStack
+from regexp.population.plain_stack import GridStack
 from regexp.train.sparsity import NEAR_ZERO
 
 # one evaluation chunk's activations (all members): the per-step tensors stay cache-sized (8 members
@@ -59,7 +59,7 @@ def _layout(name: str) -> Dims:
     raise ValueError(f"StackedGRU cannot stack parameter {name}")
 
 
-class StackedGRU(PlainStack):
+class StackedGRU(GridStack):
     """M GRU classifiers of one depth, direction count and head, stacked (see the module's docstring)."""
 
     act = None  # no hand-written step
@@ -154,33 +154,11 @@ class StackedGRU(PlainStack):
 
     def _grid(self, j: int, i: int) -> Tuple[torch.Tensor, ...]:
         """Advanced indices of member i's lone tensor inside its slice (stored layout)."""
-        lone = self._lone_shape(j, int(self.widths[i]))
-        idx = [self._index(k, i, s) for k, s in zip(self.dims[j], lone)]
-        if len(idx) == 1:
-            return (torch.zeros(1, dtype=torch.long), idx[0])
-        return (idx[0][:, None], idx[1][None, :])
+        lone = self._member_shape(j, i)
+        return self._pair([self._index(k, i, s) for k, s in zip(self.dims[j], lone)])
 
-    def _stack(self, j: int, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(like, requires_grad=False)
-        for i, t in enumerate(tensors):
-            grid = self._grid(j, i)
-            out[i][grid] = t.to(out.device, out.dtype).reshape(out[i][grid].shape)
-        return out
-
-    def stack(self, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """The members' lone tensors of one parameter, stacked and zero-padded into ``like``'s
-        shape (``like`` is one of :attr:`params`): the inverse of :meth:`member_state`."""
-        j = next((k for k, p in enumerate(self.params) if p is like), None)
-        if j is None:
-            raise ValueError("StackedGRU.stack: 'like' is none of its parameters")
-        return self._stack(j, tensors, like)
-
-    def member_state(self, i: int, tensors: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        """Member ``i``'s unpadded tensors under nn.Module names (default: its parameters)."""
-        tensors = tensors if tensors is not None else self.params
-        h = int(self.widths[i])
-        return {name: t[i].detach()[self._grid(j, i)].reshape(self._lone_shape(j, h)).cpu().clone()
-                for j, (name, t) in enumerate(zip(self.names, tensors))}
+    def _member_shape(self, j: int, i: int) -> Tuple[int, ...]:
+        return self._lone_shape(j, int(self.widths[i]))
 
     def named_params(self) -> List[tuple]:
         """(name, stacked tensor, is_weight) in nn.Module order; weights are the lone model's
@@ -218,9 +196,7 @@ class StackedGRU(PlainStack):
         """Each parameter's real entries (bool, its stored shape) per member; None without padding."""
         if self.unit_mask is None:
             return None
-        m = len(self.widths)
-        return [self._stack(j, [torch.ones(self._lone_shape(j, int(self.widths[i]))) for i in range(m)], p) > 0
-                for j, p in enumerate(self.params)]
+        return self.real_entries()
 
     def keep(self, idx: torch.Tensor) -> None:
         """Drop every member not in ``idx`` (a finished or diverged one)."""

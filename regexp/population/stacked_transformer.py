@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from regexp.population.plain_stack import PlainStack
+from regexp.population.plain_stack import GridStack
 from regexp.train.sparsity import NEAR_ZERO
 
 EVAL_BYTES = 2**25  # one evaluation chunk's activations (all members)
@@ -59,7 +59,7 @@ def _layout(name: str) -> Tuple[Optional[str], ...]:
     raise ValueError(f"StackedTransformer cannot stack parameter {name}")
 
 
-class StackedTransformer(PlainStack):
+class StackedTransformer(GridStack):
     """M Transformers of one depth, heads and patch, stacked (see the module's docstring)."""
 
     act = None  # no hand-written relu step
@@ -165,30 +165,10 @@ class StackedTransformer(PlainStack):
         idx = [self._index(k, i, s) for k, s in zip(dims, lone)]
         if len(idx) == 3:
             idx = idx[1:]
-        if len(idx) == 1:
-            return (torch.zeros(1, dtype=torch.long), idx[0])
-        return (idx[0][:, None], idx[1][None, :])
+        return self._pair(idx)
 
-    def _stack(self, j: int, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(like, requires_grad=False)
-        for i, t in enumerate(tensors):
-            grid = self._grid(j, i)
-            out[i][grid] = t.to(out.device, out.dtype).reshape(out[i][grid].shape)
-        return out
-
-    def stack(self, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """The members' lone tensors of one parameter, stacked and zero-padded into ``like``'s
-        shape (``like`` is one of :attr:`params`): the inverse of :meth:`member_state`."""
-        j = next((k for k, p in enumerate(self.params) if p is like), None)
-        if j is None:
-            raise ValueError("StackedTransformer.stack: 'like' is none of its parameters")
-        return self._stack(j, tensors, like)
-
-    def member_state(self, i: int, tensors: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        """Member ``i``'s unpadded tensors under nn.Module names (default: its parameters)."""
-        tensors = tensors if tensors is not None else self.params
-        return {name: t[i].detach()[self._grid(j, i)].reshape(self._lone_shape(j, i)).cpu().clone()
-                for j, (name, t) in enumerate(zip(self.names, tensors))}
+    def _member_shape(self, j: int, i: int) -> Tuple[int, ...]:
+        return self._lone_shape(j, i)
 
     def named_params(self) -> List[tuple]:
         """(name, stacked tensor, is_weight) in nn.Module order; weights are the lone model's
@@ -238,9 +218,7 @@ class StackedTransformer(PlainStack):
         """Each parameter's real entries (bool, its stored shape) per member; None without padding."""
         if self.unit_mask is None and all(h == self.ffn for h in self.mlp_widths):
             return None
-        m = len(self.widths)
-        return [self._stack(j, [torch.ones(self._lone_shape(j, i)) for i in range(m)], p) > 0
-                for j, p in enumerate(self.params)]
+        return self.real_entries()
 
     def keep(self, idx: torch.Tensor) -> None:
         """Drop every member not in ``idx`` (a finished or diverged one)."""
