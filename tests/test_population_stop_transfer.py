@@ -14,14 +14,17 @@ from test_population import ATOL, BASE, RTOL, _assert_same_run, _pop_and_lone
 from regexp.sweep import point_name
 
 
+# patience, min_delta and the monitored metric differ per member, so members stop at different epochs
+STOPPING_POINTS = [{"model.width": 8, "seed": 0, "regularizer.early_stopping.patience": 1},
+                   {"model.width": 12, "seed": 1, "regularizer.early_stopping.patience": 50},
+                   {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 1,
+                    "regularizer.early_stopping.min_delta": 0.01, "regularizer.early_stopping.monitor": "val_loss"}]
+
 def test_early_stopped_members_stop_at_their_own_epochs_and_match_lone_runs(compose_cfg, tmp_path):
     # patience, min_delta and the monitored metric differ per member, so members stop at
     # different epochs; the others go on in the shrunken stacked tensors. Dropout's MC report
     # runs on each member's final (restored best) weights, with its lone run's generator.
-    points = [{"model.width": 8, "seed": 0, "regularizer.early_stopping.patience": 1},
-              {"model.width": 12, "seed": 1, "regularizer.early_stopping.patience": 50},
-              {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 1,
-               "regularizer.early_stopping.min_delta": 0.01, "regularizer.early_stopping.monitor": "val_loss"}]
+    points = STOPPING_POINTS
     _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
         "optimizer=sgd", "optimizer.lr=0.5", "trainer.epochs=7", "regularizer=[early_stopping,dropout]",
         "regularizer.dropout.p=0.1", "regularizer.dropout.mc_samples=2"], points)
@@ -48,10 +51,7 @@ def test_early_stopped_members_probe_their_restored_best_weights_as_lone_runs(co
 
     # alone, the first and third stop at epochs 5 and 6 (periodic probes before, the final one on
     # the best weights), the second runs all 7 epochs and restores epoch 4's weights
-    points = [{"model.width": 8, "seed": 0, "regularizer.early_stopping.patience": 1},
-              {"model.width": 12, "seed": 1, "regularizer.early_stopping.patience": 50},
-              {"model.width": 16, "seed": 2, "regularizer.early_stopping.patience": 1,
-               "regularizer.early_stopping.min_delta": 0.01, "regularizer.early_stopping.monitor": "val_loss"}]
+    points = STOPPING_POINTS
     base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, [
         "optimizer=sgd", "optimizer.lr=0.5", "trainer.epochs=7", "regularizer=[early_stopping]",
         "logger.histogram_every=0"] + PROBES, points)
