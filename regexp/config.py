@@ -194,9 +194,6 @@ class TrainerConfig:
     resume: bool = False
     overwrite: bool = False
     eval_batch_size: int = 4096
-    # auto|population|trainer: a lone run trains as a population of one when the population
-    # supports its config (auto), must (population), or in the per-model loop (trainer)
-    engine: str = "auto"
 
 
 @dataclass
@@ -611,7 +608,6 @@ def validate(cfg: DictConfig, walk: bool = True) -> None:
                                    and t.threads >= 1), "trainer.threads", t.threads, 'an integer >= 1 or "auto"')
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
     _check(t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "an integer >= 1")
-    _choice("trainer.engine", t.engine, ("auto", "population", "trainer"))
     _check(cfg.logger.histogram_every >= 0, "logger.histogram_every", cfg.logger.histogram_every,
            "an integer >= 0")
 

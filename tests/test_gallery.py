@@ -319,7 +319,7 @@ def test_optimizer_comparison_curves_are_the_runs_histories(compose_cfg, tmp_pat
         row = next(r for r in results if r["optimizer"] == name)
         assert float(row["test_error"]) == pytest.approx(1 - m["final"]["test_acc"])
         cfg = torch.load(tmp_path / f"optimizer={name}" / "seed=0" / "checkpoint.pt",
-                         weights_only=False)["config"]
+                         weights_only=True)["config"]
         assert cfg["optimizer"]["name"] == name and cfg["optimizer"]["lr"] == pytest.approx(lr)
 
 
@@ -503,7 +503,7 @@ def test_cross_validation_folds_choice_and_final_run(compose_cfg, tmp_path):
     # the validation set of a fold run is its held-out fold: 100 of the 200-example pool
     for fold in (0, 1):
         ck = torch.load(tmp_path / f"fold={fold}" / "regularizer.weight_decay.lam=0.0,seed=0" / "checkpoint.pt",
-                        weights_only=False)
+                        weights_only=True)
         assert (ck["config"]["data"]["folds"], ck["config"]["data"]["fold"]) == (2, fold)
         m = read_json(tmp_path / f"fold={fold}" / "regularizer.weight_decay.lam=0.0,seed=0" / "metrics.json")
         assert m["final"]["val_acc"] * 100 == pytest.approx(round(m["final"]["val_acc"] * 100))

@@ -15,7 +15,6 @@ from conftest import StopAfter
 from regexp import landscape as ls
 from regexp.probes.runner import probe_batch
 from regexp.population import engine as population_engine
-from regexp.train import trainer
 from regexp.train.trainer import train
 
 TINY = ["trainer.epochs=2", "trainer.progress=false", "trainer.threads=1", "data.n_train=200",
@@ -86,8 +85,6 @@ def test_init_model_saved_equals_rebuilt_and_kept_on_resume(runs, compose_cfg, t
     assert all(torch.equal(saved[k], rebuilt[k]) for k in saved)
     assert not all(torch.equal(saved[k], final[k]) for k in saved)  # training moved the weights
     # a resumed run keeps the file it finds (here a marker): the construction is the same
-    monkeypatch.setattr(trainer, "StopFlag", lambda: StopAfter(3))
-    # a lone run trains as a population of one, whose loop asks fewer times (not at its start)
     monkeypatch.setattr(population_engine, "StopFlag", lambda: StopAfter(2))
     assert train(compose_cfg(TINY), tmp_path / "r")["status"] == "interrupted"
     monkeypatch.undo()

@@ -40,8 +40,8 @@ def _pop_and_lone(compose_cfg, tmp_path: Path, overrides, points):
 
 def _assert_same_run(tmp_path: Path, point, pop, lone):
     name = point_name(point)
-    a = torch.load(tmp_path / "pop" / name / "model.pt")
-    b = torch.load(tmp_path / "lone" / name / "model.pt")
+    a = torch.load(tmp_path / "pop" / name / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "lone" / name / "model.pt", weights_only=True)
     assert set(a) == set(b)
     for k in a:
         assert a[k].shape == b[k].shape, k
@@ -71,8 +71,8 @@ def _assert_same_run(tmp_path: Path, point, pop, lone):
     assert files <= {p.name for p in (tmp_path / "pop" / name).iterdir()}
     ip, il = (torch.load(tmp_path / d / name / "init_model.pt", weights_only=True) for d in ("pop", "lone"))
     assert ip.keys() == il.keys() and all(torch.equal(ip[k], il[k]) for k in il)  # the same start
-    cp = torch.load(tmp_path / "pop" / name / "checkpoint.pt", weights_only=False)
-    cl = torch.load(tmp_path / "lone" / name / "checkpoint.pt", weights_only=False)
+    cp = torch.load(tmp_path / "pop" / name / "checkpoint.pt", weights_only=True)
+    cl = torch.load(tmp_path / "lone" / name / "checkpoint.pt", weights_only=True)
     assert cp.keys() == cl.keys()
     assert cp["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cl["optimizer"]["param_groups"][0]["lr"])
     for i, st in cl["optimizer"]["state"].items():
@@ -178,7 +178,7 @@ def test_outputs_are_separate_and_a_rerun_skips_completed(compose_cfg, tmp_path)
         assert on_disk["params"] == 40 * p["model.width"] + p["model.width"] + p["model.width"] ** 2 \
             + p["model.width"] + p["model.width"] * 10 + 10
         assert len(list(d.glob("events.out.tfevents.*"))) == 1
-        assert torch.load(d / "model.pt")["hidden.0.weight"].shape == (p["model.width"], 40)
+        assert torch.load(d / "model.pt", weights_only=True)["hidden.0.weight"].shape == (p["model.width"], 40)
     again = train_population(base, points, tmp_path)
     assert all(m.get("skipped") for m in again)
 
@@ -307,8 +307,8 @@ def test_torch_compile_gives_the_same_weights(compose_cfg, tmp_path):
     compiled = train_population(base, points, tmp_path / "compiled", Options(compile=True))
     for p, a, b in zip(points, plain, compiled):
         assert b["status"] == "completed"
-        wa = torch.load(tmp_path / "eager" / point_name(p) / "model.pt")
-        wb = torch.load(tmp_path / "compiled" / point_name(p) / "model.pt")
+        wa = torch.load(tmp_path / "eager" / point_name(p) / "model.pt", weights_only=True)
+        wb = torch.load(tmp_path / "compiled" / point_name(p) / "model.pt", weights_only=True)
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
 
@@ -352,7 +352,7 @@ def test_interrupted_population_resumes_to_the_uninterrupted_result(compose_cfg,
     monkeypatch.undo()
     for p, m in zip(points, stopped):
         assert m["status"] == "interrupted" and m["epochs"] == 1 and m["signal"] == 15
-        ck = torch.load(tmp_path / "pop" / point_name(p) / "checkpoint.pt", weights_only=False)
+        ck = torch.load(tmp_path / "pop" / point_name(p) / "checkpoint.pt", weights_only=True)
         assert (ck["epoch"], ck["step_in_epoch"]) == (1, in_epoch)
         assert ck["scheduler"]["last_epoch"] == steps + in_epoch
     # the re-launch resumes both in one population, from the step where they stopped
@@ -367,8 +367,8 @@ def test_interrupted_population_resumes_to_the_uninterrupted_result(compose_cfg,
     lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
     for p, a, b in zip(points, resumed, lone):
         assert a["status"] == "completed" and a["epochs"] == 3
-        wa = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
-        wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt")
+        wa = torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)
+        wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt", weights_only=True)
         for k in wb:
             torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
         assert len(a["history"]) == len(b["history"]) == 3
@@ -434,7 +434,7 @@ def test_input_and_weight_noise_per_member_match_lone_runs(compose_cfg, tmp_path
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
     # the noise is real: the same seed and width with other σ ends with other weights
-    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt")["hidden.0.weight"] for p in points[1:])
+    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)["hidden.0.weight"] for p in points[1:])
     assert (w1 - w2).abs().max() > 1e-3
 
 
@@ -506,14 +506,14 @@ def test_a_crashed_population_resumes_from_its_periodic_checkpoints(compose_cfg,
     assert [m["status"] for m in crashed] == ["failed", "failed"]
     monkeypatch.undo()
     for p in points:
-        ck = torch.load(tmp_path / "pop" / point_name(p) / "checkpoint.pt", weights_only=False)
+        ck = torch.load(tmp_path / "pop" / point_name(p) / "checkpoint.pt", weights_only=True)
         assert (ck["epoch"], ck["step_in_epoch"], ck["status"]) == (2, 0, "running")
     resumed = train_population(base, points, tmp_path / "pop")
     lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
     for p, a, b in zip(points, resumed, lone):
         assert a["status"] == "completed" and [r["epoch"] for r in a["history"]] == [1, 2, 3]
-        wa = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
-        wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt")
+        wa = torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)
+        wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt", weights_only=True)
         for k in wb:
             torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
         for ra, rb in zip(a["history"], b["history"]):

@@ -31,7 +31,7 @@ def test_augmented_signal_cnn_members_match_lone_runs(compose_cfg, tmp_path):
     _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, overrides, SIGNAL_POINTS)
     for p, a, b in zip(SIGNAL_POINTS, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
-    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt")["features.0.weight"]
+    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)["features.0.weight"]
               for p in SIGNAL_POINTS[1:])
     assert (w1 - w2).abs().max() > 1e-4  # same seed and channels: the augmentations alone differ
 
@@ -53,5 +53,5 @@ def test_augmented_image_cnn_members_with_batch_norm_match_lone_runs(compose_cfg
     _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, overrides, points)
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
-    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt")["features.0.weight"] for p in points[1:])
+    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)["features.0.weight"] for p in points[1:])
     assert (w1 - w2).abs().max() > 1e-4

@@ -56,7 +56,7 @@ def test_normalized_cnn_members_match_lone_runs(compose_cfg, tmp_path, norm):
         _assert_same_run(tmp_path, p, a, b)  # model.pt holds the running statistics too
         _assert_same_best(tmp_path, p)
     if norm == "batch":
-        final = torch.load(tmp_path / "pop" / point_name(POINTS[0]) / "model.pt")
+        final = torch.load(tmp_path / "pop" / point_name(POINTS[0]) / "model.pt", weights_only=True)
         assert int(final["features.1.num_batches_tracked"]) == 2 * math.ceil(600 / base.trainer.batch_size)
     assert len({m["final"]["train_loss"] for m in pop}) == 3
 
@@ -140,14 +140,14 @@ def test_batch_norm_population_resumes_exactly_as_uninterrupted(compose_cfg, tmp
     stopped = train_population(base, points, tmp_path / "pop")
     monkeypatch.undo()
     assert [m["status"] for m in stopped] == ["interrupted"] * 2 and [m["epochs"] for m in stopped] == [1, 1]
-    ck = torch.load(tmp_path / "pop" / point_name(points[0]) / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "pop" / point_name(points[0]) / "checkpoint.pt", weights_only=True)
     assert ck["step_in_epoch"] == 4 and int(ck["model"]["features.1.num_batches_tracked"]) == 6 + 4
     resumed = train_population(base, points, tmp_path / "pop")
     full = train_population(base, points, tmp_path / "full")
     for p, a, b in zip(points, resumed, full):
         assert a["history"] == b["history"]
         for f in ("model.pt", "best_model.pt"):
-            wa, wb = (torch.load(tmp_path / d / point_name(p) / f) for d in ("pop", "full"))
+            wa, wb = (torch.load(tmp_path / d / point_name(p) / f, weights_only=True) for d in ("pop", "full"))
             assert wa.keys() == wb.keys() and "features.1.running_var" in wa
             for k in wb:
                 assert torch.equal(wa[k], wb[k]), (f, k)

@@ -73,7 +73,7 @@ def test_multi_task_per_member_matches_lone_runs(compose_cfg, tmp_path, override
     for p, a, b in zip(POINTS, pop, lone):
         _assert_same_run(tmp_path, p, a, b)  # weights, history, extra (val R²), penalty curve
         assert set(a["extra"]) == {"multi_task/val_r2_shift", "multi_task/val_r2_scale"}
-        ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=False)
+        ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=True)
                   for d in ("pop", "lone"))
         for k in ("weight", "bias"):  # the head itself
             torch.testing.assert_close(ca["regularizers"][-1]["aux"][k], cb["regularizers"][-1]["aux"][k],
@@ -107,7 +107,7 @@ def test_interrupted_multi_task_population_resumes_to_the_uninterrupted_result(c
     for p, a, b in zip(points, resumed, lone):
         assert a["epochs"] == 3
         _assert_same_run(tmp_path, p, a, b)
-    wa, wb = (torch.load(d / "model.pt") for d in (tmp_path / "handover", tmp_path / "lone" / point_name(points[0])))
+    wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (tmp_path / "handover", tmp_path / "lone" / point_name(points[0])))
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
     for k in lone[0]["extra"]:
@@ -133,7 +133,7 @@ def test_multi_task_with_uneven_widths_and_skips_matches_lone_runs(compose_cfg, 
     assert incompatibility(base) is None and use_population(base, points)
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)  # weights, history, extra (val R²), penalty curve
-        ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=False)
+        ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=True)
                   for d in ("pop", "lone"))
         for k in ("weight", "bias"):  # the head itself
             torch.testing.assert_close(ca["regularizers"][-1]["aux"][k], cb["regularizers"][-1]["aux"][k],
@@ -143,7 +143,7 @@ def test_multi_task_with_uneven_widths_and_skips_matches_lone_runs(compose_cfg, 
 def _same_groups(tmp_path, p, regs) -> None:
     """Each regularizer's own state (the head, the mixture) and every optimizer group's state
     (weights, then the regularizers' groups in config order) as the lone run's."""
-    ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=False) for d in ("pop", "lone"))
+    ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=True) for d in ("pop", "lone"))
     for i, r in enumerate(regs):
         key = "aux" if r == "multi_task" else "mixture"
         for k, v in cb["regularizers"][i][key].items():
@@ -209,7 +209,7 @@ def test_multi_task_without_hidden_layer_matches_lone_runs(compose_cfg, tmp_path
     assert incompatibility(base) is None and use_population(base, DEPTH0)
     for p, a, b in zip(DEPTH0, pop, lone):
         _assert_same_run(tmp_path, p, a, b)  # weights, history, extra (val R²), penalty curve
-        ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=False)
+        ca, cb = (torch.load(tmp_path / d / point_name(p) / "checkpoint.pt", weights_only=True)
                   for d in ("pop", "lone"))
         assert cb["regularizers"][-1]["aux"]["weight"].shape == (2, 40)  # read from the 40 inputs
         for k in ("weight", "bias"):

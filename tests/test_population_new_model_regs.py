@@ -91,8 +91,8 @@ def test_early_stopped_members_match_lone_runs(compose_cfg, tmp_path, model):
     pop = _check(compose_cfg, tmp_path, model, ["optimizer=momentum", "trainer.epochs=5",
                                                  "regularizer=[early_stopping]"], points)
     for p, m in zip(points, pop):
-        final = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
-        best = torch.load(tmp_path / "pop" / point_name(p) / "best_model.pt")
+        final = torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)
+        best = torch.load(tmp_path / "pop" / point_name(p) / "best_model.pt", weights_only=True)
         assert all(torch.equal(final[k], best[k]) for k in best) and m["final"]["epoch"] == m["best"]["epoch"]
     # the members left at different epochs (what exercises the shrinking)
     assert len({m["epochs"] for m in pop}) > 1, [m["epochs"] for m in pop]
@@ -120,10 +120,10 @@ def test_transfer_and_tying_members_match_lone_runs(compose_cfg, tmp_path, model
         "optimizer=momentum", "regularizer=[transfer,parameter_tying]", f"regularizer.transfer.freeze={freeze}",
         f"regularizer.parameter_tying.run_dir={runs[str(setup['sizes'][0])]}"], points)
     for p, m in zip(points, pop):
-        start = torch.load(tmp_path / "pop" / point_name(p) / "init_model.pt")
-        source = torch.load(runs[str(p[setup["key"]])] / "model.pt")
+        start = torch.load(tmp_path / "pop" / point_name(p) / "init_model.pt", weights_only=True)
+        source = torch.load(runs[str(p[setup["key"]])] / "model.pt", weights_only=True)
         assert all(torch.equal(start[k], source[k]) for k in source)  # the whole run loaded
-        final = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
+        final = torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)
         assert [torch.equal(final[k], start[k]) for k in start] == [freeze and not k.startswith("head.")
                                                                    for k in start]
 

@@ -40,7 +40,7 @@ def test_normalized_and_residual_members_match_lone_runs(compose_cfg, tmp_path, 
 
 
 def _assert_same_best(tmp_path, point) -> None:
-    best = [torch.load(tmp_path / d / point_name(point) / "best_model.pt") for d in ("pop", "lone")]
+    best = [torch.load(tmp_path / d / point_name(point) / "best_model.pt", weights_only=True) for d in ("pop", "lone")]
     assert best[0].keys() == best[1].keys()
     for k in best[1]:
         torch.testing.assert_close(best[0][k], best[1][k], atol=1e-5, rtol=1e-4)

@@ -38,7 +38,7 @@ def test_early_stopped_members_stop_at_their_own_epochs_and_match_lone_runs(comp
         assert a["final"] == pytest.approx(b["final"], rel=RTOL, abs=1e-6) and a["final"]["epoch"] == a["best"]["epoch"]
         assert "dropout/mc_test_acc" in a["extra"]
         d = tmp_path / "pop" / point_name(p)
-        final, best = torch.load(d / "model.pt"), torch.load(d / "best_model.pt")
+        final, best = torch.load(d / "model.pt", weights_only=True), torch.load(d / "best_model.pt", weights_only=True)
         assert all(torch.equal(final[k], best[k]) for k in best)  # the best weights restored
 
 
@@ -90,8 +90,8 @@ def _interrupt_resume_and_lone(compose_cfg, tmp_path, monkeypatch, overrides, po
         assert a["status"] == b["status"] == "completed"
         assert (a.get("stopped_epoch"), a["epochs"], a["best"]["epoch"]) == (b.get("stopped_epoch"), b["epochs"],
                                                                              b["best"]["epoch"])
-        wa = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
-        wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt")
+        wa = torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)
+        wb = torch.load(tmp_path / "lone" / point_name(p) / "model.pt", weights_only=True)
         for k in wb:
             torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)
         for ra, rb in zip(a["history"], b["history"], strict=True):
@@ -147,16 +147,16 @@ def test_transfer_members_start_from_their_own_runs_and_match_lone_runs(compose_
         f"optimizer={optimizer}", "regularizer=[transfer,weight_decay]", f"regularizer.transfer.freeze={freeze}",
         "trainer.grad_clip=1.0", "logger.grad_norms=true"], points)
     assert use_population(base, points)
-    start = torch.load(tmp_path / "pop" / point_name(points[0]) / "init_model.pt")
-    source = torch.load(tmp_path / "src8" / "model.pt")
+    start = torch.load(tmp_path / "pop" / point_name(points[0]) / "init_model.pt", weights_only=True)
+    source = torch.load(tmp_path / "src8" / "model.pt", weights_only=True)
     assert all(torch.equal(start[k], source[k]) for k in source)  # the whole run loaded
-    start = torch.load(tmp_path / "pop" / point_name(points[1]) / "init_model.pt")
-    assert torch.equal(start["head.bias"], torch.load(tmp_path / "src10" / "model.pt")["head.bias"])
+    start = torch.load(tmp_path / "pop" / point_name(points[1]) / "init_model.pt", weights_only=True)
+    assert torch.equal(start["head.bias"], torch.load(tmp_path / "src10" / "model.pt", weights_only=True)["head.bias"])
     assert pop[1]["extra"]["transfer/loaded_tensors"] == 1  # only the head's bias fits width 12
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)  # init_model.pt, model.pt, metrics, scalars, checkpoint
-        start = torch.load(tmp_path / "pop" / point_name(p) / "init_model.pt")
-        final = torch.load(tmp_path / "pop" / point_name(p) / "model.pt")
+        start = torch.load(tmp_path / "pop" / point_name(p) / "init_model.pt", weights_only=True)
+        final = torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)
         assert [torch.equal(final[k], start[k]) for k in start] == [freeze and not k.startswith("head.") for k in start]
 
 
@@ -182,7 +182,7 @@ def test_frozen_transfer_members_probe_only_their_trained_tensors_as_lone_runs(c
         _assert_same_probes(tmp_path, p, a, b)
         # the weights a lone run's probes see: the head's alone (the frozen hidden layers left out)
         assert a["probes"]["norm/l2_weights"] == pytest.approx(
-            torch.load(tmp_path / "pop" / point_name(p) / "model.pt")["head.weight"].norm().item(), rel=1e-5)
+            torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)["head.weight"].norm().item(), rel=1e-5)
 
 
 def test_every_regularizer_the_population_cannot_train_is_refused_with_its_reason(compose_cfg):

@@ -72,7 +72,7 @@ def test_stacked_penalty_equals_each_members_lone_penalty_value_and_gradient(cfg
 
 def _same_mixture(tmp_path, point) -> None:
     name = point_name(point)
-    cp, cl = (torch.load(tmp_path / d / name / "checkpoint.pt", weights_only=False) for d in ("pop", "lone"))
+    cp, cl = (torch.load(tmp_path / d / name / "checkpoint.pt", weights_only=True) for d in ("pop", "lone"))
     (mp,), (ml,) = cp["regularizers"], cl["regularizers"]
     for key in ml["mixture"]:
         torch.testing.assert_close(mp["mixture"][key], ml["mixture"][key], atol=ATOL, rtol=RTOL)
@@ -119,7 +119,7 @@ def test_population_with_mixtures_resumes_exactly(compose_cfg, tmp_path, monkeyp
     for p, a, b in zip(points, resumed, whole):
         assert a["extra"] == b["extra"]
         for d in ("model.pt", "checkpoint.pt"):
-            sa, sb = (torch.load(tmp_path / run / point_name(p) / d, weights_only=False) for run in ("pop", "whole"))
+            sa, sb = (torch.load(tmp_path / run / point_name(p) / d, weights_only=True) for run in ("pop", "whole"))
             if d == "checkpoint.pt":
                 sa, sb = sa["regularizers"][0]["mixture"], sb["regularizers"][0]["mixture"]
             assert all(torch.equal(sa[k], sb[k]) for k in sb)

@@ -126,7 +126,7 @@ def test_augmentation_per_member_matches_lone_runs(compose_cfg, tmp_path):
         "regularizer.input_noise.sigma=0.1"], points)
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
-    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt")["hidden.0.weight"] for p in points[1:])
+    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)["hidden.0.weight"] for p in points[1:])
     assert (w1 - w2).abs().max() > 1e-3  # the augmentation is real: other values, other weights
 
 
@@ -149,7 +149,7 @@ def test_adversarial_per_member_matches_lone_runs(compose_cfg, tmp_path, opt, sm
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
     assert "adversarial/fgsm_test_acc" in pop[0]["extra"]
-    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt")["hidden.0.weight"] for p in points[1:])
+    w1, w2 = (torch.load(tmp_path / "pop" / point_name(p) / "model.pt", weights_only=True)["hidden.0.weight"] for p in points[1:])
     assert (w1 - w2).abs().max() > 1e-3
 
 
@@ -222,6 +222,6 @@ def test_interrupted_population_resumes_its_draws(compose_cfg, tmp_path, monkeyp
     for p, a in zip(points, resumed):
         b = train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True)
         assert a["status"] == b["status"] == "completed"
-        wa, wb = (torch.load(tmp_path / d / point_name(p) / "model.pt") for d in ("pop", "lone"))
+        wa, wb = (torch.load(tmp_path / d / point_name(p) / "model.pt", weights_only=True) for d in ("pop", "lone"))
         for k in wb:
             torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL)

@@ -51,9 +51,9 @@ def test_two_workers_give_each_member_exactly_the_one_process_result(compose_cfg
         assert _strip(json.loads((da / "metrics.json").read_text())) == \
             _strip(json.loads((db / "metrics.json").read_text()))
         for f in ("model.pt", "init_model.pt"):
-            wa, wb = torch.load(da / f), torch.load(db / f)
+            wa, wb = torch.load(da / f, weights_only=True), torch.load(db / f, weights_only=True)
             assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f
-        ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (da, db))
+        ca, cb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (da, db))
         for i, st in ca["optimizer"]["state"].items():
             for k, v in st.items():
                 torch.testing.assert_close(cb["optimizer"]["state"][i][k], v, atol=0, rtol=0)

@@ -97,14 +97,11 @@ def test_every_probe_composes_alone_and_together(compose_cfg):
 def test_interrupted_run_resumes_to_the_same_probes(compose_cfg, tmp_path, monkeypatch):
     from conftest import StopAfter
     import regexp.population.engine as population_engine
-    import regexp.train.trainer as trainer
 
     # 200 examples, batch 100: 2 steps an epoch, and one more check after each epoch's end
     cfg = compose_cfg(PROBES + TINY + ["probe.every=1", "trainer.batch_size=100"])
     whole = train(cfg, tmp_path / "whole")
-    monkeypatch.setattr(trainer, "StopFlag", lambda: StopAfter(1 + 3 + 1))  # inside epoch 2
-    # a lone run trains as a population of one, whose loop asks once per step and after each
-    # epoch's end (not at its start, nor twice on stopping)
+    # the loop asks once per step and after each epoch's end: inside epoch 2
     monkeypatch.setattr(population_engine, "StopFlag", lambda: StopAfter(3))
     stopped = train(cfg, tmp_path / "cut")
     monkeypatch.undo()

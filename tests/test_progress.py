@@ -10,7 +10,6 @@ from tqdm import tqdm
 
 import regexp.population.engine as engine
 import regexp.progress as progress
-import regexp.train.trainer as trainer
 from regexp.progress import SweepProgress, epochs_done
 from regexp.sweep import grid, run_points
 
@@ -49,7 +48,7 @@ def bars(monkeypatch):
 
 @pytest.fixture
 def run_bars(monkeypatch):
-    """The ``disable`` of every per-run (trainer) and per-bucket (population) bar created."""
+    """The ``disable`` of every per-bucket bar created (a lone run's bar is its bucket's)."""
     made = []
 
     def spy(real):
@@ -58,7 +57,6 @@ def run_bars(monkeypatch):
             return real(*a, **kw)
         return make
 
-    monkeypatch.setattr(trainer, "tqdm", spy(trainer.tqdm))
     monkeypatch.setattr(engine, "tqdm", spy(engine.tqdm))
     return made
 

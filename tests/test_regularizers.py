@@ -626,8 +626,8 @@ def test_early_stopping_restores_the_best_validation_weights(tmp_path, monitor):
     assert m["final"] == best
     # stopped once val_acc had not improved for 2 evaluations after its best
     assert max(r["epoch"] for r in hist) >= best["epoch"] + 2
-    saved = torch.load(tmp_path / "model.pt")
-    best_saved = torch.load(tmp_path / "best_model.pt")
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    best_saved = torch.load(tmp_path / "best_model.pt", weights_only=True)
     assert all(torch.equal(saved[k], best_saved[k]) for k in saved)
 
 

@@ -30,7 +30,7 @@ config) and one line ``best: ...`` on the console.
 
 Pruning stops a serially trained trial after an epoch whose metric the pruner rejects; its
 folder's ``metrics.json`` then says ``status: pruned``. It uses ``train()``'s per-epoch
-hook (``train(..., on_epoch=fn)``), which both engines of a lone run call alike; trials trained
+hook (``train(..., on_epoch=fn)``), called at each evaluated epoch's end; trials trained
 together as a population (``parallel``) are never pruned (their epochs are reported to the study
 afterwards, for the pruner's statistics).
 """

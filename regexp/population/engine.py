@@ -1,10 +1,11 @@
-"""Train a bucket of population members as one batched computation.
+"""The training loop: a bucket of population members trained as one batched computation.
 
-The loop mirrors ``regexp.train.trainer.train`` step for step: the same batches in the same
-order per member, the same loss and penalties, the same update rule and schedule, the same
-per-epoch evaluation, logs and divergence check. Only the arithmetic is batched (one
-``baddbmm`` per layer for all members), so a member ends with its lone run's weights up to
-float32 rounding: summation order inside the batched products differs, nothing else.
+Every run trains here; a lone run is a population of one member (``regexp.train.trainer.train``
+accepts its folder, then calls ``train_lone``). Each member gets its own batches in its own
+order, its loss and penalties, update rule and schedule, per-epoch evaluation, logs and
+divergence check; only the arithmetic is batched (one ``baddbmm`` per layer for all members),
+so a member ends with its lone run's weights up to float32 rounding: summation order inside
+the batched products differs, nothing else.
 For relu MLPs without a penalty or label smoothing the gradient is written out by hand
 (``StackedMLP.manual_step``: the same products autograd runs, without its bookkeeping).
 

@@ -185,7 +185,7 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
                 ck = (resumable_checkpoint(out / "checkpoint.pt", config)
                       if (out / "checkpoint.pt").exists() else None)
                 members[i] = Member(point, cfg, out, overrides, resume=ck, plain=config)
-                # as a lone run's metrics.json says how it was trained (trainer.engine)
+                # as a lone run's metrics.json says how it was trained (LONE_RUN)
                 members[i].record = {"engine": "population", "engine_reason": "a sweep's population"}
                 # all points share the base, so the non-member keys of a point decide its group;
                 # members that resume train together with those stopped at the same step
@@ -256,31 +256,17 @@ def train_population(base: DictConfig, points: List[Dict[str, Any]], sweep_dir: 
     return [r if r is not None else {"status": "failed"} for r in results]
 
 
-RUN_ENGINES = ("auto", "population", "trainer")
+LONE_RUN = {"engine": "population", "engine_reason": "a lone run: a population of one member"}
 
 
-def choose_run_engine(cfg: DictConfig, sweep: bool = False) -> Tuple[str, str]:
-    """``(engine, why)`` for a lone run: ``population`` (a population of one member, through
-    :func:`train_bucket`) or ``trainer`` (regexp/train/trainer.py's loop).
-
-    On auto, a job of a sweep (``sweep=True``: a point the sweep trains serially, a Hydra
-    multirun job) keeps the trainer: the sweep's own ``sweep.engine`` decided how its points
-    train, and a serial point is the lone-run reference a population member is checked against.
-    ``trainer.engine=population`` with a config the population refuses raises ConfigError."""
-    engine = cfg.trainer.get("engine", "auto")
-    if engine not in RUN_ENGINES:
-        raise ConfigError(f"trainer.engine={engine!r} is invalid: expected one of {', '.join(RUN_ENGINES)}")
-    if engine == "trainer":
-        return "trainer", "trainer.engine=trainer"
-    if engine == "auto" and sweep:
-        return "trainer", "a sweep's job (sweep.engine decides how a sweep's points train)"
+def lone_run_record(cfg: DictConfig) -> Dict[str, str]:
+    """How a lone run trains, as its metrics.json records it: as a population of one member,
+    through :func:`train_bucket`, the one training loop. A config no stacked model trains
+    (a regularizer a model has no site for, regexp/population/compat.py) raises ConfigError."""
     why = incompatibility(cfg)
-    if why is None:
-        return "population", f"trainer.engine={engine}: the population supports this config"
-    if engine == "population":
-        raise ConfigError(f"trainer.engine=population is invalid for this run: {why}; "
-                          "use trainer.engine=trainer or auto")
-    return "trainer", why
+    if why is not None:
+        raise ConfigError(f"this run cannot train: {why}")
+    return dict(LONE_RUN)
 
 
 def train_lone(cfg: DictConfig, out_dir: Path, overrides: List[str], ck: Optional[Dict[str, Any]],
@@ -289,8 +275,8 @@ def train_lone(cfg: DictConfig, out_dir: Path, overrides: List[str], ck: Optiona
     """Train one run as a population of one member; return its metrics.json content.
 
     ``train()`` has accepted the folder (and written its hydra files) and read ``ck``, the
-    checkpoint to go on from (either engine's); the member writes what ``train()`` writes,
-    plus ``record`` (the engine chosen) in metrics.json. ``on_epoch``: train()'s (a search's
+    checkpoint to go on from; the member writes a run's files, plus ``record`` (how it was
+    trained) in metrics.json. ``on_epoch``: train()'s (a search's
     pruner), called with each evaluated row at the same point of the epoch's end."""
     from regexp.models.summary import model_summary
     from regexp.train.threads import step_flops

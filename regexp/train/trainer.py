@@ -1,15 +1,14 @@
-"""Train one model from a composed config and write everything a run leaves behind.
+"""A run's entry point and the pieces every run shares: its folder, resume, seeds, device, evaluation.
 
-Reads top to bottom: set-up (device, seeds, data, model, regularizers, optimizer, schedule),
-optional resume from a checkpoint, the epoch loop, and the final files. The step loop never
-waits for the device or writes a log: the loss is summed on the device and read once per
-epoch, which is also when divergence is detected.
+``train`` accepts a run's folder (keeps, refuses or resumes what is there) and hands the run to
+the one training loop, the population engine (regexp/population/engine.py), as a population of
+one member. The rest is what that loop, the probes and ``regexp.landscape`` share: the device,
+the global generators' seeding and checkpointed state, a model's evaluation, the initial model
+with its regularizers, and the check that a checkpoint belongs to this config.
 """
 from __future__ import annotations
 
 import json
-import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -20,28 +19,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from regexp.data import load_data
 from regexp.errors import ConfigError
-from regexp.models import build_model, count_params
-from regexp.models.summary import model_summary
-from regexp.optim import build_optimizer, build_scheduler
-from regexp.probes.runner import build_probes, checkpoint_fields, metrics_fields, record as probe_record
+from regexp.models import build_model
 from regexp.regularizers import build_regularizers
 from regexp.regularizers.base import Context
-from regexp.train.io import load_checkpoint, read_json, save_torch, write_json
-from regexp.train.records import best_score, improves, run_metrics
+from regexp.train.io import load_checkpoint, read_json
 from regexp.train.rundir import save_hydra_files
-from regexp.train.threads import set_threads, step_flops
-from regexp.train import signals
-from regexp.train.signals import StopFlag
-from regexp.train.sparsity import count_sparsity
-from regexp.train.tblog import TBLogger, layer_grad_norms
 
 SPLITS = ("train", "val", "test")
 # Keys that may differ between a checkpoint's config and the run that resumes it.
 # The device and the data folder may change too: a run moved to another machine goes on there.
+# (trainer.engine: a key of checkpoints written when a lone run could choose its loop.)
 RESUMABLE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.progress", "trainer.checkpoint_every",
                   "trainer.threads", "trainer.device", "trainer.engine", "data.root", "logger")
 INIT_MODEL = "init_model.pt"
@@ -179,269 +168,28 @@ def _prepare_dir(out_dir: Path, t, sweep: bool, config: Dict[str, Any]) -> Optio
 
 def train(cfg: DictConfig, out_dir: Path, overrides: List[str] = (), sweep: bool = False,
           on_epoch: Optional[Callable[[Dict[str, float]], bool]] = None) -> Dict[str, Any]:
-    """Train the model ``cfg`` describes, writing into ``out_dir``; return ``metrics.json``'s content.
+    """Train the run ``cfg`` describes, writing into ``out_dir``; return ``metrics.json``'s content.
 
+    A lone run is a population of one member: this accepts the folder (a finished run is kept
+    or refused, an unfinished one resumed), then the population engine trains it
+    (regexp/population/engine.py, the one training loop). ``sweep``: a sweep's point, which
+    goes on from or skips what an earlier launch left without ``trainer.resume``.
     ``on_epoch(row)`` (a search's pruner) sees each evaluated epoch's metrics; True stops the
     run there with ``status: pruned`` (checkpointed, so a later launch may go on from it)."""
+    from regexp.population.run import lone_run_record, train_lone
+
     t0 = time.time()
     t = cfg.trainer
+    record = lone_run_record(cfg)  # refuses a config no model can train before touching the folder
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
-    record = _engine_record(cfg, sweep)  # refuses an impossible trainer.engine first
     skipped = _prepare_dir(out_dir, t, sweep, config)
     if skipped is not None:
         return skipped
     resume = (out_dir / "checkpoint.pt").exists() and (t.resume or sweep)
     ck = resumable_checkpoint(out_dir / "checkpoint.pt", config) if resume else None
     save_hydra_files(out_dir, cfg)  # the folder is this run's now: describe it
-    logging.getLogger("regexp").info("trainer.engine=%s trains this run with the %s engine: %s",
-                                     t.get("engine", "auto"), record["engine"], record["engine_reason"])
-    # one loop: a population of one member. A signal already received: the trainer's set-up
-    # below writes the interrupted run's files, and neither engine takes a step.
-    if record["engine"] == "population" and signals.requested() is None:
-        from regexp.population.run import train_lone
-
-        return train_lone(cfg, out_dir, overrides, ck, t0, record, on_epoch)
-
-    # ---- set-up
-    device = resolve_device(t.device)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    data = load_data(cfg.data, cfg.seed)
-    n = len(data.y_train)
-    bs = n if t.batch_size == "full" else int(t.batch_size)
-    if bs > n:
-        raise ConfigError(f"trainer.batch_size={bs} is invalid: expected at most {n}, the number of "
-                          "training examples (or \"full\")")
-    if len(data.noisy_indices):
-        write_json(out_dir / "label_noise.json", {"indices": data.noisy_indices.tolist(),
-                                                  "original_labels": data.clean_labels.tolist()})
-    model, ctx, regs = build_initial_model(cfg, data, device, out_dir)
-    logging.getLogger("regexp").info(model_summary(model, data.input_shape, cfg.model.name))
-    threads, threads_why = set_threads(t.threads, device, lambda: step_flops(model, data.input_shape, bs))
-    for r in regs:
-        r.attach(model)
-    if ck is None or not (out_dir / INIT_MODEL).exists():
-        # the weights before any step, for the loss along the line from them to the final ones
-        # (regexp.landscape); a resumed run built the same ones, so an existing file stays
-        save_torch(out_dir / INIT_MODEL, model.state_dict())
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    for r in regs:
-        groups += r.param_groups()
-    optimizer = build_optimizer(cfg.optimizer, groups, device)
-    two_pass = getattr(optimizer, "needs_closure", False)
-    ctx.optimizer = optimizer
-    steps_per_epoch = math.ceil(n / bs)
-    total_steps = t.epochs * steps_per_epoch
-    scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
-    # Only regularizers that define a penalty add a loss term (and a penalty/<name> curve).
-    penalizers = [r for r in regs if r.penalizes()]
-    loss_kwargs: Dict[str, Any] = {}
-    for r in regs:
-        loss_kwargs.update(r.loss_kwargs())
-    tensors = {s: tuple(v.to(device) for v in data.split(s)) for s in SPLITS}
-    x_train, y_train = tensors["train"]
-    order = torch.Generator().manual_seed(cfg.seed)  # data order, separate from dropout & noise
-    probes = build_probes(cfg.probe, x_train, y_train, cfg.seed, t.eval_batch_size)
-
-    # ---- state, fresh or from the last checkpoint
-    epoch, step_in_epoch, perm = 0, 0, None
-    history: List[Dict[str, float]] = []
-    probe_history: List[Dict[str, float]] = []  # one row per measurement: epoch and probe values
-    best: Optional[Dict[str, float]] = None
-    best_state = None
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        for r, s in zip(regs, ck["regularizers"]):
-            r.load_state_dict(s)
-        epoch, step_in_epoch, history = ck["epoch"], ck["step_in_epoch"], ck["history"]
-        best, best_state = ck["best"], ck["best_state"]
-        probe_history = ck["probe_history"]
-        if probes is not None:
-            probes.load_state_dict(ck["probes"])
-        perm = ck["perm"].to(device) if ck["perm"] is not None else None
-        running = list(ck["running"].to(device).unbind())
-        order.set_state(ck["order"])
-        set_rng_state(ck["rng"])
-
-    def checkpoint(status: str) -> None:
-        save_torch(out_dir / "checkpoint.pt", {
-            "config": config, "status": status, "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "perm": perm.cpu() if perm is not None else None, "running": torch.stack(running).cpu(),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "regularizers": [r.state_dict() for r in regs],
-            "history": history, "best": best, "best_state": best_state, "order": order.get_state(),
-            "rng": rng_state(),
-            **checkpoint_fields(probes.state_dict() if probes is not None else None, probe_history)})
-
-    score = best_score(regs)  # the population ranks epochs with the same function
-
-    params = count_params(model)
-    tb = TBLogger(out_dir, cfg.logger.tensorboard, purge_step=epoch + 1 if resume else None)
-    if not resume:
-        tb.hparams(_hparams(cfg, overrides, params))
-    status, stop_reason = "completed", None
-    bar = tqdm(total=t.epochs, initial=epoch, desc="epoch", unit="epoch", leave=False,
-               disable=None if t.progress else True, dynamic_ncols=True)
-
-    # ---- the loop
-    with StopFlag() as stop:
-        if stop.requested:  # a signal during start-up: stop before the first step, recorded
-            status, stop_reason = "interrupted", stop.signum
-        while epoch < t.epochs and status == "completed":
-            model.train()
-            if step_in_epoch == 0:
-                perm = torch.randperm(n, generator=order).to(device)
-                # summed loss, then each penalty, kept on the device: read once per epoch
-                running = [torch.zeros((), device=device) for _ in range(1 + len(penalizers))]
-            grad_norms = None
-            for i in range(step_in_epoch, steps_per_epoch):
-                idx = perm[i * bs:(i + 1) * bs]
-                xb, yb = x_train[idx], y_train[idx]
-                for r in regs:
-                    xb, yb = r.transform_batch(xb, yb, model)
-
-                def backward(xb=xb, yb=yb, idx=idx):
-                    logits = model(xb)
-                    # regularizer hook: a regularizer may replace the data loss (ensemble, bagging)
-                    loss = next((l for l in (r.data_loss(model, logits, yb, idx, loss_kwargs) for r in regs)
-                                 if l is not None), None)
-                    if loss is None:
-                        loss = F.cross_entropy(logits, yb, **loss_kwargs)
-                    terms = [loss] + [r.batch_penalty(model, loss, xb, yb, loss_kwargs) for r in penalizers]
-                    total = loss if len(terms) == 1 else sum(terms)
-                    optimizer.zero_grad(set_to_none=True)
-                    total.backward()
-                    if t.grad_clip:
-                        nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    return terms
-
-                terms = backward()
-                if i == steps_per_epoch - 1 and cfg.logger.grad_norms:
-                    grad_norms = layer_grad_norms(model)
-                for r in regs:  # regularizer hook: decoupled weight decay acts here
-                    r.before_step(model)
-                if two_pass:  # SAM: the same batch's gradient once more, at the ascended weights
-                    optimizer.step(lambda: backward()[0])
-                else:
-                    optimizer.step()
-                scheduler.step()
-                for r in regs:
-                    r.after_step(model)
-                for acc, v in zip(running, terms):
-                    acc.add_(v.detach(), alpha=len(idx))
-                step_in_epoch = i + 1
-                if stop.requested:
-                    break
-            if stop.requested and step_in_epoch < steps_per_epoch:
-                status, stop_reason = "interrupted", stop.signum
-                break
-            epoch, step_in_epoch = epoch + 1, 0
-
-            # ---- end of epoch: one sync, divergence check, evaluation, logs
-            sums = (torch.stack(running) / n).tolist()
-            if not all(math.isfinite(v) for v in sums):
-                status = "diverged"
-                tb.scalars({"diverged": 1.0, "loss/train_running": sums[0]}, epoch)
-                break
-            lr = optimizer.param_groups[0]["lr"]
-            logs = {"loss/train_running": sums[0], "lr": lr}
-            logs.update({f"penalty/{r.name}": v for r, v in zip(penalizers, sums[1:])})
-            with torch.no_grad():
-                logs["weights/l2_norm"] = torch.sqrt(sum(p.pow(2).sum() for p in model.parameters())).item()
-            if grad_norms:
-                logs.update({f"grad_norm/{k}": v for k, v in zip(grad_norms, torch.stack(list(
-                    grad_norms.values())).tolist())})
-            if epoch % t.eval_every == 0 or epoch == t.epochs:
-                row = {"epoch": epoch}
-                for s in SPLITS:
-                    if len(tensors[s][1]):
-                        with count_sparsity(model, enabled=s == "test") as sparsity:
-                            l, a = evaluate(model, *tensors[s], t.eval_batch_size)
-                        row[f"{s}_loss"], row[f"{s}_acc"] = l.item(), a.item()
-                        logs[f"loss/{s}"], logs[f"acc/{s}"] = row[f"{s}_loss"], row[f"{s}_acc"]
-                        for k, v in sparsity.items():  # hidden units off on the test set
-                            row[f"{s}_{k}"] = logs[f"sparsity/{s}_{k}"] = v.item()
-                if not math.isfinite(row["train_loss"]):
-                    status = "diverged"
-                    tb.scalars({"diverged": 1.0}, epoch)
-                    break
-                history.append(row)
-                if improves(row, best, score):
-                    best = dict(row)
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_acc', float('nan')):.3f}")
-                if any([r.epoch_end(model, row) for r in regs]):  # every one sees the row
-                    stop_reason = "early_stopping"
-                if on_epoch is not None and on_epoch(dict(row)):
-                    stop_reason = "pruned"
-            # periodic probes; the last epoch's is the end-of-run measurement below
-            if probes is not None and probes.due(epoch) and epoch < t.epochs and stop_reason is None:
-                probe_record(probe_history, epoch, probes.measure(model), logs)
-            tb.scalars(logs, epoch)
-            for r in regs:
-                r.log(tb, epoch)
-            if cfg.logger.histogram_every and epoch % cfg.logger.histogram_every == 0:
-                tb.histograms(model, epoch)
-            bar.update(1)
-            if t.checkpoint_every and epoch % t.checkpoint_every == 0 and epoch < t.epochs:
-                checkpoint("running")
-            if stop.requested:
-                status, stop_reason = "interrupted", stop.signum
-                break
-            if stop_reason == "pruned":
-                status = "pruned"
-                break
-            if stop_reason == "early_stopping":
-                break
-    bar.close()
-
-    # ---- final files; metrics.json last, so its presence marks a finished write
-    if status != "diverged" and (epoch or step_in_epoch):  # no step taken: nothing to resume from
-        checkpoint(status)
-    final = history[-1] if history else None
-    extra: Dict[str, float] = {}
-    final_probes: Dict[str, float] = {}
-    if status == "completed":
-        if best_state is not None and any(r.restores_best for r in regs):
-            model.load_state_dict(best_state)
-            final = best
-        for r in regs:
-            extra.update(r.report(model, tensors, lambda m, x, y: evaluate(m, x, y, t.eval_batch_size)))
-        if probes is not None:  # on the final weights, those model.pt holds
-            final_probes, probe_logs = probes.measure(model), {}
-            probe_record(probe_history, epoch, final_probes, probe_logs)
-            tb.scalars(probe_logs, epoch)
-            probes.save_figures(out_dir, tb, epoch)
-        save_torch(out_dir / "model.pt", model.state_dict())
-        if best_state is not None:
-            save_torch(out_dir / "best_model.pt", best_state)
-    metrics = run_metrics(status, epoch, final, best, history, params, t0, device, threads, threads_why,
-                          overrides, extra, config, record)
-    metrics.update(metrics_fields(probes is not None, final_probes, probe_history))
-    if stop_reason == "early_stopping":
-        metrics["stopped_epoch"] = epoch
-    if status == "diverged":
-        metrics["diverged_epoch"] = epoch
-    if status == "pruned":
-        metrics["pruned_epoch"] = epoch
-    if status == "interrupted":
-        metrics["signal"] = int(stop_reason)
-    tb.final_metrics(metrics)
-    tb.close()
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics
-
-
-def _engine_record(cfg: DictConfig, sweep: bool) -> Dict[str, str]:
-    """Which loop trains the run, as metrics.json records it (logged once the folder is the run's)."""
-    from regexp.population.run import choose_run_engine
-
-    engine, why = choose_run_engine(cfg, sweep)
-    return {"engine": engine, "engine_reason": why}
+    return train_lone(cfg, out_dir, overrides, ck, t0, record, on_epoch)
 
 
 def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0,
@@ -459,8 +207,7 @@ def _hparams(cfg: DictConfig, overrides: List[str] = (), params: int = 0,
     (``TBLogger.final_metrics``); both arguments are kept for the callers.
     """
     skip = {"task", "sweep", "logger", "extra", "hydra", "probe", "data.root", "data.download", "trainer.progress",
-            "trainer.resume", "trainer.overwrite", "trainer.checkpoint_every", "trainer.eval_batch_size",
-            "trainer.engine"}
+            "trainer.resume", "trainer.overwrite", "trainer.checkpoint_every", "trainer.eval_batch_size"}
     hp: Dict[str, Any] = {}
 
     def leaves(node: Any, prefix: str) -> None:
