@@ -50,6 +50,7 @@ from regexp.probes.runner import build_probes, record as probe_record
 from regexp.regularizers.base import Batch
 from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
 from regexp.train.io import save_torch
+from regexp.train import signals
 from regexp.train.signals import StopFlag
 from regexp.train.sparsity import KEYS as SPARSITY_KEYS
 
@@ -623,7 +624,9 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     bar = tqdm(total=t.epochs, initial=epoch, desc=f"population w<={width} x{len(members)}", leave=False,
                disable=None if t.progress and on_epoch is None else True, dynamic_ncols=True)
     with StopFlag() as stop:
-        while epoch < t.epochs and b.members:
+        # a signal during start-up: no step is taken, and no checkpoint written (nothing to go on from)
+        started = signals.requested() is None
+        while started and epoch < t.epochs and b.members:
             if in_epoch == 0:
                 rows = data.epoch_index([m.order for m in b.members], b.member_set)
                 perms = rows - b.member_set.to(device)[:, None] * data.n
@@ -686,7 +689,8 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
         # An interrupted member leaves train()'s checkpoint of where it stopped (mid-epoch too);
         # re-launching the sweep resumes it from there.
         results[ids[id(m)]] = (_finish_completed(b, k, cks[k]) if status == "completed"
-                               else finish(m, device, checkpoint=_checkpoint(b, k, loop, perms, running, in_epoch)))
+                               else finish(m, device, checkpoint=_checkpoint(b, k, loop, perms, running, in_epoch)
+                                           if started else None))
         if on_finish is not None:
             on_finish(m, results[ids[id(m)]])
     return [results[k] for k in range(len(members))]
