@@ -52,6 +52,8 @@ MEMBER_KEYS = (
     # each member's lone model loads its own start before the weights are stacked
     "regularizer.transfer.run_dir", "regularizer.transfer.file",
     "regularizer.parameter_tying.lam",
+    # joint tying: each member's lone regularizer builds its own partner (population/partner.py)
+    "regularizer.parameter_tying.partner_seed",
     "regularizer.dropconnect.p", "regularizer.augmentation.shift", "regularizer.augmentation.scale",
     "regularizer.adversarial.eps",
     "regularizer.activity_l1.alpha", "regularizer.activity_student_t.alpha", "regularizer.activity_student_t.gamma",
@@ -92,9 +94,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
                  and ALL[r].batch_penalty_of is None and r not in BATCH_TERMS]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
-    if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
-        return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
-                "beside the run; a population stacks only its members)")
     return None
 
 
