@@ -112,7 +112,8 @@ def test_population_of_one_equals_a_plain_torch_reference(compose_cfg, tmp_path)
     perm_b, at = None, 0
     for _ in range(30):
         perm = torch.randperm(100, generator=order_a)
-        term = torch.zeros(()), torch.zeros(()), 0  # the epoch's Σ(CE_B + Ω)·|A batch|, Σ CE_B·|B batch|, Σ|B batch|
+        # the epoch's Σ (CE_B + Ω)·|A batch|, Σ CE_B·|B batch| and Σ |B batch|, as the logs sum them
+        term = torch.zeros(()), torch.zeros(()), 0
         for i in range(10):
             idx = perm[i * 10:(i + 1) * 10]
             if perm_b is None or at * 30 >= 400:
@@ -187,23 +188,31 @@ def test_population_of_one_equals_the_trainer_loop(compose_cfg, tmp_path, varian
 
 
 # ---------------------------------------------------------------- a population of three
-def test_population_of_three_joint_runs_equals_each_alone(compose_cfg, tmp_path):
+@pytest.mark.parametrize("loop_width", [0, 1])
+def test_population_of_three_joint_runs_equals_each_alone(compose_cfg, tmp_path, loop_width):
     """Members differing in seed (so in their data, partner seed and partner data), width (padded
-    to 16 in one bucket), lr and λ train as one population; each ends as its population of one."""
+    to 16 in one bucket), lr and λ train as one population, batched or member by member
+    (``loop_width``: A's form; the partners' is batched); each ends as its population of one."""
+    from regexp.population.engine import Options
+
     points = [{"seed": 0, "model.width": 12, "optimizer.lr": 0.05, f"{KEY}.lam": 0.1},
               {"seed": 1, "model.width": 16, "optimizer.lr": 0.02, f"{KEY}.lam": 1.0},
-              {"seed": 2, "model.width": 9, "optimizer.lr": 0.1, f"{KEY}.lam": 0.0}]
+              {"seed": 2, "model.width": 9, "optimizer.lr": 0.1, f"{KEY}.lam": 0.0},
+              # diverges in its first epoch: dropped from both stacks, the others go on
+              {"seed": 3, "model.width": 12, "optimizer.lr": 1e5, f"{KEY}.lam": 0.1}]
     base = compose_cfg(JOINT + [f"{KEY}.partner_batch_size=30", "optimizer=momentum", "trainer.epochs=4",
                                 "trainer.eval_every=2", "trainer.engine=population"])
     assert use_population(base, points)
-    together = train_population(base, points, tmp_path / "pop")
-    for p, run in zip(points, together):
+    together = train_population(base, points, tmp_path / "pop", Options(loop_width=loop_width))
+    assert {run["population_tuning"]["loop"] for run in together} == {bool(loop_width)}
+    assert [run["status"] for run in together] == ["completed"] * 3 + ["diverged"]
+    for p, run in zip(points[:3], together):
         name = point_name(p)
         alone = train(point_config(base, p), tmp_path / "alone" / name)
         assert alone["engine"] == "population"
         _same_run(tmp_path / "pop" / name, tmp_path / "alone" / name, run, alone)
     # each member's own partner: its seed's, trained on its own data
-    partners = [_load(tmp_path / "pop" / point_name(p) / "partner_model.pt") for p in points]
+    partners = [_load(tmp_path / "pop" / point_name(p) / "partner_model.pt") for p in points[:2]]
     assert not torch.equal(partners[0]["head.bias"], partners[1]["head.bias"])
 
 

@@ -5,8 +5,9 @@ shapes the computation (data set and size, depth, activation, optimizer kind, sc
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
 start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, DropConnect's
-p, augmentation's shift and scale, FGSM's ε, the penalties' λ, label noise, random inputs (each
-member loads its own data), the gradient-clipping norm) and in width (or list of hidden widths,
+p, augmentation's shift and scale, FGSM's ε, the penalties' λ, joint tying's partner seed (each
+member's partner: regexp/population/partner.py), label noise, random inputs (each member loads
+its own data), the gradient-clipping norm) and in width (or list of hidden widths,
 ``model.widths``: one population per depth, each layer padded to the bucket's widest; a CNN's
 ``model.channels``, stage by stage; a Transformer's ``embed_dim``, padded exactly:
 regexp/population/stacked_transformer.py; a GRU's ``hidden_size``: regexp/population/stacked_gru.py). Widths are

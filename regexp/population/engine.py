@@ -351,8 +351,8 @@ class Bucket:
             self.partners.opt.step(factor)
 
     def extra_groups(self) -> List[Union[StackedHeads, StackedMixtures, StackedPartners]]:
-        """The regularizers' own optimizer groups (multi_task's heads, the learned mixtures), in
-        the order train() appends them after the weights' group: the config's."""
+        """The regularizers' own optimizer groups (multi_task's heads, the learned mixtures, joint
+        tying's partners), in the order train() appends them after the weights' group: the config's."""
         groups = {"multi_task": self.heads, "soft_weight_sharing": self.mixtures, "parameter_tying": self.partners}
         return [groups[r] for r in self.members[0].cfg.regularizer if groups.get(r) is not None]
 
