@@ -168,6 +168,13 @@ def test_population_of_one_equals_a_plain_torch_reference(compose_cfg, tmp_path)
     ["optimizer=sam", "optimizer.base=momentum", "optimizer.momentum=0.9", "optimizer.rho=0.1"],
     # the partner's batch norm statistics (its running ones evaluated, saved and checkpointed)
     ["model.norm=batch"],
+    # the partner's group between multi_task's head and the learned mixture (their optimizer
+    # state in the lone order), Adam; early stopping (measured: at epoch 27 of 30) restoring A's
+    # best epoch (26), from which the distance to the final partner is reported
+    ["optimizer=adam", "optimizer.lr=0.03",
+     "regularizer=[multi_task,parameter_tying,soft_weight_sharing,early_stopping]",
+     "regularizer.early_stopping.patience=1", "regularizer.early_stopping.monitor=val_loss",
+     "trainer.eval_every=1", "trainer.epochs=30"],
     # the other stacked models: the partner stacked in the bucket's class
     ["model=cnn_mnist1d", "model.channels=[3,4,5]", "optimizer=adam"],
     # (momentum, not Adam: the key bias's gradient is exactly 0 in exact arithmetic, so A's and
@@ -176,7 +183,7 @@ def test_population_of_one_equals_a_plain_torch_reference(compose_cfg, tmp_path)
     ["model=transformer", "model.depth=1", "model.heads=2", "model.mlp_ratio=2.0", "model.embed_dim=8",
      "optimizer=momentum", "optimizer.lr=0.05"],
     ["model=gru", "model.hidden_size=6", "optimizer=adam", "optimizer.lr=0.01"],
-], ids=["adamw-dropout-clip", "sam", "batchnorm", "cnn", "transformer", "gru"])
+], ids=["adamw-dropout-clip", "sam", "batchnorm", "groups-early-stopping", "cnn", "transformer", "gru"])
 def test_population_of_one_equals_the_trainer_loop(compose_cfg, tmp_path, variant):
     mlp = [] if variant[0].startswith("model=") else ["model.width=12"]
     overrides = JOINT + mlp + [f"{KEY}.lam=0.3", f"{KEY}.partner_batch_size=30", "trainer.epochs=4",
@@ -184,6 +191,10 @@ def test_population_of_one_equals_the_trainer_loop(compose_cfg, tmp_path, varian
     runs = {e: train(compose_cfg(overrides + [f"trainer.engine={e}"]), tmp_path / e)
             for e in ("trainer", "population")}
     assert [runs[e]["engine"] for e in runs] == ["trainer", "population"]
+    assert runs["population"].get("stopped_epoch") == runs["trainer"].get("stopped_epoch")
+    assert runs["population"]["best"]["epoch"] == runs["trainer"]["best"]["epoch"]
+    if any("early_stopping" in v for v in variant):  # stopped after its best epoch, whose weights it restored
+        assert runs["trainer"]["best"]["epoch"] < runs["trainer"]["stopped_epoch"] < 30
     _same_run(tmp_path / "population", tmp_path / "trainer", runs["population"], runs["trainer"])
 
 
