@@ -251,3 +251,24 @@ def test_interrupted_joint_population_resumes_to_the_uninterrupted_one(compose_c
         for f in FILES:
             a, b = (_load(tmp_path / d / point_name(p) / f) for d in ("run", "ref"))
             assert all(torch.equal(a[k], b[k]) for k in b), f
+
+
+def test_a_joint_run_interrupted_in_the_trainer_loop_resumes_in_the_population(compose_cfg, tmp_path, monkeypatch):
+    """A joint run checkpointed by the trainer's loop (where every joint run trained before the
+    population took them) goes on as a population of one, from the partner's state, optimizer
+    group and place in its own epoch, to where the uninterrupted trainer run ends."""
+    import regexp.train.trainer as trainer
+
+    overrides = JOINT + ["model.width=12", f"{KEY}.lam=0.2", f"{KEY}.partner_batch_size=30", "optimizer=momentum",
+                         "trainer.epochs=3"]
+    ref = train(compose_cfg(overrides + ["trainer.engine=trainer"]), tmp_path / "ref")
+    monkeypatch.setattr(trainer, "StopFlag", lambda: StopAfter(4))  # after step 1 of epoch 2 (2 steps per epoch)
+    assert train(compose_cfg(overrides + ["trainer.engine=trainer"]), tmp_path / "run")["status"] == "interrupted"
+    monkeypatch.undo()
+    resumed = train(compose_cfg(overrides + ["trainer.resume=true"]), tmp_path / "run")
+    assert resumed["engine"] == "population" and resumed["status"] == "completed"
+    _close_weights(tmp_path / "run", tmp_path / "ref")
+    for k in ref["extra"]:
+        assert resumed["extra"][k] == pytest.approx(ref["extra"][k], rel=RTOL, abs=1e-6), k
+    for rr, rf in zip(resumed["history"], ref["history"], strict=True):
+        assert rr == pytest.approx(rf, rel=RTOL, abs=1e-6)
