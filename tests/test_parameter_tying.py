@@ -1,9 +1,9 @@
 """Parameter tying (Goodfellow et al. §7.9): Ω = λ‖w − w_ref‖² toward a finished run's weights,
 matched by name and shape, against the formula; joint mode (a partner model trained in the same
 run, both gradients against the formula, λ = 0 bitwise the lone run, the strongest stable λ
-keeping both together, resume); reference tying in a population against lone runs; the
-refusals; ``+experiment=parameter_tying`` end to end (CSV and PNG whose numbers are those of
-its runs)."""
+keeping both together, resume; in a population: tests/test_population_joint_tying.py);
+reference tying in a population against lone runs; the refusals; ``+experiment=parameter_tying``
+end to end (CSV and PNG whose numbers are those of its runs)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -95,13 +95,16 @@ def test_missing_corrupt_or_unmatched_reference_is_refused_naming_the_path(tmp_p
         tying(run_dir=str(tmp_path)).attach(other)
 
 
-def test_population_engine_refuses_joint_tying_but_takes_reference_tying(compose_cfg):
-    from regexp.population.compat import incompatibility
+def test_population_engine_takes_joint_and_reference_tying(compose_cfg):
+    from regexp.population.compat import MEMBER_KEYS, incompatibility
+    from regexp.population.run import LONE_RUN, lone_run_record
 
-    assert incompatibility(compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.mode=joint"])) == (
-        "regularizer parameter_tying with mode=joint (its partner model trains on data of its own, beside the "
-        "run; a population stacks only its members)")
+    joint = compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.mode=joint"])
+    assert incompatibility(joint) is None
+    assert lone_run_record(joint) == LONE_RUN  # a lone joint run: a population of one
     assert incompatibility(compose_cfg(["regularizer=[parameter_tying]", f"{KEY}.run_dir=/some/run"])) is None
+    # each member's own partner: its λ and partner seed may differ inside one population
+    assert {f"{KEY}.lam", f"{KEY}.partner_seed"} <= set(MEMBER_KEYS)
 
 
 # ---------------------------------------------------------------- joint mode: two models trained together
@@ -141,25 +144,32 @@ def test_joint_penalty_and_gradients_of_both_models_equal_the_formula(compose_cf
     assert reg.batch_penalty(model, None, x[:50], y[:50], {}).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_joint_lam_zero_leaves_a_its_lone_run_and_the_strongest_lam_keeps_a_and_b_together(compose_cfg, tmp_path):
+def test_joint_lam_zero_leaves_a_its_lone_run_and_the_strongest_lam_keeps_a_and_b_together(compose_cfg, tmp_path,
+                                                                                            monkeypatch):
     """λ = 0: A's update never reads B, so A ends bitwise as the untied lone run (SGD, float32).
     SGD with 4λη = 1 moves both to their mean every step (the difference d becomes
     −η(g_A − g_B)): A and B stay within a few percent of how far apart they end untied."""
+    import regexp.population.run as population
+    from regexp.population.engine import Options
     from regexp.train.trainer import train
 
     common = ["optimizer=sgd", "optimizer.lr=0.05", "trainer.epochs=3", "trainer.eval_every=3"]
-    # bitwise: the joint run trains in the trainer's loop (a population refuses it), so its
-    # untied twin does too
-    lone = train(compose_cfg(common + JOINT[4:] + ["trainer.engine=trainer"]), tmp_path / "lone")
+    # bitwise: both train in a population of one, through autograd in the batched form, whatever
+    # this machine measures as faster (a λ·0 term adds exactly 0 to A's gradient; weight_decay
+    # with λ 0 keeps the untied twin off the hand-written step)
+    monkeypatch.setattr(population, "Options", lambda: Options(loop_width=0))
+    lone = train(compose_cfg(common + JOINT[4:] + ["regularizer=[weight_decay]", "regularizer.weight_decay.lam=0.0"]),
+                 tmp_path / "lone")
     free = train(compose_cfg(common + JOINT + [f"{KEY}.lam=0.0"]), tmp_path / "free")
+    assert lone["engine"] == free["engine"] == "population"
     tied = train(compose_cfg(common + JOINT + [f"{KEY}.lam=5.0"]), tmp_path / "tied")
-    a_lone, a_free = (torch.load(tmp_path / d / "model.pt") for d in ("lone", "free"))
+    a_lone, a_free = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("lone", "free"))
     assert all(torch.equal(a_lone[k], a_free[k]) for k in a_lone)
     assert free["final"] == lone["final"]
-    a, b = torch.load(tmp_path / "tied" / "model.pt"), torch.load(tmp_path / "tied" / "partner_model.pt")
+    a, b = torch.load(tmp_path / "tied" / "model.pt", weights_only=True), torch.load(tmp_path / "tied" / "partner_model.pt", weights_only=True)
     dist = lambda x, y: sum((x[k] - y[k]).pow(2).sum() for k in x).sqrt().item()  # noqa: E731
     apart = free["extra"]["parameter_tying/distance_to_partner"]
-    assert apart == pytest.approx(dist(a_free, torch.load(tmp_path / "free" / "partner_model.pt")), rel=1e-5)
+    assert apart == pytest.approx(dist(a_free, torch.load(tmp_path / "free" / "partner_model.pt", weights_only=True)), rel=1e-5)
     assert tied["extra"]["parameter_tying/distance_to_partner"] == pytest.approx(dist(a, b), rel=1e-5)
     assert dist(a, b) < 0.05 * apart
     for run in (free, tied):  # the partner's own task: its accuracy on its own splits
@@ -252,17 +262,22 @@ def test_experiment_trains_source_scratch_transfer_and_tying_and_reports_their_n
 
 def test_interrupted_joint_run_resumes_to_the_uninterrupted_one(compose_cfg, tmp_path, monkeypatch):
     """The partner's weights, optimizer state, data order and place in its own epoch (batches of
-    30 from 400 examples: its epochs end elsewhere than A's) come back from the checkpoint."""
+    30 from 400 examples: its epochs end elsewhere than A's) come back from the checkpoint. The
+    lone run trains as a population of one (its loop asks the stop flag once per step and once
+    after each epoch's end)."""
+    import regexp.population.engine as engine
     import regexp.train.trainer as trainer
     from conftest import StopAfter
 
     overrides = JOINT + [f"{KEY}.lam=0.2", f"{KEY}.partner_batch_size=30", "trainer.epochs=3"]
     ref = trainer.train(compose_cfg(overrides), tmp_path / "ref")
-    monkeypatch.setattr(trainer, "StopFlag", lambda: StopAfter(4))  # after step 1 of epoch 2 (2 steps per epoch)
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(3))  # after step 1 of epoch 2 (2 steps per epoch)
     assert trainer.train(compose_cfg(overrides), tmp_path / "run")["status"] == "interrupted"
     monkeypatch.undo()
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ck["epoch"], ck["step_in_epoch"], ck["regularizers"][0]["step"]) == (1, 1, 3)
     resumed = trainer.train(compose_cfg(overrides + ["trainer.resume=true"]), tmp_path / "run")
     assert resumed["history"] == ref["history"] and resumed["extra"] == ref["extra"]
     for f in ("model.pt", "partner_model.pt"):
-        a, b = torch.load(tmp_path / "run" / f), torch.load(tmp_path / "ref" / f)
+        a, b = torch.load(tmp_path / "run" / f, weights_only=True), torch.load(tmp_path / "ref" / f, weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in b), f

@@ -199,10 +199,11 @@ def test_masked_reconstruction_members_match_lone_runs(compose_cfg, tmp_path, re
 
 # ---------------------------------------------------------------- what cannot join is refused
 @pytest.mark.parametrize("regs,extra,why", [
-    ("[parameter_tying]", ["regularizer.parameter_tying.mode=joint"], "regularizer parameter_tying with mode=joint"),
+    # joint parameter tying, refused here before, trains in a population (tests/test_population_joint_tying.py)
+    ("[tangent_prop]", ["model=transformer"], "regularizer tangent_prop with model=transformer"),
 ])
 def test_combinations_that_cannot_match_are_refused_in_one_line(compose_cfg, regs, extra, why):
-    points = [{"model.width": 8, "seed": 0}]
+    points = [{"seed": 0}, {"seed": 1}]
     cfg = compose_cfg([f"regularizer={regs}"] + extra)
     assert not use_population(cfg, points)
     with pytest.raises(ConfigError, match=why):

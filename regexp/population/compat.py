@@ -5,8 +5,9 @@ shapes the computation (data set and size, depth, activation, optimizer kind, sc
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
 start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, DropConnect's
-p, augmentation's shift and scale, FGSM's ε, the penalties' λ, label noise, random inputs (each
-member loads its own data), the gradient-clipping norm) and in width (or list of hidden widths,
+p, augmentation's shift and scale, FGSM's ε, the penalties' λ, joint tying's partner seed (each
+member's partner: regexp/population/partner.py), label noise, random inputs (each member loads
+its own data), the gradient-clipping norm) and in width (or list of hidden widths,
 ``model.widths``: one population per depth, each layer padded to the bucket's widest; a CNN's
 ``model.channels``, stage by stage; a Transformer's ``embed_dim``, padded exactly:
 regexp/population/stacked_transformer.py; a GRU's ``hidden_size``: regexp/population/stacked_gru.py). Widths are
@@ -52,6 +53,8 @@ MEMBER_KEYS = (
     # each member's lone model loads its own start before the weights are stacked
     "regularizer.transfer.run_dir", "regularizer.transfer.file",
     "regularizer.parameter_tying.lam",
+    # joint tying: each member's lone regularizer builds its own partner (population/partner.py)
+    "regularizer.parameter_tying.partner_seed",
     "regularizer.dropconnect.p", "regularizer.augmentation.shift", "regularizer.augmentation.scale",
     "regularizer.adversarial.eps",
     "regularizer.activity_l1.alpha", "regularizer.activity_student_t.alpha", "regularizer.activity_student_t.gamma",
@@ -92,9 +95,6 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
                  and ALL[r].batch_penalty_of is None and r not in BATCH_TERMS]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
-    if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
-        return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
-                "beside the run; a population stacks only its members)")
     return None
 
 

@@ -37,6 +37,7 @@ from regexp.population.dropout import MemberDropout
 from regexp.population.mixture import StackedMixtures, stacked_mixtures
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
+from regexp.population.partner import StackedPartners, stacked_partners
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.pretext import MemberPretext
 from regexp.population import tuning
@@ -141,7 +142,7 @@ class LossTerms:
                 hp = {k: torch.tensor([float(c[k]) for c in cfgs], device=device) if isinstance(v, float)
                       and f"regularizer.{r.name}.{k}" in MEMBER_KEYS else v for k, v in cfgs[0].items()}
                 biases = not cfgs[0].get("exclude_bias_and_norm", True)
-                if r.population_hp is not None:  # tensors beyond the config's numbers (tying's references)
+                if r.population_hp is not None and r.name not in self.stacked:  # tying's references
                     hp.update(r.population_hp([next(x for x in m.regs if x.name == r.name) for m in members],
                                               _penalized(net, biases), net.stack))
                 self.forms[r.name] = (type(r), SimpleNamespace(**hp), biases)
@@ -275,6 +276,11 @@ class Bucket:
             members, self.net, _base_name(cfg.optimizer), _member_hypers(members),
             bool(cfg.optimizer.get("nesterov", False)), bool(cfg.optimizer.get("centered", False)), device,
             _amsgrad(cfg))
+        # joint parameter tying: each member's partner model, a further optimizer group of its own
+        self.partners: Optional[StackedPartners] = stacked_partners(
+            members, self.net, width, lambda ps: StackedOptimizer(
+                _base_name(cfg.optimizer), ps, _member_hypers(members), bool(cfg.optimizer.get("nesterov", False)),
+                device, bool(cfg.optimizer.get("centered", False)), _amsgrad(cfg)), device)
         self.terms = LossTerms(members, device, self.net, self._stacked_penalties())
         if opts.compile and any(f[0].batch_penalty_of is not None for f in self.terms.forms.values()):
             raise ConfigError("extra.population.compile=true is invalid with tangent_prop or gradient_norm_penalty "
@@ -311,7 +317,8 @@ class Bucket:
                 self.probes.load_state_dict(m.resume["probes"], k)
 
     def _stacked_penalties(self) -> Dict[str, Callable[[StackedMLP], torch.Tensor]]:
-        return {} if self.mixtures is None else {"soft_weight_sharing": self.mixtures.penalty}
+        forms = {"soft_weight_sharing": self.mixtures, "parameter_tying": self.partners}
+        return {name: g.penalty for name, g in forms.items() if g is not None}
 
     def zero_grad(self) -> None:
         """Every optimizer group's gradients, as train()'s ``optimizer.zero_grad`` (SAM's second
@@ -323,6 +330,8 @@ class Bucket:
         if self.heads is not None:
             for p in self.heads.params:
                 p.grad = None
+        if self.partners is not None:
+            self.partners.zero_grad()
 
     @property
     def ascended(self) -> List[torch.Tensor]:
@@ -330,6 +339,7 @@ class Bucket:
         the regularizers' groups (multi_task's head, the learned mixture), under one norm ‖g_m‖."""
         extra = [] if self.heads is None else list(self.heads.params)
         extra += [] if self.mixtures is None else list(self.mixtures.params)
+        extra += [] if self.partners is None else list(self.partners.params)
         return self.trainable + extra
 
     def step(self, factor: float) -> None:
@@ -339,11 +349,13 @@ class Bucket:
             self.heads.step(factor)
         if self.mixtures is not None:
             self.mixtures.opt.step(factor)
+        if self.partners is not None:
+            self.partners.opt.step(factor)
 
-    def extra_groups(self) -> List[Union[StackedHeads, StackedMixtures]]:
-        """The regularizers' own optimizer groups (multi_task's heads, the learned mixtures), in
-        the order train() appends them after the weights' group: the config's."""
-        groups = {"multi_task": self.heads, "soft_weight_sharing": self.mixtures}
+    def extra_groups(self) -> List[Union[StackedHeads, StackedMixtures, StackedPartners]]:
+        """The regularizers' own optimizer groups (multi_task's heads, the learned mixtures, joint
+        tying's partners), in the order train() appends them after the weights' group: the config's."""
+        groups = {"multi_task": self.heads, "soft_weight_sharing": self.mixtures, "parameter_tying": self.partners}
         return [groups[r] for r in self.members[0].cfg.regularizer if groups.get(r) is not None]
 
     def sync_member(self, k: int) -> None:
@@ -351,6 +363,8 @@ class Bucket:
         if self.mixtures is not None:
             self.mixtures.sync(k)
             self.members[k].model.load_state_dict(self.net.member_state(k))  # its weight histogram
+        if self.partners is not None:
+            self.partners.sync(k, self.members[k].model, self.net)
 
     @property
     def trainable(self) -> List[torch.Tensor]:
@@ -386,6 +400,8 @@ class Bucket:
         self.member_set = self.member_set.index_select(0, sel)
         if self.mixtures is not None:
             self.mixtures.keep(idx, self.net)
+        if self.partners is not None:
+            self.partners.keep(idx)
         self.terms = LossTerms(self.members, self.device, self.net, self._stacked_penalties())
         if self.heads is not None:
             self.heads.keep(sel)
@@ -530,6 +546,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
 
         if b.heads is not None:  # each member's batch positions in its own training set
             b.heads.idx = rows[:, i * loop.bs:(i + 1) * loop.bs] - b.member_set.to(rows.device)[:, None] * b.data.n
+        if b.partners is not None:  # one partner batch per step (SAM's second pass reuses it)
+            b.partners.draw(yb.shape[1])
 
         def backward(xb=xb, yb=yb, masks=masks, weights=weights):
             with loop.autocast:

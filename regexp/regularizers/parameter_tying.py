@@ -18,7 +18,9 @@ Two modes (``mode``), one formula (:func:`tying_penalty`):
   ``extra``. The term logged as ``penalty/parameter_tying`` is then CE_B + λ‖w_A − w_B‖² (all
   that the partner adds to the loss). The partner is a plain model: the run's other
   regularizers (dropout, noise, weight decay, gradient clipping) act on A only; the optimizer's
-  own weight decay acts on both.
+  own weight decay acts on both. In a population each member's regularizer builds, logs,
+  reports and checkpoints its partner as here, while regexp/population/partner.py trains the
+  members' partners stacked.
 """
 from __future__ import annotations
 
