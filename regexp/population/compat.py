@@ -32,7 +32,7 @@ REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying",
                 "dropconnect", "augmentation", "adversarial", "activity_l1", "activity_student_t",
                 "activity_kl", "multi_task", "tangent_prop", "gradient_norm_penalty",
-                "masked_reconstruction", "soft_weight_sharing")
+                "masked_reconstruction", "soft_weight_sharing", "ensemble")
 # Batch terms the population computes itself, with the regularizer's own formula (aux_heads.py).
 BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
@@ -62,10 +62,29 @@ MEMBER_KEYS = (
     "regularizer.soft_weight_sharing.init_sigma", "regularizer.soft_weight_sharing.merge_distance",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
-NOT_STACKED = {
-    "ensemble": ("its K models would be K stacked slices of one member, but the population evaluates, logs, "
-                 "checkpoints and draws dropout per slice, not the ensemble's mean probability over its K"),
-}
+NOT_STACKED: Dict[str, str] = {}
+# What trains beside ``ensemble`` (regexp/population/ensemble.py): what acts on each of its K models
+# alone, elementwise. The others act on the Ensemble as one model (one noisy or adversarial batch
+# for all K, one multi_task head, one mixture or tying reference over all weights).
+WITH_ENSEMBLE = ("ensemble", "weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout",
+                 "label_smoothing", "early_stopping")
+
+
+def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
+    """Why an ensemble run cannot join a population, or None (also None without ``ensemble``)."""
+    from regexp.probes.runner import active
+
+    if "ensemble" not in cfg.regularizer:
+        return None
+    other = [r for r in cfg.regularizer if r not in WITH_ENSEMBLE]
+    if other:
+        return (f"regularizer {other[0]} with ensemble (the population trains an ensemble with "
+                f"{', '.join(WITH_ENSEMBLE[1:])} only: {other[0]} acts on the Ensemble as one model)")
+    if cfg.optimizer.name == "sam":
+        return "regularizer ensemble with optimizer=sam (its ascent takes one norm over all K models)"
+    if active(cfg.probe):
+        return "regularizer ensemble with probes (they measure one network, not the ensemble of K)"
+    return None
 
 
 def incompatibility(cfg: DictConfig) -> Optional[str]:
@@ -92,6 +111,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
                  and ALL[r].batch_penalty_of is None and r not in BATCH_TERMS]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
+    why = ensemble_incompatibility(cfg)
+    if why is not None:
+        return why
     if cfg.regularizer.get("parameter_tying", {}).get("mode") == "joint":
         return ("regularizer parameter_tying with mode=joint (its partner model trains on data of its own, "
                 "beside the run; a population stacks only its members)")
@@ -113,12 +135,16 @@ GRU_REGULARIZERS = tuple(r for r in STACKED_REGULARIZERS if r not in ("weight_no
     "tangent_prop", "gradient_norm_penalty")
 # Why the rest stays out, for every stacked model but the MLP (none now), then for one of them:
 NOT_FOR_NEW_MODELS: Dict[str, str] = {}
-NOT_FOR_MODEL = {"transformer": {
+# regexp/population/ensemble.py evaluates its K slices through the stacked MLP's eval_logits only
+ENSEMBLE_MLP_ONLY = "the population stacks an ensemble's K models for the MLP only"
+NOT_FOR_MODEL = {"cnn": {"ensemble": ENSEMBLE_MLP_ONLY}, "transformer": {
+    "ensemble": ENSEMBLE_MLP_ONLY,
     # torch's CPU attention kernel has no double backward: a lone run fails alike
     "tangent_prop": "its double backward would run through attention, whose CPU kernel has none",
     "gradient_norm_penalty": "its double backward would run through attention, whose CPU kernel has none",
     "activity_kl": "its firing rates need relu or sigmoid units; a Transformer's hidden site is a layer norm's",
 }, "gru": {
+    "ensemble": ENSEMBLE_MLP_ONLY,
     # a lone GRU run refuses these three (regularizers/weight_transform.py, activity_kl.py)
     "weight_noise": "a lone GRU run refuses it: it perturbs Linear/Conv weights, not the recurrent ones",
     "dropconnect": "a lone GRU run refuses it: it perturbs Linear/Conv weights, not the recurrent ones",

@@ -1,0 +1,30 @@
+"""An ensemble run in the population (its K models as K stacked slices, regexp/population/ensemble.py)
+against the trainer's loop over the lone Ensemble module (trainer.engine=trainer), without dropout
+(whose masks the two engines draw in different orders).
+
+This file goes with the trainer's loop. Stated tolerance, test_one_loop.py's: every parameter
+within |a - b| <= 1e-5 + 1e-4·|b| after 2 epochs (float32; the summation order inside the batched
+products differs), every metric (metrics.json's rows and ``extra``) within a relative 1e-4, every
+TensorBoard scalar within 1e-3.
+"""
+from __future__ import annotations
+
+import pytest
+
+from test_one_loop import _assert_same, _both
+
+
+@pytest.mark.parametrize("overrides", [
+    ["regularizer=[ensemble,weight_decay]", "regularizer.ensemble.components=3", "optimizer=adam"],
+    ["regularizer=[ensemble,label_smoothing]", "regularizer.ensemble.components=2",
+     "regularizer.ensemble.bootstrap=true", "optimizer=momentum", "trainer.grad_clip=0.5"],
+    ["regularizer=[ensemble,early_stopping]", "regularizer.ensemble.components=2", "optimizer=sgd",
+     "regularizer.early_stopping.patience=1", "trainer.epochs=4", "regularizer.early_stopping.monitor=val_loss",
+     "regularizer.early_stopping.min_delta=1.0"],
+], ids=["adam-decay", "bagging-smoothing-clip", "early-stopping"])
+def test_an_ensemble_in_the_population_equals_the_trainers_loop(compose_cfg, tmp_path, overrides):
+    pop, lone = _both(compose_cfg, tmp_path, overrides)
+    _assert_same(tmp_path, pop, lone)
+    assert pop["extra"] == pytest.approx(lone["extra"], rel=1e-4, abs=1e-6)
+    assert any(k.startswith("ensemble/") for k in pop["extra"])
+    assert pop.get("stopped_epoch") == lone.get("stopped_epoch") == (2 if "early" in str(overrides) else None)
