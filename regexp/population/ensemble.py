@@ -33,7 +33,6 @@ from regexp.population.compat import incompatibility
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.train.io import save_torch
-from regexp.train.signals import StopFlag
 from regexp.train.sparsity import KEYS as SPARSITY_KEYS
 
 class Bagging:
@@ -219,6 +218,7 @@ def _checkpoint(b: E.Bucket, own: Owners, i: int, loop: E.Loop, perms, running, 
     """Owner i's checkpoint.pt, in train()'s format for its Ensemble (the slices' loss sums in
     the regularizer's state, so a resumed epoch sums as the uninterrupted one)."""
     m, sl = own.members[i], own.slices(i)
+    m.order.set_state(b.members[sl[0]].order.get_state())  # the slices drew the orders, alike
     best = own.state(b, i, b.best) if b.best is not None else None
     if running is not None:
         sums = own.per_owner(running)[i].cpu()
@@ -292,7 +292,7 @@ def train_ensembles(members: List[Member], width, opts: E.Options, data_cache=No
     epoch, perms, running, in_epoch = E._restore(b, loop)
     bar = tqdm(total=t.epochs, initial=epoch, desc=f"population w<={width} x{len(members)} (ensembles of {k})",
                leave=False, disable=None if t.progress and on_epoch is None else True, dynamic_ncols=True)
-    with StopFlag() as stop:
+    with E.StopFlag() as stop:  # the engine's (a test stops it where it likes)
         while epoch < t.epochs and own.members:
             if in_epoch == 0:
                 rows = data.epoch_index([m.order for m in b.members], b.member_set)
