@@ -81,14 +81,17 @@ def test_auto_chooses_the_population_and_says_why(compose_cfg, tmp_path, caplog)
     assert m["engine"] == "population"
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["engine"] == "population"
     assert any("trainer.engine=auto" in r.getMessage() and "population" in r.getMessage() for r in caplog.records)
-    # a regularizer the population does not support trains in the trainer's loop, with the reason
-    m = train(compose_cfg(BASE + ["trainer.epochs=1", "regularizer=[ensemble]"]), tmp_path / "b", [])
-    assert m["engine"] == "trainer" and "regularizer ensemble" in m["engine_reason"]
+    # an ensemble trains in the population too (its K models as K stacked slices)
+    m = train(compose_cfg(BASE + ["trainer.epochs=1", "regularizer=[ensemble]"]), tmp_path / "e", [])
+    assert m["engine"] == "population"
+    # a combination the population does not support trains in the trainer's loop, with the reason
+    m = train(compose_cfg(BASE + ["trainer.epochs=1", "regularizer=[ensemble,input_noise]"]), tmp_path / "b", [])
+    assert m["engine"] == "trainer" and "regularizer input_noise with ensemble" in m["engine_reason"]
 
 
 def test_population_engine_refuses_what_it_cannot_train(compose_cfg, tmp_path):
-    cfg = compose_cfg(BASE + ["trainer.engine=population", "regularizer=[ensemble]"])
-    with pytest.raises(ConfigError, match="trainer.engine=population.*regularizer ensemble"):
+    cfg = compose_cfg(BASE + ["trainer.engine=population", "regularizer=[ensemble,input_noise]"])
+    with pytest.raises(ConfigError, match="trainer.engine=population.*regularizer input_noise with ensemble"):
         train(cfg, tmp_path / "r", [])
     assert not (tmp_path / "r" / "metrics.json").exists()
 
