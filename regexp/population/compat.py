@@ -128,23 +128,19 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
 STACKED_REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "label_smoothing",
                         "input_noise", "early_stopping", "transfer", "augmentation", "adversarial",
                         "parameter_tying", "dropout", "soft_weight_sharing", "activity_l1", "activity_student_t",
-                        "masked_reconstruction", "multi_task", "weight_noise", "dropconnect")
+                        "masked_reconstruction", "multi_task", "weight_noise", "dropconnect", "ensemble")
 CNN_REGULARIZERS = STACKED_REGULARIZERS + ("tangent_prop", "gradient_norm_penalty", "activity_kl")
 # a GRU: the double-backward batch penalties (its stacked recurrence is plain autograd), no weight draws
 GRU_REGULARIZERS = tuple(r for r in STACKED_REGULARIZERS if r not in ("weight_noise", "dropconnect")) + (
     "tangent_prop", "gradient_norm_penalty")
 # Why the rest stays out, for every stacked model but the MLP (none now), then for one of them:
 NOT_FOR_NEW_MODELS: Dict[str, str] = {}
-# regexp/population/ensemble.py evaluates its K slices through the stacked MLP's eval_logits only
-ENSEMBLE_MLP_ONLY = "the population stacks an ensemble's K models for the MLP only"
-NOT_FOR_MODEL = {"cnn": {"ensemble": ENSEMBLE_MLP_ONLY}, "transformer": {
-    "ensemble": ENSEMBLE_MLP_ONLY,
+NOT_FOR_MODEL = {"transformer": {
     # torch's CPU attention kernel has no double backward: a lone run fails alike
     "tangent_prop": "its double backward would run through attention, whose CPU kernel has none",
     "gradient_norm_penalty": "its double backward would run through attention, whose CPU kernel has none",
     "activity_kl": "its firing rates need relu or sigmoid units; a Transformer's hidden site is a layer norm's",
 }, "gru": {
-    "ensemble": ENSEMBLE_MLP_ONLY,
     # a lone GRU run refuses these three (regularizers/weight_transform.py, activity_kl.py)
     "weight_noise": "a lone GRU run refuses it: it perturbs Linear/Conv weights, not the recurrent ones",
     "dropconnect": "a lone GRU run refuses it: it perturbs Linear/Conv weights, not the recurrent ones",

@@ -125,7 +125,8 @@ def _hook(b: E.Bucket, own: Owners) -> None:
 def evaluate_owners(b: E.Bucket, own: Owners, x: torch.Tensor, y: torch.Tensor, batch: int,
                     counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and accuracy of every owner's ensemble prediction, as (M,) tensors
-    (x, y: the slices' (S, N, D) inputs and (S, N) labels; ``counts``: per slice)."""
+    (x, y: the slices' (S, N, D) inputs and (S, N) labels; ``counts``: per slice). Any stacked
+    model's class-major logits; their log-softmax is reduced over each owner's K slices."""
     m, k, n = len(own.members), own.k, y.shape[1]
     loss = torch.zeros(m, device=x.device)
     correct = torch.zeros(m, device=x.device)
@@ -155,7 +156,7 @@ def _epoch_end(b: E.Bucket, own: Owners, epoch: int, mean_terms: torch.Tensor, g
             x, y = b.data.split(s, b.member_set)
             if y.shape[1]:
                 per_chunk = b.net.width if b.net.loop else len(b.members) * b.net.width
-                budget = E.EVAL_LOOP_BYTES if b.net.loop else E.EVAL_BYTES
+                budget = getattr(b.net, "eval_bytes", E.EVAL_LOOP_BYTES if b.net.loop else E.EVAL_BYTES)
                 chunk = max(1, min(t.eval_batch_size, budget // (4 * per_chunk)))
                 counts = torch.zeros(len(b.members), 2, dtype=torch.long, device=x.device) \
                     if s == "test" and len(b.net.weights) > 1 else None
