@@ -169,11 +169,32 @@ def test_ensemble_members_of_a_population_equal_their_populations_of_one(compose
     assert sizes == [3, 1, 1, 1]
 
 
+def test_ensembles_with_weight_draws_equal_their_populations_of_one(compose_cfg, tmp_path, monkeypatch):
+    # weight noise and DropConnect on every model's weights, each member drawing from its own generator
+    base = compose_cfg(BASE + ["trainer.epochs=2", "regularizer=[ensemble,weight_noise,dropconnect]",
+                               "regularizer.ensemble.components=2", "optimizer=momentum"])
+    points = [{"seed": 0, "regularizer.weight_noise.sigma": 0.01, "regularizer.dropconnect.p": 0.1},
+              {"seed": 1, "regularizer.weight_noise.sigma": 0.05, "regularizer.dropconnect.p": 0.2, "model.width": 16}]
+    sizes = _members(monkeypatch)
+    pop = train_population(base, points, tmp_path / "pop")
+    for p, a in zip(points, pop):
+        (b,) = train_population(base, [p], tmp_path / "one")
+        _assert_same_member(tmp_path / "pop" / point_name(p), tmp_path / "one" / point_name(p), a, b)
+    assert sizes == [2, 1, 1]
+    assert pop[0]["final"]["train_loss"] != pop[1]["final"]["train_loss"]
+    # the draws reach the weights: without them the same member ends elsewhere
+    quiet = dict(points[0], **{"regularizer.weight_noise.sigma": 0.0, "regularizer.dropconnect.p": 0.0})
+    train_population(base, [quiet], tmp_path / "quiet")
+    w0, w1 = (torch.load(d / "model.pt", weights_only=True) for d in (tmp_path / "pop" / point_name(points[0]),
+                                                                      tmp_path / "quiet" / point_name(quiet)))
+    assert all(not torch.allclose(w0[k], w1[k], atol=1e-3) for k in w0 if k.endswith("weight"))
+
+
 def test_an_interrupted_ensemble_population_resumes_exactly(compose_cfg, tmp_path, monkeypatch):
     import regexp.population.engine as engine
 
-    base = compose_cfg(BASE + ["trainer.epochs=3", "regularizer=[ensemble,dropout]", "regularizer.ensemble.components=2",
-                               "regularizer.ensemble.bootstrap=true", "optimizer=momentum", "trainer.grad_clip=1.0"])
+    base = compose_cfg(BASE + ["trainer.epochs=3", "regularizer=[ensemble,dropout,weight_noise]",
+                               "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true", "optimizer=momentum", "trainer.grad_clip=1.0"])
     points = [{"seed": 0, "regularizer.dropout.p": 0.2}, {"seed": 1, "regularizer.dropout.p": 0.1}]
     whole = train_population(base, points, tmp_path / "whole")
     steps = -(-len(load_data(base.data, 0).y_train) // BATCH)

@@ -21,13 +21,18 @@ from test_one_loop import _assert_same, _both
     ["regularizer=[ensemble,early_stopping]", "regularizer.ensemble.components=2", "optimizer=sgd",
      "regularizer.early_stopping.patience=1", "trainer.epochs=4", "regularizer.early_stopping.monitor=val_loss",
      "regularizer.early_stopping.min_delta=1.0"],
+    # activity penalties: each model's own hidden activations, summed over the K as over the Ensemble's sites
+    ["regularizer=[ensemble,activity_l1,activity_student_t]", "regularizer.ensemble.components=2", "optimizer=adam"],
+    ["regularizer=[ensemble,activity_kl]", "regularizer.ensemble.components=2", "model.activation=sigmoid",
+     "optimizer=adam"],
     # every stacked model: its K models as K slices (batch norm's running statistics per model)
     ["regularizer=[ensemble]", "regularizer.ensemble.components=2", "model=cnn_mnist1d", "model.norm=batch",
      "optimizer=momentum"],
     ["regularizer=[ensemble]", "regularizer.ensemble.components=2", "model=transformer", "model.depth=1",
      "model.heads=2", "model.mlp_ratio=2.0", "model.embed_dim=8", "optimizer=momentum"],
     ["regularizer=[ensemble]", "regularizer.ensemble.components=2", "model=gru", "optimizer=adam"],
-], ids=["adam-decay", "bagging-smoothing-clip", "early-stopping", "cnn-batch-norm", "transformer", "gru"])
+], ids=["adam-decay", "bagging-smoothing-clip", "early-stopping", "activity-l1-student-t", "activity-kl",
+                                                        "cnn-batch-norm", "transformer", "gru"])
 def test_an_ensemble_in_the_population_equals_the_trainers_loop(compose_cfg, tmp_path, overrides):
     pop, lone = _both(compose_cfg, tmp_path, overrides)
     _assert_same(tmp_path, pop, lone)

@@ -67,7 +67,8 @@ NOT_STACKED: Dict[str, str] = {}
 # alone, elementwise. The others act on the Ensemble as one model (one noisy or adversarial batch
 # for all K, one multi_task head, one mixture or tying reference over all weights).
 WITH_ENSEMBLE = ("ensemble", "weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout",
-                 "label_smoothing", "early_stopping")
+                 "label_smoothing", "early_stopping", "weight_noise", "dropconnect", "activity_l1",
+                 "activity_student_t", "activity_kl")
 
 
 def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
