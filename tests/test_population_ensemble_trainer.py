@@ -25,13 +25,15 @@ from test_one_loop import _assert_same, _both
     ["regularizer=[ensemble,activity_l1,activity_student_t]", "regularizer.ensemble.components=2", "optimizer=adam"],
     ["regularizer=[ensemble,activity_kl]", "regularizer.ensemble.components=2", "model.activation=sigmoid",
      "optimizer=adam"],
+    # SAM's ascent under one norm over the K models, as over the Ensemble's parameters
+    ["regularizer=[ensemble]", "regularizer.ensemble.components=2", "optimizer=sam", "optimizer.rho=0.1"],
     # every stacked model: its K models as K slices (batch norm's running statistics per model)
     ["regularizer=[ensemble]", "regularizer.ensemble.components=2", "model=cnn_mnist1d", "model.norm=batch",
      "optimizer=momentum"],
     ["regularizer=[ensemble]", "regularizer.ensemble.components=2", "model=transformer", "model.depth=1",
      "model.heads=2", "model.mlp_ratio=2.0", "model.embed_dim=8", "optimizer=momentum"],
     ["regularizer=[ensemble]", "regularizer.ensemble.components=2", "model=gru", "optimizer=adam"],
-], ids=["adam-decay", "bagging-smoothing-clip", "early-stopping", "activity-l1-student-t", "activity-kl",
+], ids=["adam-decay", "bagging-smoothing-clip", "early-stopping", "activity-l1-student-t", "activity-kl", "sam",
                                                         "cnn-batch-norm", "transformer", "gru"])
 def test_an_ensemble_in_the_population_equals_the_trainers_loop(compose_cfg, tmp_path, overrides):
     pop, lone = _both(compose_cfg, tmp_path, overrides)

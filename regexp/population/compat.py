@@ -81,8 +81,6 @@ def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
     if other:
         return (f"regularizer {other[0]} with ensemble (the population trains an ensemble with "
                 f"{', '.join(WITH_ENSEMBLE[1:])} only: {other[0]} acts on the Ensemble as one model)")
-    if cfg.optimizer.name == "sam":
-        return "regularizer ensemble with optimizer=sam (its ascent takes one norm over all K models)"
     if active(cfg.probe):
         return "regularizer ensemble with probes (they measure one network, not the ensemble of K)"
     return None

@@ -573,7 +573,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
 def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
-    ascended_gradient(b.ascended, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
+    ascended_gradient(b.ascended, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members), b.owner)
 
 
 def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, masks, weights) -> Batch:
