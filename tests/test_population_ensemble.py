@@ -216,6 +216,34 @@ def test_an_interrupted_ensemble_population_resumes_exactly(compose_cfg, tmp_pat
         assert a["history"] == b["history"] and a["extra"] == b["extra"]
 
 
+@pytest.mark.parametrize("case", ["diverged", "stopped"])
+def test_an_ensemble_leaving_early_changes_nothing_for_the_others(compose_cfg, tmp_path, case):
+    # its slices leave the stacked state (and the clipping groups, bagging's counts) mid-run:
+    # the others end bit-equal (atol=0) to a population without it
+    base = compose_cfg(BASE + ["trainer.epochs=4", "regularizer=[ensemble,early_stopping]",
+                               "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true",
+                               "regularizer.early_stopping.patience=100", "optimizer=momentum", "optimizer.lr=0.05",
+                               "trainer.grad_clip=1.0"])
+    others = [{"seed": 0}, {"seed": 1, "optimizer.lr": 0.02}]
+    leaver = ({"seed": 2, "optimizer.lr": 1e6, "trainer.grad_clip": None} if case == "diverged" else
+              {"seed": 2, "regularizer.early_stopping.patience": 1, "regularizer.early_stopping.monitor": "val_loss",
+               "regularizer.early_stopping.min_delta": 10.0})
+    with_it = train_population(base, [others[0], leaver, others[1]], tmp_path / "with")
+    without = train_population(base, others, tmp_path / "without")
+    if case == "diverged":
+        assert with_it[1]["status"] == "diverged" and with_it[1]["diverged_epoch"] < 4
+    else:
+        assert with_it[1]["status"] == "completed" and with_it[1]["stopped_epoch"] < 4
+        assert torch.load(tmp_path / "with" / point_name(leaver) / "model.pt", weights_only=True).keys() == \
+            torch.load(tmp_path / "without" / point_name(others[0]) / "model.pt", weights_only=True).keys()
+    for p, a, b in zip(others, [with_it[0], with_it[2]], without):
+        assert a["status"] == b["status"] == "completed"
+        assert a["history"] == b["history"] and a["extra"] == b["extra"]
+        wa, wb = (torch.load(d / point_name(p) / "model.pt", weights_only=True) for d in (tmp_path / "with",
+                                                                                            tmp_path / "without"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wb)
+
+
 def test_the_lone_ensemble_module_loads_a_members_weights(compose_cfg, tmp_path):
     from regexp.models import build_model
     from regexp.regularizers.ensemble import Ensemble
