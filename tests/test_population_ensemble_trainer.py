@@ -41,3 +41,15 @@ def test_an_ensemble_in_the_population_equals_the_trainers_loop(compose_cfg, tmp
     assert pop["extra"] == pytest.approx(lone["extra"], rel=1e-4, abs=1e-6)
     assert any(k.startswith("ensemble/") for k in pop["extra"])
     assert pop.get("stopped_epoch") == lone.get("stopped_epoch") == (2 if "early" in str(overrides) else None)
+
+
+@pytest.mark.parametrize("first,second", [("trainer", "population"), ("population", "trainer")])
+def test_an_ensemble_interrupted_in_one_engine_resumes_in_the_other(compose_cfg, tmp_path, monkeypatch, first,
+                                                                    second):
+    # the checkpoint's model, optimizer state (the K models' in the Ensemble's order), bootstrap
+    # counts, data order and partial loss sums read alike by both loops
+    from test_one_loop import test_a_run_interrupted_in_one_engine_resumes_in_the_other as resumes
+
+    over = ["regularizer=[ensemble]", "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true",
+            "optimizer=adam"]
+    resumes(compose_cfg, tmp_path, monkeypatch, first, second, over)
