@@ -194,7 +194,8 @@ def test_an_interrupted_ensemble_population_resumes_exactly(compose_cfg, tmp_pat
     import regexp.population.engine as engine
 
     base = compose_cfg(BASE + ["trainer.epochs=3", "regularizer=[ensemble,dropout,weight_noise]",
-                               "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true", "optimizer=momentum", "trainer.grad_clip=1.0"])
+                               "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true",
+                               "optimizer=momentum", "trainer.grad_clip=1.0"])
     points = [{"seed": 0, "regularizer.dropout.p": 0.2}, {"seed": 1, "regularizer.dropout.p": 0.1}]
     whole = train_population(base, points, tmp_path / "whole")
     steps = -(-len(load_data(base.data, 0).y_train) // BATCH)

@@ -2,15 +2,16 @@
 
 A member with ``components`` = K owns K consecutive slices of the stacked model (slice
 ``k`` of member ``m`` is at ``m·K + k``), each initialized from the lone :class:`Ensemble`'s
-model k (member 0 the run's own model, member k built from ``member_seed(seed, k)``). The
+model k (model 0 the run's own, model k built from ``member_seed(seed, k)``). The
 slices are members of the :class:`Bucket` for everything that is elementwise per model: the
 optimizer (each slice with its owner's lr and values), the penalties (their sum over the
 owner's slices is the lone penalty over all of the Ensemble's parameters), and the loss,
 whose sum over an owner's slices is the lone data loss Σₖ CEₖ (with ``bootstrap``, slice k's
 per-example losses weighted by its owner's counts[k, idx]). Every slice of a member shares
-its data order (identically seeded generators) and its dropout generator (one object: the
-member's masks are drawn from it slice after slice), so a member trains as its population
-of one does. Gradient clipping takes the norm over all of an owner's slices together.
+its data order (identically seeded generators) and its dropout and noise generator (one
+object: at each site the member's slices draw from it one after another; not the trainer
+loop's order), so a member trains as its population of one does. Gradient clipping and SAM's
+ascent take one norm over all of an owner's slices (``Bucket.owner``).
 
 What is per run is per owner: the training losses summed over its slices, the evaluation on
 the ensemble's prediction ln((1/K) Σₖ softmax(zₖ)) (loss, accuracy, best epoch, early
@@ -34,6 +35,7 @@ from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.train.io import save_torch
 from regexp.train.sparsity import KEYS as SPARSITY_KEYS
+
 
 class Bagging:
     """Each slice's per-example losses weighted by its owner's bootstrap counts, as the lone
@@ -99,7 +101,10 @@ def _slice_resume(m: Member, j: int, k: int, model) -> Optional[Dict]:
     prefix = f"members.{j}."
     best = ck["best_state"]
     reg = _reg(m)
-    running = reg.running[j] if reg.running is not None else (ck["running"] if j == 0 else torch.zeros_like(ck["running"]))
+    if reg.running is not None:
+        running = reg.running[j]
+    else:  # a trainer's checkpoint: its one sum goes to the first slice (the owner sums them)
+        running = ck["running"] if j == 0 else torch.zeros_like(ck["running"])
     return {"epoch": ck["epoch"], "step_in_epoch": ck["step_in_epoch"], "scheduler": ck["scheduler"],
             "optimizer": {"state": {i: state[j * n + i] for i in range(n) if j * n + i in state}},
             "best_state": None if best is None else {key[len(prefix):]: v for key, v in best.items()
