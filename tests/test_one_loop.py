@@ -85,13 +85,13 @@ def test_auto_chooses_the_population_and_says_why(compose_cfg, tmp_path, caplog)
     m = train(compose_cfg(BASE + ["trainer.epochs=1", "regularizer=[ensemble]"]), tmp_path / "e", [])
     assert m["engine"] == "population"
     # a combination the population does not support trains in the trainer's loop, with the reason
-    m = train(compose_cfg(BASE + ["trainer.epochs=1", "regularizer=[ensemble,input_noise]"]), tmp_path / "b", [])
-    assert m["engine"] == "trainer" and "regularizer input_noise with ensemble" in m["engine_reason"]
+    m = train(compose_cfg(BASE + ["trainer.epochs=1", "regularizer=[ensemble,adversarial]"]), tmp_path / "b", [])
+    assert m["engine"] == "trainer" and "regularizer adversarial with ensemble" in m["engine_reason"]
 
 
 def test_population_engine_refuses_what_it_cannot_train(compose_cfg, tmp_path):
-    cfg = compose_cfg(BASE + ["trainer.engine=population", "regularizer=[ensemble,input_noise]"])
-    with pytest.raises(ConfigError, match="trainer.engine=population.*regularizer input_noise with ensemble"):
+    cfg = compose_cfg(BASE + ["trainer.engine=population", "regularizer=[ensemble,adversarial]"])
+    with pytest.raises(ConfigError, match="trainer.engine=population.*regularizer adversarial with ensemble"):
         train(cfg, tmp_path / "r", [])
     assert not (tmp_path / "r" / "metrics.json").exists()
 

@@ -190,10 +190,35 @@ def test_ensembles_with_weight_draws_equal_their_populations_of_one(compose_cfg,
     assert all(not torch.allclose(w0[k], w1[k], atol=1e-3) for k in w0 if k.endswith("weight"))
 
 
+def test_an_ensembles_models_read_one_noisy_augmented_batch(compose_cfg, tmp_path, monkeypatch):
+    # as a lone Ensemble's K models read the one batch input_noise and augmentation transformed;
+    # each member with its own σ, shift and scale equals its population of one
+    from regexp.population.stacked_mlp import StackedMLP
+
+    base = compose_cfg(BASE + ["trainer.epochs=2", "regularizer=[ensemble,augmentation,input_noise]",
+                               "regularizer.ensemble.components=3", "optimizer=adam"])
+    points = [{"seed": 0, "regularizer.input_noise.sigma": 0.1, "regularizer.augmentation.shift": 2},
+              {"seed": 1, "regularizer.input_noise.sigma": 0.3, "regularizer.augmentation.scale": 0.1}]
+    inputs: List[torch.Tensor] = []
+    for method in ("forward", "manual_step"):  # autograd's step or the hand-written one
+        real = getattr(StackedMLP, method)
+        monkeypatch.setattr(StackedMLP, method,
+                            lambda self, x, *a, real=real, **k: (inputs.append(x), real(self, x, *a, **k))[1])
+    pop = train_population(base, points, tmp_path / "pop")
+    monkeypatch.undo()
+    x = inputs[-1].view(2, 3, *inputs[-1].shape[1:])  # the last step's (members, models, batch, features)
+    assert all(torch.equal(x[:, 0], x[:, k]) for k in (1, 2)) and not torch.equal(x[0, 0], x[1, 0])
+    clean = load_data(base.data, 0).split("train")[0].flatten(1)
+    assert not any(torch.equal(x[0, 0, 0], row) for row in clean)  # transformed
+    for p, a in zip(points, pop):
+        (b,) = train_population(base, [p], tmp_path / "one")
+        _assert_same_member(tmp_path / "pop" / point_name(p), tmp_path / "one" / point_name(p), a, b)
+
+
 def test_an_interrupted_ensemble_population_resumes_exactly(compose_cfg, tmp_path, monkeypatch):
     import regexp.population.engine as engine
 
-    base = compose_cfg(BASE + ["trainer.epochs=3", "regularizer=[ensemble,dropout,weight_noise]",
+    base = compose_cfg(BASE + ["trainer.epochs=3", "regularizer=[ensemble,input_noise,dropout,weight_noise]",
                                "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true",
                                "optimizer=momentum", "trainer.grad_clip=1.0"])
     points = [{"seed": 0, "regularizer.dropout.p": 0.2}, {"seed": 1, "regularizer.dropout.p": 0.1}]

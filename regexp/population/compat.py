@@ -64,11 +64,12 @@ MEMBER_KEYS = (
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED: Dict[str, str] = {}
 # What trains beside ``ensemble`` (regexp/population/ensemble.py): what acts on each of its K models
-# alone, elementwise. The others act on the Ensemble as one model (one noisy or adversarial batch
-# for all K, one multi_task head, one mixture or tying reference over all weights).
+# alone, elementwise, and the batch transforms all K read alike (one noisy or augmented batch). The
+# others act on the Ensemble as one model (FGSM's and the batch penalties' input gradient of its
+# prediction, one multi_task head, one mixture or tying reference over all weights).
 WITH_ENSEMBLE = ("ensemble", "weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout",
                  "label_smoothing", "early_stopping", "weight_noise", "dropconnect", "activity_l1",
-                 "activity_student_t", "activity_kl")
+                 "activity_student_t", "activity_kl", "input_noise", "augmentation")
 
 
 def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:

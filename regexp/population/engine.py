@@ -243,6 +243,7 @@ class Bucket:
     # slices clip under one norm, and bagging's per-example weights of the loss
     owner: Optional[torch.Tensor] = None
     bagging = None
+    shared_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # its K models see one batch
 
     def __init__(self, members: List[Member], width: int, data: PopulationData, device: torch.device,
                  opts: Options):
@@ -521,6 +522,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.layer_widths)
         else:
             masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
+        if b.shared_input is not None and (b.transforms.active or b.noise.active):
+            xb = b.shared_input(xb)
         if loop.manual:
             loss = b.net.manual_step(xb, yb, masks, weights)
             b.clip_()

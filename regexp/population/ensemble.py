@@ -8,7 +8,8 @@ optimizer (each slice with its owner's lr and values), the penalties (their sum 
 owner's slices is the lone penalty over all of the Ensemble's parameters), and the loss,
 whose sum over an owner's slices is the lone data loss Σₖ CEₖ (with ``bootstrap``, slice k's
 per-example losses weighted by its owner's counts[k, idx]). Every slice of a member shares
-its data order (identically seeded generators) and its dropout and noise generator (one
+its data order (identically seeded generators) and one transformed batch (input noise,
+augmentation: the first slice's draw), and its dropout and noise generator (one
 object: at each site the member's slices draw from it one after another; not the trainer
 loop's order), so a member trains as its population of one does. Gradient clipping and SAM's
 ascent take one norm over all of an owner's slices (``Bucket.owner``).
@@ -71,6 +72,12 @@ class Owners:
         """(S, ...) → (M, ...): summed over each owner's slices."""
         return t.view(len(self.members), self.k, *t.shape[1:]).sum(1)
 
+    def share(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, ...) → (S, ...): every slice gets its owner's first slice's rows (the one noisy or
+        augmented batch a lone Ensemble's K models all read; the other slices' draws are dropped)."""
+        m, k = len(self.members), self.k
+        return x.view(m, k, *x.shape[1:])[:, :1].expand(m, k, *x.shape[1:]).reshape(x.shape)
+
     def state(self, b: E.Bucket, m: int, tensors=None) -> Dict[str, torch.Tensor]:
         """Member m's slices as the Ensemble's state_dict (``members.k.*``)."""
         return {f"members.{k}.{n}": t for k, s in enumerate(self.slices(m))
@@ -119,6 +126,8 @@ def _reg(m: Member):
 def _hook(b: E.Bucket, own: Owners) -> None:
     """The bucket's per-owner parts: the clipping groups and bagging's weights."""
     b.owner = own.index(b.device)
+    if any(r in own.members[0].cfg.regularizer for r in ("input_noise", "augmentation")):
+        b.shared_input = own.share
     regs = [_reg(m) for m in own.members]
     if regs[0].counts is not None:
         counts = torch.cat([r.counts for r in regs]).to(b.device)
