@@ -223,9 +223,11 @@ def test_engine_choice(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="regularizer weight_noise with model=gru"):
         use_population(compose_cfg(BASE + ["model=gru", "regularizer=[weight_noise]", "sweep.engine=population"]),
                        [{"seed": 0}])
-    assert not use_population(compose_cfg(BASE + ["regularizer=[ensemble]"]), [{"seed": 0}])
-    with pytest.raises(ConfigError, match=r"regularizer ensemble \(population supports "):
-        use_population(compose_cfg(BASE + ["regularizer=[ensemble]", "sweep.engine=population"]), [{"seed": 0}])
+    assert use_population(compose_cfg(BASE + ["regularizer=[ensemble]"]), [{"seed": 0}])
+    assert not use_population(compose_cfg(BASE + ["regularizer=[ensemble,adversarial]"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match=r"regularizer adversarial with ensemble \("):
+        use_population(compose_cfg(BASE + ["regularizer=[ensemble,adversarial]", "sweep.engine=population"]),
+                       [{"seed": 0}])
     with pytest.raises(ConfigError, match="sweep.engine"):
         use_population(compose_cfg(BASE + ["sweep.engine=fast"]), points)
 

@@ -37,12 +37,12 @@ def test_auto_serial_logs_why_once_and_the_sweep_records_it(compose_cfg, caplog)
 
     from regexp.population.compat import incompatibility
 
-    cfg = compose_cfg(["task=sweep", "regularizer=[ensemble]"])
+    cfg = compose_cfg(["task=sweep", "regularizer=[ensemble,adversarial]"])
     points = [{"optimizer.lr": lr, "seed": s} for lr in (0.05, 0.1) for s in (0, 1)]
     caplog.set_level(logging.INFO, logger="regexp.population")
     assert not use_population(cfg, points)
     why = incompatibility(cfg)
-    assert why.startswith("regularizer ensemble (")
+    assert why.startswith("regularizer adversarial with ensemble (")
     lines = [r.getMessage() for r in caplog.records if r.name == "regexp.population"]
     assert lines == ["sweep.engine=auto trains the points serially, one run at a time: " + why]
     # what the sweep's metrics.json records beside its counts
@@ -56,8 +56,9 @@ def test_engine_choice_names_its_reason(compose_cfg, caplog, monkeypatch):
     points = [{"model.width": 8, "seed": 0}]
     assert choose_engine(compose_cfg(), points) == ("population", None)
     assert choose_engine(compose_cfg(["sweep.engine=serial"]), points) == ("serial", "sweep.engine=serial")
-    assert choose_engine(compose_cfg(["regularizer=[ensemble]"]), points)[1].startswith(
-        "regularizer ensemble (")
+    assert choose_engine(compose_cfg(["regularizer=[ensemble]"]), points) == ("population", None)
+    assert choose_engine(compose_cfg(["regularizer=[ensemble,soft_weight_sharing]"]), points)[1].startswith(
+        "regularizer soft_weight_sharing with ensemble (")
     # a penalty listed as supported but without a stacked form is refused, never trained as zero
     monkeypatch.setattr(compat.ALL["l1"], "penalty_of", None)
     assert choose_engine(compose_cfg(["regularizer=[l1]"]), points) == (

@@ -184,7 +184,9 @@ def test_regularizer_x_model_trains_one_step_or_is_refused(compose_cfg, tmp_path
     monkeypatch.setattr(engine, "Bucket", Recorded)
     metrics = train_population(base, points, tmp_path)
     assert [m["status"] for m in metrics] == ["completed"] * 3, [m.get("error") for m in metrics]
-    assert len(buckets) == 1 and len(buckets[0].members) == 3
+    # an ensemble's K models are K members (slices) of the bucket (regexp/population/ensemble.py)
+    k = int(base.regularizer.ensemble.components) if name == "ensemble" else 1
+    assert len(buckets) == 1 and len(buckets[0].members) == 3 * k
     _check_padding(buckets[0])
     _check_members(tmp_path, points, metrics, cfgs)
 

@@ -33,7 +33,7 @@ REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "
                 "input_noise", "weight_noise", "early_stopping", "transfer", "parameter_tying",
                 "dropconnect", "augmentation", "adversarial", "activity_l1", "activity_student_t",
                 "activity_kl", "multi_task", "tangent_prop", "gradient_norm_penalty",
-                "masked_reconstruction", "soft_weight_sharing")
+                "masked_reconstruction", "soft_weight_sharing", "ensemble")
 # Batch terms the population computes itself, with the regularizer's own formula (aux_heads.py).
 BATCH_TERMS = ("multi_task",)
 # Values members of one population may differ in (everything else must be equal).
@@ -65,10 +65,29 @@ MEMBER_KEYS = (
     "regularizer.soft_weight_sharing.init_sigma", "regularizer.soft_weight_sharing.merge_distance",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
-NOT_STACKED = {
-    "ensemble": ("its K models would be K stacked slices of one member, but the population evaluates, logs, "
-                 "checkpoints and draws dropout per slice, not the ensemble's mean probability over its K"),
-}
+NOT_STACKED: Dict[str, str] = {}
+# What trains beside ``ensemble`` (regexp/population/ensemble.py): what acts on each of its K models
+# alone, elementwise, and the batch transforms all K read alike (one noisy or augmented batch). The
+# others act on the Ensemble as one model (FGSM's and the batch penalties' input gradient of its
+# prediction, one multi_task head, one mixture or tying reference over all weights).
+WITH_ENSEMBLE = ("ensemble", "weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout",
+                 "label_smoothing", "early_stopping", "weight_noise", "dropconnect", "activity_l1",
+                 "activity_student_t", "activity_kl", "input_noise", "augmentation")
+
+
+def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
+    """Why an ensemble run cannot join a population, or None (also None without ``ensemble``)."""
+    from regexp.probes.runner import active
+
+    if "ensemble" not in cfg.regularizer:
+        return None
+    other = [r for r in cfg.regularizer if r not in WITH_ENSEMBLE]
+    if other:
+        return (f"regularizer {other[0]} with ensemble (the population trains an ensemble with "
+                f"{', '.join(WITH_ENSEMBLE[1:])} only: {other[0]} acts on the Ensemble as one model)")
+    if active(cfg.probe):
+        return "regularizer ensemble with probes (they measure one network, not the ensemble of K)"
+    return None
 
 
 def incompatibility(cfg: DictConfig) -> Optional[str]:
@@ -95,6 +114,9 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
                  and ALL[r].batch_penalty_of is None and r not in BATCH_TERMS]
     if unstacked:
         return f"regularizer {unstacked[0]} (its penalty has no penalty_of for stacked weights)"
+    why = ensemble_incompatibility(cfg)
+    if why is not None:
+        return why
     return None
 
 
@@ -106,7 +128,7 @@ def incompatibility(cfg: DictConfig) -> Optional[str]:
 STACKED_REGULARIZERS = ("weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "label_smoothing",
                         "input_noise", "early_stopping", "transfer", "augmentation", "adversarial",
                         "parameter_tying", "dropout", "soft_weight_sharing", "activity_l1", "activity_student_t",
-                        "masked_reconstruction", "multi_task", "weight_noise", "dropconnect")
+                        "masked_reconstruction", "multi_task", "weight_noise", "dropconnect", "ensemble")
 CNN_REGULARIZERS = STACKED_REGULARIZERS + ("tangent_prop", "gradient_norm_penalty", "activity_kl")
 # a GRU: the double-backward batch penalties (its stacked recurrence is plain autograd), no weight draws
 GRU_REGULARIZERS = tuple(r for r in STACKED_REGULARIZERS if r not in ("weight_noise", "dropconnect")) + (

@@ -242,6 +242,12 @@ def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor,
 class Bucket:
     """The stacked state of the members still training in one bucket."""
 
+    # an ensemble's (regexp/population/ensemble.py): the owning run of each member (a slice), whose
+    # slices clip under one norm, and bagging's per-example weights of the loss
+    owner: Optional[torch.Tensor] = None
+    bagging = None
+    shared_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # its K models see one batch
+
     def __init__(self, members: List[Member], width: int, data: PopulationData, device: torch.device,
                  opts: Options):
         self.members, self.data, self.device = members, data, device
@@ -421,7 +427,7 @@ class Bucket:
         """Gradient clipping, each member with its own norm, right after every backward pass
         (SAM's second one included), as train() clips."""
         if self.clip is not None:
-            clip_grad_norms_(self.trainable, self.clip)
+            clip_grad_norms_(self.trainable, self.clip, self.owner)
 
     def before_step(self, factor: float) -> None:
         """Decoupled weight decay, each member with its own values, where train() applies it:
@@ -455,13 +461,19 @@ def _grad_norms(b: Bucket) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norms_(params: List[torch.Tensor], max_norm: torch.Tensor) -> None:
+def clip_grad_norms_(params: List[torch.Tensor], max_norm: torch.Tensor,
+                     owner: Optional[torch.Tensor] = None) -> None:
     """``nn.utils.clip_grad_norm_`` per member: member m's gradient, all parameters together, is
     scaled by min(1, max_norm[m] / (‖g_m‖ + 1e-6)), its global norm taken as torch takes it
     (each tensor's norm, then the norm of those). Padded units have an exactly zero gradient,
-    so the norm is over the member's real units; an infinite max_norm (no clipping) scales by 1."""
+    so the norm is over the member's real units; an infinite max_norm (no clipping) scales by 1.
+    ``owner`` (M,): members with one owner (an ensemble's models) share one norm over all of theirs."""
     norms = torch.stack([torch.linalg.vector_norm(p.grad, dim=tuple(range(1, p.dim()))) for p in params], 1)
-    coef = (max_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp_(max=1.0)
+    total = torch.linalg.vector_norm(norms, dim=1)
+    if owner is not None:
+        sq = torch.zeros(int(owner.max()) + 1, device=total.device).index_add_(0, owner, total.pow(2))
+        total = sq.sqrt().index_select(0, owner)
+    coef = (max_norm / (total + 1e-6)).clamp_(max=1.0)
     for p in params:
         p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))
 
@@ -528,6 +540,8 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.layer_widths)
         else:
             masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
+        if b.shared_input is not None and (b.transforms.active or b.noise.active):
+            xb = b.shared_input(xb)
         if loop.manual:
             loss = b.net.manual_step(xb, yb, masks, weights)
             b.clip_()
@@ -548,11 +562,16 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             b.heads.idx = rows[:, i * loop.bs:(i + 1) * loop.bs] - b.member_set.to(rows.device)[:, None] * b.data.n
         if b.partners is not None:  # one partner batch per step (SAM's second pass reuses it)
             b.partners.draw(yb.shape[1])
+        if b.bagging is not None:  # the same, for the bootstrap counts of its examples
+            b.bagging.idx = rows[:, i * loop.bs:(i + 1) * loop.bs] - b.member_set.to(rows.device)[:, None] * b.data.n
 
         def backward(xb=xb, yb=yb, masks=masks, weights=weights):
             with loop.autocast:
                 logits = b.forward(xb, masks, weights)
-            loss = b.terms.loss(logits, yb) if b.pretext is None else b.pretext.loss(logits)
+            if b.bagging is not None:
+                loss = b.bagging.loss(logits, yb)
+            else:
+                loss = b.terms.loss(logits, yb) if b.pretext is None else b.pretext.loss(logits)
             pens = b.terms.penalties(b.net, loss, _batch(b, xb, yb, loss, masks, weights))
             b.zero_grad()
             # members are independent: the sum's gradient is each member's own gradient
@@ -577,7 +596,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
 def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
-    ascended_gradient(b.ascended, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members))
+    ascended_gradient(b.ascended, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members), b.owner)
 
 
 def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, masks, weights) -> Batch:
@@ -617,6 +636,9 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     during the loop, the others at its end)."""
     from regexp.train.trainer import resolve_device
 
+    if "ensemble" in members[0].cfg.regularizer:  # each member's K models are K stacked slices
+        from regexp.population.ensemble import train_ensembles
+        return train_ensembles(members, width, opts, data_cache, on_epoch, on_finish)
     cfg = members[0].cfg
     t = cfg.trainer
     device = resolve_device(t.device)

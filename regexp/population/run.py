@@ -129,6 +129,8 @@ def _plan(members: Dict[int, Member], pending: Dict[str, List[int]], opts: Optio
         # the others by their one width
         listed = first.model.name == "mlp" and any(members[i].cfg.model.get("widths") is not None for i in idx)
         cost = member_cost(first, ds.input_shape, ds.num_classes, listed)
+        if "ensemble" in first.regularizer:  # a member computes its K models (population/ensemble.py)
+            cost = (lambda c, k: lambda w: k * c(w))(cost, int(first.regularizer.ensemble.components))
         shape = (lambda i: tuple(members[i].widths)) if listed else (lambda i: members[i].width)
         # the group's step: every member's forward and backward (3 x 2 FLOPs per multiply-add)
         bs = len(ds.y_train) if t.batch_size == "full" else int(t.batch_size)

@@ -69,6 +69,9 @@ class EnsembleRegularizer(Regularizer):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.counts = None
+        # a population's (regexp/population/ensemble.py): its K models' loss sums of an unfinished
+        # epoch, (K, 1 + penalties), kept in the checkpoint so a resumed epoch sums as before
+        self.running: Optional[torch.Tensor] = None
         if cfg.bootstrap:
             g = torch.Generator().manual_seed(member_seed(ctx.seed, 7919))
             self.counts = bootstrap_counts(ctx.n_train, cfg.components, g).to(ctx.device)
@@ -110,8 +113,12 @@ class EnsembleRegularizer(Regularizer):
         return out
 
     def state_dict(self):
-        return {"counts": None if self.counts is None else self.counts.cpu()}
+        out = {"counts": None if self.counts is None else self.counts.cpu()}
+        if self.running is not None:
+            out["running"] = self.running
+        return out
 
     def load_state_dict(self, state) -> None:
+        self.running = state.get("running")
         if state["counts"] is not None:
             self.counts = state["counts"].to(self.ctx.device)
