@@ -147,17 +147,20 @@ def test_deterministic_runs_are_identical(cli, tmp_path):
     _same_state(torch.load(tmp_path / "a" / "model.pt", weights_only=True), torch.load(tmp_path / "b" / "model.pt", weights_only=True))
 
 
-def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("regs", [
+    ["regularizer=[ensemble,dropout,weight_noise,early_stopping]", "regularizer.ensemble.components=2",
+     "regularizer.ensemble.bootstrap=true"],
+    ["regularizer=[soft_weight_sharing,dropout,weight_noise,early_stopping]",
+     "regularizer.soft_weight_sharing.tau=0.005"],
+], ids=["ensemble", "soft-weight-sharing"])
+def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch, regs):
     """The soft-weight-sharing mixture, its optimizer group, early-stopping counters, the
     ensemble members and the RNG behind dropout and noise all come back from the checkpoint."""
     import regexp.population.engine as engine
     import regexp.train.trainer as trainer
 
-    overrides = ["regularizer=[ensemble,soft_weight_sharing,dropout,weight_noise,early_stopping]",
-                 "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true",
-                 "regularizer.soft_weight_sharing.tau=0.005", "regularizer.early_stopping.patience=50",
-                 "data.n_train=600", "model.width=16", "trainer.epochs=3", "trainer.progress=false",
-                 "logger.histogram_every=0"]
+    overrides = regs + ["regularizer.early_stopping.patience=50", "data.n_train=600", "model.width=16",
+                        "trainer.epochs=3", "trainer.progress=false", "logger.histogram_every=0"]
     cfg = compose_cfg(overrides)
     ref = trainer.train(cfg, tmp_path / "ref")
     monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(8))  # mid-epoch 2 (6 steps and one check per epoch)
@@ -166,7 +169,8 @@ def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.undo()
     resumed = trainer.train(compose_cfg(overrides + ["trainer.resume=true"]), tmp_path / "run")
     assert resumed["history"] == ref["history"] and resumed["extra"] == ref["extra"]
-    _same_state(torch.load(tmp_path / "run" / "model.pt", weights_only=True), torch.load(tmp_path / "ref" / "model.pt", weights_only=True))
+    _same_state(torch.load(tmp_path / "run" / "model.pt", weights_only=True),
+                torch.load(tmp_path / "ref" / "model.pt", weights_only=True))
     a = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["regularizers"]
     b = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["regularizers"]
     assert repr(a) == repr(b)
