@@ -108,3 +108,14 @@ class StopAfter:
 
     def __exit__(self, *exc):
         return None
+
+
+def lone_batch(model, loss, x, y):
+    """One model's training step as a batch penalty's formula sees it (``stacked=False``): the
+    same fields the population fills from its stacked forward (regexp/population/engine.py)."""
+    import torch.nn.functional as F
+
+    from regexp.regularizers.base import Batch
+
+    return Batch(x, y, loss, model, F.cross_entropy, [p for p in model.parameters() if p.requires_grad],
+                 tuple(x.shape[1:]))

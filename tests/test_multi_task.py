@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from regexp.data import mnist1d
 from regexp.errors import ConfigError
+from regexp.population.aux_heads import StackedHeads
 from regexp.regularizers import REGULARIZERS
 from regexp.regularizers.base import Context
 
@@ -102,9 +103,14 @@ def test_targets_follow_the_split_and_the_loss_is_ce_plus_lambda_mse(setup):
     idx = torch.tensor([5, 1, 6])
     xb, yb = ctx.data.x_train[idx], ctx.data.y_train[idx]
     logits = model(xb)
-    assert reg.data_loss(model, logits, yb, idx, {}) is None  # the data loss stays the cross-entropy
     loss = F.cross_entropy(logits, yb)
-    total = loss + reg.batch_penalty(model, loss, xb, yb, {})
+    # the term as the population computes it: the member's head stacked (aux_heads.py), on the
+    # features its output layer read and the batch's rows of its standardized targets
+    heads = StackedHeads([reg], [torch.arange(5)], 5, lambda params: None, torch.device("cpu"))
+    heads.idx = idx.view(1, -1)
+    term = heads.term(reg._features.unsqueeze(0), SimpleNamespace(lam=torch.tensor([0.7])))
+    assert term.shape == (1,)
+    total = loss + term[0]
     # by hand: standardize with the training rows' mean and (unbiased) std, linear head on the
     # features the output layer reads, mean squared error over batch and targets
     f = f_src[train][:, [1, 0]].double()
@@ -119,13 +125,11 @@ def test_targets_follow_the_split_and_the_loss_is_ce_plus_lambda_mse(setup):
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
     total.backward()
     expected.backward()
-    for n, p in [*model.named_parameters(), *(("aux." + n, p) for n, p in reg.aux.named_parameters())]:
-        ref = (w if not n.startswith("aux.") else a)[n.removeprefix("aux.")].grad
-        torch.testing.assert_close(p.grad.double(), ref, rtol=1e-4, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), w[n].grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(heads.params[0].grad[0].double(), a["weight"].grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(heads.params[1].grad[0, 0].double(), a["bias"].grad, rtol=1e-4, atol=1e-6)
     assert reg.param_groups()[0]["params"] == list(reg.aux.parameters())
-    # a penalty whose batch the data-loss hook never saw is refused, not silently stale
-    with pytest.raises(ConfigError, match="replaces the data loss"):
-        reg.batch_penalty(model, loss, xb, yb, {})
 
 
 def test_signals_not_from_the_generator_and_bad_targets_are_refused(setup, compose_cfg):

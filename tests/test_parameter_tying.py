@@ -7,6 +7,7 @@ end to end (CSV and PNG whose numbers are those of its runs)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from regexp.errors import ConfigError
+from regexp.population.partner import StackedPartners
+from regexp.population.stacked_mlp import StackedMLP
 from regexp.regularizers import REGULARIZERS
 from regexp.regularizers.base import Context
 
@@ -38,6 +41,15 @@ def tying(**kw):
     return cls(OmegaConf.structured(cls.Config(**kw)), Context(num_classes=3, n_train=20, device=torch.device("cpu")))
 
 
+def stacked_penalty(reg, model, lam):
+    """Ω of a population of one member as the engine's LossTerms forms it: ``population_hp``'s
+    stacked references, then ``penalty_of`` on the stacked parameters. Returns Ω, (1,), and
+    the stacked parameters by name (their gradients are the member's)."""
+    named = [(n, p.detach().unsqueeze(0).requires_grad_()) for n, p in model.named_parameters()]
+    refs = reg.population_hp([reg], named, lambda per_member, like: torch.stack(per_member))
+    return reg.penalty_of([p for _, p in named], SimpleNamespace(lam=torch.tensor([lam]), **refs), True), dict(named)
+
+
 @pytest.fixture
 def source(tmp_path):
     torch.manual_seed(0)
@@ -55,11 +67,11 @@ def test_penalty_and_gradient_equal_the_formula(tmp_path, source):
     w = {n: p.detach().numpy().astype(np.float64) for n, p in model.named_parameters()}
     ref = {n: t.numpy().astype(np.float64) for n, t in source.state_dict().items()}
     expected = 0.3 * sum(((w[n] - ref[n]) ** 2).sum() for n in w)
-    omega = reg.penalty(model)
-    assert omega.item() == pytest.approx(expected, rel=1e-6)
+    omega, stacked = stacked_penalty(reg, model, 0.3)
+    assert omega.shape == (1,) and omega.item() == pytest.approx(expected, rel=1e-6)
     omega.backward()
-    for n, p in model.named_parameters():  # ∂Ω/∂w = 2λ(w − w_ref)
-        np.testing.assert_allclose(p.grad.numpy(), 2 * 0.3 * (w[n] - ref[n]), rtol=1e-5, atol=1e-7)
+    for n, p in stacked.items():  # ∂Ω/∂w = 2λ(w − w_ref)
+        np.testing.assert_allclose(p.grad[0].numpy(), 2 * 0.3 * (w[n] - ref[n]), rtol=1e-5, atol=1e-7)
     report = reg.report(model, {}, None)
     assert report["parameter_tying/tied_tensors"] == 4 and report["parameter_tying/free_tensors"] == 0
     assert report["parameter_tying/distance_to_reference"] == pytest.approx(np.sqrt(expected / 0.3), rel=1e-5)
@@ -70,10 +82,12 @@ def test_only_tensors_of_the_same_name_and_shape_are_tied(tmp_path, source):
     reg = tying(lam=1.0, run_dir=str(tmp_path))
     reg.attach(model)
     assert reg.tied == ["body.bias", "body.weight"] and reg.free == ["head.bias", "head.weight"]
-    reg.penalty(model).backward()
-    assert model.head.weight.grad is None and model.head.bias.grad is None
+    omega, stacked = stacked_penalty(reg, model, 1.0)
+    omega.backward()
+    # a shape the reference does not match is weighted 0: no pull toward the zeros standing in for it
+    assert torch.count_nonzero(stacked["head.weight"].grad) == 0 and torch.count_nonzero(stacked["head.bias"].grad) == 0
     expected = 2 * (model.body.weight.detach() - source.body.weight.detach())
-    torch.testing.assert_close(model.body.weight.grad, expected)
+    torch.testing.assert_close(stacked["body.weight"].grad[0], expected)
     r = reg.report(model, {}, None)
     assert (r["parameter_tying/tied_tensors"], r["parameter_tying/tied_params"]) == (2, 4 * 6 + 6)
 
@@ -129,19 +143,32 @@ def test_joint_penalty_and_gradients_of_both_models_equal_the_formula(compose_cf
     a = {n: p.detach().double() for n, p in model.named_parameters()}
     b = {n: p.detach().double() for n, p in partner.named_parameters()}
     assert reg.tied == sorted(a) and not any(torch.equal(a[n], b[n]) for n in a)  # own initializations
-    omega = reg.penalty(model)
-    assert omega.item() == pytest.approx(0.7 * sum(((a[n] - b[n]) ** 2).sum().item() for n in a), rel=1e-6)
-    omega.backward()
-    for (n, pa), (_, pb) in zip(model.named_parameters(), partner.named_parameters()):
-        torch.testing.assert_close(pa.grad.double(), 2 * 0.7 * (a[n] - b[n]), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(pb.grad.double(), -2 * 0.7 * (a[n] - b[n]), rtol=1e-5, atol=1e-7)
-    # the step's term: the partner's cross-entropy on its own batch plus the penalty
-    x, y = data.split("train")
-    reg.transform_batch(x[:50], y[:50], model)
-    xb, yb = reg.batch
-    assert len(yb) == 50 and xb.shape[1:] == x.shape[1:]
-    expected = F.cross_entropy(partner(xb), yb) + reg.penalty(model)
-    assert reg.batch_penalty(model, None, x[:50], y[:50], {}).item() == pytest.approx(expected.item(), rel=1e-6)
+    # the step's term as a population of one computes it (regexp/population/partner.py): the
+    # partner's cross-entropy on its own batch plus λ Σ‖w_A − w_B‖²
+    cpu = torch.device("cpu")
+    net = StackedMLP([model], [12], 12, cfg.model.activation, cpu)
+    member = SimpleNamespace(regs=[reg], cfg=cfg, width=12)
+    partners = StackedPartners([member], net, 12, lambda params: None, cpu)
+    order = torch.Generator()
+    order.set_state(reg.order.get_state())
+    partners.draw(50)
+    xb, yb = partners.batch
+    rows = torch.randperm(400, generator=order)[:50]  # the partner's own data, in its own order
+    torch.testing.assert_close(xb[0], reg.x[rows].flatten(1))
+    assert torch.equal(yb[0], reg.y[rows])
+    term = partners.penalty(net)
+    ce = F.cross_entropy(partner(reg.x[rows]).double(), reg.y[rows])
+    tie = 0.7 * sum(((a[n] - b[n]) ** 2).sum() for n in a)
+    assert term.shape == (1,) and term.item() == pytest.approx((ce + tie).item(), rel=1e-5)
+    term.backward()
+    ce_grads = dict(zip(b, torch.autograd.grad(F.cross_entropy(partner(reg.x[rows]), reg.y[rows]),
+                                               list(partner.parameters()))))
+    got_a = net.member_state(0, [p.grad for p in net.params])
+    got_b = partners.net.member_state(0, [p.grad for p in partners.net.params])
+    for n in a:  # A: 2λ(w_A − w_B); B: its cross-entropy's gradient − 2λ(w_A − w_B)
+        torch.testing.assert_close(got_a[n].double(), 2 * 0.7 * (a[n] - b[n]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got_b[n].double(), ce_grads[n].double() - 2 * 0.7 * (a[n] - b[n]),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_joint_lam_zero_leaves_a_its_lone_run_and_the_strongest_lam_keeps_a_and_b_together(compose_cfg, tmp_path,

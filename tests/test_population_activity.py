@@ -64,20 +64,6 @@ def test_stacked_formula_is_each_members_lone_formula_values_and_gradients(name,
             assert torch.count_nonzero(h.grad[m, :, w:]) == 0  # padded units: no gradient
 
 
-def test_lone_penalty_is_its_activity_of_on_the_recorded_activations():
-    # penalty(model) is activity_of on the Site activations with the config's values
-    torch.manual_seed(0)
-    model = MLP(6, 3, width=5, depth=2, act="sigmoid")
-    reg = _attached("activity_kl", "sigmoid", {"alpha": 0.7, "rho": 0.1})
-    reg.attach(model)
-    model(torch.randn(8, 1, 6))
-    from regexp.regularizers.activity import hidden_activations
-
-    hs = hidden_activations(model)
-    assert len(hs) == 2
-    assert reg.penalty(model).item() == reg.activity_of(hs, SimpleNamespace(alpha=0.7, rho=0.1), False).item()
-
-
 CASES = {  # name -> (shared overrides, per-member points: different widths and values)
     "activity_l1": (["regularizer=[activity_l1]"],
                     [{"model.width": 16, "regularizer.activity_l1.alpha": 1e-2, "seed": 0},

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import lone_batch
 from regexp.errors import ConfigError
 from regexp.models.mlp import MLP
 from regexp.population import use_population
@@ -48,7 +49,7 @@ def _stacked_batch(net: StackedMLP, x: torch.Tensor, y: torch.Tensor) -> Batch:
 
 def _lone_value_and_grads(cls, model, hp, x, y):
     loss = F.cross_entropy(model(x), y)
-    value = cls.batch_penalty_of(Batch.of_model(model, loss, x, y, {}), hp, False)
+    value = cls.batch_penalty_of(lone_batch(model, loss, x, y), hp, False)
     return value, torch.autograd.grad(value, list(model.parameters()), materialize_grads=True)
 
 

@@ -59,8 +59,9 @@ def test_engine_choice_names_its_reason(compose_cfg, caplog, monkeypatch):
     assert choose_engine(compose_cfg(["regularizer=[ensemble]"]), points) == ("population", None)
     assert choose_engine(compose_cfg(["regularizer=[ensemble,soft_weight_sharing]"]), points)[1].startswith(
         "regularizer soft_weight_sharing with ensemble (")
-    # a penalty listed as supported but without a stacked form is refused, never trained as zero
+    # a loss term listed as supported but without a stacked form is refused, never trained as zero
     monkeypatch.setattr(compat.ALL["l1"], "penalty_of", None)
+    monkeypatch.setattr(compat.ALL["l1"], "penalizes", classmethod(lambda cls: True))
     assert choose_engine(compose_cfg(["regularizer=[l1]"]), points) == (
         "serial", "regularizer l1 (its penalty has no penalty_of for stacked weights)")
     caplog.set_level(logging.INFO, logger="regexp.population")

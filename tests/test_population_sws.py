@@ -56,7 +56,8 @@ def test_stacked_penalty_equals_each_members_lone_penalty_value_and_gradient(cfg
     masks = net.param_masks()
     for k, m in enumerate(members):
         reg = m.regs[0]
-        lone = reg.penalty(m.model)
+        mixture = reg.mixture  # the formula on the member's own weights and mixture, alone
+        lone = reg.penalty_of(reg.params, reg.hypers(reg.lam, mixture.free_mu, mixture.xi, mixture.eta), False)
         lone.backward()
         torch.testing.assert_close(stacked[k], lone, rtol=1e-5, atol=0)
         grads = net.member_state(k, [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.params])

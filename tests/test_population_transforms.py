@@ -21,6 +21,7 @@ from regexp.population.noise import StepNoise
 from regexp.population.stacked_mlp import StackedMLP
 from regexp.population.transforms import BatchTransforms
 from regexp.regularizers.adversarial import fgsm
+from regexp.regularizers.augmentation import augment, draws
 from regexp.regularizers.base import REGULARIZERS, Context
 from regexp.sweep import point_config, point_name
 from regexp.train.trainer import train
@@ -51,9 +52,9 @@ def test_stacked_augmentation_is_each_members_lone_transform(input_shape):
     x = torch.randn(3, 16, d)
     out = t.augment(x)
     for m, (s, c) in enumerate(zip(shifts, scales)):
-        torch.set_rng_state(states[m])  # the lone run draws from the global generator
-        want, _ = _lone("augmentation", shift=s, scale=c, flip=True).transform_batch(
-            x[m].view(16, *input_shape), None, None)
+        torch.set_rng_state(states[m])  # a lone run's draws: the global generator, its own padding
+        xm = x[m].view(16, *input_shape)
+        want = augment(xm, draws(16, len(input_shape) != 2, s, c, True, CPU, xm.dtype), s)
         assert torch.equal(out[m], want.reshape(16, d)), m
         assert torch.equal(gens[m].get_state(), torch.get_rng_state())  # as many numbers drawn
     assert not torch.equal(out[0], x[0])
@@ -81,6 +82,26 @@ def test_stacked_fgsm_is_each_members_lone_fgsm():
     torch.testing.assert_close(out[0], want, atol=ATOL, rtol=RTOL)
     assert torch.equal((out[0] - x[0]).sign(), (want - x[0]).sign())  # every input moved its way
     assert torch.equal(out[1], x[1])  # ε = 0: the identity
+
+
+def test_stacked_adversarial_replaces_the_first_mix_fraction_of_each_members_batch():
+    """round(mix·B) = 3 of 9 examples: each member's first three become its own FGSM inputs
+    with its own ε, the rest and the labels stay as they were."""
+    from regexp.models.mlp import MLP
+
+    torch.manual_seed(0)
+    widths, eps = [6, 9], [0.25, 0.1]
+    models = [MLP(40, 10, w, 1, "relu") for w in widths]
+    net = StackedMLP(models, widths, 9, "relu", CPU)
+    regs = [{"adversarial": {"eps": e, "mix": 1 / 3}} for e in eps]
+    t, _ = _transforms(regs, (1, 40), widths)
+    x, y = torch.randn(2, 9, 40), torch.randint(0, 10, (2, 9))
+    out = t.adversarial(x, y, lambda xa, masks, used: net.forward(xa), net.weights, widths)
+    for m, (model, e) in enumerate(zip(models, eps)):
+        want = fgsm(model, x[m, :3], y[m, :3], e)
+        torch.testing.assert_close(out[m, :3], want, atol=ATOL, rtol=RTOL)
+        assert torch.allclose((out[m, :3] - x[m, :3]).abs(), torch.full_like(want, e), atol=1e-6)
+        assert torch.equal(out[m, 3:], x[m, 3:])
 
 
 def test_stacked_dropconnect_masks_are_the_lone_layers_masks():

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import read_scalars
+from conftest import lone_batch, read_scalars
 from regexp.errors import ConfigError
 from regexp.regularizers import REGULARIZERS
 from regexp.regularizers.base import Context
@@ -48,39 +48,65 @@ def compose(*overrides):
 
 
 # ---------------------------------------------------------------- norm penalties
-def _weights_np(model):
-    return [p.detach().numpy().astype(np.float64) for p in (model.body.weight, model.head.weight)]
+def _stacked_members(widths=(6, 4)):
+    """Two MLP members of different widths and the population's stacked network of them."""
+    from regexp.models.mlp import MLP
+    from regexp.population.stacked_mlp import StackedMLP
 
-
-@pytest.mark.parametrize("name,kw", [("weight_decay", {"lam": 0.3}), ("l1", {"lam": 0.3}),
-                                     ("elastic_net", {"lam1": 0.2, "lam2": 0.7})])
-def test_norm_penalty_values_and_gradients(name, kw):
     torch.manual_seed(0)
-    model = Tiny()
-    reg = make(name, **kw)
-    reg.attach(model)
-    pen = reg.penalty(model)
-    pen.backward()
-    ws = _weights_np(model)
-    if name == "weight_decay":
-        value, grads = 0.15 * sum((w ** 2).sum() for w in ws), [0.3 * w for w in ws]
-    elif name == "l1":
-        value, grads = 0.3 * sum(np.abs(w).sum() for w in ws), [0.3 * np.sign(w) for w in ws]
-    else:
-        value = sum(0.2 * np.abs(w).sum() + 0.35 * (w ** 2).sum() for w in ws)
-        grads = [0.2 * np.sign(w) + 0.7 * w for w in ws]
-    assert pen.item() == pytest.approx(value, rel=1e-6)
-    for p, g in zip((model.body.weight, model.head.weight), grads):
-        np.testing.assert_allclose(p.grad.numpy(), g, rtol=1e-6, atol=1e-7)
-    # biases are excluded by default: the penalty does not reach them
-    assert model.body.bias.grad is None and model.head.bias.grad is None
+    models = [MLP(4, 3, w, 2, "relu") for w in widths]
+    return models, StackedMLP(models, list(widths), max(widths), "relu", torch.device("cpu"))
+
+
+def _stacked_penalty(name, net, hp, biases):
+    """The penalty as the engine's LossTerms forms it: ``penalty_of`` on the stacked tensors
+    ``_penalized`` selects, each value (M,)."""
+    from types import SimpleNamespace
+
+    from regexp.population.engine import _penalized
+
+    hp = SimpleNamespace(**{k: torch.tensor(v) for k, v in hp.items()})
+    return REGULARIZERS[name].penalty_of([p for _, p in _penalized(net, biases)], hp, True)
+
+
+def _member_grads(net, m):
+    """Member m's gradient of every parameter under its lone model's names, unpadded."""
+    return net.member_state(m, [torch.zeros_like(p) if p.grad is None else p.grad for p in net.params])
+
+
+@pytest.mark.parametrize("name,kw", [("weight_decay", {"lam": [0.3, 0.05]}), ("l1", {"lam": [0.3, 0.05]}),
+                                     ("elastic_net", {"lam1": [0.2, 0.0], "lam2": [0.7, 0.4]})])
+def test_norm_penalty_values_and_gradients(name, kw):
+    models, net = _stacked_members()
+    pen = _stacked_penalty(name, net, kw, biases=False)
+    pen.sum().backward()  # members are independent: the sum's gradient is each one's own
+    for m, model in enumerate(models):
+        ws = {k: p.detach().numpy().astype(np.float64) for k, p in model.named_parameters() if p.dim() >= 2}
+        if name == "weight_decay":
+            lam = kw["lam"][m]
+            value, grads = lam / 2 * sum((w ** 2).sum() for w in ws.values()), {k: lam * w for k, w in ws.items()}
+        elif name == "l1":
+            lam = kw["lam"][m]
+            value = lam * sum(np.abs(w).sum() for w in ws.values())
+            grads = {k: lam * np.sign(w) for k, w in ws.items()}
+        else:
+            l1, l2 = kw["lam1"][m], kw["lam2"][m]
+            value = sum(l1 * np.abs(w).sum() + l2 / 2 * (w ** 2).sum() for w in ws.values())
+            grads = {k: l1 * np.sign(w) + l2 * w for k, w in ws.items()}
+        assert pen[m].item() == pytest.approx(value, rel=1e-6)
+        got = _member_grads(net, m)
+        for k, g in grads.items():
+            np.testing.assert_allclose(got[k].numpy(), g, rtol=1e-6, atol=1e-7)
+        # biases are excluded by default: the penalty does not reach them
+        assert all(torch.count_nonzero(got[k]) == 0 for k, p in model.named_parameters() if p.dim() < 2)
 
 
 def test_norm_penalty_can_include_biases():
-    model = Tiny()
-    reg = make("l1", lam=1.0, exclude_bias_and_norm=False)
-    expected = sum(p.abs().sum() for p in model.parameters())
-    assert reg.penalty(model).item() == pytest.approx(expected.item(), rel=1e-6)
+    models, net = _stacked_members()
+    pen = _stacked_penalty("l1", net, {"lam": [1.0, 1.0]}, biases=True)
+    for m, model in enumerate(models):
+        expected = sum(p.abs().sum() for p in model.parameters())
+        assert pen[m].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def _adam_np(w, grad_fn, lr, b1, b2, eps, steps, decoupled_lam=0.0):
@@ -95,31 +121,38 @@ def _adam_np(w, grad_fn, lr, b1, b2, eps, steps, decoupled_lam=0.0):
     return w
 
 
-def _run_trainer_steps(reg, w0, a, lr, steps):
-    """The trainer's step sequence: loss + penalty, backward, before_step, step, after_step."""
-    model = nn.Module()
-    model.w = nn.Parameter(torch.tensor(w0, dtype=torch.float64).reshape(1, -1))  # 2-D: a weight
-    reg.attach(model)
-    opt = torch.optim.Adam([model.w], lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    reg.ctx.optimizer = opt
+def _run_population_steps(name, w0, a, lam, lr, steps):
+    """One member's step sequence in the population engine: loss + its LossTerms penalty,
+    backward, Bucket.before_step's decoupled shrink, then the StackedOptimizer's Adam step."""
+    from types import SimpleNamespace
+
+    from regexp.population.optim import StackedOptimizer
+    from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
+
+    w = torch.tensor(w0, dtype=torch.float64).reshape(1, 1, -1).requires_grad_()  # member 0's 2-D weight
+    opt = StackedOptimizer("adam", [w], {"lr": [lr], "beta1": [0.9], "beta2": [0.999], "eps": [1e-8],
+                                         "weight_decay": [0.0]}, False, torch.device("cpu"))
+    lam_m = torch.tensor([lam], dtype=torch.float64)
     at = torch.tensor(a, dtype=torch.float64)
     for _ in range(steps):
-        loss = 0.5 * ((model.w[0] - at) ** 2).sum()  # E(w) = ½‖w − a‖², ∇E = w − a
-        pen = reg.penalty(model)
-        opt.zero_grad()
-        (loss + (pen if pen is not None else 0)).backward()
-        reg.before_step(model)
-        opt.step()
-        reg.after_step(model)
-    return model.w.detach()[0].numpy()
+        loss = 0.5 * ((w[0, 0] - at) ** 2).sum()  # E(w) = ½‖w − a‖², ∇E = w − a
+        if name == "weight_decay":
+            loss = loss + REGULARIZERS[name].penalty_of([w], SimpleNamespace(lam=lam_m), True).sum()
+        w.grad = None
+        loss.backward()
+        if name == "decoupled_weight_decay":  # as Bucket.before_step: η·factor and λ per member, float64
+            lr_m = opt.hp["lr"]
+            DecoupledWeightDecay.shrink_([w], lr_m.view(-1) if isinstance(lr_m, torch.Tensor) else lr_m, lam_m)
+        opt.step(1.0)
+    return w.detach()[0, 0].numpy()
 
 
 def test_coupled_and_decoupled_decay_under_adam_follow_their_textbook_updates():
     rng = np.random.default_rng(0)
     w0, a = rng.normal(size=5), rng.normal(size=5)
     lam, lr, steps = 0.5, 0.1, 4
-    coupled = _run_trainer_steps(make("weight_decay", lam=lam), w0, a, lr, steps)
-    decoupled = _run_trainer_steps(make("decoupled_weight_decay", lam=lam), w0, a, lr, steps)
+    coupled = _run_population_steps("weight_decay", w0, a, lam, lr, steps)
+    decoupled = _run_population_steps("decoupled_weight_decay", w0, a, lam, lr, steps)
     # L2: the penalty's gradient λw goes through Adam's normalisation
     want_coupled = _adam_np(w0, lambda w: (w - a) + lam * w, lr, 0.9, 0.999, 1e-8, steps)
     # decoupled: Adam on ∇E only, then −ηλw from the weights before the step
@@ -174,6 +207,13 @@ def test_soft_weight_sharing_gradients_equal_bishop(seed):
     np.testing.assert_allclose(mix.eta.grad.numpy(), d_eta, rtol=1e-9, atol=1e-12)
 
 
+def _sws_penalty(reg):
+    """λ·Ω as the population forms it (regexp/population/mixture.py: ``penalty_of`` on what
+    ``hypers`` gives), for one model's covered weights and its own mixture."""
+    m = reg.mixture
+    return reg.penalty_of(reg.params, reg.hypers(reg.lam, m.free_mu, m.xi, m.eta), False)
+
+
 def test_soft_weight_sharing_keeps_a_distribution_and_positive_variances():
     torch.manual_seed(0)
     model = Tiny()
@@ -184,7 +224,7 @@ def test_soft_weight_sharing_keeps_a_distribution_and_positive_variances():
     opt = torch.optim.SGD([{"params": list(model.parameters())}] + groups, lr=0.5)
     for _ in range(50):  # large steps: the unconstrained parameters move a lot
         opt.zero_grad()
-        reg.penalty(model).backward()
+        _sws_penalty(reg).backward()
         opt.step()
     pi = reg.mixture.log_pi().exp()
     assert torch.all(pi >= 0) and pi.sum().item() == pytest.approx(1.0, abs=1e-6)
@@ -212,7 +252,7 @@ def test_soft_weight_sharing_zero_component_with_fixed_pi0():
     opt = torch.optim.SGD([{"params": list(model.parameters())}] + reg.param_groups(), lr=0.1)
     for _ in range(10):
         opt.zero_grad()
-        reg.penalty(model).backward()
+        _sws_penalty(reg).backward()
         opt.step()
     assert reg.mixture.mu[0].item() == 0.0
     assert reg.mixture.log_pi().exp()[0].item() == pytest.approx(0.9, abs=1e-7)
@@ -262,7 +302,7 @@ def test_soft_weight_sharing_penalty_is_tau_over_n_times_omega_plus_the_gamma_hy
     ctx = Context(num_classes=3, n_train=50, device=torch.device("cpu"))
     reg = make("soft_weight_sharing", ctx, components=3, tau=0.2)
     reg.attach(model)
-    assert reg.penalty(model).item() == pytest.approx(0.2 / 50 * reg.mixture.omega(reg._weights()).item())
+    assert _sws_penalty(reg).item() == pytest.approx(0.2 / 50 * reg.mixture.omega(reg._weights()).item())
     alpha, beta = 30.0, 0.5
     hyper = make("soft_weight_sharing", ctx, components=3, tau=0.2, gamma_alpha=alpha, gamma_beta=beta)
     hyper.attach(model)
@@ -272,7 +312,7 @@ def test_soft_weight_sharing_penalty_is_tau_over_n_times_omega_plus_the_gamma_hy
         with torch.no_grad():
             hyper.mixture.xi.copy_(torch.tensor(xi))
         prior = hyper.mixture.omega(hyper._weights()) - gamma.log_prob(torch.exp(-torch.tensor(xi))).sum()
-        return hyper.penalty(model).item(), 0.2 / 50 * prior.item()
+        return _sws_penalty(hyper).item(), 0.2 / 50 * prior.item()
 
     (p1, want1), (p2, want2) = neg_log_posterior([-4.0, -3.0, -5.0]), neg_log_posterior([-2.0, -6.0, -3.5])
     assert p1 - p2 == pytest.approx(want1 - want2, rel=1e-5)
@@ -407,14 +447,23 @@ def test_mc_dropout_with_one_sample_equals_one_stochastic_pass():
     assert torch.allclose(mc3, sum(passes) / 3, atol=1e-6)
 
 
-def test_label_smoothing_equals_the_closed_form():
-    reg = make("label_smoothing", eps=0.2)
+@pytest.mark.parametrize("eps", [[0.2, 0.05], [0.2, 0.2], [0.0, 0.0]])
+def test_label_smoothing_equals_the_closed_form(eps):
+    # the population's data loss (LossTerms.loss), each member with its own ε or one shared
+    from types import SimpleNamespace
+
+    from regexp.population.engine import LossTerms
+
+    members = [SimpleNamespace(regs=[], cfg=OmegaConf.create({"regularizer": {"label_smoothing": {"eps": e}}}))
+               for e in eps]
+    terms = LossTerms(members, torch.device("cpu"), None)
     torch.manual_seed(0)
-    logits, y = torch.randn(7, 4), torch.randint(0, 4, (7,))
-    loss = F.cross_entropy(logits, y, **reg.loss_kwargs())
-    q = 0.8 * F.one_hot(y, 4).double() + 0.2 / 4
-    expected = -(q * F.log_softmax(logits.double(), 1)).sum(1).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    logits, y = torch.randn(2, 7, 4), torch.randint(0, 4, (2, 7))
+    loss = terms.loss(logits, y)
+    for m, e in enumerate(eps):
+        q = (1 - e) * F.one_hot(y[m], 4).double() + e / 4
+        expected = -(q * F.log_softmax(logits[m].double(), 1)).sum(1).mean()
+        assert loss[m].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_weight_noise_is_fresh_each_pass_and_never_stored():
@@ -442,13 +491,18 @@ def test_weight_noise_is_fresh_each_pass_and_never_stored():
 
 
 def test_input_noise_adds_zero_mean_noise_of_std_sigma():
-    reg = make("input_noise", sigma=0.5)
-    torch.manual_seed(0)
-    x, y = torch.zeros(200, 1, 100), torch.arange(200)
-    xn, yn = reg.transform_batch(x, y, None)
-    assert torch.equal(yn, y)
-    assert xn.mean().item() == pytest.approx(0.0, abs=0.01)
-    assert xn.std().item() == pytest.approx(0.5, rel=0.01)
+    # the population's draw (StepNoise.noisy_input), each member with its own σ
+    from regexp.population.dropout import MemberDropout
+    from regexp.population.noise import StepNoise
+
+    cpu = torch.device("cpu")
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    drop = MemberDropout([0.0, 0.0], [0.0, 0.0], gens, [4, 4], 100, 4, 1, cpu, True)
+    x = torch.zeros(2, 200, 100)
+    xn = StepNoise(drop, [0.5, 0.1], None, [False, False], cpu).noisy_input(x)
+    for m, sigma in enumerate((0.5, 0.1)):
+        assert xn[m].mean().item() == pytest.approx(0.0, abs=0.02 * sigma)
+        assert xn[m].std().item() == pytest.approx(sigma, rel=0.01)
 
 
 # ---------------------------------------------------------------- activity penalties
@@ -467,11 +521,13 @@ def test_activity_penalties_match_their_formulas(name):
     kw = {"alpha": 0.3} if name == "activity_l1" else {"alpha": 0.3, "gamma": 2.0}
     reg = make(name, **kw)
     reg.attach(model)
+    for s in sites(model, "hidden"):
+        s.record = True
     x = torch.randn(8, 1, 40)
     model(x)
     hs = [s.last for s in sites(model, "hidden")]
     assert len(hs) == 2 and hs[0].shape == (8, 100)
-    pen = reg.penalty(model)
+    pen = reg.activity_of(hs, reg.cfg, False)
     if name == "activity_l1":
         expected = 0.3 * sum(h.detach().abs().sum() for h in hs) / 8
     else:
@@ -485,6 +541,12 @@ def test_activity_penalties_match_their_formulas(name):
 
 
 # ---------------------------------------------------------------- gradient-norm penalty
+def _grad_norm_penalty(model, loss, x, y, **kw):
+    """The regularizer's ``batch_penalty_of`` on one model's step, with the config's values."""
+    reg = make("gradient_norm_penalty", **kw)
+    return reg.batch_penalty_of(lone_batch(model, loss, x, y), reg.cfg, False)
+
+
 def test_gradient_norm_penalty_full_mode_equals_the_closed_form_of_a_quadratic():
     # L(w) = ‖Xw − t‖²/(2n): ∇L = A w − c with A = XᵀX/n, c = Xᵀt/n, so
     # Ω = λ‖Aw − c‖² and ∇Ω = 2λA(Aw − c) (Barrett & Dherin 2021's implicit term, by hand)
@@ -492,7 +554,7 @@ def test_gradient_norm_penalty_full_mode_equals_the_closed_form_of_a_quadratic()
     model = nn.Linear(3, 1, bias=False).double()
     x, t = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     loss = 0.5 * (model(x).squeeze(1) - t).pow(2).mean()
-    pen = make("gradient_norm_penalty", lam=0.3).batch_penalty(model, loss, x, t, {})
+    pen = _grad_norm_penalty(model, loss, x, t, lam=0.3)
     a, c, w = x.T @ x / 8, x.T @ t / 8, model.weight.detach().squeeze(0)
     g = a @ w - c
     assert pen.item() == pytest.approx(0.3 * g.dot(g).item(), rel=1e-12)
@@ -524,8 +586,7 @@ def test_gradient_norm_penalty_sgd_mode_is_the_mean_micro_batch_gradient_norm():
 
     def penalty(mode, k=3):
         loss = F.cross_entropy(model(x), y)
-        return make("gradient_norm_penalty", lam=0.2, mode=mode, micro_batches=k).batch_penalty(
-            model, loss, x, y, {})
+        return _grad_norm_penalty(model, loss, x, y, lam=0.2, mode=mode, micro_batches=k)
 
     assert penalty("sgd").item() == pytest.approx(0.2 * expected.item(), rel=1e-12)
     assert penalty("full").item() == pytest.approx(0.2 * _sq(whole).item(), rel=1e-12)
@@ -583,11 +644,11 @@ def test_small_step_gradient_descent_plus_the_penalty_follows_the_large_step():
     start = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
 
     def gd(lr, lam):
-        model, reg = copy.deepcopy(start), make("gradient_norm_penalty", lam=lam)
+        model = copy.deepcopy(start)
         params = list(model.parameters())
         for _ in range(round(2.0 / lr)):
             loss = F.cross_entropy(model(x), y)
-            step = torch.autograd.grad(loss + reg.batch_penalty(model, loss, x, y, {}), params)
+            step = torch.autograd.grad(loss + _grad_norm_penalty(model, loss, x, y, lam=lam), params)
             with torch.no_grad():
                 for p, g in zip(params, step):
                     p -= lr * g
@@ -704,7 +765,7 @@ def test_1d_shift_moves_the_signal_by_whole_positions():
 
 
 def test_image_crop_and_flip():
-    from regexp.regularizers.augmentation import crop_2d
+    from regexp.regularizers.augmentation import augment, crop_2d, draws
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 6)
@@ -712,8 +773,8 @@ def test_image_crop_and_flip():
     assert torch.equal(out[0], x[0])  # offset (pad, pad) is the original image
     padded = F.pad(x[1], (2, 2, 2, 2))
     assert torch.equal(out[1], padded[:, 0:5, 4:10])
-    reg = make("augmentation", shift=0, flip=True)
-    flipped, _ = reg.transform_batch(x.repeat(200, 1, 1, 1), None, None)
+    many = x.repeat(200, 1, 1, 1)
+    flipped = augment(many, draws(len(many), True, 0, 0.0, True, many.device, many.dtype), 0)
     same = (flipped == x.repeat(200, 1, 1, 1)).flatten(1).all(1)
     mirrored = (flipped == x.flip(-1).repeat(200, 1, 1, 1)).flatten(1).all(1)
     assert torch.all(same | mirrored) and 0.4 < mirrored.float().mean().item() < 0.6
@@ -734,10 +795,7 @@ def test_fgsm_moves_each_input_by_exactly_eps_in_sign_direction():
     assert torch.equal(torch.sign(x_adv - x), torch.sign(g))
     assert all(p.grad is None for p in model.parameters())  # the parameters are not touched
     assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
-    # in training, the first round(mix·B) examples are replaced
-    reg = make("adversarial", eps=0.25, mix=1 / 3)
-    xb, yb = reg.transform_batch(x, y, model)
-    assert torch.allclose(xb[:3], x_adv[:3]) and torch.equal(xb[3:], x[3:]) and torch.equal(yb, y)
+    # which examples a training step replaces: tests/test_population_transforms.py
 
 
 # ---------------------------------------------------------------- transfer

@@ -11,6 +11,7 @@ import torch
 from regexp.config import validate
 from regexp.errors import ConfigError
 from regexp.models.mlp import MLP
+from regexp.population.pretext import MemberPretext
 from regexp.regularizers.base import Context
 from regexp.regularizers.masked_reconstruction import MaskedReconstruction, masked_mse, segment_mask
 from regexp.sweep import read_csv
@@ -65,14 +66,20 @@ def test_the_batch_is_masked_and_the_loss_is_the_masked_mse_of_the_reconstructio
     reg = _regularizer(segment=4, fill=-7.0)
     model = reg.wrap_model(MLP(40, 10, 8, 1))
     assert model.head.out_features == 40  # one output per position: the reconstruction head
-    x, y = torch.randn(16, 1, 40), torch.randint(0, 10, (16,))
-    xm, ym = reg.transform_batch(x, y, model)
-    mask = reg._mask
-    assert torch.equal(ym, y) and (mask.sum(1) == 4).all()
-    assert (xm[:, 0][mask] == -7.0).all() and torch.equal(xm[:, 0][~mask], x[:, 0][~mask])
-    out = model(xm)
-    expected = ((out - x.flatten(1)) ** 2)[mask].mean()
-    torch.testing.assert_close(reg.data_loss(model, out, y, None, {}), expected)
+    # the population's pretext step (regexp/population/pretext.py), one member per generator
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    pretext = MemberPretext(reg.cfg.segment, reg.cfg.fill, gens, (1, 40), torch.device("cpu"))
+    x = torch.randn(2, 16, 40)
+    xm = pretext.draw(x)
+    out = torch.stack([model(xm[m].view(16, 1, 40)) for m in range(2)])
+    loss = pretext.loss(out)
+    assert not torch.equal(pretext.mask[0], pretext.mask[1])  # each member its own segments
+    for m in range(2):
+        mask = pretext.mask[m]
+        assert (mask.sum(1) == 4).all()
+        assert (xm[m][mask] == -7.0).all() and torch.equal(xm[m][~mask], x[m][~mask])
+        expected = ((out[m] - x[m]) ** 2)[mask].mean()
+        torch.testing.assert_close(loss[m], expected)
 
 
 @pytest.mark.parametrize("segment,shape,key", [(40, (1, 40), "regularizer.masked_reconstruction.segment=40"),

@@ -31,12 +31,12 @@ def test_kl_penalty_value_and_gradient(activation):
     model = MLP(6, 3, width=5, depth=2, act=activation).double()
     reg = make_kl(alpha=0.7, rho=0.1)
     reg.attach(model)
+    for s in sites(model, "hidden"):
+        s.record = True
     model(torch.randn(8, 1, 6, dtype=torch.float64))
-    hs = []
-    for s in sites(model, "hidden"):  # leaves, to read the penalty's gradient in the activations
-        s.last = s.last.detach().requires_grad_()
-        hs.append(s.last)
-    value = reg.penalty(model)
+    # leaves, to read the penalty's gradient in the activations
+    hs = [s.last.detach().requires_grad_() for s in sites(model, "hidden")]
+    value = reg.activity_of(hs, reg.cfg, False)
     value.backward()
     want = 0.0
     for h in hs:
@@ -55,8 +55,8 @@ def test_kl_penalty_is_zero_at_the_target_rate():
     model = MLP(6, 3, width=2, depth=1, act="sigmoid")
     reg = make_kl(rho=0.25)
     reg.attach(model)
-    model.hidden[-1].last = torch.tensor([[0.5, 0.0], [0.0, 0.5]])  # both units' mean is 0.25
-    assert reg.penalty(model).item() == pytest.approx(0.0, abs=1e-7)
+    rates = torch.tensor([[0.5, 0.0], [0.0, 0.5]])  # both units' mean is 0.25
+    assert reg.activity_of([rates], reg.cfg, False).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_kl_penalty_refuses_activations_that_are_no_rates():

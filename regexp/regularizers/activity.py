@@ -1,32 +1,22 @@
-"""Shared by the activity penalties: the hidden activations of the last forward pass, and the
-hook both engines call.
+"""Shared by the activity penalties: the check that a model has hidden units, and the helpers
+of their formulas.
 
 An activity penalty's formula is written once, as ``activity_of(hs, hp, stacked, units)``:
 ``hs`` are the hidden activations, one tensor per hidden layer, ``hp`` its hyperparameters.
-A lone run passes its model's (B, ...) activations with the config's values and gets a
-scalar; the population engine passes its stacked (M, B, width) activations with an (M,)
-tensor per numeric key and ``units``, the (M, 1, width) mask of each member's real units
-(a narrower member's padded units are zero there; a list, one per hidden layer, where layers
-differ in width: a CNN's stages, an MLP's ``model.widths``), and gets one value per member.
+The population engine passes the (M, B, width) activations its stacked forward recorded with
+an (M,) tensor per numeric key and ``units``, the (M, 1, width) mask of each member's real
+units (a narrower member's padded units are zero there; a list, one per hidden layer, where
+layers differ in width: a CNN's stages, an MLP's ``model.widths``), and gets one value per
+member; ``stacked=False`` is the same formula on one model's (B, ...) activations (a scalar).
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
 import torch
-import torch.nn as nn
 
-from regexp.models.sites import hidden_sites, sites
+from regexp.models.sites import hidden_sites
 from regexp.regularizers.base import Regularizer
-
-
-def record_hidden(model: nn.Module, regularizer: str) -> None:
-    for s in hidden_sites(model, regularizer):
-        s.record = True
-
-
-def hidden_activations(model: nn.Module) -> List[torch.Tensor]:
-    return [s.last for s in sites(model, "hidden") if s.last is not None]
 
 
 Units = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
@@ -44,13 +34,10 @@ def batch_sum(t: torch.Tensor, stacked: bool) -> torch.Tensor:
 
 
 class ActivityPenalty(Regularizer):
-    """A penalty on the hidden activations: records them, and applies ``activity_of`` to them."""
+    """A penalty on the hidden activations, ``activity_of``, for a model that has some."""
 
     def attach(self, model) -> None:
-        record_hidden(model, self.name)
-
-    def penalty(self, model) -> torch.Tensor:
-        return self.activity_of(hidden_activations(model), self.cfg, False)
+        hidden_sites(model, self.name)  # refuses a model without hidden units
 
     def activity_of(self, hs: List[torch.Tensor], hp, stacked: bool, units: Units = None) -> torch.Tensor:
         raise NotImplementedError

@@ -28,7 +28,7 @@ import torch
 
 from regexp.errors import ConfigError
 from regexp.models.layers import ACTIVATIONS
-from regexp.regularizers.activity import ActivityPenalty, Units, layer_units, record_hidden
+from regexp.regularizers.activity import ActivityPenalty, Units, layer_units
 from regexp.regularizers.base import member_sum, per_member, register
 
 EPS = 1e-6
@@ -55,7 +55,7 @@ class ActivityKL(ActivityPenalty):
               "rho": (lambda v: 0 < v < 1, "a number in (0, 1)")}
 
     def attach(self, model) -> None:
-        record_hidden(model, self.name)
+        super().attach(model)
         # the model's own activation modules say what its hidden units emit
         found = {name for name, kind in ACTIVATIONS.items() if any(isinstance(m, kind) for m in model.modules())}
         if len(found) != 1 or not found <= set(SQUASH):

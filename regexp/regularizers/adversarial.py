@@ -2,7 +2,8 @@
 
 In each training batch a fraction ``mix`` of the examples (the batch is already shuffled, so
 the first ones) is replaced by its FGSM version against the current model; the loss is then
-(1 − mix)·L(clean) + mix·L(adversarial), Goodfellow's mixed objective. The report gives the
+(1 − mix)·L(clean) + mix·L(adversarial), Goodfellow's mixed objective (:func:`fgsm` on the
+population's stacked forward, regexp/population/transforms.py). The report gives the
 test accuracy on clean and on FGSM inputs side by side.
 
 With ``pgd_steps > 0`` the report adds the accuracy under an L∞ PGD attack (Madry et al. 2018):
@@ -79,13 +80,6 @@ class Adversarial(Regularizer):
         steps = self.cfg.pgd_steps
         alpha = self.cfg.pgd_step_size if self.cfg.pgd_step_size is not None else 2.5 * eps / max(steps, 1)
         return eps, steps, alpha
-
-    def transform_batch(self, x, y, model):
-        k = round(self.cfg.mix * len(x))
-        if k == 0 or self.cfg.eps == 0:
-            return x, y
-        x_adv = fgsm(model, x[:k], y[:k], self.cfg.eps)
-        return torch.cat([x_adv, x[k:]]), y
 
     def report(self, model, tensors, evaluate) -> Dict[str, float]:
         x, y = tensors["test"]

@@ -5,6 +5,9 @@
   positions beyond the ends repeat the edge value.
 - Images (N, C, H, W): a random crop of the image zero-padded by ``shift`` pixels (a random
   translation) and, with ``flip``, a horizontal flip with probability 1/2.
+
+The population transforms each member's batch with :func:`draws` and :func:`augment`
+(regexp/population/transforms.py).
 """
 from __future__ import annotations
 
@@ -83,7 +86,3 @@ class Augmentation(Regularizer):
 
     ranges = {"shift": (lambda v: v >= 0, "an integer >= 0"),
               "scale": (lambda v: 0 <= v < 1, "a number in [0, 1)")}
-
-    def transform_batch(self, x, y, model):
-        c = self.cfg
-        return augment(x, draws(len(x), x.dim() != 3, c.shift, c.scale, c.flip, x.device, x.dtype), c.shift), y

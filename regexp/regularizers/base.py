@@ -1,46 +1,49 @@
 """The regularizer interface and its registry.
 
-A regularizer may act at any of these points of a training step; each hook has a no-op
-default, so a regularizer overrides only what it changes:
+Every run trains in the population engine (regexp/population/engine.py; a lone run is a
+population of one), which computes every member's step at once on stacked weights (leading
+dimension: the member). A regularizer is written as its config, the formulas that step calls,
+and the per-member hooks the engine calls on each member's own instance with the member's lone
+model (built as a lone run builds it; the engine copies the member's stacked slice into it
+before its logs, its report and its checkpoints):
 
-- ``wrap_model(model)``: replace the model before anything else sees it (an ensemble puts K
-  members behind one module); returns the model to train.
-- ``attach(model)``: change the model once, before training (dropout sets its sites).
+- ``Config`` (a dataclass) and ``ranges`` (key -> (predicate, description), checked by
+  ``validate``, which a regularizer may extend for checks across keys).
+- ``wrap_model(model)``: replace the lone model before anything else sees it (an ensemble puts
+  K members behind one module, masked_reconstruction replaces the head); returns the model.
+- ``attach(model)``: change the lone model once, before training (dropout sets its sites, an
+  activity penalty refuses a model without hidden units, multi_task builds its head).
 - ``param_groups()``: its own learned parameters, as optimizer groups with their own lr.
-- ``transform_batch(x, y, model)``: the training batch (input noise, augmentation, FGSM).
-- ``loss_kwargs()``: arguments of the cross-entropy (label smoothing).
-- ``data_loss(model, logits, y, idx, loss_kwargs)``: replace the cross-entropy of the batch
-  (``idx``: the batch's positions in the training set), e.g. per-member bootstrap-weighted
-  losses of an ensemble; None keeps the ordinary cross-entropy.
-- ``penalty(model)``: a term added to the loss (norm penalties, priors); logged as
-  ``penalty/<name>``.
-- ``penalty_of(params, hp, stacked)`` (classmethod, optional): a penalty on the weights alone,
-  written once for both engines: ``penalty(model)`` calls it on the model's weights with the
-  config's values, the population engine on its stacked weights (leading dimension: the
-  member) with an (M,) tensor per numeric key, and gets one value per member.
-- ``population_hp(regs, named, stack)`` (classmethod, optional): what ``penalty_of`` needs for
-  stacked weights beyond the config's numbers (parameter tying's reference tensors), from the
-  members' attached instances ``regs``, the (name, stacked tensor) pairs ``penalty_of`` gets and
+- ``penalty_of(params, hp, stacked)`` (classmethod): a term added to the loss that depends on
+  the weights alone (norm penalties, priors), logged as ``penalty/<name>``. The engine passes
+  the stacked trainable weights (the biases and norm parameters too only when the config has
+  ``exclude_bias_and_norm: false``) and ``hp``, the config's values, each float whose key
+  compat.MEMBER_KEYS lets members differ in as an (M,) tensor; it returns one value per member.
+  ``stacked=False`` is the same formula on one model's tensors (0-dim).
+- ``population_hp(regs, named, stack)`` (classmethod, optional): what ``penalty_of`` needs
+  beyond the config's numbers (parameter tying's reference tensors), from the members' attached
+  instances ``regs``, the (name, stacked tensor) pairs ``penalty_of`` gets and
   ``stack(per_member_tensors, like)``, which pads each member's tensor into ``like``'s shape.
-- ``activity_of(hs, hp, stacked, units)`` (optional): the same for a penalty on the hidden
-  activations ``hs`` (regexp/regularizers/activity.py).
-- ``batch_penalty(model, loss, x, y, loss_kwargs)``: the same, for a term that needs the
-  training batch and its data loss (a penalty on the loss's gradient differentiates the
-  loss); by default the ``penalty(model)`` above.
-- ``batch_penalty_of(batch, hp, stacked)`` (classmethod, optional): such a term written once
-  for both engines, on a :class:`Batch` (the batch, its data loss, a fresh forward pass and
-  the parameters): ``batch_penalty`` calls it on the model, the population engine on its
-  stacked network ((M,) values, one per member).
-- ``before_step(model)``: after backward and gradient clipping, right before the optimizer
-  step (decoupled weight decay shrinks the weights there, as AdamW does).
-- ``after_step(model)``: after each optimizer step.
+- ``activity_of(hs, hp, stacked, units)``: the same for a penalty on the hidden activations
+  ``hs`` the stacked forward recorded (regexp/regularizers/activity.py).
+- ``batch_penalty_of(batch, hp, stacked)`` (classmethod): the same for a term that needs the
+  training batch and its data loss (a penalty on the loss's gradient differentiates the loss),
+  on a :class:`Batch`.
 - ``epoch_end(model, row)``: after each evaluation, with that epoch's metrics; return True
-  to stop training (early stopping). Set ``restores_best = True`` to have the trainer load
-  the best-validation weights back before the final evaluation.
+  to stop training (early stopping). Set ``restores_best = True`` to have the best-validation
+  weights loaded back before the final evaluation.
 - ``report(model, tensors, evaluate)``: extra numbers for ``metrics.json``'s ``extra`` after
   training (MC-dropout accuracy, accuracy on FGSM inputs, after quantization ...).
 - ``log(writer, epoch)``: anything worth a TensorBoard plot; ``state_dict()`` /
   ``load_state_dict()``: state a checkpoint must carry.
+
+A loss term defined through one of the three ``*_of`` formulas is picked up by the engine's
+``LossTerms`` (``penalizes()``). What a regularizer does to the batch (input noise,
+augmentation, FGSM), to the data loss (label smoothing, an ensemble's bootstrap weights, a
+pretext loss), to the forward pass (dropout, weight noise, DropConnect) or to the update
+(decoupled weight decay) is stacked code in regexp/population/ that calls functions written
+once in the regularizer's module (``augment``, ``fgsm``, ``shrink_`` ...); which regularizers
+and models a population accepts is listed in regexp/population/compat.py.
 """
 from __future__ import annotations
 
@@ -49,7 +52,6 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 REGULARIZERS: Dict[str, Type["Regularizer"]] = {}
@@ -64,8 +66,8 @@ def register(cls: Type["Regularizer"]) -> Type["Regularizer"]:
 class Context:
     """What a regularizer may need to know about the run it joins.
 
-    ``optimizer`` is set by the trainer once it exists (after ``attach`` and
-    ``param_groups``), for regularizers that act in the update, such as decoupled decay.
+    ``optimizer``: a member has no torch optimizer; the engine sets a stand-in whose
+    ``param_groups[0]["lr"]`` is the member's current learning rate (decoupled decay logs it).
     ``seed`` is the run's seed, for regularizers that draw their own random numbers.
     """
     num_classes: int
@@ -84,8 +86,8 @@ class Context:
 class Batch:
     """A training step as a batch penalty sees it, alone or stacked (leading dim: the member).
 
-    ``x``: the step's inputs after ``transform_batch`` (lone: (B, *input_shape); stacked:
-    (M, B, D), flattened); ``loss``: their data loss (0-dim or (M,)); ``forward``: inputs ->
+    ``x``: the step's inputs after its batch transforms (stacked: (M, B, D), flattened; lone:
+    (B, *input_shape)); ``loss``: their data loss (0-dim or (M,)); ``forward``: inputs ->
     logits, a fresh training-mode pass that draws its own dropout masks, as calling the model
     again does; ``data_loss``: (logits, y) -> the run's cross-entropy (label smoothing
     included); ``params``: every trainable parameter."""
@@ -96,13 +98,6 @@ class Batch:
     data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     params: List[torch.Tensor]
     input_shape: Tuple[int, ...]
-
-    @classmethod
-    def of_model(cls, model: nn.Module, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                 loss_kwargs: Dict[str, Any]) -> "Batch":
-        """A lone run's step (what ``batch_penalty`` is given)."""
-        return cls(x, y, loss, model, lambda logits, t: F.cross_entropy(logits, t, **loss_kwargs),
-                   [p for p in model.parameters() if p.requires_grad], tuple(x.shape[1:]))
 
 
 class Regularizer:
@@ -141,33 +136,11 @@ class Regularizer:
     def param_groups(self) -> List[dict]:
         return []
 
-    def transform_batch(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module):
-        return x, y
-
-    def loss_kwargs(self) -> Dict[str, Any]:
-        return {}
-
-    def data_loss(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-                  loss_kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
-        return None
-
-    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
-        return None
-
-    def batch_penalty(self, model: nn.Module, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                      loss_kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
-        return self.penalty(model)
-
     @classmethod
     def penalizes(cls) -> bool:
-        """Whether it adds a loss term (and a ``penalty/<name>`` curve)."""
-        return cls.penalty is not Regularizer.penalty or cls.batch_penalty is not Regularizer.batch_penalty
-
-    def before_step(self, model: nn.Module) -> None:
-        pass
-
-    def after_step(self, model: nn.Module) -> None:
-        pass
+        """Whether it adds a loss term (and a ``penalty/<name>`` curve): through its
+        ``penalty_of``, ``activity_of`` or ``batch_penalty_of``."""
+        return cls.penalty_of is not None or cls.activity_of is not None or cls.batch_penalty_of is not None
 
     def epoch_end(self, model: nn.Module, row: Dict[str, float]) -> bool:
         return False
@@ -188,13 +161,6 @@ class Regularizer:
 
 def build_regularizers(cfg, ctx: Context) -> List[Regularizer]:
     return [REGULARIZERS[name](rcfg, ctx) for name, rcfg in cfg.items()]
-
-
-def weight_params(model: nn.Module, exclude_bias_and_norm: bool) -> List[nn.Parameter]:
-    """Parameters a norm penalty applies to. Biases and normalization scales/shifts are the
-    one-dimensional parameters, so ``exclude_bias_and_norm`` keeps those of two or more."""
-    return [p for p in model.parameters()
-            if p.requires_grad and (p.dim() >= 2 or not exclude_bias_and_norm)]
 
 
 def member_sum(t: torch.Tensor, stacked: bool) -> torch.Tensor:

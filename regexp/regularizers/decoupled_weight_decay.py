@@ -28,17 +28,6 @@ class DecoupledWeightDecay(Regularizer):
 
     ranges = {"lam": NONNEG}
 
-    def attach(self, model) -> None:
-        self._targets = {id(p) for p in model.parameters()
-                         if p.dim() >= 2 or not self.cfg.exclude_bias_and_norm}
-
-    @torch.no_grad()
-    def before_step(self, model) -> None:
-        for group in self.ctx.optimizer.param_groups:
-            params = [p for p in group["params"] if id(p) in self._targets and p.grad is not None]
-            if params:
-                self.shrink_(params, group["lr"], self.cfg.lam)
-
     @staticmethod
     @torch.no_grad()
     def shrink_(params, lr, lam) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from regexp.regularizers.base import Regularizer, member_sum, register, weight_params
+from regexp.regularizers.base import Regularizer, member_sum, register
 from regexp.regularizers.l1 import NONNEG
 
 
@@ -21,9 +21,6 @@ class ElasticNet(Regularizer):
         exclude_bias_and_norm: bool = True
 
     ranges = {"lam1": NONNEG, "lam2": NONNEG}
-
-    def penalty(self, model) -> torch.Tensor:
-        return self.penalty_of(weight_params(model, self.cfg.exclude_bias_and_norm), self.cfg, False)
 
     @classmethod
     def penalty_of(cls, params, hp, stacked: bool) -> torch.Tensor:

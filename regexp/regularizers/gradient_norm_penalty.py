@@ -25,7 +25,7 @@ generator, as the lone run's do.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import List
 
 import torch
 
@@ -54,10 +54,6 @@ class GradientNormPenalty(Regularizer):
     ranges = {"lam": (lambda v: v >= 0, "a number >= 0"),
               "mode": (lambda v: v in MODES, " or ".join(MODES)),
               "micro_batches": (lambda v: v >= 1, "an integer >= 1")}
-
-    def batch_penalty(self, model, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                      loss_kwargs: Dict[str, Any]) -> torch.Tensor:
-        return self.batch_penalty_of(Batch.of_model(model, loss, x, y, loss_kwargs), self.cfg, False)
 
     @classmethod
     def batch_penalty_of(cls, batch: Batch, hp, stacked: bool) -> torch.Tensor:

@@ -2,13 +2,12 @@
 
 For small σ this is, in expectation, the clean loss plus a penalty on the loss's gradient
 with respect to the input (Bishop 1995: training with noise ≈ Tikhonov regularization).
-Evaluation sees clean inputs.
+Evaluation sees clean inputs. The population draws each member's noise with its own σ
+(``StepNoise`` in regexp/population/noise.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from regexp.regularizers.base import Regularizer, register
 
@@ -22,9 +21,6 @@ class InputNoise(Regularizer):
         sigma: float = 0.1
 
     ranges = {"sigma": (lambda v: v >= 0, "a number >= 0")}
-
-    def transform_batch(self, x, y, model):
-        return x + self.cfg.sigma * torch.randn_like(x), y
 
     def log(self, writer, epoch: int) -> None:
         writer.scalars({"input_noise/sigma": self.cfg.sigma}, epoch)

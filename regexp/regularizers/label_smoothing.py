@@ -1,4 +1,7 @@
-"""Label smoothing: train against (1-ε)·onehot(y) + ε/K instead of the one-hot target."""
+"""Label smoothing: train against (1-ε)·onehot(y) + ε/K instead of the one-hot target.
+
+The population's data loss applies it, each member with its own ε (``LossTerms.loss`` in
+regexp/population/engine.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +18,3 @@ class LabelSmoothing(Regularizer):
         eps: float = 0.1
 
     ranges = {"eps": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")}
-
-    def loss_kwargs(self):
-        return {"label_smoothing": self.cfg.eps}

@@ -90,14 +90,6 @@ class MaskedReconstruction(Regularizer):
             head.weight.device)
         return model
 
-    def transform_batch(self, x, y, model):
-        self._target = x
-        self._mask = segment_mask(len(x), x.shape[-1], self.cfg.segment, device=x.device)
-        return hide(x, self._mask, self.cfg.fill), y
-
-    def data_loss(self, model, logits, y, idx, loss_kwargs):
-        return masked_mse(logits, self._target, self._mask)
-
     @torch.no_grad()
     def report(self, model, tensors, evaluate) -> Dict[str, float]:
         x, _ = tensors["test"]

@@ -13,8 +13,9 @@ the model's own outputs, evaluation and saved weights are those of the single-ta
 
 The auxiliary term is logged as ``penalty/multi_task``. The targets belong to the generated
 signals: an input transformation (``augmentation``) changes a signal's shift but not its target.
-The term is :func:`aux_term`, for a lone head and for a population's stacked heads
-(``regexp.population.aux_heads``).
+The term is :func:`aux_term` on a population's stacked heads (``regexp.population.aux_heads``,
+listed in ``regexp.population.compat.BATCH_TERMS``); the regularizer builds each member's head,
+targets, report and checkpoint.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ class MultiTask(Regularizer):
                       if len(ctx.data.y_val) else None)
         self.aux = nn.Linear(head.in_features, len(cols)).to(ctx.device)
         head.register_forward_pre_hook(self._keep_features)
-        self._features = self._term = None
+        self._features = None
 
     def standardize(self, f: torch.Tensor) -> torch.Tensor:
         return (f - self.mean) / self.std
@@ -102,23 +103,13 @@ class MultiTask(Regularizer):
     def _keep_features(self, module, inputs) -> None:
         self._features = inputs[0]
 
+    @classmethod
+    def penalizes(cls) -> bool:
+        # a loss term with no ``*_of`` formula: the engine computes it from its stacked heads
+        return True
+
     def param_groups(self) -> List[dict]:
         return [{"params": list(self.aux.parameters())}]
-
-    def data_loss(self, model, logits, y, idx, loss_kwargs):
-        # Called right after the batch's forward pass, with the batch's positions in the training
-        # set, which the penalty hook is not given: the auxiliary term is computed here, from the
-        # features that forward pass left, and added by ``batch_penalty``; the data loss stays
-        # the cross-entropy (None).
-        self._term = aux_term(self.aux.weight, self.aux.bias, self._features, self.z_train[idx], self.cfg.lam, False)
-        return None
-
-    def batch_penalty(self, model, loss, x, y, loss_kwargs) -> torch.Tensor:
-        term, self._term = self._term, None
-        if term is None:
-            raise ConfigError(f"{KEY} cannot be combined with a regularizer that replaces the data loss "
-                              "(ensemble, bagging): it never sees the batch's auxiliary targets")
-        return term
 
     @torch.no_grad()
     def report(self, model, tensors, evaluate) -> Dict[str, float]:

@@ -27,12 +27,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from regexp.errors import ConfigError
 from regexp.regularizers.base import Regularizer, member_sum, register
@@ -120,10 +118,6 @@ class ParameterTying(Regularizer):
                  ", ".join(self.tied), ", ".join(self.free) or "none")
 
     # ---------------------------------------------------------------- the penalty
-    def penalty(self, model) -> torch.Tensor:
-        return self.penalty_of([w for w, _ in self.pairs], SimpleNamespace(lam=self.cfg.lam, ref=[r for _, r in
-                                                                                              self.pairs]), False)
-
     @classmethod
     def penalty_of(cls, params, hp, stacked: bool) -> torch.Tensor:
         """``hp.ref``: the reference of each of ``params`` (stacked and zero-padded like them in a
@@ -171,31 +165,11 @@ class ParameterTying(Regularizer):
         self.order = torch.Generator().manual_seed(seed)
         self.perm: Optional[torch.Tensor] = None
         self.step = 0  # position in the partner's epoch
-        self.batch = None
         self.sums = torch.zeros(2, device=ctx.device)  # the epoch's partner loss and examples
         return partner
 
     def param_groups(self) -> List[dict]:
         return [{"params": list(self.partner.parameters())}] if self.cfg.mode == "joint" else []
-
-    def transform_batch(self, x, y, model):
-        if self.cfg.mode == "joint":  # one partner batch per step (SAM's second pass reuses it)
-            bs = self.cfg.partner_batch_size or len(y)
-            bs = min(bs, len(self.y))
-            if self.perm is None or self.step * bs >= len(self.y):
-                self.perm, self.step = torch.randperm(len(self.y), generator=self.order).to(self.x.device), 0
-            idx = self.perm[self.step * bs:(self.step + 1) * bs]
-            self.batch, self.step = (self.x[idx], self.y[idx]), self.step + 1
-        return x, y
-
-    def batch_penalty(self, model, loss, x, y, loss_kwargs) -> torch.Tensor:
-        if self.cfg.mode != "joint":
-            return self.penalty(model)
-        self.partner.train()
-        partner_loss = F.cross_entropy(self.partner(self.batch[0]), self.batch[1])
-        self.sums += torch.stack([partner_loss.detach() * len(self.batch[1]), partner_loss.new_tensor(
-            float(len(self.batch[1])))])
-        return partner_loss + self.penalty(model)
 
     @torch.no_grad()
     def distance(self) -> float:

@@ -224,10 +224,6 @@ class SoftWeightSharing(Regularizer):
     def param_groups(self) -> List[dict]:
         return [{"params": list(self.mixture.parameters()), "lr": self.cfg.lr}]
 
-    def penalty(self, model) -> torch.Tensor:
-        m = self.mixture
-        return self.penalty_of(self.params, self.hypers(self.lam, m.free_mu, m.xi, m.eta), False)
-
     def hypers(self, lam, free_mu: torch.Tensor, xi: torch.Tensor, eta: torch.Tensor, masks=None) -> SimpleNamespace:
         """What ``penalty_of`` reads: this config's values with the given λ and mixture parameters
         (a population's: (M,) λ, (M, 1, K) parameters, and each weight's real entries)."""

@@ -32,12 +32,11 @@ run's does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Callable, List
 
 import torch
 
 from regexp.errors import ConfigError
-from regexp.models.sites import sites
 from regexp.regularizers.augmentation import crop_2d, shift_scale_1d
 from regexp.regularizers.base import Batch, Regularizer, member_sum, register
 
@@ -99,15 +98,6 @@ class TangentProp(Regularizer):
         if len(shape) == 3 and list(cfg.tangents) != ["shift"]:
             raise ConfigError(f"regularizer.tangent_prop.tangents={list(cfg.tangents)} is invalid for images: "
                               "expected [shift] (scale is defined for 1-D signals)")
-
-    def batch_penalty(self, model, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                      loss_kwargs: Dict[str, Any]) -> torch.Tensor:
-        # the extra forward pass must not replace the activations the activity penalties read
-        kept = [(s, s.last) for s in sites(model)]
-        value = self.batch_penalty_of(Batch.of_model(model, loss, x, y, loss_kwargs), self.cfg, False)
-        for s, last in kept:
-            s.last = last
-        return value
 
     @classmethod
     def batch_penalty_of(cls, batch: Batch, hp, stacked: bool) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from regexp.regularizers.base import Regularizer, member_sum, register, weight_params
+from regexp.regularizers.base import Regularizer, member_sum, register
 
 
 @register
@@ -23,9 +23,6 @@ class WeightDecay(Regularizer):
         exclude_bias_and_norm: bool = True
 
     ranges = {"lam": (lambda v: v >= 0, "a number >= 0")}
-
-    def penalty(self, model) -> torch.Tensor:
-        return self.penalty_of(weight_params(model, self.cfg.exclude_bias_and_norm), self.cfg, False)
 
     @classmethod
     def penalty_of(cls, params, hp, stacked: bool) -> torch.Tensor:
