@@ -1,7 +1,7 @@
 """Everything random a lone run draws in one training step, drawn per member in its order.
 
-A lone MLP step draws from the global generator, in this order: Gaussian input noise
-(``input_noise``, a ``transform_batch`` before the forward pass), then for each linear layer
+A member's MLP step draws from its own generator, in this order: Gaussian input noise
+(``input_noise``, before the forward pass), then for each linear layer
 the dropout mask of its input (``dropout``) and its weight transforms (``weight_noise``'s
 noise, ``dropconnect``'s mask, drawn as the layer runs, in the order they were attached).
 Each member's generator (see :mod:`regexp.population.dropout`) draws the same numbers in the
@@ -91,7 +91,7 @@ class StepNoise:
         return (x, *self.forward_draws(x.shape[1], weights, widths))
 
     def noisy_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``input_noise``'s transform_batch of inputs (M, B, D), each member its own σ."""
+        """``input_noise`` on inputs (M, B, D), each member its own σ."""
         return x + self.s_in * self._normal(x.shape, [(x.shape[1], x.shape[2])] * x.shape[0])
 
     def forward_draws(self, batch: int, weights: List[torch.Tensor], widths: List[int]

@@ -74,7 +74,7 @@ class StackedPartners:
 
     def draw(self, batch: int) -> None:
         """The step's partner batch of every member (``batch``: A's, the partner's size unless
-        ``partner_batch_size`` is set), as the lone ``transform_batch`` draws it."""
+        ``partner_batch_size`` is set), from each member's own partner order."""
         bs = min(self.batch_size or batch, self.n)
         if self.perm is None or self.step * bs >= self.n:
             self.perm = torch.stack([torch.randperm(self.n, generator=r.order) for r in self.regs]).to(self.device)
@@ -89,7 +89,7 @@ class StackedPartners:
         logits = self.net.forward(xb).float()
         m, b, c = logits.shape
         ce = F.cross_entropy(logits.reshape(m * b, c), yb.reshape(-1), reduction="none").view(m, b).mean(1)
-        # every pass counts, as the lone batch_penalty counts SAM's second one too
+        # every pass counts, SAM's second one too
         self.sums += torch.stack([ce.detach() * b, torch.full_like(ce, float(b)).detach()], 1)
         own = {name: p for name, p, _ in net.named_params()}
         other = {name: p for name, p, _ in self.net.named_params()}

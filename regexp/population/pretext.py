@@ -1,9 +1,8 @@
 """``masked_reconstruction`` in a population: each member's masked segments and its data loss.
 
-A lone step draws the segment starts (``segment_mask``) from the global generator in
-``transform_batch``, before the forward pass; each member draws them from its own generator
-(the one its dropout masks and noise come from, :mod:`regexp.population.dropout`) at the same
-point of the step, so with a CPU run its segments are exactly its lone run's. The data loss is
+Each member draws its segment starts (``segment_mask``) from its own generator (the one its
+dropout masks and noise come from, :mod:`regexp.population.dropout`) before the forward pass,
+so a member's segments do not depend on the other members. The data loss is
 the regularizer's own ``masked_mse``, per member.
 """
 from __future__ import annotations

@@ -162,7 +162,7 @@ class StackedGRU(GridStack):
 
     def named_params(self) -> List[tuple]:
         """(name, stacked tensor, is_weight) in nn.Module order; weights are the lone model's
-        parameters of two or more dimensions, as ``weight_params`` and the grad-norm log count them."""
+        parameters of two or more dimensions, as the penalties and the grad-norm log count them."""
         return [(n, p, len(self.dims[j]) >= 2) for j, (n, p) in enumerate(zip(self.names, self.params))]
 
     @property

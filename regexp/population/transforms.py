@@ -1,8 +1,8 @@
-"""A population's training batches transformed as each member's lone run transforms its own.
+"""A population's training batches, each member's transformed with its own draws and values.
 
-A lone step passes its batch through every regularizer's ``transform_batch`` in config order
-(``input_noise``, ``augmentation``, ``adversarial``), then runs the forward pass. Here each
-member's batch goes through the same functions, written once in the regularizers' modules:
+A step passes each member's batch through the batch regularizers in config order
+(``input_noise``, ``augmentation``, ``adversarial``), then runs the forward pass; the
+transforms are functions written once in the regularizers' modules:
 
 - ``augmentation``: each member's shifts and scales (crops and flips for images) are
   :func:`~regexp.regularizers.augmentation.draws` from its own generator (exact mode: the
