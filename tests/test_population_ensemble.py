@@ -225,7 +225,7 @@ def test_an_interrupted_ensemble_population_resumes_exactly(compose_cfg, tmp_pat
     whole = train_population(base, points, tmp_path / "whole")
     steps = -(-len(load_data(base.data, 0).y_train) // BATCH)
     # the loop asks once per step and once after each epoch's end: stop in the middle of epoch 2
-    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(steps + 1 + steps // 2))
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(steps + steps // 2))
     stopped = train_population(base, points, tmp_path / "cut")
     monkeypatch.undo()
     for p, m in zip(points, stopped):
