@@ -228,23 +228,18 @@ def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor, batch: int,
-                     counts: Optional[torch.Tensor] = None, runs: Optional[Runs] = None
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy and accuracy of every run on its (N, D) inputs, as (M,) tensors
-    (``counts``: see :meth:`StackedMLP.eval_logits`; ``runs``: whose slices' logits make one
-    prediction, an ensemble's; none: each slice is a run)."""
-    if runs is not None:
-        y = runs.labels(y)
+def evaluate_members(net: StackedMLP, runs: Runs, x: torch.Tensor, y: torch.Tensor, batch: int,
+                     counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy of every run on its slices' (N, D) inputs, as (M,) tensors,
+    of the prediction its slices' logits make (``counts``: see :meth:`StackedMLP.eval_logits`)."""
+    y = runs.labels(y)
     m, n = y.shape
     loss = torch.zeros(m, device=x.device)
     correct = torch.zeros(m, device=x.device)
     # rows whose logits are reduced together (member by member: many cache-sized chunks)
     block = max(batch, EVAL_BLOCK) if net.loop else batch
     for j in range(0, n, block):
-        logits = net.eval_logits(x[:, j:j + block], batch, counts).float()  # (S, C, rows)
-        if runs is not None:
-            logits = runs.logits(logits)  # (M, C, rows)
+        logits = runs.logits(net.eval_logits(x[:, j:j + block], batch, counts).float())  # (M, C, rows)
         yb = y[:, j:j + block]
         lp = F.log_softmax(logits, 1)  # over C, vectorized across the rows (see nll_rows)
         loss -= lp.gather(1, yb.unsqueeze(1)).sum((1, 2))
@@ -971,7 +966,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 hidden = len(b.net.weights) - 1
                 counts = torch.zeros(len(b.members), 2, dtype=torch.long, device=x.device) \
                     if s == "test" and hidden else None  # hidden units off, as a lone run counts them
-                l, a = evaluate_members(b.net, x, y, chunk, counts, runs)
+                l, a = evaluate_members(b.net, runs, x, y, chunk, counts)
                 evals[s] = (l.tolist(), a.tolist())
                 if counts is not None:
                     units = torch.tensor([b.net.hidden_units(k) * y.shape[1] for k in range(len(b.members))],
@@ -984,40 +979,40 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         probed = b.probes.measure_members(b.probe_inputs())
     diverged, improved = [], []
     hist_every = cfg.logger.histogram_every
-    for k, m in enumerate(runs.members):
-        sl = runs.slices(k)
+    for i, m in enumerate(runs.members):
+        sl = runs.slices(i)
         lr = b.opt.lr_of(sl[0], lr_factor_now)  # a run's slices share its lr
-        if not finite(sums[k]):
+        if not finite(sums[i]):
             m.status, m.epochs = "diverged", epoch
-            write_scalars(m.tb, {"diverged": 1.0, "loss/train_running": sums[k][0]}, epoch)
-            diverged.append(k)
+            write_scalars(m.tb, {"diverged": 1.0, "loss/train_running": sums[i][0]}, epoch)
+            diverged.append(i)
             continue
-        logs = {"loss/train_running": sums[k][0], "lr": lr}
-        logs.update({f"penalty/{r}": v for r, v in zip(b.terms.reg_names, sums[k][1:])})
-        logs["weights/l2_norm"] = l2[k]
+        logs = {"loss/train_running": sums[i][0], "lr": lr}
+        logs.update({f"penalty/{r}": v for r, v in zip(b.terms.reg_names, sums[i][1:])})
+        logs["weights/l2_norm"] = l2[i]
         if gn is not None:
-            for j, s in enumerate(sl):
-                # each member's own names (a skip on its first layer renames that layer)
-                weight_names = [own for (_, p, is_w), own in zip(b.net.named_params(), b.net.member_names[s])
+            for j, si in enumerate(sl):
+                # each slice's own names (a skip on its first layer renames that layer)
+                weight_names = [own for (_, p, is_w), own in zip(b.net.named_params(), b.net.member_names[si])
                                 if is_w and p.requires_grad]
-                logs.update({f"grad_norm/{runs.prefix(j)}{name}": v for name, v in zip(weight_names, gn[s])})
+                logs.update({f"grad_norm/{runs.prefix(j)}{name}": v for name, v in zip(weight_names, gn[si])})
         if evaluated:
             row = {"epoch": epoch}
             for s, (ls, acc) in evals.items():
-                row[f"{s}_loss"], row[f"{s}_acc"] = ls[k], acc[k]
-                logs[f"loss/{s}"], logs[f"acc/{s}"] = ls[k], acc[k]
+                row[f"{s}_loss"], row[f"{s}_acc"] = ls[i], acc[i]
+                logs[f"loss/{s}"], logs[f"acc/{s}"] = ls[i], acc[i]
                 if s == "test" and sparsity is not None:
-                    for key, v in zip(SPARSITY_KEYS, sparsity[k]):
+                    for key, v in zip(SPARSITY_KEYS, sparsity[i]):
                         row[f"test_{key}"] = logs[f"sparsity/test_{key}"] = v
             if not math.isfinite(row["train_loss"]):
                 m.status, m.epochs = "diverged", epoch
                 write_scalars(m.tb, {"diverged": 1.0}, epoch)
-                diverged.append(k)
+                diverged.append(i)
                 continue
             m.history.append(row)
             if m.improves(row):
                 m.best = dict(row)
-                improved.append(k)
+                improved.append(i)
             # early stopping: every regularizer sees the row, as in train(); the member is
             # written out by train_bucket (its hook reads the row, not the model's weights)
             m.stopped = any([r.epoch_end(m.model, row) for r in m.regs])
@@ -1031,15 +1026,15 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         elif probed is not None:  # so its final measurement draws where its lone run's does
             b.probes.generators[sl[0]].set_state(drawn[sl[0]])
         write_scalars(m.tb, logs, epoch)
-        for s in sl:
-            b.sync_member(s)
+        for si in sl:
+            b.sync_member(si)
         for r in m.regs:
             r.ctx.optimizer.param_groups[0]["lr"] = lr  # the stand-in's lr (_build_models)
             r.log(m.tb, epoch)
         if hist_every and epoch % hist_every == 0:
-            write_histograms(m.tb, runs.state(b, k, b.net.params), epoch)  # as tb.histograms: parameters
+            write_histograms(m.tb, runs.state(b, i, b.net.params), epoch)  # as tb.histograms: parameters
     if improved:
-        _update_best(b, [s for k in improved for s in runs.slices(k)])
+        _update_best(b, [si for i in improved for si in runs.slices(i)])
     return diverged
 
 
