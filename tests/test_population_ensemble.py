@@ -31,8 +31,9 @@ from regexp.sweep import point_config, point_name
 
 ATOL, RTOL = 1e-5, 1e-4
 N_TRAIN, BATCH, EPOCHS = 320, 32, 30  # 10 steps an epoch: 300 steps
-BASE = [f"data.n_train={N_TRAIN}", f"trainer.batch_size={BATCH}", "trainer.progress=false", "trainer.threads=1",
-        "trainer.device=cpu", "logger.histogram_every=0", "model.width=24", "model.depth=2"]
+RUN = [f"data.n_train={N_TRAIN}", f"trainer.batch_size={BATCH}", "trainer.progress=false", "trainer.threads=1",
+       "trainer.device=cpu", "logger.histogram_every=0"]
+BASE = RUN + ["model.width=24", "model.depth=2"]
 
 
 def _plain_mlp(in_dim: int, classes: int, width: int, depth: int) -> nn.Sequential:
@@ -169,6 +170,53 @@ def test_ensemble_members_of_a_population_equal_their_populations_of_one(compose
     assert sizes == [3, 1, 1, 1]
 
 
+# Each combination the population trains beside ensemble: two ensembles differing in seed and
+# a value (λ, ε, ρ, lr, patience) as one population, each equal to its population of one.
+@pytest.mark.parametrize("variant,values", [
+    (["regularizer=[ensemble,weight_decay]", "regularizer.ensemble.components=3", "optimizer=adam"],
+     ("regularizer.weight_decay.lam", 1e-4, 1e-2)),
+    # bagging's weights, each slice's smoothing, and one clipping norm over an owner's slices
+    (["regularizer=[ensemble,label_smoothing]", "regularizer.ensemble.bootstrap=true", "optimizer=momentum",
+      "trainer.grad_clip=0.5"], ("regularizer.label_smoothing.eps", 0.05, 0.2)),
+    # one leaves at epoch 2, the other at 3 (val_loss never improves by 1.0), the other going on without it
+    (["regularizer=[ensemble,early_stopping]", "optimizer=sgd", "trainer.epochs=4",
+      "regularizer.early_stopping.monitor=val_loss", "regularizer.early_stopping.min_delta=1.0"],
+     ("regularizer.early_stopping.patience", 1, 2)),
+    # activity penalties: each model's own hidden activations, summed over the K as over the Ensemble's sites
+    (["regularizer=[ensemble,activity_l1,activity_student_t]", "optimizer=adam"],
+     ("regularizer.activity_l1.alpha", 1e-4, 1e-3)),
+    (["regularizer=[ensemble,activity_kl]", "model.activation=sigmoid", "optimizer=adam"],
+     ("regularizer.activity_kl.alpha", 1e-3, 1e-2)),
+    # SAM's ascent under one norm over the K models, as over the Ensemble's parameters
+    (["regularizer=[ensemble]", "optimizer=sam"], ("optimizer.rho", 0.05, 0.2)),
+    # every stacked model: its K models as K slices (batch norm's running statistics per model)
+    (["regularizer=[ensemble]", "model=cnn_mnist1d", "model.norm=batch", "optimizer=momentum"],
+     ("optimizer.lr", 0.01, 0.05)),
+    (["regularizer=[ensemble]", "model=transformer", "model.depth=1", "model.heads=2", "model.mlp_ratio=2.0",
+      "model.embed_dim=8", "optimizer=momentum"], ("optimizer.lr", 0.01, 0.05)),
+    (["regularizer=[ensemble]", "model=gru", "optimizer=adam"], ("optimizer.lr", 0.001, 0.003)),
+], ids=["adam-decay", "bagging-smoothing-clip", "early-stopping", "activity-l1-student-t", "activity-kl", "sam",
+        "cnn-batch-norm", "transformer", "gru"])
+def test_ensemble_members_of_every_combination_equal_each_alone(compose_cfg, tmp_path, monkeypatch, variant, values):
+    mlp = [] if any(v.startswith("model=") for v in variant) else ["model.width=16", "model.depth=2"]
+    k = [] if any("components" in v for v in variant) else ["regularizer.ensemble.components=2"]
+    epochs = [] if any("epochs" in v for v in variant) else ["trainer.epochs=2"]
+    base = compose_cfg(RUN + mlp + k + epochs + variant)
+    key, a, b = values
+    points = [{"seed": 0, key: a}, {"seed": 1, key: b}]
+    sizes = _members(monkeypatch)
+    pop = train_population(base, points, tmp_path / "pop")
+    assert sizes == [2]  # one population of both
+    for p, run in zip(points, pop):
+        (alone,) = train_population(base, [p], tmp_path / "one")
+        assert run["status"] == alone["status"] == "completed"
+        assert run.get("stopped_epoch") == alone.get("stopped_epoch")
+        assert any(name.startswith("ensemble/") for name in run["extra"])  # the lone Ensemble's report
+        _assert_same_member(tmp_path / "pop" / point_name(p), tmp_path / "one" / point_name(p), run, alone)
+    if key.endswith("patience"):
+        assert [run.get("stopped_epoch") for run in pop] == [2, 3]
+
+
 def test_ensembles_with_weight_draws_equal_their_populations_of_one(compose_cfg, tmp_path, monkeypatch):
     # weight noise and DropConnect on every model's weights, each member drawing from its own generator
     base = compose_cfg(BASE + ["trainer.epochs=2", "regularizer=[ensemble,weight_noise,dropconnect]",
@@ -225,7 +273,7 @@ def test_an_interrupted_ensemble_population_resumes_exactly(compose_cfg, tmp_pat
     whole = train_population(base, points, tmp_path / "whole")
     steps = -(-len(load_data(base.data, 0).y_train) // BATCH)
     # the loop asks once per step and once after each epoch's end: stop in the middle of epoch 2
-    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(steps + 1 + steps // 2))
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(steps + steps // 2))
     stopped = train_population(base, points, tmp_path / "cut")
     monkeypatch.undo()
     for p, m in zip(points, stopped):

@@ -12,6 +12,11 @@ For relu MLPs without a penalty or label smoothing the gradient is written out b
 The step loop never reads a value back to the host; losses are summed on the device and read
 once per epoch, when a member whose loss is no longer finite is marked ``diverged``, written
 out, and dropped from the stacked tensors while the others go on.
+
+The stacked tensors hold slices; a run owns one slice, or K (an ensemble's models,
+``regexp/population/ensemble.py``). The step loop is per slice; everything after an epoch
+(evaluation, logs, stopping, checkpoints, final files, who stays) is per run, through the
+bucket's owner map ``Bucket.runs`` (``regexp/population/runs.py``), the identity for a run of one.
 """
 from __future__ import annotations
 
@@ -34,12 +39,14 @@ from regexp.population.aux_heads import StackedHeads
 from regexp.population.compat import MEMBER_KEYS
 from regexp.population.data import SPLITS, PopulationData, data_key
 from regexp.population.dropout import MemberDropout
+from regexp.population.ensemble import Owners, components
 from regexp.population.mixture import StackedMixtures, stacked_mixtures
 from regexp.population.member import Member, checkpoint_dict, finish, finite, write_histograms, write_scalars
 from regexp.population.noise import StepNoise
 from regexp.population.partner import StackedPartners, stacked_partners
 from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.pretext import MemberPretext
+from regexp.population.runs import Runs
 from regexp.population import tuning
 from regexp.population.stacked_cnn import StackedCNN
 from regexp.population.stacked_gru import StackedGRU
@@ -221,17 +228,18 @@ def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor,
-                     batch: int, counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy and accuracy of every member on its (N, D) inputs, as (M,) tensors
-    (``counts``: see :meth:`StackedMLP.eval_logits`)."""
+def evaluate_members(net: StackedMLP, runs: Runs, x: torch.Tensor, y: torch.Tensor, batch: int,
+                     counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy of every run on its slices' (N, D) inputs, as (M,) tensors,
+    of the prediction its slices' logits make (``counts``: see :meth:`StackedMLP.eval_logits`)."""
+    y = runs.labels(y)
     m, n = y.shape
     loss = torch.zeros(m, device=x.device)
     correct = torch.zeros(m, device=x.device)
     # rows whose logits are reduced together (member by member: many cache-sized chunks)
     block = max(batch, EVAL_BLOCK) if net.loop else batch
     for j in range(0, n, block):
-        logits = net.eval_logits(x[:, j:j + block], batch, counts).float()  # (M, C, rows)
+        logits = runs.logits(net.eval_logits(x[:, j:j + block], batch, counts).float())  # (M, C, rows)
         yb = y[:, j:j + block]
         lp = F.log_softmax(logits, 1)  # over C, vectorized across the rows (see nll_rows)
         loss -= lp.gather(1, yb.unsqueeze(1)).sum((1, 2))
@@ -240,10 +248,11 @@ def evaluate_members(net: StackedMLP, x: torch.Tensor, y: torch.Tensor,
 
 
 class Bucket:
-    """The stacked state of the members still training in one bucket."""
+    """The stacked state of the members (slices) still training in one bucket, and the runs
+    that own them (``runs``: slice i is run i, unless an ensemble's Owners attach)."""
 
-    # an ensemble's (regexp/population/ensemble.py): the owning run of each member (a slice), whose
-    # slices clip under one norm, and bagging's per-example weights of the loss
+    # an ensemble's (regexp/population/ensemble.py): the owning run of each slice, whose slices
+    # clip under one norm, and bagging's per-example weights of the loss
     owner: Optional[torch.Tensor] = None
     bagging = None
     shared_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # its K models see one batch
@@ -251,6 +260,7 @@ class Bucket:
     def __init__(self, members: List[Member], width: int, data: PopulationData, device: torch.device,
                  opts: Options):
         self.members, self.data, self.device = members, data, device
+        self.runs = Runs(members)
         cfg = members[0].cfg
         # batched until train_bucket knows the step's path (tuning.choose_loop decides then)
         if cfg.model.name == "cnn":
@@ -636,20 +646,20 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     during the loop, the others at its end)."""
     from regexp.train.trainer import resolve_device
 
-    if "ensemble" in members[0].cfg.regularizer:  # each member's K models are K stacked slices
-        from regexp.population.ensemble import train_ensembles
-        return train_ensembles(members, width, opts, data_cache, on_epoch, on_finish)
     cfg = members[0].cfg
     t = cfg.trainer
+    k = components(cfg)  # the stacked slices each member owns: an ensemble's K models, else 1
     device = resolve_device(t.device)
-    data = PopulationData([m.cfg for m in members], [data_key(m.cfg, m.point) for m in members], device,
-                          data_cache)
+    data = PopulationData([m.cfg for m in members for _ in range(k)],
+                          [data_key(m.cfg, m.point) for m in members for _ in range(k)], device, data_cache)
     bs = data.n if t.batch_size == "full" else int(t.batch_size)
     if bs > data.n:
         raise ConfigError(f"trainer.batch_size={bs} is invalid: expected at most {data.n}, the number of "
                           "training examples (or \"full\")")
-    _build_models(members, data, device)
-    b = Bucket(members, width, data, device, opts)
+    _build_models(members, data, device, k)
+    runs = Runs(members) if k == 1 else Owners(members, k)
+    b = Bucket(runs.slice_members(), width, data, device, opts)
+    runs.attach(b)
     steps = math.ceil(data.n / bs)
     loop = Loop(bs, steps, t.epochs * steps, _factor_table(cfg.scheduler, t.epochs * steps),
                 torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
@@ -659,14 +669,16 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     for m in members:
         m.tuning = tuned
     results: Dict[int, Dict] = {}
-    ids = {id(m): k for k, m in enumerate(members)}
+    ids = {id(m): i for i, m in enumerate(members)}
     epoch, perms, running, in_epoch = _restore(b, loop)  # (0, None, None, 0) for a fresh start
-    bar = tqdm(total=t.epochs, initial=epoch, desc=f"population w<={width} x{len(members)}", leave=False,
+    desc = f"population w<={width} x{len(members)}" + (f" (ensembles of {k})" if k > 1 else "")
+    bar = tqdm(total=t.epochs, initial=epoch, desc=desc, leave=False,
                disable=None if t.progress and on_epoch is None else True, dynamic_ncols=True)
     with StopFlag() as stop:
         # a signal during start-up: no step is taken, and no checkpoint written (nothing to go on from)
         started = signals.requested() is None
-        while started and epoch < t.epochs and b.members:
+        while started and epoch < t.epochs and runs.members:
+            # orders, loss sums and steps are per slice; what follows the epoch is per run
             if in_epoch == 0:
                 rows = data.epoch_index([m.order for m in b.members], b.member_set)
                 perms = rows - b.member_set.to(device)[:, None] * data.n
@@ -680,70 +692,71 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
             done = _epoch_end(b, epoch, running / data.n, grad_norms, loop.factor(loop.step), cfg, t)
             bar.update(1)
             if on_epoch is not None:
-                on_epoch(list(b.members))  # the diverged ones trained this epoch too
-            for k in done:
-                results[ids[id(b.members[k])]] = finish(b.members[k], device, diverged_epoch=epoch)
-                if on_finish is not None:
-                    on_finish(b.members[k], results[ids[id(b.members[k])]])
-            stopped = [k for k, m in enumerate(b.members) if m.stopped]
-            for k in stopped:  # its final files now, as train() writes them when it stops
-                m = b.members[k]
-                m.status = "completed"
-                ck = _checkpoint(b, k, loop, perms, running, 0)
-                if b.probes is not None:
-                    _stopped_probes(b, k, epoch)
-                results[ids[id(m)]] = _finish_completed(b, k, ck)
+                on_epoch(list(runs.members))  # the diverged ones trained this epoch too
+            for i in done:
+                m = runs.members[i]
+                results[ids[id(m)]] = finish(m, device, diverged_epoch=epoch)
                 if on_finish is not None:
                     on_finish(m, results[ids[id(m)]])
-            pruned = [k for k, m in enumerate(b.members) if m.pruned]
+            stopped = [i for i, m in enumerate(runs.members) if m.stopped]
+            for i in stopped:  # its final files now, as train() writes them when it stops
+                m = runs.members[i]
+                m.status = "completed"
+                ck = _checkpoint(b, i, loop, perms, running, 0)
+                if b.probes is not None:
+                    _stopped_probes(b, runs.slices(i)[0], epoch)
+                results[ids[id(m)]] = _finish_completed(b, i, ck)
+                if on_finish is not None:
+                    on_finish(m, results[ids[id(m)]])
+            pruned = [i for i, m in enumerate(runs.members) if m.pruned]
             if pruned and stop.requested:  # as train(): the run is recorded as interrupted instead
                 pruned = []
-            for k in pruned:  # its checkpoint and metrics.json, no final weights or probes
-                m = b.members[k]
+            for i in pruned:  # its checkpoint and metrics.json, no final weights or probes
+                m = runs.members[i]
                 m.status = "pruned"
-                results[ids[id(m)]] = finish(m, device, checkpoint=_checkpoint(b, k, loop, perms, running, 0))
+                results[ids[id(m)]] = finish(m, device, checkpoint=_checkpoint(b, i, loop, perms, running, 0))
                 if on_finish is not None:
                     on_finish(m, results[ids[id(m)]])
             done = done + stopped + pruned
             if done:
-                kept = [k for k in range(len(b.members)) if k not in done]
-                if not kept:  # every member is written out: nothing left to stack
-                    b.members = []
+                kept = [i for i in range(len(runs.members)) if i not in done]
+                if not kept:  # every run is written out: nothing left to stack
+                    runs.members = []
                     break
-                b.keep(kept)
-                sel = torch.tensor(kept, device=perms.device)
+                sel = torch.tensor(runs.keep(b, kept), device=perms.device)
                 perms, running = perms.index_select(0, sel), running.index_select(0, sel)
             if t.checkpoint_every and epoch % t.checkpoint_every == 0 and epoch < t.epochs:
-                for k, m in enumerate(b.members):  # as train() does: a killed sweep resumes from here
-                    save_torch(m.out_dir / "checkpoint.pt", _checkpoint(b, k, loop, perms, running, 0))
+                for i, m in enumerate(runs.members):  # as train() does: a killed sweep resumes from here
+                    save_torch(m.out_dir / "checkpoint.pt", _checkpoint(b, i, loop, perms, running, 0))
             if stop.requested:
                 break
     bar.close()
     status = "completed" if epoch >= t.epochs else "interrupted"
     # as train(): the checkpoint first, then the final probes on the weights model.pt holds
-    cks = [_checkpoint(b, k, loop, perms, running, 0) for k in range(len(b.members))] if status == "completed" else []
+    cks = ([_checkpoint(b, i, loop, perms, running, 0) for i in range(len(runs.members))]
+           if status == "completed" else [])
     if cks and b.probes is not None:
         _final_probes(b, epoch)
-    for k, m in enumerate(b.members):
+    for i, m in enumerate(runs.members):
         m.status, m.epochs, m.signal = status, epoch, stop.signum
-        # An interrupted member leaves train()'s checkpoint of where it stopped (mid-epoch too);
+        # An interrupted run leaves train()'s checkpoint of where it stopped (mid-epoch too);
         # re-launching the sweep resumes it from there.
-        results[ids[id(m)]] = (_finish_completed(b, k, cks[k]) if status == "completed"
-                               else finish(m, device, checkpoint=_checkpoint(b, k, loop, perms, running, in_epoch)
+        results[ids[id(m)]] = (_finish_completed(b, i, cks[i]) if status == "completed"
+                               else finish(m, device, checkpoint=_checkpoint(b, i, loop, perms, running, in_epoch)
                                            if started else None))
         if on_finish is not None:
             on_finish(m, results[ids[id(m)]])
-    return [results[k] for k in range(len(members))]
+    return [results[i] for i in range(len(members))]
 
 
 def _manual_ok(b: Bucket, opts: Options) -> bool:
     """Whether the bucket's step can skip autograd: relu MLPs of one width without norms or skips,
-    no penalty term, no label smoothing or pretext loss, no DropConnect (whose gradient passes
+    no penalty term, no label smoothing, pretext or bagging loss, no DropConnect (whose gradient passes
     through its mask), no frozen tensor, plain float32 eager forward (then the gradient is a few
     products written out by hand; a CNN or Transformer has none)."""
     return (b.net.manual_step is not None and not b.net.fancy and b.net.act is torch.relu
             and not b.terms.reg_names and b.terms.eps_common == 0.0 and not b.frozen and b.pretext is None
-            and not any(b.noise.connects) and not opts.bf16 and not opts.compile)
+            and not any(b.noise.connects) and b.bagging is None and not opts.bf16 and not opts.compile)
 
 
 def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
@@ -758,23 +771,29 @@ def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
     return lambda step: table[step] if 0 <= step <= total else f(step)
 
 
-def _checkpoint(b: Bucket, k: int, loop: Loop, perms: Optional[torch.Tensor], running: Optional[torch.Tensor],
+def _checkpoint(b: Bucket, i: int, loop: Loop, perms: Optional[torch.Tensor], running: Optional[torch.Tensor],
                 in_epoch: int) -> Dict:
-    """Member k's checkpoint.pt, in train()'s format, after ``loop.step`` steps."""
-    m = b.members[k]
-    b.sync_member(k)  # its regularizers' state (the mixture) goes into the checkpoint
-    best = b.net.member_state(k, b.best) if b.best is not None else None
-    sums = running[k].cpu() if running is not None else torch.zeros(1 + len(b.terms.reg_names))
-    opt_state = _member_opt_state(b, k)
+    """Run i's checkpoint.pt, in train()'s format, after ``loop.step`` steps."""
+    m, sl = b.runs.members[i], b.runs.slices(i)
+    # a run's slices share its lr, data order, heads, groups and probes (only a run of one slice
+    # has heads, groups or probes: nothing of theirs trains beside an ensemble)
+    first = sl[0]
+    for s in sl:
+        b.sync_member(s)  # its regularizers' state (the mixture) goes into the checkpoint
+    best = b.runs.state(b, i, b.best) if b.best is not None else None
+    sums = b.runs.per_run(running)[i].cpu() if running is not None else torch.zeros(1 + len(b.terms.reg_names))
+    opt_state = [st for s in sl for st in _member_opt_state(b, s)]  # the lone model's parameters, in order
     if b.heads is not None:  # the head's weights are the regularizer's (its state_dict)
-        b.heads.sync(k)
+        b.heads.sync(first)
     for g in b.extra_groups():  # each a further group of the lone optimizer, in its order
-        opt_state += g.member_opt_state(k)
-    return checkpoint_dict(m, b.net.member_state(k), opt_state, loop.total_steps,
-                           b.opt.lr_of(k, loop.factor(loop.step)), perms[k].cpu() if perms is not None else None,
-                           sums, best, steps_done=loop.step, step_in_epoch=in_epoch,
-                           probe_state=b.probes.state_dict(k) if b.probes is not None else None,
-                           factor=loop.factor(loop.step))
+        opt_state += g.member_opt_state(first)
+    with b.runs.checkpointing(b, i, running):
+        return checkpoint_dict(m, b.runs.state(b, i), opt_state, loop.total_steps,
+                               b.opt.lr_of(first, loop.factor(loop.step)),
+                               perms[first].cpu() if perms is not None else None, sums, best, steps_done=loop.step,
+                               step_in_epoch=in_epoch,
+                               probe_state=b.probes.state_dict(first) if b.probes is not None else None,
+                               factor=loop.factor(loop.step))
 
 
 def _final_probes(b: Bucket, epoch: int) -> None:
@@ -828,14 +847,14 @@ def _stopped_probes(b: Bucket, k: int, epoch: int) -> None:
     _record_final(lone, m, 0, epoch, lone.measure(m.model))
 
 
-def _finish_completed(b: Bucket, k: int, ck: Dict) -> Dict:
-    """Member k's final weights, best weights, checkpoint and reports, as train() leaves them."""
-    m = b.members[k]
-    state = b.net.member_state(k)
-    best = b.net.member_state(k, b.best) if b.best is not None else None
+def _finish_completed(b: Bucket, i: int, ck: Dict) -> Dict:
+    """Run i's final weights, best weights, checkpoint and reports, as train() leaves them."""
+    m, first = b.runs.members[i], b.runs.slices(i)[0]
+    state = b.runs.state(b, i)
+    best = b.runs.state(b, i, b.best) if b.best is not None else None
     if b.heads is not None:
-        b.heads.sync(k)
-    ds = b.data.sets[int(b.member_set[k])]  # the lone run's tensors, for report()
+        b.heads.sync(first)
+    ds = b.data.sets[int(b.member_set[first])]  # the lone run's tensors, for report()
     tensors = {s: tuple(v.to(b.device) for v in ds.split(s)) for s in SPLITS}
     return finish(m, b.device, state, best, ck, tensors=tensors, eval_batch=m.cfg.trainer.eval_batch_size)
 
@@ -867,9 +886,10 @@ def _restore(b: Bucket, loop: Loop) -> Tuple[int, Optional[torch.Tensor], Option
     return epoch, perms, running, in_epoch
 
 
-def _build_models(members: List[Member], data: PopulationData, device: torch.device) -> None:
+def _build_models(members: List[Member], data: PopulationData, device: torch.device, k: int = 1) -> None:
     """Each member's lone model, built exactly as train() builds it (and brought to its
-    checkpoint when it resumes), and its open log."""
+    checkpoint when it resumes), and its open log (``k``: the slices each owns; member i's data
+    are its first slice's)."""
     from regexp.models import build_model
     from regexp.models.summary import model_summary
     from regexp.regularizers import build_regularizers
@@ -879,7 +899,7 @@ def _build_models(members: List[Member], data: PopulationData, device: torch.dev
 
     for i, m in enumerate(members):
         m.out_dir.mkdir(parents=True, exist_ok=True)
-        ds = data.dataset(i)
+        ds = data.dataset(i * k)
         if len(ds.noisy_indices):
             write_json(m.out_dir / "label_noise.json", {"indices": ds.noisy_indices.tolist(),
                                                         "original_labels": ds.clean_labels.tolist()})
@@ -926,10 +946,13 @@ def _member_opt_state(b: Bucket, k: int) -> List[Dict[str, torch.Tensor]]:
 
 def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Optional[torch.Tensor],
                lr_factor_now: float, cfg, t) -> List[int]:
-    """Logs, evaluation, best-state tracking and the divergence check; return diverged members."""
-    sums = mean_terms.tolist()  # the one host read of the epoch's training losses
+    """Logs, evaluation, best-state tracking and the divergence check, per run; return the
+    diverged runs (``mean_terms`` and ``grad_norms`` are per slice)."""
+    runs = b.runs
+    sums = runs.per_run(mean_terms).tolist()  # the one host read of the epoch's training losses
     with torch.no_grad():
-        l2 = torch.sqrt(sum(p.pow(2).sum(dim=tuple(range(1, p.dim()))) for p in b.net.params)).tolist()
+        sq = sum(p.pow(2).sum(dim=tuple(range(1, p.dim()))) for p in b.net.params)
+        l2 = torch.sqrt(runs.per_run(sq)).tolist()
     gn = grad_norms.tolist() if grad_norms is not None else None
     evaluated = epoch % t.eval_every == 0 or epoch == t.epochs
     evals, sparsity = {}, None
@@ -943,12 +966,12 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
                 hidden = len(b.net.weights) - 1
                 counts = torch.zeros(len(b.members), 2, dtype=torch.long, device=x.device) \
                     if s == "test" and hidden else None  # hidden units off, as a lone run counts them
-                l, a = evaluate_members(b.net, x, y, chunk, counts)
+                l, a = evaluate_members(b.net, runs, x, y, chunk, counts)
                 evals[s] = (l.tolist(), a.tolist())
                 if counts is not None:
                     units = torch.tensor([b.net.hidden_units(k) * y.shape[1] for k in range(len(b.members))],
                                          device=x.device)
-                    sparsity = (counts.double() / units[:, None]).tolist()
+                    sparsity = (runs.per_run(counts.double()) / runs.per_run(units)[:, None]).tolist()
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
     probed = drawn = None
     if b.probes is not None and b.probes.due(epoch) and epoch < t.epochs:
@@ -956,38 +979,40 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
         probed = b.probes.measure_members(b.probe_inputs())
     diverged, improved = [], []
     hist_every = cfg.logger.histogram_every
-    lrs = [b.opt.lr_of(k, lr_factor_now) for k in range(len(b.members))]
-    for k, m in enumerate(b.members):
-        if not finite(sums[k]):
+    for i, m in enumerate(runs.members):
+        sl = runs.slices(i)
+        lr = b.opt.lr_of(sl[0], lr_factor_now)  # a run's slices share its lr
+        if not finite(sums[i]):
             m.status, m.epochs = "diverged", epoch
-            write_scalars(m.tb, {"diverged": 1.0, "loss/train_running": sums[k][0]}, epoch)
-            diverged.append(k)
+            write_scalars(m.tb, {"diverged": 1.0, "loss/train_running": sums[i][0]}, epoch)
+            diverged.append(i)
             continue
-        logs = {"loss/train_running": sums[k][0], "lr": lrs[k]}
-        logs.update({f"penalty/{r}": v for r, v in zip(b.terms.reg_names, sums[k][1:])})
-        logs["weights/l2_norm"] = l2[k]
+        logs = {"loss/train_running": sums[i][0], "lr": lr}
+        logs.update({f"penalty/{r}": v for r, v in zip(b.terms.reg_names, sums[i][1:])})
+        logs["weights/l2_norm"] = l2[i]
         if gn is not None:
-            # each member's own names (a skip on its first layer renames that layer)
-            weight_names = [own for (_, p, is_w), own in zip(b.net.named_params(), b.net.member_names[k])
-                            if is_w and p.requires_grad]
-            logs.update({f"grad_norm/{name}": v for name, v in zip(weight_names, gn[k])})
+            for j, si in enumerate(sl):
+                # each slice's own names (a skip on its first layer renames that layer)
+                weight_names = [own for (_, p, is_w), own in zip(b.net.named_params(), b.net.member_names[si])
+                                if is_w and p.requires_grad]
+                logs.update({f"grad_norm/{runs.prefix(j)}{name}": v for name, v in zip(weight_names, gn[si])})
         if evaluated:
             row = {"epoch": epoch}
             for s, (ls, acc) in evals.items():
-                row[f"{s}_loss"], row[f"{s}_acc"] = ls[k], acc[k]
-                logs[f"loss/{s}"], logs[f"acc/{s}"] = ls[k], acc[k]
+                row[f"{s}_loss"], row[f"{s}_acc"] = ls[i], acc[i]
+                logs[f"loss/{s}"], logs[f"acc/{s}"] = ls[i], acc[i]
                 if s == "test" and sparsity is not None:
-                    for key, v in zip(SPARSITY_KEYS, sparsity[k]):
+                    for key, v in zip(SPARSITY_KEYS, sparsity[i]):
                         row[f"test_{key}"] = logs[f"sparsity/test_{key}"] = v
             if not math.isfinite(row["train_loss"]):
                 m.status, m.epochs = "diverged", epoch
                 write_scalars(m.tb, {"diverged": 1.0}, epoch)
-                diverged.append(k)
+                diverged.append(i)
                 continue
             m.history.append(row)
             if m.improves(row):
                 m.best = dict(row)
-                improved.append(k)
+                improved.append(i)
             # early stopping: every regularizer sees the row, as in train(); the member is
             # written out by train_bucket (its hook reads the row, not the model's weights)
             m.stopped = any([r.epoch_end(m.model, row) for r in m.regs])
@@ -995,20 +1020,21 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             m.pruned = m.on_row is not None and bool(m.on_row(dict(row)))
             m.stopped = m.stopped and not m.pruned
         m.epochs = epoch
-        # train() skips the periodic probe of its last epoch
+        # train() skips the periodic probe of its last epoch (probes: runs of one slice)
         if probed is not None and not (m.stopped or m.pruned):
-            probe_record(m.probe_history, epoch, probed[k], logs)
+            probe_record(m.probe_history, epoch, probed[sl[0]], logs)
         elif probed is not None:  # so its final measurement draws where its lone run's does
-            b.probes.generators[k].set_state(drawn[k])
+            b.probes.generators[sl[0]].set_state(drawn[sl[0]])
         write_scalars(m.tb, logs, epoch)
-        b.sync_member(k)
+        for si in sl:
+            b.sync_member(si)
         for r in m.regs:
-            r.ctx.optimizer.param_groups[0]["lr"] = lrs[k]  # the stand-in's lr (_build_models)
+            r.ctx.optimizer.param_groups[0]["lr"] = lr  # the stand-in's lr (_build_models)
             r.log(m.tb, epoch)
         if hist_every and epoch % hist_every == 0:
-            write_histograms(m.tb, b.net.member_state(k, b.net.params), epoch)  # as tb.histograms: parameters
+            write_histograms(m.tb, runs.state(b, i, b.net.params), epoch)  # as tb.histograms: parameters
     if improved:
-        _update_best(b, improved)
+        _update_best(b, [si for i in improved for si in runs.slices(i)])
     return diverged
 
 
