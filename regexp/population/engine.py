@@ -199,7 +199,7 @@ class LossTerms:
 def _penalized(net: StackedMLP, biases: bool) -> List[Tuple[str, torch.Tensor]]:
     """(name, stacked tensor) of the parameters a weight penalty sees: the weights, and the
     biases unless the regularizer's exclude_bias_and_norm leaves them out."""
-    # as weight_params(): a frozen tensor (transfer's freeze) has no penalty
+    # a frozen tensor (transfer's freeze) has no penalty
     return [(name, p) for name, p, is_w in net.named_params() if (is_w or biases) and p.requires_grad]
 
 

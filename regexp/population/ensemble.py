@@ -51,7 +51,7 @@ def components(cfg) -> int:
 
 class Bagging:
     """Each slice's per-example losses weighted by its owner's bootstrap counts, as the lone
-    regularizer's data_loss: mean over the batch of counts[k, idx]·CE (label smoothing per slice)."""
+    run's data loss: mean over the batch of counts[k, idx]·CE (label smoothing per slice)."""
 
     def __init__(self, counts: torch.Tensor, eps: torch.Tensor):
         self.counts, self.eps = counts, eps  # (S, n) per slice, (S, 1)

@@ -4,8 +4,9 @@
 run's own model, member k > 0 is built again with its own seed (so ``components`` = 1 is the
 plain run). Each member is trained on its own cross-entropy (the data loss is Σₖ Lₖ, members do
 not see each other); with ``bootstrap`` member k's per-example losses are weighted by its
-bootstrap counts (bagging, see :mod:`bootstrap`). The ensemble predicts
-p(y|x) = (1/K) Σₖ pₖ(y|x) and returns its log, so the trainer's metrics are the ensemble's;
+bootstrap counts (bagging, see :mod:`bootstrap`). The K members train as K stacked slices of
+the run (regexp/population/ensemble.py). The ensemble predicts p(y|x) = (1/K) Σₖ pₖ(y|x) and
+returns its log, so the run's metrics are the ensemble's;
 ``report`` puts the mean member's metrics beside them, and the members' squared-error variance v
 and covariance c beside the ensemble's squared error and v/K + (K − 1)c/K (:mod:`ensemble_error`).
 """
@@ -28,11 +29,9 @@ class Ensemble(nn.Module):
     def __init__(self, members: List[nn.Module]):
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.last_logits: Optional[List[torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = [m(x) for m in self.members]
-        self.last_logits = logits if self.training else None  # for the per-member losses
         log_p = torch.stack([F.log_softmax(z, 1) for z in logits])
         return torch.logsumexp(log_p, 0) - math.log(len(logits))  # ln of the mean probability
 
@@ -86,13 +85,6 @@ class EnsembleRegularizer(Regularizer):
                 members.append(build_model(self.ctx.model_cfg, self.ctx.input_shape,
                                            self.ctx.num_classes))
         return Ensemble(members).to(self.ctx.device)
-
-    def data_loss(self, model, logits, y, idx, loss_kwargs):
-        losses = [F.cross_entropy(z, y, reduction="none", **loss_kwargs) for z in model.last_logits]
-        if self.counts is None:
-            return sum(l.mean() for l in losses)
-        w = self.counts[:, idx]
-        return sum((wk * l).mean() for wk, l in zip(w, losses))
 
     def report(self, model, tensors, evaluate) -> Dict[str, float]:
         out: Dict[str, float] = {}
