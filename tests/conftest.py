@@ -119,3 +119,17 @@ def lone_batch(model, loss, x, y):
 
     return Batch(x, y, loss, model, F.cross_entropy, [p for p in model.parameters() if p.requires_grad],
                  tuple(x.shape[1:]))
+
+
+def train_with_and_without(base, others, leaver, tmp_path, case: str):
+    """A population with ``leaver`` between two ``others``, and one without it; ``leaver``
+    diverges (case "diverged") or stops early ("stopped") before its fourth epoch."""
+    from regexp.population import train_population
+
+    with_it = train_population(base, [others[0], leaver, others[1]], tmp_path / "with")
+    without = train_population(base, others, tmp_path / "without")
+    if case == "diverged":
+        assert with_it[1]["status"] == "diverged" and with_it[1]["diverged_epoch"] < 4
+    else:
+        assert with_it[1]["status"] == "completed" and with_it[1]["stopped_epoch"] < 4
+    return with_it, without

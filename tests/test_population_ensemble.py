@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import StopAfter
+from conftest import StopAfter, train_with_and_without
 from regexp.data import load_data
 from regexp.population import train_population
 from regexp.sweep import point_config, point_name
@@ -302,12 +302,8 @@ def test_an_ensemble_leaving_early_changes_nothing_for_the_others(compose_cfg, t
     leaver = ({"seed": 2, "optimizer.lr": 1e6, "trainer.grad_clip": None} if case == "diverged" else
               {"seed": 2, "regularizer.early_stopping.patience": 1, "regularizer.early_stopping.monitor": "val_loss",
                "regularizer.early_stopping.min_delta": 10.0})
-    with_it = train_population(base, [others[0], leaver, others[1]], tmp_path / "with")
-    without = train_population(base, others, tmp_path / "without")
-    if case == "diverged":
-        assert with_it[1]["status"] == "diverged" and with_it[1]["diverged_epoch"] < 4
-    else:
-        assert with_it[1]["status"] == "completed" and with_it[1]["stopped_epoch"] < 4
+    with_it, without = train_with_and_without(base, others, leaver, tmp_path, case)
+    if case == "stopped":
         assert torch.load(tmp_path / "with" / point_name(leaver) / "model.pt", weights_only=True).keys() == \
             torch.load(tmp_path / "without" / point_name(others[0]) / "model.pt", weights_only=True).keys()
     for p, a, b in zip(others, [with_it[0], with_it[2]], without):

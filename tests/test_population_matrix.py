@@ -15,6 +15,7 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
+from conftest import train_with_and_without
 import regexp.population.engine as engine
 from regexp.data import load_data
 from regexp.errors import ConfigError
@@ -209,12 +210,7 @@ def test_a_member_leaving_early_changes_nothing_for_the_others(compose_cfg, tmp_
               {"model.width": 8, "seed": 2, "regularizer.early_stopping.patience": 1,
                "regularizer.early_stopping.monitor": "val_loss", "regularizer.early_stopping.min_delta": 10.0})
     base = compose_cfg(overrides)
-    with_it = train_population(base, [others[0], leaver, others[1]], tmp_path / "with")
-    without = train_population(base, others, tmp_path / "without")
-    if case == "diverged":
-        assert with_it[1]["status"] == "diverged" and with_it[1]["diverged_epoch"] < 4
-    else:
-        assert with_it[1]["status"] == "completed" and with_it[1]["stopped_epoch"] < 4
+    with_it, without = train_with_and_without(base, others, leaver, tmp_path, case)
     for p, a, b in zip(others, [with_it[0], with_it[2]], without):
         assert a["status"] == b["status"] == "completed" and a.get("stopped_epoch") is None
         assert a["history"] == b["history"] and a["best"] == b["best"] and a["final"] == b["final"]
