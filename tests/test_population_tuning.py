@@ -169,3 +169,42 @@ def test_a_population_measures_once_records_its_choice_and_then_reuses_it(compos
         assert a["final"] == b["final"]  # the same form, the same run
     on_disk = json.loads((tmp_path / "b" / point_name(points[0]) / "metrics.json").read_text())
     assert on_disk["population_tuning"]["loop"] is True
+
+
+# ---------------------------------------------------------------- evaluation chunks
+def _eval_bucket(device: str = "cpu"):
+    return SimpleNamespace(net=SimpleNamespace(width=100), members=[None] * 3, device=torch.device(device))
+
+
+def test_the_evaluation_chunk_is_the_fastest_budget_then_cached(cache, monkeypatch):
+    """Each distinct chunk is timed alike (budgets giving the same rows once, as the smallest);
+    the fastest is kept, and a second bucket of that shape reads it without evaluating."""
+    cost = {1: 5e-3, 4: 2e-3, 16: 3e-3, 64: 1e-3}  # per MiB of budget; 64 MiB is 16 MiB's chunk
+    clock = FakeClock(0, 0)
+    calls = []
+
+    def evaluate(budget: int) -> None:
+        calls.append(budget >> 20)
+        clock.now += cost[budget >> 20]
+
+    monkeypatch.setattr(tuning, "_clock", clock)
+    monkeypatch.setattr(tuning, "eval_key", lambda b, rows: f"eval pad{b.net.width} rows{rows}")
+    chunk_of = lambda budget: min(budget >> 20, 16) * 10  # rows: the split caps the 64 MiB chunk
+    got = tuning.choose_eval_budget(_eval_bucket(), 1 << 20, 4000, evaluate, chunk_of, scales=(1, 4, 16, 64))
+    assert got == 4 << 20
+    assert sorted(set(calls)) == [1, 4, 16] and calls.count(1) == calls.count(4) == calls.count(16) >= 3
+    entry = json.loads(cache.read_text())["machines"][tuning.machine_key()]["eval pad100 rows4000"]
+    assert entry == {"eval_bytes": 4 << 20, "eval_ms": {str(1 << 20): 5.0, str(4 << 20): 2.0, str(16 << 20): 3.0}}
+    again = tuning.choose_eval_budget(_eval_bucket(), 1 << 20, 4000, lambda b: pytest.fail("measured again"),
+                                      chunk_of, scales=(1, 4, 16, 64))
+    assert again == 4 << 20
+
+
+def test_one_possible_chunk_or_a_gpu_is_not_measured(cache):
+    never = lambda budget: pytest.fail("measured")
+    # every budget gives the whole split: nothing to choose
+    assert tuning.choose_eval_budget(_eval_bucket(), 1 << 20, 50, never, lambda budget: 50) == 1 << 20
+    # on other devices the largest chunk: kernel launches, not caches, set the cost there
+    assert tuning.choose_eval_budget(_eval_bucket("meta"), 1 << 20, 4000, never, lambda budget: budget >> 10) \
+        == 16 << 20
+    assert not cache.exists()

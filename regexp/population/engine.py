@@ -298,6 +298,7 @@ class Bucket:
                 _base_name(cfg.optimizer), ps, _member_hypers(members), bool(cfg.optimizer.get("nesterov", False)),
                 device, bool(cfg.optimizer.get("centered", False)), _amsgrad(cfg)), device)
         self.terms = LossTerms(members, device, self.net, self._stacked_penalties())
+        self.eval_bytes: Optional[int] = None  # the evaluation chunk's budget, chosen at the first evaluation
         if opts.compile and any(f[0].batch_penalty_of is not None for f in self.terms.forms.values()):
             raise ConfigError("extra.population.compile=true is invalid with tangent_prop or gradient_norm_penalty "
                               "(torch.compile has no double backward): expected false")
@@ -944,6 +945,24 @@ def _member_opt_state(b: Bucket, k: int) -> List[Dict[str, torch.Tensor]]:
     return out
 
 
+def _eval_chunk(b: Bucket, budget: int, limit: int) -> int:
+    """Rows per evaluation chunk whose hidden activations (every member's, or one member's in
+    the member-by-member form) fit in ``budget`` bytes."""
+    per_row = b.net.width if b.net.loop else len(b.members) * b.net.width
+    return max(1, min(limit, budget // (4 * per_row)))
+
+
+def _eval_budget(b: Bucket, limit: int) -> int:
+    """The bucket's evaluation chunk budget, timed on its largest split (population/tuning.py)."""
+    base = getattr(b.net, "eval_bytes", EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES)
+    x, y = max((b.data.split(s, b.member_set) for s in SPLITS), key=lambda xy: xy[1].shape[1])
+    if not y.shape[1]:
+        return base
+    return tuning.choose_eval_budget(
+        b, base, y.shape[1], lambda budget: evaluate_members(b.net, b.runs, x, y, _eval_chunk(b, budget, limit)),
+        lambda budget: min(_eval_chunk(b, budget, limit), y.shape[1]))
+
+
 def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Optional[torch.Tensor],
                lr_factor_now: float, cfg, t) -> List[int]:
     """Logs, evaluation, best-state tracking and the divergence check, per run; return the
@@ -957,12 +976,12 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
     evaluated = epoch % t.eval_every == 0 or epoch == t.epochs
     evals, sparsity = {}, None
     if evaluated:
+        if b.eval_bytes is None:
+            b.eval_bytes = _eval_budget(b, t.eval_batch_size)
         for s in SPLITS:
             x, y = b.data.split(s, b.member_set)
             if y.shape[1]:
-                per_chunk = b.net.width if b.net.loop else len(b.members) * b.net.width
-                budget = getattr(b.net, "eval_bytes", EVAL_LOOP_BYTES if b.net.loop else EVAL_BYTES)
-                chunk = max(1, min(t.eval_batch_size, budget // (4 * per_chunk)))
+                chunk = _eval_chunk(b, b.eval_bytes, t.eval_batch_size)
                 hidden = len(b.net.weights) - 1
                 counts = torch.zeros(len(b.members), 2, dtype=torch.long, device=x.device) \
                     if s == "test" and hidden else None  # hidden units off, as a lone run counts them
