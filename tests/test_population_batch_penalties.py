@@ -55,6 +55,7 @@ def _lone_value_and_grads(cls, model, hp, x, y):
 
 @pytest.mark.parametrize("name,hp", [
     ("tangent_prop", dict(tangents=["shift", "scale"], scale_step=0.05)),
+    ("tangent_prop", dict(tangents=["scale"], scale_step=(0.05, 0.2))),  # each member its own δ
     ("gradient_norm_penalty", dict(mode="full", micro_batches=4)),
     ("gradient_norm_penalty", dict(mode="sgd", micro_batches=3)),
 ])
@@ -64,12 +65,15 @@ def test_stacked_batch_penalty_is_each_members_lone_penalty_values_and_gradients
     lam = torch.tensor([0.3, 0.05])
     x = torch.randn(2, 12, 1, 40)  # each member its own batch
     y = torch.randint(0, 10, (2, 12))
-    pen = cls.batch_penalty_of(_stacked_batch(net, x, y), SimpleNamespace(lam=lam, **hp), True)
+    per_member = {k: v for k, v in hp.items() if isinstance(v, tuple)}  # (M,) in the stack, one each alone
+    stacked_hp = {**hp, **{k: torch.tensor(v) for k, v in per_member.items()}}
+    pen = cls.batch_penalty_of(_stacked_batch(net, x, y), SimpleNamespace(lam=lam, **stacked_hp), True)
     assert pen.shape == (2,)
     # members are independent: the sum's gradient is each one's own (J·v has no head-bias term)
     grads = torch.autograd.grad(pen.sum(), net.params, materialize_grads=True)
     for m, model in enumerate(models):
-        value, want = _lone_value_and_grads(cls, model, SimpleNamespace(lam=float(lam[m]), **hp), x[m], y[m])
+        own = {**hp, **{k: v[m] for k, v in per_member.items()}}
+        value, want = _lone_value_and_grads(cls, model, SimpleNamespace(lam=float(lam[m]), **own), x[m], y[m])
         assert pen[m].item() == pytest.approx(value.item(), rel=RTOL)
         got = net.member_state(m, list(grads))
         for (pname, _), w in zip(model.named_parameters(), want):
@@ -100,17 +104,17 @@ def test_stacked_masked_mse_is_each_members_value_and_gradient():
 def test_member_pretext_draws_each_lone_runs_segments_from_its_own_generator():
     members = [SimpleNamespace(dropout_gen=torch.Generator().manual_seed(s),
                                cfg=SimpleNamespace(regularizer={"masked_reconstruction": SimpleNamespace(
-                                   segment=4, fill=-1.0)})) for s in (3, 7)]
+                                   segment=4, fill=f)})) for s, f in ((3, -1.0), (7, 0.5))]
     pre = MemberPretext.of(members, (2, 10), torch.device("cpu"))
     x = torch.randn(2, 5, 20)
     for step in range(2):  # successive steps go on with each member's stream
         hidden = pre.draw(x)
-        for m, seed in enumerate((3, 7)):
+        for m, (seed, fill) in enumerate(((3, -1.0), (7, 0.5))):  # each its own fill value
             torch.manual_seed(seed)  # the lone run: the global generator from the member's state
             for _ in range(step + 1):
                 want = segment_mask(5, 10, 4)
             assert torch.equal(pre.mask[m], want)
-            assert torch.equal(hidden[m], hide(x[m].view(5, 2, 10), want, -1.0).view(5, 20))
+            assert torch.equal(hidden[m], hide(x[m].view(5, 2, 10), want, fill).view(5, 20))
     logits = torch.randn(2, 5, 20)
     assert torch.equal(pre.loss(logits), masked_mse(logits, x.view(2, 5, 2, 10), pre.mask, True))
 
@@ -119,8 +123,10 @@ def test_member_pretext_draws_each_lone_runs_segments_from_its_own_generator():
 def test_tangent_prop_members_match_lone_runs_with_dropout(compose_cfg, tmp_path):
     """λ and width differ; the extra forward pass draws its own dropout masks from each member's
     generator, after the step's own, as the lone run's second pass does."""
-    points = [{"model.width": 16, "regularizer.tangent_prop.lam": 0.05, "seed": 0},
-              {"model.width": 12, "regularizer.tangent_prop.lam": 0.5, "seed": 1}]
+    points = [{"model.width": 16, "regularizer.tangent_prop.lam": 0.05, "regularizer.tangent_prop.scale_step": 0.05,
+               "seed": 0},
+              {"model.width": 12, "regularizer.tangent_prop.lam": 0.5, "regularizer.tangent_prop.scale_step": 0.2,
+               "seed": 1}]
     base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + [
         "optimizer=adam", "regularizer=[tangent_prop,dropout]", "regularizer.dropout.p=0.2",
         "regularizer.tangent_prop.tangents=[shift,scale]", "model.activation=tanh"], points)
@@ -186,7 +192,8 @@ def test_masked_reconstruction_members_match_lone_runs(compose_cfg, tmp_path, re
     segments are hidden in the noisy (augmented) batch, which is also the reconstruction's
     target, and drawn after the noise."""
     points = [{"model.width": 16, "optimizer.lr": 0.01, "regularizer.input_noise.sigma": 0.1, "seed": 0},
-              {"model.width": 24, "optimizer.lr": 0.003, "regularizer.input_noise.sigma": 0.0, "seed": 1}]
+              {"model.width": 24, "optimizer.lr": 0.003, "regularizer.input_noise.sigma": 0.0, "seed": 1,
+               "regularizer.masked_reconstruction.fill": -0.5}]  # each member its own fill value
     if "augmentation" in regs:  # each member its own shift
         points = [{**p, "regularizer.augmentation.shift": s} for p, s in zip(points, (2, 4))]
     base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + [

@@ -59,7 +59,8 @@ MEMBER_KEYS = (
     "regularizer.adversarial.eps",
     "regularizer.activity_l1.alpha", "regularizer.activity_student_t.alpha", "regularizer.activity_student_t.gamma",
     "regularizer.activity_kl.alpha", "regularizer.activity_kl.rho", "regularizer.multi_task.lam",
-    "regularizer.tangent_prop.lam", "regularizer.gradient_norm_penalty.lam",
+    "regularizer.tangent_prop.lam", "regularizer.tangent_prop.scale_step", "regularizer.gradient_norm_penalty.lam",
+    "regularizer.masked_reconstruction.fill",
     # each member's own mixture: its λ, its group's lr, its start, and its report's merging
     "regularizer.soft_weight_sharing.tau", "regularizer.soft_weight_sharing.lr",
     "regularizer.soft_weight_sharing.init_sigma", "regularizer.soft_weight_sharing.merge_distance",

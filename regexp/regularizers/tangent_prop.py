@@ -32,7 +32,7 @@ run's does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List
+from typing import Callable, List, Union
 
 import torch
 
@@ -43,8 +43,9 @@ from regexp.regularizers.base import Batch, Regularizer, member_sum, register
 TANGENTS = ("shift", "scale")
 
 
-def tangents(x: torch.Tensor, names: List[str], scale_step: float) -> List[torch.Tensor]:
-    """The tangent vectors of the batch ``x`` (N, C, L) or (N, C, H, W), one per invariance."""
+def tangents(x: torch.Tensor, names: List[str], scale_step: Union[float, torch.Tensor]) -> List[torch.Tensor]:
+    """The tangent vectors of the batch ``x`` (N, C, L) or (N, C, H, W), one per invariance
+    (``scale_step``: one δ, or (N,), one per example)."""
     n = len(x)
     if x.dim() == 3:
         zero, one = torch.zeros(n, dtype=x.dtype, device=x.device), torch.ones(n, dtype=x.dtype, device=x.device)
@@ -104,6 +105,9 @@ class TangentProp(Regularizer):
         """λ·(1/B)·Σᵢ Σ_v ‖J·vᵢ‖²: a 0-dim value, or (M,) per member (λ: (M,)) when ``stacked``."""
         x = batch.x
         examples = x.reshape(-1, *batch.input_shape)  # the stacked inputs are flat (M, B, D)
-        vs = [v.reshape(x.shape) for v in tangents(examples, list(hp.tangents), hp.scale_step)]
+        step = hp.scale_step
+        if torch.is_tensor(step):  # a population's δ per member: each of its B examples takes it
+            step = step.to(x.dtype).repeat_interleave(x.shape[1])
+        vs = [v.reshape(x.shape) for v in tangents(examples, list(hp.tangents), step)]
         jv = tangent_products(batch.forward, x, vs)
         return hp.lam * sum(member_sum(p.pow(2), stacked) for p in jv) / x.shape[int(stacked)]
