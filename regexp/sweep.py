@@ -8,6 +8,7 @@ point and seed.
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import logging
 import pickle
@@ -35,8 +36,19 @@ def grid(params: Dict[str, Sequence[Any]], seeds: Sequence[int]) -> List[Dict[st
     return points
 
 
+# A point's folder name: file systems cap a name at 255 bytes; leave room for suffixes.
+NAME_BYTES = 200
+
+
 def point_name(point: Dict[str, Any]) -> str:
-    return ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
+    """``key=value,...`` of the point; past NAME_BYTES, its head and a digest of the whole (so
+    points that share the head keep their own folders; metrics.json has every override)."""
+    full = ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
+    raw = full.encode()
+    if len(raw) <= NAME_BYTES:
+        return full
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    return raw[:NAME_BYTES - len(digest) - 1].decode("utf-8", "ignore") + "~" + digest
 
 
 def _fmt(v: Any) -> str:

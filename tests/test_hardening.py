@@ -376,3 +376,21 @@ def test_unexpected_exception_is_one_line_with_the_traceback_in_run_log(tmp_path
     log = (run / "run.log").read_text()
     assert "Traceback (most recent call last)" in log and "RuntimeError: boom" in log
     assert metrics(run)["status"] == "failed"
+
+
+def test_a_point_with_many_overrides_gets_a_folder_name_the_file_system_accepts(tmp_path):
+    """Names past 255 bytes fail to be created: a long point keeps its head and a digest of the
+    whole, so two long points sharing the head still get their own folders."""
+    from regexp.sweep import NAME_BYTES, point_name
+
+    short = {"model.width": 8, "seed": 0}
+    assert point_name(short) == "model.width=8,seed=0"
+    keys = [f"regularizer.soft_weight_sharing.{k}" for k in ("tau", "lr", "init_sigma", "pi0", "gamma_beta", "gamma_alpha")]
+    a = {**short, **{k: 0.5 for k in keys}}
+    b = {**short, **{k: 0.5 for k in keys[:-1]}, keys[-1]: 2.0}
+    na, nb = point_name(a), point_name(b)
+    assert len(",".join(f"{k}={v}" for k, v in a.items()).encode()) > 255
+    assert len(na.encode()) <= NAME_BYTES and na != nb and na.split("~")[0] == nb.split("~")[0]
+    assert na == point_name(dict(a))  # the same point, the same folder (a resumed sweep finds it)
+    (tmp_path / na).mkdir()
+    (tmp_path / nb).mkdir()

@@ -45,9 +45,22 @@ def _lone_member(width: int, seed: int, tau: float, **cfg) -> SimpleNamespace:
 @pytest.mark.parametrize("cfg", [{}, {"zero_component": True, "gamma_alpha": 2.0, "gamma_beta": 0.1},
                                  {"include_biases": True, "layers": ["hidden.3", "head"]}])
 def test_stacked_penalty_equals_each_members_lone_penalty_value_and_gradient(cfg):
+    _check_stacked_penalty([dict(cfg)] * 3)
+
+
+def test_members_own_pi0_and_hyperprior_enter_as_their_lone_penalties():
+    """π₀ and the Gamma hyperprior's α, β per member (α = 0: that member has none)."""
+    own = [{"pi0": 0.99, "gamma_alpha": 0.0, "gamma_beta": 0.0}, {"pi0": 0.9, "gamma_alpha": 2.0, "gamma_beta": 0.1},
+           {"pi0": 0.5, "gamma_alpha": 1.3, "gamma_beta": 0.7}]
+    mix = _check_stacked_penalty([{"zero_component": True, **o} for o in own])
+    assert all(torch.is_tensor(mix.shared[k]) for k in ("pi0", "gamma_alpha", "gamma_beta"))
+
+
+def _check_stacked_penalty(cfgs):
     # three widths padded to 16: a padded (zero) weight would add -ln p(0) to the penalty and
     # pull the mixture towards 0 if it were not masked
-    members = [_lone_member(w, s, tau, **cfg) for w, s, tau in ((5, 0, 0.01), (16, 1, 0.003), (9, 2, 0.05))]
+    members = [_lone_member(w, s, tau, **cfg) for (w, s, tau), cfg in zip(((5, 0, 0.01), (16, 1, 0.003), (9, 2, 0.05)),
+                                                                          cfgs)]
     net = StackedMLP([m.model for m in members], [5, 16, 9], 16, "relu", torch.device("cpu"))
     mix = StackedMixtures(members, net, "sgd", {"lr": [0.1] * 3, "momentum": [0.0] * 3, "dampening": [0.0] * 3},
                           False, False, torch.device("cpu"))
@@ -69,6 +82,7 @@ def test_stacked_penalty_equals_each_members_lone_penalty_value_and_gradient(cfg
     for p, mask in zip(net.params, masks):  # padding gets no gradient
         if p.grad is not None:
             assert bool((p.grad[~mask] == 0).all())
+    return mix
 
 
 def _same_mixture(tmp_path, point) -> None:
@@ -88,7 +102,9 @@ def test_members_with_their_own_mixtures_match_lone_runs(compose_cfg, tmp_path, 
     points = [{"model.width": 8, "seed": 0, "regularizer.soft_weight_sharing.tau": 0.01,
                "regularizer.soft_weight_sharing.lr": 0.01},
               {"model.width": 12, "seed": 1, "regularizer.soft_weight_sharing.tau": 0.002,
-               "regularizer.soft_weight_sharing.lr": 0.003, "regularizer.soft_weight_sharing.init_sigma": 0.05},
+               "regularizer.soft_weight_sharing.lr": 0.003, "regularizer.soft_weight_sharing.init_sigma": 0.05,
+               "regularizer.soft_weight_sharing.pi0": 0.9, "regularizer.soft_weight_sharing.gamma_alpha": 2.0,
+               "regularizer.soft_weight_sharing.gamma_beta": 0.01},
               {"model.width": 10, "seed": 2, "regularizer.soft_weight_sharing.tau": 0.05,
                "regularizer.soft_weight_sharing.lr": 0.001}]
     extra = (["regularizer.soft_weight_sharing.zero_component=true", "regularizer.soft_weight_sharing.quantize=true"]

@@ -64,6 +64,8 @@ MEMBER_KEYS = (
     # each member's own mixture: its λ, its group's lr, its start, and its report's merging
     "regularizer.soft_weight_sharing.tau", "regularizer.soft_weight_sharing.lr",
     "regularizer.soft_weight_sharing.init_sigma", "regularizer.soft_weight_sharing.merge_distance",
+    "regularizer.soft_weight_sharing.pi0", "regularizer.soft_weight_sharing.gamma_alpha",
+    "regularizer.soft_weight_sharing.gamma_beta",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED: Dict[str, str] = {}

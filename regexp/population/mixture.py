@@ -18,6 +18,7 @@ from regexp.regularizers.soft_weight_sharing import SoftWeightSharing
 
 NAME = SoftWeightSharing.name
 PARAMS = ("free_mu", "xi", "eta")  # the lone Mixture's parameters, in its (and its group's) order
+SHARED_OR_OWN = ("pi0", "gamma_alpha", "gamma_beta")  # values the prior reads, per member when they differ
 
 
 def _reg(member) -> SoftWeightSharing:
@@ -36,9 +37,21 @@ class StackedMixtures:
         self.params = [torch.stack([getattr(r.mixture, n).detach() for r in regs]).unsqueeze(1).to(device)
                        .requires_grad_() for n in PARAMS]
         self.lam = torch.tensor([r.lam for r in regs], device=device)
+        self.shared = self._shared(device)
         self.opt = StackedOptimizer(opt_name, self.params, {**hypers, "lr": [float(r.cfg.lr) for r in regs]},
                                     nesterov, device, centered, amsgrad)
         self.masks = self._masks(net)
+
+    def _shared(self, device: torch.device) -> Dict[str, Union[float, torch.Tensor]]:
+        """π₀ and the hyperprior's α, β: one value when the members agree (the lone run's
+        arithmetic), else each member's as (M, 1, 1) float64 (penalty_of rounds once, as a lone
+        run's Python float is)."""
+        out: Dict[str, Union[float, torch.Tensor]] = {}
+        for key in SHARED_OR_OWN:
+            values = [float(r.cfg[key]) for r in self.regs]
+            out[key] = values[0] if all(v == values[0] for v in values) else \
+                torch.tensor(values, dtype=torch.float64, device=device).view(-1, 1, 1)
+        return out
 
     def _masks(self, net) -> Optional[List[torch.Tensor]]:
         masks = net.param_masks()
@@ -51,6 +64,7 @@ class StackedMixtures:
         """(M,) λ·Ω of each member's real weights under its own mixture."""
         by_name = {name: p for name, p, _ in net.named_params()}
         hp = self.regs[0].hypers(self.lam, *self.params, masks=self.masks)
+        hp.__dict__.update(self.shared)
         return SoftWeightSharing.penalty_of([by_name[n] for n in self.names], hp, True)
 
     def zero_grad(self) -> None:
@@ -63,6 +77,7 @@ class StackedMixtures:
         with torch.no_grad():
             self.params = [p.index_select(0, sel.to(p.device)).requires_grad_() for p in self.params]
         self.lam = self.lam.index_select(0, sel.to(self.lam.device))
+        self.shared = self._shared(self.lam.device)
         self.opt.keep(sel)
         self.opt.set_params(self.params)
         self.masks = self._masks(net)

@@ -27,7 +27,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -46,11 +46,16 @@ def log_joint(w: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor, log_pi: 
 
 
 def mixture_terms(free_mu: torch.Tensor, xi: torch.Tensor, eta: torch.Tensor, zero: bool, learn_pi0: bool,
-                  pi0: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  pi0: Union[float, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(μ, ln σ², ln π) of the unconstrained parameters, over their last dimension (one mixture's
-    (K,) or a population's stacked (M, 1, K)); component 0 pinned at μ = 0 when ``zero``."""
+    (K,) or a population's stacked (M, 1, K)); component 0 pinned at μ = 0 when ``zero``.
+    ``pi0``: one value, or a population's (M, 1, 1) float64 values, one per member."""
     mu = torch.cat([free_mu.new_zeros(*free_mu.shape[:-1], 1), free_mu], -1) if zero else free_mu
-    if zero and not learn_pi0:  # π₀ fixed, the rest share 1 − π₀
+    if zero and not learn_pi0 and torch.is_tensor(pi0):
+        # the logs in float64, then rounded once, as the lone run's Python floats are
+        rest = F.log_softmax(eta[..., 1:], -1) + torch.log1p(-pi0).to(eta.dtype)
+        log_pi = torch.cat([torch.log(pi0).to(eta.dtype).expand(*eta.shape[:-1], 1), rest], -1)
+    elif zero and not learn_pi0:  # π₀ fixed, the rest share 1 − π₀
         rest = F.log_softmax(eta[..., 1:], -1) + math.log1p(-pi0)
         log_pi = torch.cat([eta.new_full((*eta.shape[:-1], 1), math.log(pi0)), rest], -1)
     else:
@@ -245,8 +250,14 @@ class SoftWeightSharing(Regularizer):
         if stacked and hp.masks is not None:
             nll = nll * torch.cat([flat(m) for m in hp.masks], -1)
         omega = member_sum(nll, stacked)
-        if hp.gamma_alpha:  # − ln Gamma(1/σ² | α, β) up to a constant, with ln(1/σ²) = −ξ
-            omega = omega + member_sum((hp.gamma_alpha - 1) * hp.xi + hp.gamma_beta * torch.exp(-hp.xi), stacked)
+        alpha, beta = hp.gamma_alpha, hp.gamma_beta
+        if torch.is_tensor(alpha):  # a population's own (M, 1, 1) float64 values; α = 0: none
+            xi = hp.xi
+            on = (alpha != 0).to(xi.dtype)
+            hyper = ((alpha - 1).to(xi.dtype) * xi + beta.to(xi.dtype) * torch.exp(-xi)) * on
+            omega = omega + member_sum(hyper, stacked)
+        elif alpha:  # − ln Gamma(1/σ² | α, β) up to a constant, with ln(1/σ²) = −ξ
+            omega = omega + member_sum((alpha - 1) * hp.xi + beta * torch.exp(-hp.xi), stacked)
         return hp.lam * omega
 
     # ---- after training
