@@ -9,7 +9,7 @@ The penalty is the regularizer's own ``penalty_of`` on the stacked weights.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 
