@@ -16,7 +16,7 @@ from regexp.models.mlp import MLP
 from regexp.models.sites import sites
 from regexp.regularizers import REGULARIZERS
 from regexp.regularizers.base import Context
-from regexp.train.sparsity import NEAR_ZERO, count_sparsity
+from regexp.train.sparsity import NEAR_ZERO, count_sparsity, zero_counts
 from regexp.train.trainer import train
 
 
@@ -138,3 +138,19 @@ def test_sparse_representations_experiment_tables_match_the_runs(compose_cfg, tm
     kl = json.loads((tmp_path / "variant=kl" / "seed=0" / "metrics.json").read_text())
     assert list(kl["config"]["regularizer"]) == ["activity_kl"]
     assert f"| kl | 1 | {float(table['kl']['test_error_mean']):.4f} ± 0.0000 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["relu", "tanh", "negative"])
+def test_zero_counts_equal_counting_with_bool_tensors_at_the_thresholds(kind):
+    """The float-sign counts are the plain comparisons' exact integers, with values at 0, just
+    below and exactly at NEAR_ZERO, and with a padding mask."""
+    torch.manual_seed(0)
+    a = torch.randn(4, 30, 70)
+    a = {"relu": torch.relu(a), "tanh": torch.tanh(a * 1e-3), "negative": -torch.relu(a)}[kind]
+    below = torch.nextafter(torch.tensor(NEAR_ZERO), torch.tensor(0.0))
+    a[0, 0, :5], a[1, 1, :5], a[2, 2, :5] = NEAR_ZERO, below, 0.0
+    real = (torch.rand(4, 30, 1) > 0.3).float()
+    want = torch.stack([((a == 0) & (real > 0)).sum((1, 2)), ((a.abs() < NEAR_ZERO) & (real > 0)).sum((1, 2))], 1)
+    assert torch.equal(zero_counts(a, (1, 2), real), want)
+    assert torch.equal(zero_counts(a, (0, 1, 2)), torch.stack([(a == 0).sum(), (a.abs() < NEAR_ZERO).sum()]))
+    assert want[:, 1].sum() > 0 and (kind != "relu" or want[:, 0].sum() > 0)

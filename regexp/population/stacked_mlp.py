@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regexp.population.norms import masked_normalize, member_batch_norm
-from regexp.train.sparsity import NEAR_ZERO
+from regexp.train.sparsity import zero_counts
 
 NORMS = (nn.BatchNorm1d, nn.LayerNorm)
 
@@ -280,8 +280,7 @@ class StackedMLP:
             if self.norms or self.mask_hidden:
                 a = a * self.unit_masks[l]
             if counts is not None:  # padded units are no units: masked out
-                real = self.unit_masks[l] > 0
-                counts += torch.stack([((a == 0) & real).sum((1, 2)), ((a.abs() < NEAR_ZERO) & real).sum((1, 2))], 1)
+                counts += zero_counts(a, (1, 2), self.unit_masks[l])
             if masks and masks[l + 1] is not None:
                 a = a * masks[l + 1]
             if training and self.record:  # the hidden site's activation, before the skip
@@ -407,6 +406,7 @@ class StackedMLP:
             return out
         if not self.loop:
             hidden_mask = self.unit_mask.transpose(1, 2) if self.mask_hidden else None
+            real = self.unit_mask.transpose(1, 2)
             for i in range(0, n, chunk):
                 a = x[:, i:i + chunk].transpose(1, 2)
                 for l, (w, b) in enumerate(zip(self.weights, self.biases)):
@@ -414,9 +414,7 @@ class StackedMLP:
                     if l < last:
                         a = self.act_(z) if hidden_mask is None else self.act_(z) * hidden_mask
                         if counts is not None:  # padded units are no units: masked out
-                            real = self.unit_mask.transpose(1, 2) > 0
-                            counts += torch.stack([((a == 0) & real).sum((1, 2)),
-                                                   ((a.abs() < NEAR_ZERO) & real).sum((1, 2))], 1)
+                            counts += zero_counts(a, (1, 2), real)
                 out[:, :, i:i + chunk] = z
             return out
         for m, k in enumerate(self.widths.tolist()):
@@ -428,7 +426,7 @@ class StackedMLP:
                     if l < last:
                         a = self.act_(z)
                         if counts is not None:
-                            counts[m] += torch.stack([(a == 0).sum(), (a.abs() < NEAR_ZERO).sum()])
+                            counts[m] += zero_counts(a, (0, 1))
                 out[m, :, i:i + chunk] = z
         return out
 
