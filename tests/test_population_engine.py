@@ -37,12 +37,12 @@ def test_auto_serial_logs_why_once_and_the_sweep_records_it(compose_cfg, caplog)
 
     from regexp.population.compat import incompatibility
 
-    cfg = compose_cfg(["task=sweep", "regularizer=[ensemble,adversarial]"])
+    cfg = compose_cfg(["task=sweep", "regularizer=[ensemble,multi_task]"])
     points = [{"optimizer.lr": lr, "seed": s} for lr in (0.05, 0.1) for s in (0, 1)]
     caplog.set_level(logging.INFO, logger="regexp.population")
     assert not use_population(cfg, points)
     why = incompatibility(cfg)
-    assert why.startswith("regularizer adversarial with ensemble (")
+    assert why.startswith("regularizer multi_task with ensemble (")
     lines = [r.getMessage() for r in caplog.records if r.name == "regexp.population"]
     assert lines == ["sweep.engine=auto trains the points serially, one run at a time: " + why]
     # what the sweep's metrics.json records beside its counts

@@ -67,12 +67,15 @@ MEMBER_KEYS = (
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED: Dict[str, str] = {}
 # What trains beside ``ensemble`` (regexp/population/ensemble.py): what acts on each of its K models
-# alone, elementwise, and the batch transforms all K read alike (one noisy or augmented batch). The
-# others act on the Ensemble as one model (FGSM's and the batch penalties' input gradient of its
-# prediction, one multi_task head, one mixture or tying reference over all weights).
+# alone, elementwise, the batch transforms all K read alike (one noisy or augmented batch), and what
+# acts on the Ensemble as one model through its owner's slices (FGSM on the input gradient of its
+# prediction, tangent_prop's J_x of that prediction, the gradient norm over all K models' parameters:
+# Owners.fgsm, Owners.joint). The others need one object over all K models (one multi_task head, one
+# mixture or tying reference over all weights, one pretext head, one transferred start).
 WITH_ENSEMBLE = ("ensemble", "weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout",
                  "label_smoothing", "early_stopping", "weight_noise", "dropconnect", "activity_l1",
-                 "activity_student_t", "activity_kl", "input_noise", "augmentation")
+                 "activity_student_t", "activity_kl", "input_noise", "augmentation",
+                 "adversarial", "tangent_prop", "gradient_norm_penalty")
 
 
 def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:

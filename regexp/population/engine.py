@@ -621,7 +621,8 @@ def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, ma
         b.net.hidden, b.net.record = kept, record
         return out
 
-    return Batch(xb, yb, loss, extra_pass, b.terms.loss, b.net.params, tuple(b.data.input_shape))
+    # an ensemble's penalty differentiates each owner's Ensemble output (Owners.joint)
+    return Batch(xb, yb, loss, b.runs.joint(extra_pass), b.terms.loss, b.net.params, tuple(b.data.input_shape))
 
 
 def _fresh_draws(b: Bucket, batch: int, masks, weights):
