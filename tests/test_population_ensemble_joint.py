@@ -1,5 +1,6 @@
 """What acts on an ensemble as one model, in a population (regexp/population/ensemble.py's
-``Owners.fgsm`` and ``Owners.joint``): FGSM, tangent propagation and the gradient-norm penalty.
+``Owners.fgsm`` and ``Owners.joint``, regexp/population/mixture.py's shared mixture): FGSM,
+tangent propagation, the gradient-norm penalty and soft weight sharing.
 
 The former per-model loop handed these the Ensemble module itself, so (and so here):
 
@@ -7,18 +8,21 @@ The former per-model loop handed these the Ensemble module itself, so (and so he
   cross-entropy of the ensemble's prediction, one x' that all K models then train on;
 - ``tangent_prop``: λ·(1/B)·Σᵢ ‖J_x f(xᵢ)·v(xᵢ)‖² with f the ensemble's output ln((1/K) Σₖ softmax(zₖ));
 - ``gradient_norm_penalty``: ``full``: λ‖∇_θ Σₖ CEₖ‖² over all K models' parameters (= Σₖ ‖∇_θₖ CEₖ‖²);
-  ``sgd``: λ·(1/k)·Σⱼ ‖∇_θ CE(f(x_j), y_j)‖², each micro-batch's loss that of the ensemble's prediction.
+  ``sgd``: λ·(1/k)·Σⱼ ‖∇_θ CE(f(x_j), y_j)‖², each micro-batch's loss that of the ensemble's prediction;
+- ``soft_weight_sharing``: one learned mixture over all K models' weights (started from their
+  joint range), λ·(Ω(all weights) + the Gamma hyperprior on its σ once), in its own optimizer group.
 
 The reference is tests/test_population_ensemble.py's plain-torch ensemble with these written into
 its step: the FGSM input gradient by autograd, J·v by forward-mode AD (``torch.func.jvp``, not the
 population's double backward), the tangent v by regexp.regularizers.tangent_prop.tangents (the
-data transformation, checked in tests/test_tangent_prop.py). Tolerances as that file states them
+data transformation, checked in tests/test_tangent_prop.py), the mixture prior written out. Tolerances as that file states them
 (float32, only the summation order inside the batched products differs): every parameter within
 |a - b| <= 1e-5 + 1e-4·|b| of the reference after 30 steps, the test loss a relative 1e-4; a member
 of a population of three against its population of one alike, every metric a relative 1e-4.
 """
 from __future__ import annotations
 
+import math
 from typing import List
 
 import pytest
@@ -68,6 +72,35 @@ def _grad_norm(lam: float, mode: str, micro: int = 4):
     return penalty
 
 
+class _Prior:
+    """One Gaussian mixture over all K models' weights, its own Adam group (``groups``), and
+    λ·(−Σ_w ln Σⱼ πⱼ N(w | μⱼ, σⱼ²) + Σⱼ ((α − 1)ξⱼ + β e^(−ξⱼ))), ξ = ln σ², π = softmax(η)."""
+
+    def __init__(self, components: int, tau: float, lr: float, alpha: float, beta: float):
+        self.c, self.lam, self.lr, self.alpha, self.beta = components, tau / 320, lr, alpha, beta
+
+    @staticmethod
+    def weights(nets) -> torch.Tensor:
+        return torch.cat([p.reshape(-1) for n in nets for p in n.parameters() if p.dim() >= 2])
+
+    def groups(self, nets):
+        w = self.weights(nets).detach()
+        lo, hi = w.min().item(), w.max().item()
+        self.mu = torch.linspace(lo, hi, self.c).requires_grad_()
+        self.xi = torch.full((self.c,), 2 * math.log(max(hi - lo, 1e-3) / self.c)).requires_grad_()
+        self.eta = torch.zeros(self.c).requires_grad_()
+        return [{"params": [self.mu, self.xi, self.eta], "lr": self.lr}]
+
+    def penalty(self, nets, x, y, loss):
+        w = self.weights(nets)[:, None]
+        joint = F.log_softmax(self.eta, 0) - 0.5 * (math.log(2 * math.pi) + self.xi
+                                                   + (w - self.mu) ** 2 * torch.exp(-self.xi))
+        hyper = ((self.alpha - 1) * self.xi + self.beta * torch.exp(-self.xi)).sum()
+        return self.lam * (-torch.logsumexp(joint, 1).sum() + hyper)
+
+
+SWS = ["regularizer=[ensemble,soft_weight_sharing]", "regularizer.soft_weight_sharing.components=4",
+       "regularizer.soft_weight_sharing.gamma_alpha=2.0", "regularizer.soft_weight_sharing.gamma_beta=0.1"]
 CASES = {
     "adversarial": (["regularizer=[ensemble,adversarial]", "regularizer.adversarial.eps=0.2"],
                     lambda shape: dict(transform=_fgsm(0.2, 0.5))),
@@ -78,7 +111,13 @@ CASES = {
     "grad-norm-sgd": (["regularizer=[ensemble,gradient_norm_penalty]", "regularizer.gradient_norm_penalty.lam=0.1",
                        "regularizer.gradient_norm_penalty.mode=sgd"],
                       lambda shape: dict(penalty=_grad_norm(0.1, "sgd"))),
+    "soft-weight-sharing": (SWS + ["regularizer.soft_weight_sharing.tau=2.0", "regularizer.soft_weight_sharing.lr=0.01"],
+                            lambda shape: _prior_hooks(_Prior(4, 2.0, 0.01, 2.0, 0.1))),
 }
+
+
+def _prior_hooks(prior: _Prior):
+    return dict(groups=prior.groups, penalty=prior.penalty, prior=prior)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -89,7 +128,9 @@ def test_an_ensemble_trained_alone_equals_plain_torch(compose_cfg, tmp_path, cas
     metrics = train(cfg, tmp_path / "run")
     assert metrics["status"] == "completed" and metrics["engine"] == "population"
     shape = load_data(cfg.data, cfg.seed).input_shape
-    init, nets, test_loss, test_acc = reference_run(cfg, **hooks(shape))
+    hooks = hooks(shape)
+    prior = hooks.pop("prior", None)
+    init, nets, test_loss, test_acc = reference_run(cfg, **hooks)
     _, plain, plain_loss, _ = reference_run(cfg)  # the same ensemble without the term
     final = _components(torch.load(tmp_path / "run" / "model.pt", weights_only=True), K)
     for k, (a, net, other) in enumerate(zip(final, nets, plain)):
@@ -99,6 +140,11 @@ def test_an_ensemble_trained_alone_equals_plain_torch(compose_cfg, tmp_path, cas
     assert all(not torch.allclose(a[0], next(o.parameters()), atol=1e-4) for a, o in zip(final, plain))
     assert metrics["final"]["test_loss"] == pytest.approx(test_loss, rel=RTOL)
     assert metrics["final"]["test_acc"] == pytest.approx(test_acc, abs=1e-6)
+    if prior is not None:  # the one mixture, as the report reads it
+        mu, sigma = (torch.tensor([metrics["extra"][f"soft_weight_sharing/{n}_{j}"] for j in range(4)])
+                     for n in ("mu", "sigma"))
+        torch.testing.assert_close(mu, prior.mu.detach(), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(sigma, (0.5 * prior.xi.detach()).exp(), atol=ATOL, rtol=RTOL)
 
 
 MEMBERS = {
@@ -124,6 +170,13 @@ MEMBERS = {
                        {"seed": 1, "regularizer.gradient_norm_penalty.lam": 0.1,
                         "regularizer.label_smoothing.eps": 0.2, "regularizer.input_noise.sigma": 0.3},
                        {"seed": 2, "regularizer.gradient_norm_penalty.lam": 1.0, "model.width": 16}]),
+    # each owner's one mixture (its copies on its slices stay equal), with its own τ, lr and start
+    "soft-weight-sharing": (SWS + ["regularizer.ensemble.bootstrap=true"],
+                            [{"seed": 0, "regularizer.soft_weight_sharing.tau": 0.5},
+                             {"seed": 1, "regularizer.soft_weight_sharing.tau": 2.0,
+                              "regularizer.soft_weight_sharing.lr": 0.01, "model.width": 16},
+                             {"seed": 2, "regularizer.soft_weight_sharing.tau": 1.0,
+                              "regularizer.soft_weight_sharing.init_sigma": 0.05}]),
 }
 
 

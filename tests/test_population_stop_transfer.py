@@ -195,7 +195,7 @@ def test_every_regularizer_the_population_cannot_train_is_refused_with_its_reaso
     # what acts on the Ensemble as one model trains through its owner's slices (FGSM, the batch
     # penalties); what needs one object over all K models stays out, in one line
     assert all(incompatibility(compose_cfg([f"regularizer=[ensemble,{r}]"])) is None
-               for r in ("adversarial", "tangent_prop", "gradient_norm_penalty"))
+               for r in ("adversarial", "tangent_prop", "gradient_norm_penalty", "soft_weight_sharing"))
     why = incompatibility(compose_cfg(["regularizer=[ensemble,multi_task]"]))
     assert why.startswith("regularizer multi_task with ensemble (") and "\n" not in why
     assert incompatibility(compose_cfg(["regularizer=[early_stopping]", "probe=[sharpness]"])) is None

@@ -155,7 +155,11 @@ def test_deterministic_runs_are_identical(cli, tmp_path):
     # FGSM against the ensemble's prediction and the batch penalties on it, their extra passes' dropout draws
     ["regularizer=[ensemble,adversarial,tangent_prop,gradient_norm_penalty,dropout,early_stopping]",
      "regularizer.ensemble.components=2", "regularizer.gradient_norm_penalty.mode=sgd"],
-], ids=["ensemble", "soft-weight-sharing", "ensemble-joint-terms"])
+    # the one mixture over both models and its optimizer state, which each slice's copy reads back
+    ["regularizer=[ensemble,soft_weight_sharing,dropout,early_stopping]", "regularizer.ensemble.components=2",
+     "regularizer.soft_weight_sharing.tau=0.5", "regularizer.soft_weight_sharing.gamma_alpha=2.0",
+     "regularizer.soft_weight_sharing.gamma_beta=0.1"],
+], ids=["ensemble", "soft-weight-sharing", "ensemble-joint-terms", "ensemble-soft-weight-sharing"])
 def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch, regs):
     """The soft-weight-sharing mixture, its optimizer group, early-stopping counters, the
     ensemble members and the RNG behind dropout and noise all come back from the checkpoint."""

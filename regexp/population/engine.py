@@ -364,7 +364,7 @@ class Bucket:
         if self.heads is not None:
             self.heads.step(factor)
         if self.mixtures is not None:
-            self.mixtures.opt.step(factor)
+            self.mixtures.step(factor)
         if self.partners is not None:
             self.partners.opt.step(factor)
 

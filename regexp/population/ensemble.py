@@ -23,6 +23,7 @@ all K models train on that x'; ``tangent_prop`` penalizes J_x of that prediction
 in ``full`` mode of the gradient of Σₖ CEₖ (so Σₖ ‖∇θₖ CEₖ‖², each slice's own term) and in
 ``sgd`` mode of each micro-batch's cross-entropy of the Ensemble's prediction. Such a penalty's
 value stands on the owner's first slice (zero on the others), so the per-run sum is the lone one.
+``soft_weight_sharing`` has one mixture over all K models' weights (regexp/population/mixture.py).
 
 The engine's one loop (engine.train_bucket) trains every run through a :class:`Runs` map;
 :class:`Owners` is an ensemble's: what is per run is per owner, the training losses summed
@@ -206,7 +207,9 @@ def _slice_resume(m: Member, j: int, k: int, model) -> Optional[Dict]:
     else:  # a checkpoint without per-slice sums: its one sum goes to the first slice (the owner sums them)
         running = ck["running"] if j == 0 else torch.zeros_like(ck["running"])
     return {"epoch": ck["epoch"], "step_in_epoch": ck["step_in_epoch"], "scheduler": ck["scheduler"],
-            "optimizer": {"state": {i: state[j * n + i] for i in range(n) if j * n + i in state}},
+            # its model's entries, then the regularizers' groups (the one mixture) as its own
+            "optimizer": {"state": {**{i: state[j * n + i] for i in range(n) if j * n + i in state},
+                                    **{n + e - k * n: state[e] for e in state if e >= k * n}}},
             "best_state": None if best is None else {key[len(prefix):]: v for key, v in best.items()
                                                      if key.startswith(prefix)},
             "perm": ck["perm"], "running": running}

@@ -245,9 +245,14 @@ class SoftWeightSharing(Regularizer):
         if stacked and hp.masks is not None:
             nll = nll * torch.cat([flat(m) for m in hp.masks], -1)
         omega = member_sum(nll, stacked)
-        if hp.gamma_alpha:  # − ln Gamma(1/σ² | α, β) up to a constant, with ln(1/σ²) = −ξ
-            omega = omega + member_sum((hp.gamma_alpha - 1) * hp.xi + hp.gamma_beta * torch.exp(-hp.xi), stacked)
+        if hp.gamma_alpha:
+            omega = omega + cls.hyperprior_of(hp, stacked)
         return hp.lam * omega
+
+    @staticmethod
+    def hyperprior_of(hp, stacked: bool) -> torch.Tensor:
+        """− ln Gamma(1/σⱼ² | α, β) summed over the components, up to a constant (ln(1/σ²) = −ξ)."""
+        return member_sum((hp.gamma_alpha - 1) * hp.xi + hp.gamma_beta * torch.exp(-hp.xi), stacked)
 
     # ---- after training
     def merged(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
