@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from test_population_ensemble import (ATOL, BASE, RTOL, _assert_same_member, _components, _ensemble_log_prob,
-                                      _members, reference_run)
+from test_population_ensemble import (ATOL, BASE, RTOL, RUN, _assert_same_member, _components,
+                                      _ensemble_log_prob, _members, reference_run)
 from regexp.data import load_data
 from regexp.population import train_population
 from regexp.regularizers.tangent_prop import tangents
@@ -193,3 +193,18 @@ def test_ensemble_members_of_a_population_of_three_equal_each_alone(compose_cfg,
         assert a["status"] == b["status"] == "completed"
         _assert_same_member(tmp_path / "pop" / point_name(p), tmp_path / "one" / point_name(p), a, b)
     assert sizes == [3, 1, 1, 1]
+
+
+def test_cnn_ensembles_with_all_four_equal_each_alone(compose_cfg, tmp_path, monkeypatch):
+    # the same owner-wise FGSM, J_x f and mixture through the stacked CNN's forward
+    base = compose_cfg(RUN + ["model=cnn_mnist1d", "trainer.epochs=1", "optimizer=adam", "regularizer.ensemble.components=2",
+                              "regularizer=[ensemble,adversarial,tangent_prop,soft_weight_sharing]"])
+    points = [{"seed": 0, "regularizer.adversarial.eps": 0.1},
+              {"seed": 1, "regularizer.tangent_prop.lam": 0.1, "regularizer.soft_weight_sharing.tau": 0.5},
+              {"seed": 2, "optimizer.lr": 0.003, "regularizer.adversarial.eps": 0.3}]
+    sizes = _members(monkeypatch)
+    pop = train_population(base, points, tmp_path / "pop")
+    assert sizes == [3]
+    for p, a in zip(points, pop):
+        (b,) = train_population(base, [p], tmp_path / "one")
+        _assert_same_member(tmp_path / "pop" / point_name(p), tmp_path / "one" / point_name(p), a, b)
