@@ -15,10 +15,11 @@ The former per-model loop handed these the Ensemble module itself, so (and so he
 The reference is tests/test_population_ensemble.py's plain-torch ensemble with these written into
 its step: the FGSM input gradient by autograd, J·v by forward-mode AD (``torch.func.jvp``, not the
 population's double backward), the tangent v by regexp.regularizers.tangent_prop.tangents (the
-data transformation, checked in tests/test_tangent_prop.py), the mixture prior written out. Tolerances as that file states them
-(float32, only the summation order inside the batched products differs): every parameter within
-|a - b| <= 1e-5 + 1e-4·|b| of the reference after 30 steps, the test loss a relative 1e-4; a member
-of a population of three against its population of one alike, every metric a relative 1e-4.
+data transformation, checked in tests/test_tangent_prop.py), the mixture prior written out.
+Tolerances as that file states them (float32, only the summation order inside the batched
+products differs): every parameter (and the mixture's μ, σ) within |a - b| <= 1e-5 + 1e-4·|b| of
+the reference after 30 steps, the test loss a relative 1e-4; a member of a population of three
+against its population of one alike, every metric a relative 1e-4.
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ CASES = {
     "grad-norm-sgd": (["regularizer=[ensemble,gradient_norm_penalty]", "regularizer.gradient_norm_penalty.lam=0.1",
                        "regularizer.gradient_norm_penalty.mode=sgd"],
                       lambda shape: dict(penalty=_grad_norm(0.1, "sgd"))),
-    "soft-weight-sharing": (SWS + ["regularizer.soft_weight_sharing.tau=2.0", "regularizer.soft_weight_sharing.lr=0.01"],
+    "soft-weight-sharing": (SWS + ["regularizer.soft_weight_sharing.tau=2.0",
+                                   "regularizer.soft_weight_sharing.lr=0.01"],
                             lambda shape: _prior_hooks(_Prior(4, 2.0, 0.01, 2.0, 0.1))),
 }
 
@@ -162,7 +164,8 @@ MEMBERS = {
     "grad-norm-full": (["regularizer=[ensemble,gradient_norm_penalty,label_smoothing]",
                         "regularizer.ensemble.bootstrap=true"],
                        [{"seed": 0, "regularizer.gradient_norm_penalty.lam": 0.01},
-                        {"seed": 1, "regularizer.gradient_norm_penalty.lam": 0.1, "regularizer.label_smoothing.eps": 0.2},
+                        {"seed": 1, "regularizer.gradient_norm_penalty.lam": 0.1,
+                         "regularizer.label_smoothing.eps": 0.2},
                         {"seed": 2, "regularizer.gradient_norm_penalty.lam": 1.0, "model.width": 16}]),
     "grad-norm-sgd": (["regularizer=[ensemble,gradient_norm_penalty,label_smoothing,input_noise]",
                        "regularizer.gradient_norm_penalty.mode=sgd"],
@@ -197,7 +200,8 @@ def test_ensemble_members_of_a_population_of_three_equal_each_alone(compose_cfg,
 
 def test_cnn_ensembles_with_all_four_equal_each_alone(compose_cfg, tmp_path, monkeypatch):
     # the same owner-wise FGSM, J_x f and mixture through the stacked CNN's forward
-    base = compose_cfg(RUN + ["model=cnn_mnist1d", "trainer.epochs=1", "optimizer=adam", "regularizer.ensemble.components=2",
+    base = compose_cfg(RUN + ["model=cnn_mnist1d", "trainer.epochs=1", "optimizer=adam",
+                              "regularizer.ensemble.components=2",
                               "regularizer=[ensemble,adversarial,tangent_prop,soft_weight_sharing]"])
     points = [{"seed": 0, "regularizer.adversarial.eps": 0.1},
               {"seed": 1, "regularizer.tangent_prop.lam": 0.1, "regularizer.soft_weight_sharing.tau": 0.5},

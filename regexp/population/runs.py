@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 
-
 if TYPE_CHECKING:
     from regexp.population.engine import Bucket
     from regexp.population.member import Member
