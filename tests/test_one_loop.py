@@ -67,8 +67,8 @@ def test_a_config_no_model_can_train_is_refused_before_anything_is_written(compo
         train(cfg, tmp_path / "r", [])
     assert not (tmp_path / "r").exists()
     # an ensemble beside a regularizer it cannot stack with: refused alike, with its reason
-    cfg = compose_cfg(BASE + ["regularizer=[ensemble,adversarial]"])
-    with pytest.raises(ConfigError, match="regularizer adversarial with ensemble"):
+    cfg = compose_cfg(BASE + ["regularizer=[ensemble,multi_task]"])
+    with pytest.raises(ConfigError, match="regularizer multi_task with ensemble"):
         train(cfg, tmp_path / "e", [])
     assert not (tmp_path / "e").exists()
     m = train(compose_cfg(BASE + ["trainer.epochs=1"]), tmp_path / "a", [])

@@ -224,9 +224,9 @@ def test_engine_choice(compose_cfg, tmp_path):
         use_population(compose_cfg(BASE + ["model=gru", "regularizer=[weight_noise]", "sweep.engine=population"]),
                        [{"seed": 0}])
     assert use_population(compose_cfg(BASE + ["regularizer=[ensemble]"]), [{"seed": 0}])
-    assert not use_population(compose_cfg(BASE + ["regularizer=[ensemble,adversarial]"]), [{"seed": 0}])
-    with pytest.raises(ConfigError, match=r"regularizer adversarial with ensemble \("):
-        use_population(compose_cfg(BASE + ["regularizer=[ensemble,adversarial]", "sweep.engine=population"]),
+    assert not use_population(compose_cfg(BASE + ["regularizer=[ensemble,multi_task]"]), [{"seed": 0}])
+    with pytest.raises(ConfigError, match=r"regularizer multi_task with ensemble \("):
+        use_population(compose_cfg(BASE + ["regularizer=[ensemble,multi_task]", "sweep.engine=population"]),
                        [{"seed": 0}])
     with pytest.raises(ConfigError, match="sweep.engine"):
         use_population(compose_cfg(BASE + ["sweep.engine=fast"]), points)

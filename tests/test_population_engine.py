@@ -37,12 +37,12 @@ def test_auto_serial_logs_why_once_and_the_sweep_records_it(compose_cfg, caplog)
 
     from regexp.population.compat import incompatibility
 
-    cfg = compose_cfg(["task=sweep", "regularizer=[ensemble,adversarial]"])
+    cfg = compose_cfg(["task=sweep", "regularizer=[ensemble,multi_task]"])
     points = [{"optimizer.lr": lr, "seed": s} for lr in (0.05, 0.1) for s in (0, 1)]
     caplog.set_level(logging.INFO, logger="regexp.population")
     assert not use_population(cfg, points)
     why = incompatibility(cfg)
-    assert why.startswith("regularizer adversarial with ensemble (")
+    assert why.startswith("regularizer multi_task with ensemble (")
     lines = [r.getMessage() for r in caplog.records if r.name == "regexp.population"]
     assert lines == ["sweep.engine=auto trains the points serially, one run at a time: " + why]
     # what the sweep's metrics.json records beside its counts
@@ -57,8 +57,9 @@ def test_engine_choice_names_its_reason(compose_cfg, caplog, monkeypatch):
     assert choose_engine(compose_cfg(), points) == ("population", None)
     assert choose_engine(compose_cfg(["sweep.engine=serial"]), points) == ("serial", "sweep.engine=serial")
     assert choose_engine(compose_cfg(["regularizer=[ensemble]"]), points) == ("population", None)
-    assert choose_engine(compose_cfg(["regularizer=[ensemble,soft_weight_sharing]"]), points)[1].startswith(
-        "regularizer soft_weight_sharing with ensemble (")
+    assert choose_engine(compose_cfg(["regularizer=[ensemble,soft_weight_sharing]"]), points) == ("population", None)
+    assert choose_engine(compose_cfg(["regularizer=[ensemble,soft_weight_sharing]", "optimizer=sam"]),
+                         points)[1].startswith("regularizer soft_weight_sharing with ensemble and optimizer=sam (")
     # a loss term listed as supported but without a stacked form is refused, never trained as zero
     monkeypatch.setattr(compat.ALL["l1"], "penalty_of", None)
     monkeypatch.setattr(compat.ALL["l1"], "penalizes", classmethod(lambda cls: True))

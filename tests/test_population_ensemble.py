@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -50,8 +50,11 @@ def _ensemble_log_prob(nets: List[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(lp, 0) - math.log(len(nets))
 
 
-def reference_run(cfg) -> Tuple[List[nn.Module], List[nn.Module], float, float]:
-    """(initial models, trained models, test loss, test accuracy) of cfg's ensemble, in plain torch."""
+def reference_run(cfg, transform: Optional[Callable] = None, penalty: Optional[Callable] = None,
+                  groups: Optional[Callable] = None) -> Tuple[List[nn.Module], List[nn.Module], float, float]:
+    """(initial models, trained models, test loss, test accuracy) of cfg's ensemble, in plain torch
+    (``transform(nets, x, y)``: the step's batch as the K models read it; ``penalty(nets, x, y,
+    loss)``: a term added to Σₖ CEₖ; ``groups(nets)``: further optimizer groups, after the models')."""
     ds = load_data(cfg.data, cfg.seed)
     x, y = ds.split("train")
     x = x.flatten(1)
@@ -69,7 +72,7 @@ def reference_run(cfg) -> Tuple[List[nn.Module], List[nn.Module], float, float]:
         g = torch.Generator().manual_seed(seed * 1_000_003 + 7919)
         draws = torch.randint(0, n, (k_models, n), generator=g)
         counts = torch.stack([torch.bincount(d, minlength=n) for d in draws]).float()
-    params = [p for net in nets for p in net.parameters()]
+    params = [{"params": [p for net in nets for p in net.parameters()]}] + ([] if groups is None else groups(nets))
     o = cfg.optimizer
     opt = (torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps) if o.name == "adam"
            else torch.optim.SGD(params, lr=o.lr))
@@ -78,11 +81,14 @@ def reference_run(cfg) -> Tuple[List[nn.Module], List[nn.Module], float, float]:
         perm = torch.randperm(n, generator=order)
         for i in range(-(-n // bs)):
             idx = perm[i * bs:(i + 1) * bs]
-            losses = [F.cross_entropy(net(x[idx]), y[idx], reduction="none") for net in nets]
+            xb = x[idx] if transform is None else transform(nets, x[idx], y[idx])
+            losses = [F.cross_entropy(net(xb), y[idx], reduction="none") for net in nets]
             if counts is None:
                 loss = sum(l.mean() for l in losses)
             else:
                 loss = sum((counts[k, idx] * l).mean() for k, l in enumerate(losses))
+            if penalty is not None:
+                loss = loss + penalty(nets, xb, y[idx], loss)
             opt.zero_grad()
             loss.backward()
             opt.step()

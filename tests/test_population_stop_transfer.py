@@ -192,9 +192,12 @@ def test_every_regularizer_the_population_cannot_train_is_refused_with_its_reaso
     # each registered regularizer either trains in a population or has its one-line reason
     assert set(ALL) == set(REGULARIZERS) | set(NOT_STACKED) and not set(REGULARIZERS) & set(NOT_STACKED)
     assert incompatibility(compose_cfg(["regularizer=[weight_decay,ensemble]"])) is None
-    # what acts on the Ensemble as one model stays out of an ensemble's population, in one line
-    why = incompatibility(compose_cfg(["regularizer=[ensemble,adversarial]"]))
-    assert why.startswith("regularizer adversarial with ensemble (") and "\n" not in why
+    # what acts on the Ensemble as one model trains through its owner's slices (FGSM, the batch
+    # penalties); what needs one object over all K models stays out, in one line
+    assert all(incompatibility(compose_cfg([f"regularizer=[ensemble,{r}]"])) is None
+               for r in ("adversarial", "tangent_prop", "gradient_norm_penalty", "soft_weight_sharing"))
+    why = incompatibility(compose_cfg(["regularizer=[ensemble,multi_task]"]))
+    assert why.startswith("regularizer multi_task with ensemble (") and "\n" not in why
     assert incompatibility(compose_cfg(["regularizer=[early_stopping]", "probe=[sharpness]"])) is None
     for freeze in (True, False):
         assert incompatibility(compose_cfg(["regularizer=[transfer]", "regularizer.transfer.run_dir=x",

@@ -152,7 +152,14 @@ def test_deterministic_runs_are_identical(cli, tmp_path):
      "regularizer.ensemble.bootstrap=true"],
     ["regularizer=[soft_weight_sharing,dropout,weight_noise,early_stopping]",
      "regularizer.soft_weight_sharing.tau=0.005"],
-], ids=["ensemble", "soft-weight-sharing"])
+    # FGSM against the ensemble's prediction and the batch penalties on it, their extra passes' dropout draws
+    ["regularizer=[ensemble,adversarial,tangent_prop,gradient_norm_penalty,dropout,early_stopping]",
+     "regularizer.ensemble.components=2", "regularizer.gradient_norm_penalty.mode=sgd"],
+    # the one mixture over both models and its optimizer state, which each slice's copy reads back
+    ["regularizer=[ensemble,soft_weight_sharing,dropout,early_stopping]", "regularizer.ensemble.components=2",
+     "regularizer.soft_weight_sharing.tau=0.5", "regularizer.soft_weight_sharing.gamma_alpha=2.0",
+     "regularizer.soft_weight_sharing.gamma_beta=0.1"],
+], ids=["ensemble", "soft-weight-sharing", "ensemble-joint-terms", "ensemble-soft-weight-sharing"])
 def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch, regs):
     """The soft-weight-sharing mixture, its optimizer group, early-stopping counters, the
     ensemble members and the RNG behind dropout and noise all come back from the checkpoint."""

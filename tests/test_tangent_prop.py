@@ -115,15 +115,14 @@ def test_unknown_tangent_is_named():
         REGULARIZERS["tangent_prop"].validate(cfg, "regularizer.tangent_prop")
 
 
-def test_population_refuses_it_beside_an_ensemble(compose_cfg):
-    """Beside ``ensemble`` tangent_prop acts on the Ensemble's output as one function, which the
-    population's K slices are not: it says so, and auto falls back to serial (tangent_prop itself
-    joins: tests/test_population_batch_penalties.py)."""
+def test_population_trains_it_beside_an_ensemble(compose_cfg):
+    """Beside ``ensemble`` tangent_prop acts on the Ensemble's output as one function, as the former
+    per-model loop did: the population trains it through each owner's slices (checked against plain
+    torch in tests/test_population_ensemble_joint.py)."""
     base = ["trainer.epochs=1", "regularizer=[ensemble,tangent_prop]"]
     points = [{"model.width": 8, "seed": 0}]
-    assert not use_population(compose_cfg(base), points)
-    with pytest.raises(ConfigError, match=r"regularizer tangent_prop with ensemble \("):
-        use_population(compose_cfg(base + ["sweep.engine=population"]), points)
+    assert use_population(compose_cfg(base), points)
+    assert use_population(compose_cfg(base + ["sweep.engine=population"]), points)
 
 
 def test_tangent_prop_experiment_trains_each_variant(compose_cfg, tmp_path):

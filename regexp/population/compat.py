@@ -70,12 +70,16 @@ MEMBER_KEYS = (
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED: Dict[str, str] = {}
 # What trains beside ``ensemble`` (regexp/population/ensemble.py): what acts on each of its K models
-# alone, elementwise, and the batch transforms all K read alike (one noisy or augmented batch). The
-# others act on the Ensemble as one model (FGSM's and the batch penalties' input gradient of its
-# prediction, one multi_task head, one mixture or tying reference over all weights).
+# alone, elementwise, the batch transforms all K read alike (one noisy or augmented batch), and what
+# acts on the Ensemble as one model through its owner's slices (FGSM on the input gradient of its
+# prediction, tangent_prop's J_x of that prediction, the gradient norm over all K models' parameters:
+# Owners.fgsm, Owners.joint; one soft-weight-sharing mixture over all K models' weights, a copy per
+# slice kept equal: population/mixture.py). The others need one object over all K models (one
+# multi_task head, one tying reference over all weights, one pretext head, one transferred start).
 WITH_ENSEMBLE = ("ensemble", "weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout",
                  "label_smoothing", "early_stopping", "weight_noise", "dropconnect", "activity_l1",
-                 "activity_student_t", "activity_kl", "input_noise", "augmentation")
+                 "activity_student_t", "activity_kl", "input_noise", "augmentation",
+                 "adversarial", "tangent_prop", "gradient_norm_penalty", "soft_weight_sharing")
 
 
 def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
@@ -87,7 +91,10 @@ def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
     other = [r for r in cfg.regularizer if r not in WITH_ENSEMBLE]
     if other:
         return (f"regularizer {other[0]} with ensemble (the population trains an ensemble with "
-                f"{', '.join(WITH_ENSEMBLE[1:])} only: {other[0]} acts on the Ensemble as one model)")
+                f"{', '.join(WITH_ENSEMBLE[1:])} only: {other[0]} needs one object of its own over all K models)")
+    if "soft_weight_sharing" in cfg.regularizer and cfg.optimizer.name == "sam":
+        return ("regularizer soft_weight_sharing with ensemble and optimizer=sam (SAM's ascent takes one norm "
+                "over the Ensemble's parameters and its one mixture, which each of the K slices holds a copy of)")
     if active(cfg.probe):
         return "regularizer ensemble with probes (they measure one network, not the ensemble of K)"
     return None

@@ -365,7 +365,7 @@ class Bucket:
         if self.heads is not None:
             self.heads.step(factor)
         if self.mixtures is not None:
-            self.mixtures.opt.step(factor)
+            self.mixtures.step(factor)
         if self.partners is not None:
             self.partners.opt.step(factor)
 
@@ -622,7 +622,8 @@ def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, ma
         b.net.hidden, b.net.record = kept, record
         return out
 
-    return Batch(xb, yb, loss, extra_pass, b.terms.loss, b.net.params, tuple(b.data.input_shape))
+    # an ensemble's penalty differentiates each owner's Ensemble output (Owners.joint)
+    return Batch(xb, yb, loss, b.runs.joint(extra_pass), b.terms.loss, b.net.params, tuple(b.data.input_shape))
 
 
 def _fresh_draws(b: Bucket, batch: int, masks, weights):

@@ -14,6 +14,17 @@ object: at each site the member's slices draw from it one after another), so a m
 trains as its population of one does. Gradient clipping and SAM's ascent take one norm over
 all of an owner's slices (``Bucket.owner``).
 
+What the former per-model loop applied to the lone :class:`Ensemble` module as one model acts
+here on each owner's slices together, with the same semantics: ``adversarial``'s FGSM perturbs
+the owner's one batch by ε·sign of the input gradient of the cross-entropy of the Ensemble's
+prediction ln((1/K) Σₖ softmax(zₖ)) (not of each model's own loss; :meth:`Owners.fgsm`), and
+all K models train on that x'; ``tangent_prop`` penalizes J_x of that prediction
+(:meth:`Owners.joint`); ``gradient_norm_penalty`` takes the norm over all K models' parameters,
+in ``full`` mode of the gradient of Σₖ CEₖ (so Σₖ ‖∇θₖ CEₖ‖², each slice's own term) and in
+``sgd`` mode of each micro-batch's cross-entropy of the Ensemble's prediction. Such a penalty's
+value stands on the owner's first slice (zero on the others), so the per-run sum is the lone one.
+``soft_weight_sharing`` has one mixture over all K models' weights (regexp/population/mixture.py).
+
 The engine's one loop (engine.train_bucket) trains every run through a :class:`Runs` map;
 :class:`Owners` is an ensemble's: what is per run is per owner, the training losses summed
 over its slices, the evaluation on the ensemble's prediction ln((1/K) Σₖ softmax(zₖ)) (loss,
@@ -34,6 +45,7 @@ from regexp.errors import ConfigError
 from regexp.population.compat import incompatibility
 from regexp.population.member import Member
 from regexp.population.runs import Runs
+from regexp.regularizers.adversarial import fgsm
 
 if TYPE_CHECKING:
     from regexp.population.engine import Bucket
@@ -81,8 +93,9 @@ class Owners(Runs):
         """The bucket's per-owner parts: the clipping groups, the shared batch, bagging's weights."""
         super().attach(b)
         b.owner = self.index(b.device)
+        b.transforms.attack = self.fgsm
         if any(r in self.members[0].cfg.regularizer for r in ("input_noise", "augmentation")):
-            b.shared_input = self.share
+            b.shared_input = b.transforms.share = self.share
         regs = [_reg(m) for m in self.members]
         if regs[0].counts is not None:
             counts = torch.cat([r.counts for r in regs]).to(b.device)
@@ -103,6 +116,33 @@ class Owners(Runs):
 
     def labels(self, y: torch.Tensor) -> torch.Tensor:
         return y[::self.k]
+
+    def prediction(self, z: torch.Tensor) -> torch.Tensor:
+        """(S, B, C) training logits → (M, B, C): each owner's Ensemble output, ln of the mean of
+        its K models' probabilities, differentiable in every slice."""
+        lp = F.log_softmax(z, -1).view(len(self.members), self.k, *z.shape[1:])
+        return torch.logsumexp(lp, 1) - math.log(self.k)
+
+    def spread(self, t: torch.Tensor) -> torch.Tensor:
+        """(M, ...) per owner → (S, ...): on each owner's first slice, zero (a constant) on the
+        others, so a per-slice sum over an owner's slices is the owner's value."""
+        rest = t.new_zeros(t.shape[0], self.k - 1, *t.shape[1:])
+        return torch.cat([t.unsqueeze(1), rest], 1).reshape(-1, *t.shape[1:])
+
+    def joint(self, forward):
+        """The Ensemble's output as a batch penalty differentiates it (tangent_prop's J_x f, the
+        sgd mode's micro-batch losses of gradient_norm_penalty): each owner's prediction on its
+        first slice. Its slices read one batch, so ∂/∂x of the owner's output summed over its
+        slices' copies of x is the lone Ensemble's input gradient."""
+        return lambda x: self.spread(self.prediction(forward(x)))
+
+    def fgsm(self, forward, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """FGSM against each owner's Ensemble, as the lone run's ``fgsm(model, ...)``: the sign of
+        the input gradient of the cross-entropy of its prediction ln((1/K) Σₖ softmax(zₖ)) on its
+        one batch (the gradients through its K slices' copies summed), the same x' for every slice."""
+        k = self.k
+        own = lambda xm: self.prediction(forward(xm.repeat_interleave(k, 0)))  # noqa: E731
+        return fgsm(own, x[::k], y[::k], eps[::k]).repeat_interleave(k, 0)
 
     def share(self, x: torch.Tensor) -> torch.Tensor:
         """(S, ...) → (S, ...): every slice gets its owner's first slice's rows (the one noisy or
@@ -167,7 +207,9 @@ def _slice_resume(m: Member, j: int, k: int, model) -> Optional[Dict]:
     else:  # a checkpoint without per-slice sums: its one sum goes to the first slice (the owner sums them)
         running = ck["running"] if j == 0 else torch.zeros_like(ck["running"])
     return {"epoch": ck["epoch"], "step_in_epoch": ck["step_in_epoch"], "scheduler": ck["scheduler"],
-            "optimizer": {"state": {i: state[j * n + i] for i in range(n) if j * n + i in state}},
+            # its model's entries, then the regularizers' groups (the one mixture) as its own
+            "optimizer": {"state": {**{i: state[j * n + i] for i in range(n) if j * n + i in state},
+                                    **{n + e - k * n: state[e] for e in state if e >= k * n}}},
             "best_state": None if best is None else {key[len(prefix):]: v for key, v in best.items()
                                                      if key.startswith(prefix)},
             "perm": ck["perm"], "running": running}

@@ -6,6 +6,14 @@ tensors (the middle dimension lets the optimizer's (M, 1, 1) per-member values b
 updated by a second :class:`StackedOptimizer`: the same rule and values as the weights' one,
 with each member's mixture lr, as torch steps each group of one optimizer on its own.
 The penalty is the regularizer's own ``penalty_of`` on the stacked weights.
+
+An ensemble's K models (the slices of one owner, regexp/population/ensemble.py) have one mixture,
+as the former loop's regularizer attached to the Ensemble module had: one prior over all K models'
+weights, started from their range. Each slice holds a copy of it, and the copies stay equal: the
+penalty Ω is a sum over weights, so Ω over all K models is the sum of each slice's Ω under the
+copy; the hyperprior on σ counts once (on the owner's first slice); before each step every copy's
+gradient becomes the sum of its owner's copies' gradients, the one mixture's gradient, so each
+copy takes the same step from the same optimizer state.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from regexp.errors import ConfigError
 from regexp.population.optim import StackedOptimizer
 from regexp.regularizers.soft_weight_sharing import SoftWeightSharing
 
@@ -32,8 +41,13 @@ class StackedMixtures:
                  centered: bool, device: torch.device, amsgrad: bool = False):
         regs = [_reg(m) for m in members]
         self.regs = regs
-        names = {id(p): n for n, p in members[0].model.named_parameters()}
-        self.names = [names[id(p)] for p in regs[0].params]  # the weights under the prior
+        # the weights under the prior (an ensemble's: those of each slice's model, the same names)
+        covered = [_covered(m.model, r) for m, r in zip(members, regs)]
+        if any(c != covered[0] for c in covered):
+            raise ConfigError("regularizer.soft_weight_sharing.layers: with ensemble it must cover the same "
+                              "weights in each of the K models (the population stacks them); expected "
+                              "substrings of a model's own parameter names, or [] for all")
+        self.names = covered[0]
         self.params = [torch.stack([getattr(r.mixture, n).detach() for r in regs]).unsqueeze(1).to(device)
                        .requires_grad_() for n in PARAMS]
         self.lam = torch.tensor([r.lam for r in regs], device=device)
@@ -41,6 +55,7 @@ class StackedMixtures:
         self.opt = StackedOptimizer(opt_name, self.params, {**hypers, "lr": [float(r.cfg.lr) for r in regs]},
                                     nesterov, device, centered, amsgrad)
         self.masks = self._masks(net)
+        self._owners()
 
     def _shared(self, device: torch.device) -> Dict[str, Union[float, torch.Tensor]]:
         """π₀ and the hyperprior's α, β: one value when the members agree (the lone run's
@@ -60,12 +75,34 @@ class StackedMixtures:
         by_name = {name: m for (name, _, _), m in zip(net.named_params(), masks)}
         return [by_name[n] for n in self.names]
 
+    def _owners(self) -> None:
+        """Which slices share one mixture (an ensemble's: its K models share its regularizer)."""
+        ids: Dict[int, int] = {}
+        owner = [ids.setdefault(id(r), len(ids)) for r in self.regs]
+        self.owner = None if len(ids) == len(owner) else torch.tensor(owner, device=self.lam.device)
+        self.first = None if self.owner is None else torch.tensor(
+            [float(i == 0 or owner[i - 1] != o) for i, o in enumerate(owner)], device=self.lam.device)
+
     def penalty(self, net) -> torch.Tensor:
         """(M,) λ·Ω of each member's real weights under its own mixture."""
         by_name = {name: p for name, p, _ in net.named_params()}
         hp = self.regs[0].hypers(self.lam, *self.params, masks=self.masks)
         hp.__dict__.update(self.shared)
-        return SoftWeightSharing.penalty_of([by_name[n] for n in self.names], hp, True)
+        weights = [by_name[n] for n in self.names]
+        if self.first is None or not (torch.is_tensor(hp.gamma_alpha) or hp.gamma_alpha):
+            return SoftWeightSharing.penalty_of(weights, hp, True)
+        hyper = self.lam * SoftWeightSharing.hyperprior_of(hp, True) * self.first  # once per owner
+        hp.gamma_alpha = 0.0
+        return SoftWeightSharing.penalty_of(weights, hp, True) + hyper
+
+    def step(self, factor: float) -> None:
+        """The mixtures' update (an ensemble's copies each with its owner's summed gradient)."""
+        if self.owner is not None:
+            with torch.no_grad():
+                for p in self.params:
+                    total = torch.zeros(int(self.owner.max()) + 1, *p.shape[1:], device=p.device)
+                    p.grad = total.index_add_(0, self.owner, p.grad).index_select(0, self.owner)
+        self.opt.step(factor)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -81,6 +118,7 @@ class StackedMixtures:
         self.opt.keep(sel)
         self.opt.set_params(self.params)
         self.masks = self._masks(net)
+        self._owners()
 
     @torch.no_grad()
     def sync(self, k: int) -> None:
@@ -106,6 +144,12 @@ class StackedMixtures:
             self.opt.state[key] = ([ts[0].to(p.device) for ts, p in zip(per, self.params)] if key == "step"
                                    else [torch.stack(ts).unsqueeze(1).to(p.device, p.dtype)
                                          for ts, p in zip(per, self.params)])
+
+
+def _covered(model, reg: SoftWeightSharing) -> List[str]:
+    """The names, in ``model``'s own naming, of its parameters under ``reg``'s prior."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for p in reg.params if id(p) in names]
 
 
 def stacked_mixtures(members: List, net, opt_name: str, hypers: Dict[str, List[float]], nesterov: bool,

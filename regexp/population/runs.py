@@ -10,7 +10,7 @@ bits. An ensemble's run owns K slices (regexp/population/ensemble.py's ``Owners`
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 
@@ -48,6 +48,11 @@ class Runs:
     def labels(self, y: torch.Tensor) -> torch.Tensor:
         """(S, N) labels → (M, N): a run's slices read the same examples."""
         return y
+
+    def joint(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A training forward pass (S, B, D) → (S, B, C) as what a batch penalty differentiates:
+        each run's own prediction (a slice's logits)."""
+        return forward
 
     def state(self, b: "Bucket", i: int, tensors: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """Run i's state_dict, as its lone model names it (``tensors``: stacked ones other than the weights)."""

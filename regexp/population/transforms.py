@@ -53,6 +53,9 @@ class BatchTransforms:
         adv = [r.get("adversarial") for r in regs]
         self.eps = [float(a.eps) for a in adv] if adv[0] is not None else None
         self.mix = float(adv[0].mix) if adv[0] is not None else 0.0
+        # an ensemble's (Owners.attach): its slices' one batch, FGSM against its prediction
+        self.share: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.attack = fgsm
 
     @property
     def active(self) -> bool:
@@ -78,6 +81,8 @@ class BatchTransforms:
                 x = self.pretext.draw(x)
             else:
                 x = self.adversarial(x, y, forward, weights, widths)
+            if self.share is not None:  # an ensemble's models read one batch from here on
+                x = self.share(x)
         return (x, *self.noise.forward_draws(x.shape[1], weights, widths))
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +117,6 @@ class BatchTransforms:
             if state is not None:
                 g.set_state(state)
         eps = torch.tensor(self.eps, device=x.device).view(-1, 1, 1)
-        x_adv = fgsm(lambda xa: forward(xa, masks, used), x[:, :k], y[:, :k], eps)
+        x_adv = self.attack(lambda xa: forward(xa, masks, used), x[:, :k], y[:, :k], eps)
         x_adv = torch.where(eps > 0, x_adv, x[:, :k])  # ε = 0: the lone run leaves its batch alone
         return torch.cat([x_adv, x[:, k:]], 1)

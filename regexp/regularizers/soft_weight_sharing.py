@@ -250,15 +250,18 @@ class SoftWeightSharing(Regularizer):
         if stacked and hp.masks is not None:
             nll = nll * torch.cat([flat(m) for m in hp.masks], -1)
         omega = member_sum(nll, stacked)
-        alpha, beta = hp.gamma_alpha, hp.gamma_beta
-        if torch.is_tensor(alpha):  # a population's own (M, 1, 1) float64 values; α = 0: none
-            xi = hp.xi
-            on = (alpha != 0).to(xi.dtype)
-            hyper = ((alpha - 1).to(xi.dtype) * xi + beta.to(xi.dtype) * torch.exp(-xi)) * on
-            omega = omega + member_sum(hyper, stacked)
-        elif alpha:  # − ln Gamma(1/σ² | α, β) up to a constant, with ln(1/σ²) = −ξ
-            omega = omega + member_sum((alpha - 1) * hp.xi + beta * torch.exp(-hp.xi), stacked)
+        if torch.is_tensor(hp.gamma_alpha) or hp.gamma_alpha:
+            omega = omega + cls.hyperprior_of(hp, stacked)
         return hp.lam * omega
+
+    @staticmethod
+    def hyperprior_of(hp, stacked: bool) -> torch.Tensor:
+        """− ln Gamma(1/σⱼ² | α, β) summed over the components, up to a constant (ln(1/σ²) = −ξ)."""
+        alpha, beta, xi = hp.gamma_alpha, hp.gamma_beta, hp.xi
+        if torch.is_tensor(alpha):  # a population's own (M, 1, 1) float64 values; α = 0: none
+            on = (alpha != 0).to(xi.dtype)
+            return member_sum(((alpha - 1).to(xi.dtype) * xi + beta.to(xi.dtype) * torch.exp(-xi)) * on, stacked)
+        return member_sum((alpha - 1) * xi + beta * torch.exp(-xi), stacked)
 
     # ---- after training
     def merged(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
