@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from regexp.population.plain_stack import GridStack
-from regexp.train.sparsity import NEAR_ZERO
+from regexp.train.sparsity import zero_counts
 
 # one evaluation chunk's activations (all members): the per-step tensors stay cache-sized (8 members
 # of hidden 24: chunks of ~50 examples evaluated 1.2x faster than chunks of 400)
@@ -274,9 +274,7 @@ class StackedGRU(GridStack):
             mask = masks[1]
             feats = feats * (mask.gather(2, self.unit_order.expand_as(mask)) if self.unit_order is not None else mask)
         if counts is not None:  # the hidden site: padded features are no units
-            real = self.unit_mask > 0 if self.unit_mask is not None else torch.ones_like(feats[:, :1], dtype=torch.bool)
-            counts += torch.stack([((feats == 0) & real).sum((1, 2)),
-                                   ((feats.abs() < NEAR_ZERO) & real).sum((1, 2))], 1)
+            counts += zero_counts(feats, (1, 2), self.unit_mask)
         return feats
 
     def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regexp.population.plain_stack import GridStack
-from regexp.train.sparsity import NEAR_ZERO
+from regexp.train.sparsity import zero_counts
 
 EVAL_BYTES = 2**25  # one evaluation chunk's activations (all members)
 # The member dimensions of each lone parameter, by the end of its name: "E" the embedding,
@@ -277,8 +277,7 @@ class StackedTransformer(GridStack):
             mask = masks[1]
             h = h * (mask.gather(2, self.unit_order.expand_as(mask)) if self.unit_order is not None else mask)
         if counts is not None:  # the hidden site: padded units are no units
-            real = self.unit_mask > 0 if self.unit_mask is not None else torch.ones_like(h[:, :1], dtype=torch.bool)
-            counts += torch.stack([((h == 0) & real).sum((1, 2)), ((h.abs() < NEAR_ZERO) & real).sum((1, 2))], 1)
+            counts += zero_counts(h, (1, 2), self.unit_mask)
         return h
 
     def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
