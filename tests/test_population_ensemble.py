@@ -166,6 +166,11 @@ def test_ensemble_members_of_a_population_equal_their_populations_of_one(compose
                "model.width": 16},
               {"seed": 2, "optimizer.lr": 0.002, "regularizer.dropout.p": 0.0, "regularizer.weight_decay.lam": 0.0,
                "model.width": 24}]
+    assert_each_equals_alone(base, points, tmp_path, monkeypatch)
+
+
+def assert_each_equals_alone(base, points, tmp_path: Path, monkeypatch) -> None:
+    """Three ensemble runs train as one population, and each ends as it does alone."""
     sizes = _members(monkeypatch)
     pop = train_population(base, points, tmp_path / "pop")
     assert sizes == [3]  # one population of three ensembles

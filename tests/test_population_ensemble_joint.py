@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from test_population_ensemble import (ATOL, BASE, RTOL, RUN, _assert_same_member, _components,
-                                      _ensemble_log_prob, _members, reference_run)
+                                      _ensemble_log_prob, _members, assert_each_equals_alone, reference_run)
 from regexp.data import load_data
 from regexp.population import train_population
 from regexp.regularizers.tangent_prop import tangents
@@ -188,14 +188,7 @@ def test_ensemble_members_of_a_population_of_three_equal_each_alone(compose_cfg,
     variant, points = MEMBERS[case]
     base = compose_cfg(BASE + ["trainer.epochs=2", "regularizer.ensemble.components=2", "optimizer=adam",
                                "optimizer.lr=0.003"] + variant)
-    sizes = _members(monkeypatch)
-    pop = train_population(base, points, tmp_path / "pop")
-    assert sizes == [3]  # one population of three ensembles
-    for p, a in zip(points, pop):
-        (b,) = train_population(base, [p], tmp_path / "one")
-        assert a["status"] == b["status"] == "completed"
-        _assert_same_member(tmp_path / "pop" / point_name(p), tmp_path / "one" / point_name(p), a, b)
-    assert sizes == [3, 1, 1, 1]
+    assert_each_equals_alone(base, points, tmp_path, monkeypatch)
 
 
 def test_cnn_ensembles_with_all_four_equal_each_alone(compose_cfg, tmp_path, monkeypatch):
