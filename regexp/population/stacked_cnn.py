@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from regexp.population.conv_gemm import StackedConv
+from regexp.population.max_pool import max_pool1d
 from regexp.population.norms import Running, masked_normalize, member_batch_norm
 from regexp.population.plain_stack import PlainStack
 from regexp.train.sparsity import NEAR_ZERO
@@ -139,6 +141,9 @@ class StackedCNN(PlainStack):
         self.width = max(c * n for c, n in zip(self.width_tuple, self.lengths))
         self.eval_bytes = EVAL_BYTES
         self.hidden_widths = list(self.width_tuple)
+        # the training steps' and evaluation's form (conv_gemm.py); tuning.choose_form sets it
+        self.gemm = False
+        self.gemm_ok = all(st.stride == 1 and st.norm in (None, "batch") for st in self.stages)
 
     # ------------------------------------------------------------------ layout
     def _real(self, j: int, member: int) -> Tuple[int, ...]:
@@ -319,14 +324,18 @@ class StackedCNN(PlainStack):
 
     def _features(self, x: torch.Tensor, weights, training: bool, counts: Optional[torch.Tensor] = None,
                   masks: Optional[List[Optional[torch.Tensor]]] = None,
-                  hidden: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+                  hidden: Optional[List[torch.Tensor]] = None, gemm: bool = False) -> torch.Tensor:
         """Per-member features (M, B, F) the head sees, from inputs (M, B, C_in·L) (images:
         C_in·H·W); ``training``: batch norm on batch statistics (updating the running ones) or on
         the running ones; ``masks``: the dropout masks of the input and of each stage's site,
-        (M, B, C·positions) or None; ``hidden`` gains each site's output."""
+        (M, B, C·positions) or None; ``hidden`` gains each site's output; ``gemm``: the
+        feature-major GEMM form (:mod:`regexp.population.conv_gemm`, once differentiable)
+        instead of grouped convolutions."""
         m, b = x.shape[0], x.shape[1]
         if masks and masks[0] is not None:
             x = x * masks[0]
+        if gemm:
+            return self._features_gemm(x, weights, training, counts, masks, hidden)
         h = x.view(m, b, self.in_channels, -1).transpose(0, 1).reshape(b, m * self.in_channels, *self.spatial)
         stages, _ = self._layers(weights)
         for s, (st, (w, bias)) in enumerate(zip(self.stages, stages)):
@@ -344,13 +353,52 @@ class StackedCNN(PlainStack):
                 hidden.append(h.reshape(b, m, -1).transpose(0, 1))
             if counts is not None:
                 self._count(h, s, counts)
-            if st.pool is not None:
+            if st.pool == "max" and self.dims == 1:
+                h = max_pool1d(h)
+            elif st.pool is not None:
                 h = POOLS[self.dims, st.pool](h, 2)
         c = h.shape[1] // m
         h = h.view(b, m, c, -1)
         if self.flatten:
             return h.transpose(0, 1).reshape(m, b, -1)
         return h.mean(-1).transpose(0, 1)
+
+    def _features_gemm(self, x: torch.Tensor, weights, training: bool, counts: Optional[torch.Tensor],
+                       masks: Optional[List[Optional[torch.Tensor]]],
+                       hidden: Optional[List[torch.Tensor]]) -> torch.Tensor:
+        """:meth:`_features` on (M, C, B, *positions) activations, each stage one batched GEMM."""
+        m, b = x.shape[0], x.shape[1]
+        h = x.view(m, b, self.in_channels, *self.spatial).transpose(1, 2)
+        stages, _ = self._layers(weights)
+        for s, (st, (w, bias)) in enumerate(zip(self.stages, stages)):
+            sizes = h.shape[3:]
+            h = StackedConv.apply(h, w, bias, st.kernel, st.padding)
+            h = h[(Ellipsis, *[slice(0, n + 2 * st.padding - st.kernel + 1) for n in sizes])]
+            c = h.shape[1]
+            if st.norm is not None:  # batch norm only (gemm_ok): members' channels as one batch's
+                g_, b_ = (self.params[self.kinds.index((k, s))] for k in NORM_PARAMS)
+                h = member_batch_norm(h.reshape(1, m * c, -1), self._running(s), g_, b_, training, st.momentum,
+                                      st.eps).view(h.shape)
+            h = st.act(h)
+            if self.mask_hidden[s]:
+                h = h * self.channel_mask[s].view(m, c, 1, *[1] * self.dims)
+            if masks and masks[s + 1] is not None:
+                h = h * masks[s + 1].view(m, b, c, *h.shape[3:]).transpose(1, 2)
+            if hidden is not None:
+                hidden.append(h.transpose(1, 2).reshape(m, b, -1))
+            if counts is not None:
+                real = self.channel_mask[s].view(m, c, *[1] * (h.dim() - 2)) > 0
+                counts += torch.stack([((h == 0) & real).view(m, -1).sum(1),
+                                       ((h.abs() < NEAR_ZERO) & real).view(m, -1).sum(1)], 1)
+            if st.pool is not None:
+                flat = h.reshape(m * c, b, *h.shape[3:])  # batch as channels: pooling is per position
+                pooled = (max_pool1d(flat) if st.pool == "max" and self.dims == 1
+                          else POOLS[self.dims, st.pool](flat, 2))
+                h = pooled.view(m, c, b, *pooled.shape[2:])
+        c = h.shape[1]
+        if self.flatten:
+            return h.reshape(m, c, b, -1).transpose(1, 2).reshape(m, b, -1)
+        return h.reshape(m, c, b, -1).mean(-1).transpose(1, 2)
 
     def _norm(self, s: int, h: torch.Tensor, training: bool) -> torch.Tensor:
         """Stage s's normalization of the convolution's output (B, M·C, *positions), each
@@ -380,7 +428,7 @@ class StackedCNN(PlainStack):
         """Logits (M, B, C) of inputs (M, B, D); ``masks``: the dropout sites' (input, then each
         stage's); ``weights`` replaces the stored weights (weight noise, DropConnect)."""
         self.hidden = []
-        feats = self._features(x, weights, True, None, masks, self.hidden if self.record else None)
+        feats = self._features(x, weights, True, None, masks, self.hidden if self.record else None, self.gemm)
         if self.record:
             self.head_input = feats
         return self._head(feats, weights)
@@ -403,7 +451,7 @@ class StackedCNN(PlainStack):
         out = torch.empty(m, self.classes, n, device=x.device, dtype=x.dtype)
         _, (w, b) = self._layers(None)
         for i in range(0, n, chunk):
-            feats = self._features(x[:, i:i + chunk], None, False, counts)
+            feats = self._features(x[:, i:i + chunk], None, False, counts, gemm=self.gemm)
             z = torch.bmm(w, feats.transpose(1, 2))
             out[:, :, i:i + chunk] = z + b.transpose(1, 2) if b is not None else z
         return out
