@@ -50,14 +50,15 @@ def test_gemm_form_equals_grouped_convolutions(case):
     sizes, _ = grouped.site_sizes
     # dropout masks of the input and each stage's site (scaled as inverted dropout's)
     masks = [(torch.rand(m, b, n, generator=gen) > 0.2).float() / 0.8 for n in [d, *map(max, zip(*sizes))]]
-    for net in (grouped, gemm):
-        net.record = True
-    for step in range(2):  # the second step on batch norm's updated running statistics too
+    for step in range(2):
+        # the first step with dropout masks and recorded sites, the second without them (relu and
+        # max pooling then run as one pass) and on batch norm's updated running statistics
         out = []
         for net in (grouped, gemm):
+            net.record = step == 0
             for p in net.params:
                 p.grad = None
-            logits = net.forward(x, masks)
+            logits = net.forward(x, masks if step == 0 else None)
             F.cross_entropy(logits.reshape(-1, 10), y.reshape(-1)).backward()
             out.append((logits.detach(), [h.detach() for h in net.hidden], [p.grad for p in net.params]))
         (la, ha, ga), (lb, hb, gb) = out

@@ -10,7 +10,8 @@ is the gradient times that mask, one pass.
 
 The backward is written in differentiable ops, linear in the incoming gradient, so a double
 backward through it (the probes' Hessian products, tangent propagation) gives torch's result.
-Images keep torch's ``max_pool2d``: the 2 × 2 windows' first-maximum mask measured slower than
+:func:`relu_max_pool1d` is relu then max pooling in that one pass (relu's
+own backward, a full-size pass, then falls away). Images keep torch's ``max_pool2d``: the 2 × 2 windows' first-maximum mask measured slower than
 torch's indices. NaN inputs are not handled as torch handles them (no position is marked).
 """
 from __future__ import annotations
@@ -40,9 +41,36 @@ class _MaxPool1d(torch.autograd.Function):
         return F.pad(gh, (0, ctx.length % 2))  # an odd length's last position: no gradient
 
 
+class _ReluMaxPool1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        out = F.max_pool1d(h, 2).clamp_min_(0)
+        n = out.shape[-1]
+        win = h[..., :2 * n].reshape(*out.shape, 2)
+        first = win[..., 0] >= win[..., 1]
+        live = out > 0  # relu passes the window's maximum on
+        mask = torch.empty_like(win)
+        mask[..., 0] = first & live
+        mask[..., 1] = ~first & live
+        ctx.save_for_backward(mask)
+        ctx.length = h.shape[-1]
+        return out
+
+    backward = _MaxPool1d.backward
+
+
 def max_pool1d(h: torch.Tensor) -> torch.Tensor:
     """``F.max_pool1d(h, 2)``: the same values and gradients (torch's own call when no
     gradient is needed)."""
     if not (torch.is_grad_enabled() and h.requires_grad):
         return F.max_pool1d(h, 2)
     return _MaxPool1d.apply(h)
+
+
+def relu_max_pool1d(h: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool1d(F.relu(h), 2)`` as one pass, with its values and gradients: relu and the
+    maximum commute, and a window's first maximum of relu(h) with a positive value is its first
+    maximum of h (where the maximum is not positive, relu's gradient is 0 at every position)."""
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        return F.max_pool1d(h, 2).clamp_min_(0)
+    return _ReluMaxPool1d.apply(h)

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regexp.population.conv_gemm import StackedConv
-from regexp.population.max_pool import max_pool1d
+from regexp.population.max_pool import max_pool1d, relu_max_pool1d
 from regexp.population.norms import Running, masked_normalize, member_batch_norm
 from regexp.population.plain_stack import PlainStack
 from regexp.train.sparsity import NEAR_ZERO
@@ -344,6 +344,9 @@ class StackedCNN(PlainStack):
                                  bias.reshape(-1) if bias is not None else None, st.stride, st.padding, 1, m)
             if st.norm is not None:
                 h = self._norm(s, h, training)
+            if self._fuses(s, masks, hidden, counts):
+                h = relu_max_pool1d(h)
+                continue
             h = st.act(h)
             if self.mask_hidden[s]:
                 h = h * self.channel_mask[s]
@@ -363,6 +366,14 @@ class StackedCNN(PlainStack):
             return h.transpose(0, 1).reshape(m, b, -1)
         return h.mean(-1).transpose(0, 1)
 
+    def _fuses(self, s: int, masks, hidden, counts) -> bool:
+        """Whether stage s's relu and max pooling run as one pass (max_pool.relu_max_pool1d):
+        signals, and nothing reads the activations between them (no dropout site mask, no
+        recorded site, no counts)."""
+        st = self.stages[s]
+        return (self.dims == 1 and st.pool == "max" and type(st.act) is nn.ReLU and hidden is None
+                and counts is None and not (masks and masks[s + 1] is not None))
+
     def _features_gemm(self, x: torch.Tensor, weights, training: bool, counts: Optional[torch.Tensor],
                        masks: Optional[List[Optional[torch.Tensor]]],
                        hidden: Optional[List[torch.Tensor]]) -> torch.Tensor:
@@ -379,6 +390,10 @@ class StackedCNN(PlainStack):
                 g_, b_ = (self.params[self.kinds.index((k, s))] for k in NORM_PARAMS)
                 h = member_batch_norm(h.reshape(1, m * c, -1), self._running(s), g_, b_, training, st.momentum,
                                       st.eps).view(h.shape)
+            if self._fuses(s, masks, hidden, counts):
+                pooled = relu_max_pool1d(h.reshape(m * c, b, -1))
+                h = pooled.view(m, c, b, -1)
+                continue
             h = st.act(h)
             if self.mask_hidden[s]:
                 h = h * self.channel_mask[s].view(m, c, 1, *[1] * self.dims)
