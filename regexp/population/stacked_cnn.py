@@ -403,8 +403,8 @@ class StackedCNN(PlainStack):
                 hidden.append(h.transpose(1, 2).reshape(m, b, -1))
             if counts is not None:
                 real = self.channel_mask[s].view(m, c, *[1] * (h.dim() - 2)) > 0
-                counts += torch.stack([((h == 0) & real).view(m, -1).sum(1),
-                                       ((h.abs() < NEAR_ZERO) & real).view(m, -1).sum(1)], 1)
+                rest = tuple(range(1, h.dim()))
+                counts += torch.stack([((h == 0) & real).sum(rest), ((h.abs() < NEAR_ZERO) & real).sum(rest)], 1)
             if st.pool is not None:
                 flat = h.reshape(m * c, b, *h.shape[3:])  # batch as channels: pooling is per position
                 pooled = (max_pool1d(flat) if st.pool == "max" and self.dims == 1
