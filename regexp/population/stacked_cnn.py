@@ -4,7 +4,9 @@ The members' activations live side by side in the channel dimension, (B, M·C, L
 and (B, M·C, H, W) for images, so stage s is ``conv1d(h, weight.view(M·C_out, C_in, k),
 groups=M)`` (``conv2d`` with (k, k) kernels on images): group m sees only member m's
 channels and applies only member m's kernels. Pooling and the activation act per channel, so
-they need no member axis at all. The head is a batched product per member.
+they need no member axis at all. The head is a batched product per member. A bucket may
+instead run the GEMM form (:mod:`regexp.population.conv_gemm`: activations (M, C, B, *positions),
+each stage one ``baddbmm``), whichever measured faster on the machine (``tuning.choose_form``).
 
 Every parameter is stored 3-D with the member first, as :class:`StackedMLP`'s are, so the
 shared optimizer, clipping, penalties and checkpoints handle it unchanged: a conv weight as
