@@ -8,6 +8,7 @@ channels) get exactly zero gradient in both forms.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_gemm_form_input_gradient_equals_grouped():
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
 
 
-def test_cnn_bucket_measures_its_form_and_keeps_grouped_where_it_must(compose_cfg, tmp_path, monkeypatch):
+def test_cnn_bucket_measures_its_form_and_trains_as_lone_runs_on_it(compose_cfg, tmp_path, monkeypatch):
     # the GEMM form timed faster: chosen, cached under the bucket's CNN key, and the members
     # still train as their lone runs do (padded channels, batch norm's running statistics)
     monkeypatch.setattr(tuning, "time_forms", lambda step: (step(False), step(True), (2e-3, 1e-3))[2])
@@ -107,3 +108,17 @@ def test_cnn_bucket_measures_its_form_and_keeps_grouped_where_it_must(compose_cf
         assert a["population_tuning"]["forms"] == list(tuning.CNN_FORMS)
         assert a["population_tuning"]["source"] == "measured"
     assert any(k.startswith("cnn ") for m in tuning._read(tuning.cache_path()).values() for k in m)
+
+
+@pytest.mark.parametrize("stride,why", [(1, "a penalty's double backward"), (2, None)])
+def test_cnn_bucket_keeps_grouped_convolutions_unmeasured_where_it_must(monkeypatch, stride, why):
+    # a double backward (tangent_prop, gradient_norm_penalty) or a strided stage: no GEMM form
+    def never(step):
+        raise AssertionError("measured a bucket that cannot run the GEMM form")
+
+    monkeypatch.setattr(tuning, "time_forms", never)
+    models = [CNN((1, 40), 10, [4, 8], 3, "max", "none", "relu", stride, None, "gap") for _ in range(2)]
+    net = StackedCNN(models, [(4, 8)] * 2, (4, 8), (1, 40), torch.device("cpu"))
+    net.gemm = True
+    choice = tuning.choose_form(SimpleNamespace(net=net, device=torch.device("cpu"), members=[0, 1]), 32, why)
+    assert choice.loop is False and net.gemm is False and "grouped only" in choice.source
