@@ -459,8 +459,10 @@ def sweep(args) -> None:
         for engine in ("serial", "population"):
             run_points(compose(base + [f"sweep.engine={engine}", "trainer.epochs=1"]), warm,
                        Path(tmp) / f"w{engine}")
-        # every bucket of C once, untimed: the first population on a machine measures each
-        # bucket's form (regexp/population/tuning.py, cached), a one-time cost kept out of C
+        # every bucket of B and C once, untimed: the first population on a machine measures
+        # each bucket's form (regexp/population/tuning.py, cached), a one-time cost kept out of
+        # both (B's populations of one have buckets of their own)
+        run_points(compose(base + ["sweep.engine=serial", "trainer.epochs=1"]), points, Path(tmp) / "wB")
         t = time.perf_counter()
         run_points(compose(base + ["sweep.engine=population", "trainer.epochs=1"]), points, Path(tmp) / "wC")
         warm_c = time.perf_counter() - t
@@ -538,9 +540,10 @@ def bucket_forms(sweep_dir: Path, points) -> str:
         seen.setdefault(t.get("key", t.get("source", "?")), t)
     out = []
     for key, t in seen.items():
-        pad = key.split(" pad")[1].split()[0] if " pad" in key else "?"
+        pad = key.split(" pad")[1].split(" head")[0].split(" batch")[0] if " pad" in key else "?"
         ms = f" {t['batched_ms']:.3g}/{t['loop_ms']:.3g} ms" if "batched_ms" in t else ""
-        out.append(f"w<={pad} {'loop' if t.get('loop') else 'batched'} ({t.get('source')}{ms})")
+        forms = t.get("forms", ["batched", "loop"])  # a CNN bucket's: grouped convolutions / GEMM form
+        out.append(f"w<={pad} {forms[1] if t.get('loop') else forms[0]} ({t.get('source')}{ms})")
     return "; ".join(out)
 
 

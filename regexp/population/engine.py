@@ -667,7 +667,13 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
                 bool(cfg.logger.grad_norms))
     loop.manual = _manual_ok(b, opts)
-    tuned = tuning.record(tuning.choose_loop(b, opts.loop_width, bs, loop.manual))
+    if isinstance(b.net, StackedCNN):
+        twice = any(f[0].batch_penalty_of is not None for f in b.terms.forms.values())
+        why = ("a penalty's double backward" if twice else "extra.population.compile=true" if opts.compile
+               else "extra.population.bf16=true" if opts.bf16 else None)
+        tuned = tuning.record(tuning.choose_form(b, bs, why))
+    else:
+        tuned = tuning.record(tuning.choose_loop(b, opts.loop_width, bs, loop.manual))
     for m in members:
         m.tuning = tuned
     results: Dict[int, Dict] = {}

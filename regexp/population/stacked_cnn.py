@@ -4,7 +4,9 @@ The members' activations live side by side in the channel dimension, (B, M·C, L
 and (B, M·C, H, W) for images, so stage s is ``conv1d(h, weight.view(M·C_out, C_in, k),
 groups=M)`` (``conv2d`` with (k, k) kernels on images): group m sees only member m's
 channels and applies only member m's kernels. Pooling and the activation act per channel, so
-they need no member axis at all. The head is a batched product per member.
+they need no member axis at all. The head is a batched product per member. A bucket may
+instead run the GEMM form (:mod:`regexp.population.conv_gemm`: activations (M, C, B, *positions),
+each stage one ``baddbmm``), whichever measured faster on the machine (``tuning.choose_form``).
 
 Every parameter is stored 3-D with the member first, as :class:`StackedMLP`'s are, so the
 shared optimizer, clipping, penalties and checkpoints handle it unchanged: a conv weight as
@@ -35,9 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from regexp.population.conv_gemm import StackedConv
+from regexp.population.max_pool import max_pool1d, relu_max_pool1d
 from regexp.population.norms import Running, masked_normalize, member_batch_norm
 from regexp.population.plain_stack import PlainStack
-from regexp.train.sparsity import NEAR_ZERO
+from regexp.train.sparsity import zero_counts
 
 Channels = Tuple[int, ...]
 EVAL_BYTES = 2**25  # one evaluation chunk's activations (all members): fewer, larger conv calls
@@ -139,6 +143,9 @@ class StackedCNN(PlainStack):
         self.width = max(c * n for c, n in zip(self.width_tuple, self.lengths))
         self.eval_bytes = EVAL_BYTES
         self.hidden_widths = list(self.width_tuple)
+        # the training steps' and evaluation's form (conv_gemm.py); tuning.choose_form sets it
+        self.gemm = False
+        self.gemm_ok = all(st.stride == 1 and st.norm in (None, "batch") for st in self.stages)
 
     # ------------------------------------------------------------------ layout
     def _real(self, j: int, member: int) -> Tuple[int, ...]:
@@ -319,14 +326,18 @@ class StackedCNN(PlainStack):
 
     def _features(self, x: torch.Tensor, weights, training: bool, counts: Optional[torch.Tensor] = None,
                   masks: Optional[List[Optional[torch.Tensor]]] = None,
-                  hidden: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+                  hidden: Optional[List[torch.Tensor]] = None, gemm: bool = False) -> torch.Tensor:
         """Per-member features (M, B, F) the head sees, from inputs (M, B, C_in·L) (images:
         C_in·H·W); ``training``: batch norm on batch statistics (updating the running ones) or on
         the running ones; ``masks``: the dropout masks of the input and of each stage's site,
-        (M, B, C·positions) or None; ``hidden`` gains each site's output."""
+        (M, B, C·positions) or None; ``hidden`` gains each site's output; ``gemm``: the
+        feature-major GEMM form (:mod:`regexp.population.conv_gemm`, once differentiable)
+        instead of grouped convolutions."""
         m, b = x.shape[0], x.shape[1]
         if masks and masks[0] is not None:
             x = x * masks[0]
+        if gemm:
+            return self._features_gemm(x, weights, training, counts, masks, hidden)
         h = x.view(m, b, self.in_channels, -1).transpose(0, 1).reshape(b, m * self.in_channels, *self.spatial)
         stages, _ = self._layers(weights)
         for s, (st, (w, bias)) in enumerate(zip(self.stages, stages)):
@@ -335,6 +346,9 @@ class StackedCNN(PlainStack):
                                  bias.reshape(-1) if bias is not None else None, st.stride, st.padding, 1, m)
             if st.norm is not None:
                 h = self._norm(s, h, training)
+            if self._fuses(s, masks, hidden, counts):
+                h = relu_max_pool1d(h)
+                continue
             h = st.act(h)
             if self.mask_hidden[s]:
                 h = h * self.channel_mask[s]
@@ -344,13 +358,63 @@ class StackedCNN(PlainStack):
                 hidden.append(h.reshape(b, m, -1).transpose(0, 1))
             if counts is not None:
                 self._count(h, s, counts)
-            if st.pool is not None:
+            if st.pool == "max" and self.dims == 1:
+                h = max_pool1d(h)
+            elif st.pool is not None:
                 h = POOLS[self.dims, st.pool](h, 2)
         c = h.shape[1] // m
         h = h.view(b, m, c, -1)
         if self.flatten:
             return h.transpose(0, 1).reshape(m, b, -1)
         return h.mean(-1).transpose(0, 1)
+
+    def _fuses(self, s: int, masks, hidden, counts) -> bool:
+        """Whether stage s's relu and max pooling run as one pass (max_pool.relu_max_pool1d):
+        signals, and nothing reads the activations between them (no dropout site mask, no
+        recorded site, no counts)."""
+        st = self.stages[s]
+        return (self.dims == 1 and st.pool == "max" and type(st.act) is nn.ReLU and hidden is None
+                and counts is None and not (masks and masks[s + 1] is not None))
+
+    def _features_gemm(self, x: torch.Tensor, weights, training: bool, counts: Optional[torch.Tensor],
+                       masks: Optional[List[Optional[torch.Tensor]]],
+                       hidden: Optional[List[torch.Tensor]]) -> torch.Tensor:
+        """:meth:`_features` on (M, C, B, *positions) activations, each stage one batched GEMM."""
+        m, b = x.shape[0], x.shape[1]
+        h = x.view(m, b, self.in_channels, *self.spatial).transpose(1, 2)
+        stages, _ = self._layers(weights)
+        for s, (st, (w, bias)) in enumerate(zip(self.stages, stages)):
+            sizes = h.shape[3:]
+            h = StackedConv.apply(h, w, bias, st.kernel, st.padding)
+            h = h[(Ellipsis, *[slice(0, n + 2 * st.padding - st.kernel + 1) for n in sizes])]
+            c = h.shape[1]
+            if st.norm is not None:  # batch norm only (gemm_ok): members' channels as one batch's
+                g_, b_ = (self.params[self.kinds.index((k, s))] for k in NORM_PARAMS)
+                h = member_batch_norm(h.reshape(1, m * c, -1), self._running(s), g_, b_, training, st.momentum,
+                                      st.eps).view(h.shape)
+            if self._fuses(s, masks, hidden, counts):
+                pooled = relu_max_pool1d(h.reshape(m * c, b, -1))
+                h = pooled.view(m, c, b, -1)
+                continue
+            h = st.act(h)
+            if self.mask_hidden[s]:
+                h = h * self.channel_mask[s].view(m, c, 1, *[1] * self.dims)
+            if masks and masks[s + 1] is not None:
+                h = h * masks[s + 1].view(m, b, c, *h.shape[3:]).transpose(1, 2)
+            if hidden is not None:
+                hidden.append(h.transpose(1, 2).reshape(m, b, -1))
+            if counts is not None:
+                real = self.channel_mask[s].view(m, c, *[1] * (h.dim() - 2))
+                counts += zero_counts(h, tuple(range(1, h.dim())), real)
+            if st.pool is not None:
+                flat = h.reshape(m * c, b, *h.shape[3:])  # batch as channels: pooling is per position
+                pooled = (max_pool1d(flat) if st.pool == "max" and self.dims == 1
+                          else POOLS[self.dims, st.pool](flat, 2))
+                h = pooled.view(m, c, b, *pooled.shape[2:])
+        c = h.shape[1]
+        if self.flatten:
+            return h.reshape(m, c, b, -1).transpose(1, 2).reshape(m, b, -1)
+        return h.reshape(m, c, b, -1).mean(-1).transpose(1, 2)
 
     def _norm(self, s: int, h: torch.Tensor, training: bool) -> torch.Tensor:
         """Stage s's normalization of the convolution's output (B, M·C, *positions), each
@@ -370,17 +434,16 @@ class StackedCNN(PlainStack):
 
     def _count(self, h: torch.Tensor, s: int, counts: torch.Tensor) -> None:
         """Add member by member the real channels' activations that are 0 and near 0."""
-        m = counts.shape[0]
-        real = self.channel_mask[s] > 0
-        per = lambda cond: (cond & real).view(h.shape[0], m, -1).sum((0, 2))  # noqa: E731
-        counts += torch.stack([per(h == 0), per(h.abs() < NEAR_ZERO)], 1)
+        m, n = counts.shape[0], h.shape[0]
+        real = self.channel_mask[s].expand_as(h).reshape(n, m, -1)
+        counts += zero_counts(h.reshape(n, m, -1), (0, 2), real)
 
     def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
                 weights: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Logits (M, B, C) of inputs (M, B, D); ``masks``: the dropout sites' (input, then each
         stage's); ``weights`` replaces the stored weights (weight noise, DropConnect)."""
         self.hidden = []
-        feats = self._features(x, weights, True, None, masks, self.hidden if self.record else None)
+        feats = self._features(x, weights, True, None, masks, self.hidden if self.record else None, self.gemm)
         if self.record:
             self.head_input = feats
         return self._head(feats, weights)
@@ -403,7 +466,7 @@ class StackedCNN(PlainStack):
         out = torch.empty(m, self.classes, n, device=x.device, dtype=x.dtype)
         _, (w, b) = self._layers(None)
         for i in range(0, n, chunk):
-            feats = self._features(x[:, i:i + chunk], None, False, counts)
+            feats = self._features(x[:, i:i + chunk], None, False, counts, gemm=self.gemm)
             z = torch.bmm(w, feats.transpose(1, 2))
             out[:, :, i:i + chunk] = z + b.transpose(1, 2) if b is not None else z
         return out

@@ -12,17 +12,25 @@ thread count, so later runs on that machine reuse it without measuring.
 
 ``extra.population.loop_width`` still wins when given: an int (0: never, N: buckets at least
 N wide loop); ``auto`` or null is the measurement.
+
+A CNN bucket (StackedCNN) chooses the same way, with the same cache, between its grouped
+convolutions and the feature-major GEMM form (regexp/population/conv_gemm.py): the GEMM form
+wins where groups hold few channels, oneDNN's grouped convolution where they hold many, and
+where the two cross depends on the CPU. The GEMM form's backward is once differentiable, so a
+bucket whose penalties differentiate twice (tangent_prop, gradient_norm_penalty) keeps the
+grouped form without measuring, as do torch.compile and bf16 runs.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -47,10 +55,11 @@ class Choice:
     key: str = ""  # the bucket's shape, as the cache names it
     batched_ms: Optional[float] = None
     loop_ms: Optional[float] = None
+    forms: Tuple[str, str] = ("batched", "member by member")  # what loop False / True name
 
     def line(self, width: int, members: int) -> str:
-        form = "member by member" if self.loop else "batched"
-        times = (f" (step {self.batched_ms:.3g} ms batched, {self.loop_ms:.3g} ms member by member)"
+        form = self.forms[self.loop]
+        times = (f" (step {self.batched_ms:.3g} ms {self.forms[0]}, {self.loop_ms:.3g} ms {self.forms[1]})"
                  if self.batched_ms is not None else "")
         return (f"population bucket w<={width} x{members}: {form}, {self.source} on {self.cpu}, "
                 f"torch {torch.__version__}, {torch.get_num_threads()} thread(s){times}")
@@ -131,9 +140,11 @@ def _cached(key: str, valid: Callable[[Dict], bool], measure: Callable[[], Dict]
     return entry, False
 
 
-def cached_choice(key: str, measure: Callable[[], tuple], path: Optional[Path] = None) -> Choice:
+def cached_choice(key: str, measure: Callable[[], tuple], path: Optional[Path] = None,
+                  forms: Tuple[str, str] = Choice.forms) -> Choice:
     """The cached decision for bucket shape ``key`` on this machine, or ``measure()``'s
-    (seconds per step batched, member by member), which is then stored."""
+    (seconds per step batched, member by member; or of ``forms``' first and second), which is
+    then stored."""
     def measured() -> Dict:
         batched_s, loop_s = measure()
         return {"loop": faster_is_loop(batched_s, loop_s), "batched_ms": round(batched_s * 1e3, 4),
@@ -141,7 +152,7 @@ def cached_choice(key: str, measure: Callable[[], tuple], path: Optional[Path] =
 
     hit, cached = _cached(key, lambda e: isinstance(e.get("loop"), bool), measured, path)
     return Choice(hit["loop"], "cached" if cached else "measured", cpu_model(), key, hit.get("batched_ms"),
-                  hit.get("loop_ms"))
+                  hit.get("loop_ms"), forms)
 
 
 def time_forms(step: Callable[[bool], None], rounds: int = ROUNDS, budget_s: float = BUDGET_S) -> tuple:
@@ -204,6 +215,63 @@ def checked_loop_width(value: Union[int, str, None]) -> Union[int, str, None]:
         raise ConfigError(f"extra.population.loop_width={value!r} is invalid: expected an integer >= 0 "
                           "(0: never member by member) or auto (measured on this machine)")
     return value
+
+
+CNN_FORMS = ("grouped convolutions", "GEMM form")
+
+
+def cnn_key(b: "Bucket", batch: int) -> str:
+    """A CNN bucket's step as the cache names it: input, stages, every member's channels, the
+    padded ones, the head and the batch."""
+    net = b.net
+    stages = [(st.kernel, st.padding, st.pool, st.norm, type(st.act).__name__) for st in net.stages]
+    return (f"cnn in{net.in_channels}x{'x'.join(map(str, net.spatial))} stages{stages} "
+            f"channels{sorted(map(tuple, net.widths.tolist()))} pad{list(net.width_tuple)} "
+            f"head{'flatten' if net.flatten else 'gap'} batch{batch}")
+
+
+def _cnn_step(b: "Bucket", batch: int) -> Callable[[bool], None]:
+    """One training step (the data loss alone, as :func:`_step`) of the CNN bucket's stacked
+    weights on random inputs in either form; batch norm's running statistics are put back."""
+    net = b.net
+    gen = torch.Generator(device=b.device).manual_seed(0)  # never the members' generators
+    d = net.in_channels * math.prod(net.spatial)
+    x = torch.randn(len(b.members), batch, d, generator=gen, device=b.device)
+    y = torch.randint(0, net.classes, (len(b.members), batch), generator=gen, device=b.device)
+    kept = [t.clone() for t in net.buffers]
+
+    def step(gemm: bool) -> None:
+        net.gemm = gemm
+        loss = b.terms.loss(net.forward(x), y)
+        for p in net.params:
+            p.grad = None
+        loss.sum().backward()
+        for t, k in zip(net.buffers, kept):
+            t.copy_(k)
+
+    return step
+
+
+def choose_form(b: "Bucket", batch: int, grouped_only: Optional[str] = None) -> Choice:
+    """Set a CNN bucket's ``b.net.gemm`` (the GEMM form or grouped convolutions) and return
+    the choice (logged in one line); ``grouped_only``: why the bucket cannot run the GEMM form
+    (a penalty's double backward, torch.compile, bf16), if so."""
+    net, cpu = b.net, (cpu_model() if b.device.type == "cpu" else str(b.device))
+    if b.device.type != "cpu":
+        choice = Choice(False, f"{b.device.type}: grouped", cpu, forms=CNN_FORMS)
+    elif not net.gemm_ok:
+        choice = Choice(False, "strided or layer/instance-normalized stages (grouped only)", cpu, forms=CNN_FORMS)
+    elif grouped_only:
+        choice = Choice(False, f"{grouped_only} (grouped only)", cpu, forms=CNN_FORMS)
+    else:
+        record, hidden = net.record, net.hidden
+        choice = cached_choice(cnn_key(b, batch), lambda: time_forms(_cnn_step(b, batch)), forms=CNN_FORMS)
+        net.record, net.hidden = record, hidden
+        for p in net.params:
+            p.grad = None
+    net.gemm = choice.loop
+    log.info(choice.line(net.width, len(b.members)))
+    return choice
 
 
 def choose_loop(b: "Bucket", loop_width: Union[int, str, None], batch: int, manual: bool) -> Choice:
@@ -284,10 +352,14 @@ def choose_eval_budget(b: "Bucket", base: int, rows: int, evaluate: Callable[[in
 
 
 def record(choice: Choice) -> Dict:
-    """The choice as metrics.json keeps it (``population_tuning``)."""
-    return {k: v for k, v in asdict(choice).items() if v is not None and v != ""}
+    """The choice as metrics.json keeps it (``population_tuning``); a CNN bucket's names its
+    two forms."""
+    out = {k: v for k, v in asdict(choice).items() if v is not None and v != "" and k != "forms"}
+    if choice.forms != Choice.forms:
+        out["forms"] = list(choice.forms)
+    return out
 
 
-__all__: List[str] = ["Choice", "cache_path", "cached_choice", "checked_loop_width", "choose_eval_budget", "choose_loop",
-           "cpu_model",
-                      "faster_is_loop", "machine_key", "record", "time_forms"]
+__all__: List[str] = ["Choice", "cache_path", "cached_choice", "checked_loop_width", "choose_eval_budget",
+                      "choose_form", "choose_loop", "cpu_model", "faster_is_loop", "machine_key", "record",
+                      "time_forms"]
