@@ -123,6 +123,12 @@ class Owners(Runs):
         lp = F.log_softmax(z, -1).view(len(self.members), self.k, *z.shape[1:])
         return torch.logsumexp(lp, 1) - math.log(self.k)
 
+    def probe_forward(self, forward):
+        """(M, B, ...) inputs → (M, B, C): each owner's Ensemble prediction, its K slices reading its
+        rows, as the former loop's probes measured the Ensemble module (all K models' parameters one
+        vector, this prediction the output their loss and margins read)."""
+        return lambda x: self.prediction(forward(x.repeat_interleave(self.k, 0)))
+
     def spread(self, t: torch.Tensor) -> torch.Tensor:
         """(M, ...) per owner → (S, ...): on each owner's first slice, zero (a constant) on the
         others, so a per-slice sum over an owner's slices is the owner's value."""
