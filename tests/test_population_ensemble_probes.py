@@ -32,8 +32,8 @@ from regexp.train.trainer import train
 from test_population_probes import ATOL, PROBES, RTOL, TINY, _assert_same_probes
 
 K = 3
-ENSEMBLE = ["regularizer=[ensemble]", f"regularizer.ensemble.components={K}", "model.activation=tanh",
-            "model.depth=2"]
+ENSEMBLE = ["regularizer=[ensemble]", f"regularizer.ensemble.components={K}"]
+MLP = ["model.depth=2", "model.activation=tanh"]  # tanh: the padded block of the Hessian is not zero
 
 
 def _lone_ensemble(cfg, run_dir) -> Ensemble:
@@ -48,7 +48,7 @@ def _lone_ensemble(cfg, run_dir) -> Ensemble:
 def test_an_ensemble_runs_probes_equal_its_ensemble_modules(compose_cfg, tmp_path, probe):
     settings = [o for o in PROBES if not o.startswith(("probe=", "probe.every")) and o.startswith(f"probe.{probe}.")
                 or o == "probe.batch_size=64"]
-    cfg = compose_cfg(TINY + ENSEMBLE + [f"probe=[{probe}]", "probe.every=0"] + settings
+    cfg = compose_cfg(TINY + ENSEMBLE + MLP + [f"probe=[{probe}]", "probe.every=0"] + settings
                       + ["model.width=12", "optimizer=adam", "seed=3"])
     got = train(cfg, tmp_path, [])
     assert got["status"] == "completed" and [r["epoch"] for r in got["probe_history"]] == [2]
@@ -89,9 +89,16 @@ def test_an_ensemble_runs_probes_equal_its_ensemble_modules(compose_cfg, tmp_pat
       "regularizer.early_stopping.monitor=val_loss", "regularizer.early_stopping.min_delta=10.0"],
      [{"seed": 0, "regularizer.early_stopping.patience": 1, "model.width": 12},
       {"seed": 1, "regularizer.early_stopping.patience": 5, "model.width": 16}]),
-], ids=["adam-widths", "early-stopping"])
+    # a CNN's K models, batch norm on each model's running statistics, channels padded
+    (["model=cnn", "model.norm=batch", "model.kernel_size=3", "model.activation=tanh", "optimizer=momentum"],
+     [{"seed": 0, "model.channels": [3, 4]}, {"seed": 1, "optimizer.lr": 0.02, "model.channels": [4, 5]}]),
+    (["model=transformer", "model.depth=1", "model.heads=2", "model.mlp_ratio=2.0", "optimizer=momentum"],
+     [{"seed": 0, "model.embed_dim": 8}, {"seed": 1, "optimizer.lr": 0.02, "model.embed_dim": 6}]),
+    (["model=gru", "optimizer=adam"], [{"seed": 0}, {"seed": 1, "optimizer.lr": 0.003}]),
+], ids=["adam-widths", "early-stopping", "cnn-batch-norm", "transformer", "gru"])
 def test_ensemble_members_probes_equal_each_alone(compose_cfg, tmp_path, extra, points):
-    base = compose_cfg(TINY + ENSEMBLE + PROBES + extra)
+    mlp = [] if any(v.startswith("model=") for v in extra) else MLP
+    base = compose_cfg(TINY + ENSEMBLE + mlp + PROBES + extra)
     assert use_population(base, points)  # nothing refused
     pop = train_population(base, points, tmp_path / "pop")
     lone = [train(point_config(base, p), tmp_path / "lone" / point_name(p), [], sweep=True) for p in points]
@@ -100,5 +107,26 @@ def test_ensemble_members_probes_equal_each_alone(compose_cfg, tmp_path, extra, 
         assert a.get("stopped_epoch") == b.get("stopped_epoch")
         epochs = [r["epoch"] for r in b["probe_history"]]
         _assert_same_probes(tmp_path, p, a, b, epochs)
-    if len(points) == 2:  # the first stopped at epoch 2 (its last probe the stopped one), the other ran on
+    # the first stopped at epoch 2 (its last probe the stopped one), the other ran on
+    if "early_stopping" in base.regularizer:
         assert [[r["epoch"] for r in m["probe_history"]] for m in pop] == [[1, 2], [1, 2, 3]]
+
+
+def test_an_interrupted_ensemble_population_resumes_to_the_same_probes(compose_cfg, tmp_path, monkeypatch):
+    # each run's probe generator and history travel in its (the Ensemble's) checkpoint
+    from conftest import StopAfter
+    import regexp.population.engine as engine
+
+    base = compose_cfg(TINY + ENSEMBLE + MLP + PROBES + ["trainer.epochs=3", "trainer.batch_size=100",
+                                                         "optimizer=adam"])
+    points = [{"model.width": 12, "seed": 0}, {"model.width": 16, "seed": 1}]
+    whole = train_population(base, points, tmp_path / "whole")
+    # 2 steps an epoch and one more check after its end: the 4th check is inside epoch 2
+    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(3))
+    stopped = train_population(base, points, tmp_path / "cut")
+    monkeypatch.undo()
+    assert [[r["epoch"] for r in m["probe_history"]] for m in stopped] == [[1], [1]]
+    resumed = train_population(base, points, tmp_path / "cut")
+    for a, b in zip(resumed, whole):
+        assert [r["epoch"] for r in a["probe_history"]] == [1, 2, 3]
+        assert a["probe_history"] == b["probe_history"] and a["probes"] == b["probes"]

@@ -30,7 +30,9 @@ The engine's one loop (engine.train_bucket) trains every run through a :class:`R
 over its slices, the evaluation on the ensemble's prediction ln((1/K) Σₖ softmax(zₖ)) (loss,
 accuracy, best epoch, early stopping), the logs, ``model.pt`` / ``checkpoint.pt`` under the
 Ensemble's own names (``members.k.*``), and the report, which the lone Ensemble module
-computes on those weights.
+computes on those weights. The probes measure each owner as the former loop measured its Ensemble
+module: one model of all K slices' parameters whose output is that prediction
+(:meth:`Owners.probe_forward`; the draws in the Ensemble's parameter order: probes/base.py ``MemberAxis``).
 """
 from __future__ import annotations
 
