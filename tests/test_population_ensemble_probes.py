@@ -44,11 +44,13 @@ def _lone_ensemble(cfg, run_dir) -> Ensemble:
     return model
 
 
-@pytest.mark.parametrize("probe", ["sharpness", "hessian"])
-def test_an_ensemble_runs_probes_equal_its_ensemble_modules(compose_cfg, tmp_path, probe):
-    settings = [o for o in PROBES if not o.startswith(("probe=", "probe.every")) and o.startswith(f"probe.{probe}.")
-                or o == "probe.batch_size=64"]
-    cfg = compose_cfg(TINY + ENSEMBLE + MLP + [f"probe=[{probe}]", "probe.every=0"] + settings
+# the hessian's top eigenvalues from Lanczos or from power iteration (its own Rademacher starts)
+@pytest.mark.parametrize("probe,extra", [("sharpness", []), ("hessian", []),
+                                         ("hessian", ["probe.hessian.top_method=power", "probe.hessian.top_k=2"])],
+                         ids=["sharpness", "hessian", "hessian-power"])
+def test_an_ensemble_runs_probes_equal_its_ensemble_modules(compose_cfg, tmp_path, probe, extra):
+    settings = [o for o in PROBES if o.startswith(f"probe.{probe}.") or o == "probe.batch_size=64"]
+    cfg = compose_cfg(TINY + ENSEMBLE + MLP + [f"probe=[{probe}]", "probe.every=0"] + settings + extra
                       + ["model.width=12", "optimizer=adam", "seed=3"])
     got = train(cfg, tmp_path, [])
     assert got["status"] == "completed" and [r["epoch"] for r in got["probe_history"]] == [2]
