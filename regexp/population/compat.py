@@ -84,8 +84,6 @@ WITH_ENSEMBLE = ("ensemble", "weight_decay", "l1", "elastic_net", "decoupled_wei
 
 def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
     """Why an ensemble run cannot join a population, or None (also None without ``ensemble``)."""
-    from regexp.probes.runner import active
-
     if "ensemble" not in cfg.regularizer:
         return None
     other = [r for r in cfg.regularizer if r not in WITH_ENSEMBLE]
@@ -95,8 +93,6 @@ def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
     if "soft_weight_sharing" in cfg.regularizer and cfg.optimizer.name == "sam":
         return ("regularizer soft_weight_sharing with ensemble and optimizer=sam (SAM's ascent takes one norm "
                 "over the Ensemble's parameters and its one mixture, which each of the K slices holds a copy of)")
-    if active(cfg.probe):
-        return "regularizer ensemble with probes (they measure one network, not the ensemble of K)"
     return None
 
 

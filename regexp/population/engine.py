@@ -54,7 +54,7 @@ from regexp.population.stacked_mlp import StackedMLP
 from regexp.population.stacked_transformer import StackedTransformer
 from regexp.population.transforms import BatchTransforms
 from regexp.probes.base import ProbeInputs
-from regexp.probes.runner import build_probes, record as probe_record
+from regexp.probes.runner import Probes, build_probes, record as probe_record
 from regexp.regularizers.base import Batch
 from regexp.regularizers.decoupled_weight_decay import DecoupledWeightDecay
 from regexp.train.io import save_torch
@@ -326,12 +326,7 @@ class Bucket:
         self.clip = (torch.tensor([math.inf if c is None else float(c) for c in clip], device=device)
                      if any(c is not None for c in clip) else None)
         self.forward = torch.compile(self.net.forward) if opts.compile else self.net.forward
-        x_train, y_train = data.split("train", self.member_set)
-        self.probes = build_probes(cfg.probe, x_train, y_train, [int(m.cfg.seed) for m in members],
-                                   int(cfg.trainer.eval_batch_size))
-        if self.probes is not None and members[0].resume is not None:  # members resume together
-            for k, m in enumerate(members):
-                self.probes.load_state_dict(m.resume["probes"], k)
+        self.probes: Optional[Probes] = None  # the runs' (attach_probes), once they are known
 
     def _stacked_penalties(self) -> Dict[str, Callable[[StackedMLP], torch.Tensor]]:
         forms = {"soft_weight_sharing": self.mixtures, "parameter_tying": self.partners}
@@ -389,18 +384,33 @@ class Bucket:
         model's parameters that require a gradient (transfer's freeze turns the others off)."""
         return [p for p in self.net.params if p.requires_grad]
 
+    def attach_probes(self) -> None:
+        """The probes of the runs (not the slices: an ensemble's K models are one model to them,
+        as the former loop measured its Ensemble module), each with its lone run's probe batch
+        and generator (a resumed one where its checkpoint left it)."""
+        runs, cfg = self.runs, self.members[0].cfg
+        first = torch.tensor([runs.slices(i)[0] for i in range(len(runs.members))])
+        x_train, y_train = self.data.split("train", self.member_set.index_select(0, first))
+        self.probes = build_probes(cfg.probe, x_train, y_train, [int(m.cfg.seed) for m in runs.members],
+                                   int(cfg.trainer.eval_batch_size))
+        if self.probes is not None and runs.members[0].resume is not None:  # members resume together
+            for i, m in enumerate(runs.members):
+                self.probes.load_state_dict(m.resume["probes"], i)
+
     def probe_inputs(self) -> ProbeInputs:
-        """The members as the probes see them: the stacked forward in a lone run's eval mode (no
+        """The runs as the probes see them: the stacked forward in a lone run's eval mode (no
         dropout or noise; batch norm on the running statistics, left unchanged), the trainable
         parameters (norm scales and shifts included; a lone run's probes leave out what transfer
-        froze), padded units masked out."""
+        froze), padded units masked out; an ensemble's K slices as one model whose output is its
+        prediction ln((1/K) Σₖ softmax(zₖ)) (``Runs.probe_forward``)."""
         net, pr = self.net, self.probes
         trained = [p.requires_grad for p in net.params]
         masks = net.param_masks()
-        return ProbeInputs(net.eval_forward, [p for p, t in zip(net.params, trained) if t], pr.x, pr.y,
-                           pr.x_train, pr.y_train, pr.eval_batch_size, members=len(self.members), batched=True,
-                           masks=None if masks is None else [mk for mk, t in zip(masks, trained) if t],
-                           is_weight=[is_w for (_, _, is_w), t in zip(net.named_params(), trained) if t])
+        return ProbeInputs(self.runs.probe_forward(net.eval_forward), [p for p, t in zip(net.params, trained) if t],
+                           pr.x, pr.y, pr.x_train, pr.y_train, pr.eval_batch_size, members=len(self.runs.members),
+                           batched=True, masks=None if masks is None else [mk for mk, t in zip(masks, trained) if t],
+                           is_weight=[is_w for (_, _, is_w), t in zip(net.named_params(), trained) if t],
+                           k=self.runs.k)
 
     def keep(self, idx: List[int]) -> None:
         sel = torch.tensor(idx, dtype=torch.long)
@@ -429,8 +439,6 @@ class Bucket:
             self.decoupled = (self.decoupled[0].index_select(0, sel.to(self.device)), self.decoupled[1])
         if self.rho is not None:
             self.rho = self.rho.index_select(0, sel.to(self.rho.device))
-        if self.probes is not None:
-            self.probes.keep(idx)
         if self.best is not None:
             self.best = [b.index_select(0, sel.to(b.device)) for b in self.best]
 
@@ -712,7 +720,7 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 m.status = "completed"
                 ck = _checkpoint(b, i, loop, perms, running, 0)
                 if b.probes is not None:
-                    _stopped_probes(b, runs.slices(i)[0], epoch)
+                    _stopped_probes(b, i, epoch)
                 results[ids[id(m)]] = _finish_completed(b, i, ck)
                 if on_finish is not None:
                     on_finish(m, results[ids[id(m)]])
@@ -783,8 +791,8 @@ def _checkpoint(b: Bucket, i: int, loop: Loop, perms: Optional[torch.Tensor], ru
                 in_epoch: int) -> Dict:
     """Run i's checkpoint.pt, in train()'s format, after ``loop.step`` steps."""
     m, sl = b.runs.members[i], b.runs.slices(i)
-    # a run's slices share its lr, data order, heads, groups and probes (only a run of one slice
-    # has heads, groups or probes: nothing of theirs trains beside an ensemble)
+    # a run's slices share its lr, data order, heads and groups (only a run of one slice has heads
+    # or groups: nothing of theirs trains beside an ensemble); the probes are the run's
     first = sl[0]
     for s in sl:
         b.sync_member(s)  # its regularizers' state (the mixture) goes into the checkpoint
@@ -800,7 +808,7 @@ def _checkpoint(b: Bucket, i: int, loop: Loop, perms: Optional[torch.Tensor], ru
                                b.opt.lr_of(first, loop.factor(loop.step)),
                                perms[first].cpu() if perms is not None else None, sums, best, steps_done=loop.step,
                                step_in_epoch=in_epoch,
-                               probe_state=b.probes.state_dict(first) if b.probes is not None else None,
+                               probe_state=b.probes.state_dict(i) if b.probes is not None else None,
                                factor=loop.factor(loop.step))
 
 
@@ -809,8 +817,8 @@ def _final_probes(b: Bucket, epoch: int) -> None:
     the weights model.pt holds (early stopping's best epoch, as train() loads them back first)."""
     with _best_weights(b):
         measured = b.probes.measure_members(b.probe_inputs())
-    for k, (m, values) in enumerate(zip(b.members, measured)):
-        _record_final(b.probes, m, k, epoch, values)
+    for i, (m, values) in enumerate(zip(b.runs.members, measured)):
+        _record_final(b.probes, m, i, epoch, values)
 
 
 def _record_final(probes, m: Member, k: int, epoch: int, values: Dict[str, float]) -> None:
@@ -844,14 +852,14 @@ def _best_weights(b: Bucket):
                 t.copy_(k)
 
 
-def _stopped_probes(b: Bucket, k: int, epoch: int) -> None:
-    """A member early stopping ended: its final probes as its lone run measures them, on its lone
-    model holding the weights model.pt will (the best epoch's), with its probe batch and generator
-    (the other members go on, so the batched probes, which draw for all, do not measure it)."""
-    m = b.members[k]
-    state = b.net.member_state(k, b.best) if _restores_best(b) else b.net.member_state(k)
-    m.model.load_state_dict(state)
-    lone = b.probes.member(k)
+def _stopped_probes(b: Bucket, i: int, epoch: int) -> None:
+    """A run early stopping ended: its final probes as its lone run measures them, on its lone
+    model (an ensemble's Ensemble module) holding the weights model.pt will (the best epoch's), with
+    its probe batch and generator (the other runs go on, so the batched probes, which draw for all,
+    do not measure it)."""
+    m = b.runs.members[i]
+    m.model.load_state_dict(b.runs.state(b, i, b.best) if _restores_best(b) else b.runs.state(b, i))
+    lone = b.probes.member(i)
     _record_final(lone, m, 0, epoch, lone.measure(m.model))
 
 
@@ -1001,7 +1009,7 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
     # periodic probes of every member at once; the last epoch's is the end-of-run measurement
     probed = drawn = None
     if b.probes is not None and b.probes.due(epoch) and epoch < t.epochs:
-        drawn = [g.get_state() for g in b.probes.generators]  # a member stopping now never drew these
+        drawn = [g.get_state() for g in b.probes.generators]  # a run stopping now never drew these
         probed = b.probes.measure_members(b.probe_inputs())
     diverged, improved = [], []
     hist_every = cfg.logger.histogram_every
@@ -1046,11 +1054,11 @@ def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Opti
             m.pruned = m.on_row is not None and bool(m.on_row(dict(row)))
             m.stopped = m.stopped and not m.pruned
         m.epochs = epoch
-        # train() skips the periodic probe of its last epoch (probes: runs of one slice)
+        # train() skips the periodic probe of its last epoch (the probes are per run)
         if probed is not None and not (m.stopped or m.pruned):
-            probe_record(m.probe_history, epoch, probed[sl[0]], logs)
+            probe_record(m.probe_history, epoch, probed[i], logs)
         elif probed is not None:  # so its final measurement draws where its lone run's does
-            b.probes.generators[sl[0]].set_state(drawn[sl[0]])
+            b.probes.generators[i].set_state(drawn[i])
         write_scalars(m.tb, logs, epoch)
         for si in sl:
             b.sync_member(si)

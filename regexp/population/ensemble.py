@@ -30,7 +30,9 @@ The engine's one loop (engine.train_bucket) trains every run through a :class:`R
 over its slices, the evaluation on the ensemble's prediction ln((1/K) Σₖ softmax(zₖ)) (loss,
 accuracy, best epoch, early stopping), the logs, ``model.pt`` / ``checkpoint.pt`` under the
 Ensemble's own names (``members.k.*``), and the report, which the lone Ensemble module
-computes on those weights.
+computes on those weights. The probes measure each owner as the former loop measured its Ensemble
+module: one model of all K slices' parameters whose output is that prediction
+(:meth:`Owners.probe_forward`; the draws in the Ensemble's parameter order: probes/base.py ``MemberAxis``).
 """
 from __future__ import annotations
 
@@ -122,6 +124,12 @@ class Owners(Runs):
         its K models' probabilities, differentiable in every slice."""
         lp = F.log_softmax(z, -1).view(len(self.members), self.k, *z.shape[1:])
         return torch.logsumexp(lp, 1) - math.log(self.k)
+
+    def probe_forward(self, forward):
+        """(M, B, ...) inputs → (M, B, C): each owner's Ensemble prediction, its K slices reading its
+        rows, as the former loop's probes measured the Ensemble module (all K models' parameters one
+        vector, this prediction the output their loss and margins read)."""
+        return lambda x: self.prediction(forward(x.repeat_interleave(self.k, 0)))
 
     def spread(self, t: torch.Tensor) -> torch.Tensor:
         """(M, ...) per owner → (S, ...): on each owner's first slice, zero (a constant) on the

@@ -36,6 +36,7 @@ class Runs:
 
     def attach(self, b: "Bucket") -> None:
         b.runs = self
+        b.attach_probes()
 
     def per_run(self, t: torch.Tensor) -> torch.Tensor:
         """(S, ...) per slice → (M, ...) per run: summed over each run's slices."""
@@ -48,6 +49,11 @@ class Runs:
     def labels(self, y: torch.Tensor) -> torch.Tensor:
         """(S, N) labels → (M, N): a run's slices read the same examples."""
         return y
+
+    def probe_forward(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The stacked eval forward (S, B, ...) → (S, B, C) as the probes measure each run: (M, B, ...)
+        inputs, (M, B, C) outputs (a run's own logits)."""
+        return forward
 
     def joint(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """A training forward pass (S, B, D) → (S, B, C) as what a batch penalty differentiates:
@@ -71,4 +77,6 @@ class Runs:
         sl = [s for i in kept for s in self.slices(i)]
         b.keep(sl)
         self.members = [self.members[i] for i in kept]
+        if b.probes is not None:
+            b.probes.keep(kept)
         return sl

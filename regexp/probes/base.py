@@ -42,11 +42,18 @@ class MemberAxis:
 
     ``params`` carry a leading member dimension (a population), or none (a lone model, M = 1):
     ``reshape(M, -1)`` is the same for both. ``masks[i]`` (bool, ``params[i]``'s shape) marks
-    real entries; None: all are real."""
+    real entries; None: all are real.
+
+    ``k`` > 1: each member is K stacked slices (a population's ensemble, leading dimension M·K)
+    that a probe sees as one model, the lone :class:`Ensemble` whose parameter vector lists model
+    0's parameters, then model 1's ... A flat row here stays parameter by parameter (each
+    parameter's K slices side by side), which every dot product and norm ignores; only the random
+    draws follow the lone order (:meth:`rows`, :meth:`randn`), so a member draws what its lone
+    run draws."""
 
     def __init__(self, params: Sequence[torch.Tensor], members: int = 1,
-                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
-        self.params, self.members = list(params), members
+                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None, k: int = 1):
+        self.params, self.members, self.k = list(params), members, k
         self.sizes = [p.numel() // members for p in self.params]
         device = self.params[0].device
         self.masks = [None if masks is None or mk is None else mk.reshape(members, -1).to(device)
@@ -55,6 +62,11 @@ class MemberAxis:
         self.mask = torch.cat([torch.ones(members, s, dtype=torch.bool, device=device) if mk is None else mk
                                for s, mk in zip(self.sizes, self.masks)], 1)
         self.dims = self.mask.sum(1).tolist()
+        # the lone order's positions in a row: model j's parameter i is the j-th of parameter i's K blocks
+        starts = [0] + torch.tensor(self.sizes).cumsum(0).tolist()[:-1]
+        self.order = None if k == 1 else torch.cat([
+            torch.arange(o + j * (s // k), o + (j + 1) * (s // k)) for j in range(k)
+            for o, s in zip(starts, self.sizes)]).to(device)
 
     def flat(self, tensors: Sequence[Optional[torch.Tensor]], dtype=None) -> torch.Tensor:
         """(M, P): each member's slices of ``tensors`` (params' shapes; None: zeros) side by side."""
@@ -74,28 +86,32 @@ class MemberAxis:
              generators: Sequence[torch.Generator]) -> torch.Tensor:
         """(M, P) float64 with member m's real entries ``draw(dims[m], generators[m])``, zeros elsewhere."""
         out = torch.zeros(self.members, self.mask.shape[1], dtype=torch.float64, device=self.mask.device)
+        mask = self.mask if self.order is None else self.mask[:, self.order]
         for m, g in enumerate(generators):
             if self.padded:
-                out[m, self.mask[m]] = draw(self.dims[m], g).to(out.device)
+                out[m, mask[m]] = draw(self.dims[m], g).to(out.device)
             else:
                 out[m] = draw(self.dims[m], g)
+        if self.order is not None:
+            out[:, self.order] = out.clone()
         return out
 
     def randn(self, sigma: float, generators: Sequence[torch.Generator]) -> List[torch.Tensor]:
         """σz per parameter, z ~ N(0, I) on the real entries: member m draws parameter by
-        parameter, each its real entries in order, from ``generators[m]`` (as its lone run does)."""
-        out = []
-        for p, mk in zip(self.params, self.masks):
-            z = torch.zeros_like(p)
-            rows = z.view(self.members, -1)
-            for m, g in enumerate(generators):
-                n = rows.shape[1] if mk is None else int(mk[m].sum())
-                vals = (sigma * torch.randn(n, generator=g, dtype=p.dtype)).to(p.device)
-                if mk is None:
-                    rows[m] = vals
-                else:
-                    rows[m, mk[m]] = vals
-            out.append(z)
+        parameter, each its real entries in order, from ``generators[m]`` (as its lone run does;
+        with K slices, model by model, each parameter by parameter)."""
+        out = [torch.zeros_like(p) for p in self.params]
+        for m, g in enumerate(generators):
+            for j in range(self.k):
+                for z, s, mk in zip(out, self.sizes, self.masks):
+                    part = slice(j * (s // self.k), (j + 1) * (s // self.k))
+                    row, real = z.view(self.members, -1)[m, part], None if mk is None else mk[m, part]
+                    n = row.numel() if real is None else int(real.sum())
+                    vals = (sigma * torch.randn(n, generator=g, dtype=z.dtype)).to(z.device)
+                    if real is None:
+                        row.copy_(vals)
+                    else:
+                        row[real] = vals
         return out
 
 
@@ -107,7 +123,9 @@ class ProbeInputs:
 
     A population (``batched``): ``model`` maps (M, B, ...) inputs to (M, B, C) logits, every
     parameter and data tensor has a leading member dimension, ``masks`` mark the real entries
-    of padded members and ``is_weight`` which parameters are weight matrices."""
+    of padded members and ``is_weight`` which parameters are weight matrices. With ``k`` > 1 the
+    parameters' leading dimension is M·K: member m's K slices (an ensemble's models) are one model
+    to the probes, whose ``model`` gives the ensemble's prediction."""
     model: Callable[[torch.Tensor], torch.Tensor]
     params: List[torch.Tensor]
     x: torch.Tensor
@@ -119,9 +137,10 @@ class ProbeInputs:
     batched: bool = False
     masks: Optional[List[Optional[torch.Tensor]]] = None
     is_weight: Optional[List[bool]] = None
+    k: int = 1  # each member's stacked slices, seen as one model (a population's ensemble of K)
 
     def __post_init__(self):
-        self.axis = MemberAxis(self.params, self.members, self.masks)
+        self.axis = MemberAxis(self.params, self.members, self.masks, self.k)
         if self.is_weight is None:
             self.is_weight = [p.dim() >= 2 for p in self.params]
 

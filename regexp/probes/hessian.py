@@ -81,8 +81,12 @@ def rademacher(dim: int, generator: torch.Generator, device: torch.device) -> to
     return v.to(device)
 
 
-def _space(space: Union[int, torch.Tensor], generators, device) -> Tuple[MemberAxis, List[torch.Generator], bool]:
-    """A member mask (M, P) with one generator per member, or a plain dimension and one generator."""
+def _space(space: Union[int, torch.Tensor, MemberAxis], generators,
+           device) -> Tuple[MemberAxis, List[torch.Generator], bool]:
+    """A member mask (M, P) or a probe's :class:`MemberAxis` (whose draws follow a lone ensemble's
+    order) with one generator per member, or a plain dimension and one generator."""
+    if isinstance(space, MemberAxis):
+        return space, list(generators), False
     if isinstance(space, int):
         return MemberAxis([torch.empty(space, device=device)]), [generators], True
     axis = MemberAxis([torch.empty(space.shape, device=space.device)], space.shape[0], [space])
@@ -180,7 +184,7 @@ def top_eigenvalues(T: Tridiagonal, k: int) -> List[float]:
     return T.eig()[0].flip(0)[:k].tolist()
 
 
-def power_iteration(matvec: MatVec, space: Union[int, torch.Tensor], k: int, generator, iters: int = 100,
+def power_iteration(matvec: MatVec, space: Union[int, torch.Tensor, MemberAxis], k: int, generator, iters: int = 100,
                     tol: float = 1e-4, device: torch.device = torch.device("cpu")):
     """The k eigenvalues of largest magnitude, largest first, by power iteration with deflation
     (Golub & Van Loan 2013, §7.3; the method of PyHessian, Yao et al. 2020).
@@ -231,7 +235,7 @@ def power_iteration(matvec: MatVec, space: Union[int, torch.Tensor], k: int, gen
     return values[0] if single else values
 
 
-def hutchinson_trace(matvec: MatVec, space: Union[int, torch.Tensor], samples: int, generator,
+def hutchinson_trace(matvec: MatVec, space: Union[int, torch.Tensor, MemberAxis], samples: int, generator,
                      device: torch.device = torch.device("cpu"), basis: Optional[torch.Tensor] = None,
                      basis_trace: Optional[Sequence[float]] = None):
     """tr H ≈ mean of vᵀHv over ``samples`` Rademacher v; returns (estimate, standard error).
@@ -289,7 +293,7 @@ class Quadrature:
         return (g * self.weights).sum(2).mean(1)
 
 
-def slq(matvec: MatVec, space: Union[int, torch.Tensor], runs: int, steps: int, generator,
+def slq(matvec: MatVec, space: Union[int, torch.Tensor, MemberAxis], runs: int, steps: int, generator,
         device: torch.device = torch.device("cpu"), basis: Optional[List[torch.Tensor]] = None):
     """``runs`` Lanczos quadratures from random Rademacher starts (normalized to unit length).
     A run that stops early (an invariant space) pads its nodes with weight 0. ``space`` as in
@@ -458,14 +462,14 @@ class HessianProbe(Probe):
     def measure(self, inputs: ProbeInputs, generators: Sequence[torch.Generator]) -> List[Dict[str, float]]:
         c = self.cfg
         matvec = loss_hvp(inputs)
-        mask, device = inputs.axis.mask, inputs.x.device
+        space, device = inputs.axis, inputs.x.device
         basis: List[torch.Tensor] = []
-        qs = slq(matvec, mask, c.slq_runs, max(c.lanczos_steps, c.top_k), generators, device, basis)
+        qs = slq(matvec, space, c.slq_runs, max(c.lanczos_steps, c.top_k), generators, device, basis)
         tops = ([top_eigenvalues(q.runs[0], c.top_k) for q in qs] if c.top_method == "lanczos" else
-                power_iteration(matvec, mask, c.top_k, generators, c.power_iters, c.power_tol, device))
+                power_iteration(matvec, space, c.top_k, generators, c.power_iters, c.power_tol, device))
         # α_j = q_jᵀHq_j, so tr(QᵀHQ) is the first run's diagonal, computed already
         known = ([float(q.runs[0].alpha.sum()) for q in qs], basis[0]) if c.deflate_trace else (None, None)
-        traces = hutchinson_trace(matvec, mask, c.trace_samples, generators, device, known[1], known[0])
+        traces = hutchinson_trace(matvec, space, c.trace_samples, generators, device, known[1], known[0])
         self.last = qs
         out = []
         for q, top, (trace, err) in zip(qs, tops, traces):

@@ -35,13 +35,14 @@ MARGIN_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def rho_sharpness(loss_fn: LossFn, params: Sequence[torch.Tensor], rho: float, adaptive: bool = False,
-                  eta: float = 0.01, members: int = 1) -> List[float]:
+                  eta: float = 0.01, members: int = 1, k: int = 1) -> List[float]:
     """One value per member: ``loss_fn`` gives the (M,) member losses (a lone model's, M = 1)
-    and each member ascends along its own gradient, of its own norm."""
+    and each member ascends along its own gradient, of its own norm (over all its ``k`` slices)."""
     with torch.enable_grad():
         loss = loss_fn().reshape(-1)
         grads = torch.autograd.grad(loss.sum(), list(params), allow_unused=True)
-    eps = perturbation(params, grads, rho, adaptive, eta, members)
+    owner = None if k == 1 else torch.arange(members * k, device=params[0].device) // k
+    eps = perturbation(params, grads, rho, adaptive, eta, members * k, owner)
     with torch.no_grad(), perturbed(params, eps):
         return (loss_fn().reshape(-1) - loss.detach()).tolist()
 
@@ -70,18 +71,20 @@ def average_sharpness(loss_fn: LossFn, params: Sequence[torch.Tensor], sigma: fl
 
 
 def param_norms(params: Sequence[torch.Tensor], is_weight: Optional[Sequence[bool]] = None,
-                members: int = 1) -> Dict[str, List[float]]:
+                members: int = 1, k: int = 1) -> Dict[str, List[float]]:
     """Per member: ‖w‖₂ of all parameters, of the weight matrices, and the product of the weight
-    matrices' Frobenius norms (padding is zero: it adds nothing)."""
+    matrices' Frobenius norms (padding is zero: it adds nothing). A member of ``k`` slices (an
+    ensemble's models) has all K models' weight matrices in its product, each its own norm."""
     is_weight = is_weight if is_weight is not None else [p.dim() >= 2 for p in params]
-    sq = [p.double().pow(2).reshape(members, -1).sum(1) for p in params]
-    zero = torch.zeros(members, dtype=torch.float64, device=params[0].device)
-    l2 = sum(sq, zero).sqrt()
-    l2_weights = sum((q for q, w in zip(sq, is_weight) if w), zero).sqrt()
+    sq = [p.double().pow(2).reshape(members * k, -1).sum(1) for p in params]  # per slice
+    zero = torch.zeros(members * k, dtype=torch.float64, device=params[0].device)
+    l2 = sum(sq, zero).view(members, k).sum(1).sqrt()
+    l2_weights = sum((q for q, w in zip(sq, is_weight) if w), zero).view(members, k).sum(1).sqrt()
     product = torch.ones_like(zero)
     for q, w in zip(sq, is_weight):
         if w:
             product = product * q.sqrt()
+    product = product.view(members, k).prod(1)
     return {"l2": l2.tolist(), "l2_weights": l2_weights.tolist(), "frobenius_product": product.tolist()}
 
 
@@ -162,10 +165,12 @@ class SharpnessProbe(Probe):
         per_key: Dict[str, List[float]] = {}
         with torch.no_grad():
             per_key["sharpness/loss"] = inputs.loss().tolist()
-        per_key["sharpness/rho"] = rho_sharpness(inputs.loss, inputs.params, c.rho, c.adaptive, c.eta, ax.members)
+        per_key["sharpness/rho"] = rho_sharpness(inputs.loss, inputs.params, c.rho, c.adaptive, c.eta, ax.members,
+                                                 ax.k)
         per_key["sharpness/average"] = average_sharpness(inputs.loss, inputs.params, c.sigma, c.samples,
                                                          generators, ax)
-        per_key.update({f"norm/{k}": v for k, v in param_norms(inputs.params, inputs.is_weight, ax.members).items()})
+        per_key.update({f"norm/{k}": v for k, v in param_norms(inputs.params, inputs.is_weight, ax.members,
+                                                               ax.k).items()})
         m = margins(inputs.model, inputs.x_train, inputs.y_train, inputs.eval_batch_size).reshape(ax.members, -1)
         n = inputs.y.shape[-1]
         parts = min(c.noise_microbatches, n)
