@@ -68,7 +68,7 @@ def test_the_batch_is_masked_and_the_loss_is_the_masked_mse_of_the_reconstructio
     assert model.head.out_features == 40  # one output per position: the reconstruction head
     # the population's pretext step (regexp/population/pretext.py), one member per generator
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    pretext = MemberPretext(reg.cfg.segment, reg.cfg.fill, gens, (1, 40), torch.device("cpu"))
+    pretext = MemberPretext(reg.cfg.segment, [reg.cfg.fill] * 2, gens, (1, 40), torch.device("cpu"))
     x = torch.randn(2, 16, 40)
     xm = pretext.draw(x)
     out = torch.stack([model(xm[m].view(16, 1, 40)) for m in range(2)])
