@@ -116,19 +116,8 @@ def test_ensemble_members_probes_equal_each_alone(compose_cfg, tmp_path, extra, 
 
 def test_an_interrupted_ensemble_population_resumes_to_the_same_probes(compose_cfg, tmp_path, monkeypatch):
     # each run's probe generator and history travel in its (the Ensemble's) checkpoint
-    from conftest import StopAfter
-    import regexp.population.engine as engine
+    from test_population_probes import assert_resumes_to_the_same_probes
 
     base = compose_cfg(TINY + ENSEMBLE + MLP + PROBES + ["trainer.epochs=3", "trainer.batch_size=100",
                                                          "optimizer=adam"])
-    points = [{"model.width": 12, "seed": 0}, {"model.width": 16, "seed": 1}]
-    whole = train_population(base, points, tmp_path / "whole")
-    # 2 steps an epoch and one more check after its end: the 4th check is inside epoch 2
-    monkeypatch.setattr(engine, "StopFlag", lambda: StopAfter(3))
-    stopped = train_population(base, points, tmp_path / "cut")
-    monkeypatch.undo()
-    assert [[r["epoch"] for r in m["probe_history"]] for m in stopped] == [[1], [1]]
-    resumed = train_population(base, points, tmp_path / "cut")
-    for a, b in zip(resumed, whole):
-        assert [r["epoch"] for r in a["probe_history"]] == [1, 2, 3]
-        assert a["probe_history"] == b["probe_history"] and a["probes"] == b["probes"]
+    assert_resumes_to_the_same_probes(base, tmp_path, monkeypatch)

@@ -333,10 +333,15 @@ def test_sam_members_match_lone_sam_runs(compose_cfg, tmp_path, extra):
 def test_interrupted_population_resumes_to_the_same_probes(compose_cfg, tmp_path, monkeypatch):
     # each member's probe generator and history travel in its checkpoint: the resumed members
     # measure exactly what the uninterrupted population measures
+    assert_resumes_to_the_same_probes(compose_cfg(TINY + PROBES + ["trainer.epochs=3", "trainer.batch_size=100"]),
+                                      tmp_path, monkeypatch)
+
+
+def assert_resumes_to_the_same_probes(base, tmp_path, monkeypatch) -> None:
+    """Two members interrupted inside epoch 2 of 3 resume to the uninterrupted probe history."""
     from conftest import StopAfter
     import regexp.population.engine as engine
 
-    base = compose_cfg(TINY + PROBES + ["trainer.epochs=3", "trainer.batch_size=100"])
     points = [{"model.width": 12, "seed": 0}, {"model.width": 16, "seed": 1}]
     whole = train_population(base, points, tmp_path / "whole")
     # 2 steps an epoch and one more check after its end: the 4th check is inside epoch 2
