@@ -80,6 +80,7 @@ class StackedMixtures:
         ids: Dict[int, int] = {}
         owner = [ids.setdefault(id(r), len(ids)) for r in self.regs]
         self.owner = None if len(ids) == len(owner) else torch.tensor(owner, device=self.lam.device)
+        self.owners = len(ids)
         self.first = None if self.owner is None else torch.tensor(
             [float(i == 0 or owner[i - 1] != o) for i, o in enumerate(owner)], device=self.lam.device)
 
@@ -100,7 +101,7 @@ class StackedMixtures:
         if self.owner is not None:
             with torch.no_grad():
                 for p in self.params:
-                    total = torch.zeros(int(self.owner.max()) + 1, *p.shape[1:], device=p.device)
+                    total = torch.zeros(self.owners, *p.shape[1:], device=p.device)
                     p.grad = total.index_add_(0, self.owner, p.grad).index_select(0, self.owner)
         self.opt.step(factor)
 

@@ -183,17 +183,22 @@ def shape_key(b: "Bucket", batch: int, manual: bool) -> str:
             f"pad{net.width} batch{batch} penalties {penalties}")
 
 
-def _step(b: "Bucket", batch: int, manual: bool) -> Callable[[bool], None]:
-    """One training step of the bucket's own stacked weights on random inputs, in either form;
-    it leaves the weights as they are (only ``.grad``, reset by every real step, changes)."""
+def _step(b: "Bucket", batch: int, manual: bool, form: str = "loop") -> Callable[[bool], None]:
+    """One training step of the bucket's own stacked weights on random inputs, in either form
+    (``form``: the flag the net computes by, ``loop`` or a CNN's ``gemm``); it leaves the weights
+    and batch norm's running statistics as they are (only ``.grad``, reset by every real step,
+    changes)."""
     net = b.net
-    m, d = len(b.members), net.weights[0].shape[2]
+    m = len(b.members)
+    d = net.in_channels * math.prod(net.spatial) if form == "gemm" else net.weights[0].shape[2]
+    classes = net.classes if form == "gemm" else net.weights[-1].shape[1]
     gen = torch.Generator(device=b.device).manual_seed(0)  # never the members' generators
     x = torch.randn(m, batch, d, generator=gen, device=b.device)
-    y = torch.randint(0, net.weights[-1].shape[1], (m, batch), generator=gen, device=b.device)
+    y = torch.randint(0, classes, (m, batch), generator=gen, device=b.device)
+    kept = [t.clone() for t in getattr(net, "buffers", [])]
 
-    def step(loop: bool) -> None:
-        net.loop = loop
+    def step(flag: bool) -> None:
+        setattr(net, form, flag)
         if manual:
             net.manual_step(x, y)
             return
@@ -203,6 +208,8 @@ def _step(b: "Bucket", batch: int, manual: bool) -> Callable[[bool], None]:
         for p in net.params:
             p.grad = None
         loss.sum().backward()
+        for t, k in zip(getattr(net, "buffers", []), kept):
+            t.copy_(k)
 
     return step
 
@@ -230,28 +237,6 @@ def cnn_key(b: "Bucket", batch: int) -> str:
             f"head{'flatten' if net.flatten else 'gap'} batch{batch}")
 
 
-def _cnn_step(b: "Bucket", batch: int) -> Callable[[bool], None]:
-    """One training step (the data loss alone, as :func:`_step`) of the CNN bucket's stacked
-    weights on random inputs in either form; batch norm's running statistics are put back."""
-    net = b.net
-    gen = torch.Generator(device=b.device).manual_seed(0)  # never the members' generators
-    d = net.in_channels * math.prod(net.spatial)
-    x = torch.randn(len(b.members), batch, d, generator=gen, device=b.device)
-    y = torch.randint(0, net.classes, (len(b.members), batch), generator=gen, device=b.device)
-    kept = [t.clone() for t in net.buffers]
-
-    def step(gemm: bool) -> None:
-        net.gemm = gemm
-        loss = b.terms.loss(net.forward(x), y)
-        for p in net.params:
-            p.grad = None
-        loss.sum().backward()
-        for t, k in zip(net.buffers, kept):
-            t.copy_(k)
-
-    return step
-
-
 def choose_form(b: "Bucket", batch: int, grouped_only: Optional[str] = None) -> Choice:
     """Set a CNN bucket's ``b.net.gemm`` (the GEMM form or grouped convolutions) and return
     the choice (logged in one line); ``grouped_only``: why the bucket cannot run the GEMM form
@@ -265,7 +250,7 @@ def choose_form(b: "Bucket", batch: int, grouped_only: Optional[str] = None) -> 
         choice = Choice(False, f"{grouped_only} (grouped only)", cpu, forms=CNN_FORMS)
     else:
         record, hidden = net.record, net.hidden
-        choice = cached_choice(cnn_key(b, batch), lambda: time_forms(_cnn_step(b, batch)), forms=CNN_FORMS)
+        choice = cached_choice(cnn_key(b, batch), lambda: time_forms(_step(b, batch, False, "gemm")), forms=CNN_FORMS)
         net.record, net.hidden = record, hidden
         for p in net.params:
             p.grad = None
