@@ -33,14 +33,16 @@ def zero_counts(a: torch.Tensor, dims, real: Optional[torch.Tensor] = None) -> t
     about ten passes over ``a``; the float sums are exact while each total stays below 2**24
     (float64 past that)."""
     ab = a.detach().abs()
+    dims = [d % ab.dim() for d in ([dims] if isinstance(dims, int) else dims)]
     size = 1
-    for d in ([dims] if isinstance(dims, int) else dims):
+    for d in dims:
         size *= ab.shape[d]
     dtype = ab.dtype if ab.dtype == torch.float32 and size < 2 ** 24 else torch.float64
     nonzero = torch.sign(ab)
     near = torch.sign((NEAR_ZERO - ab).clamp_(min=0))  # 1 where |a| < NEAR_ZERO, else exactly 0
     if real is None:
-        total = torch.full(nonzero.sum(dims).shape, float(size), dtype=dtype, device=a.device)
+        kept = [n for d, n in enumerate(ab.shape) if d not in dims]
+        total = torch.full(kept, float(size), dtype=dtype, device=a.device)
     else:
         real = real.to(ab.dtype)
         nonzero, near = nonzero * real, near * real
