@@ -154,3 +154,12 @@ def test_zero_counts_equal_counting_with_bool_tensors_at_the_thresholds(kind):
     assert torch.equal(zero_counts(a, (1, 2), real), want)
     assert torch.equal(zero_counts(a, (0, 1, 2)), torch.stack([(a == 0).sum(), (a.abs() < NEAR_ZERO).sum()]))
     assert want[:, 1].sum() > 0 and (kind != "relu" or want[:, 0].sum() > 0)
+    # a mask that varies along reduced dims too (a CNN's channels, (1, M, C, 1)), and one as
+    # large as ``a``; the values at -NEAR_ZERO and just above it
+    a[3, 3, :5], a[3, 4, :5] = -NEAR_ZERO, -below
+    b = a.view(2, 2, 30, 70).transpose(0, 1)  # (N, M, C, L), not contiguous
+    chan = (torch.rand(1, 2, 30, 1) > 0.3).float()
+    hit = chan.expand_as(b) > 0
+    want = torch.stack([((b == 0) & hit).sum((0, 2, 3)), ((b.abs() < NEAR_ZERO) & hit).sum((0, 2, 3))], 1)
+    assert torch.equal(zero_counts(b, (0, 2, -1), chan), want)
+    assert torch.equal(zero_counts(b, (0, 2, 3), chan.expand_as(b)), want)

@@ -435,8 +435,8 @@ class StackedCNN(PlainStack):
     def _count(self, h: torch.Tensor, s: int, counts: torch.Tensor) -> None:
         """Add member by member the real channels' activations that are 0 and near 0."""
         m, n = counts.shape[0], h.shape[0]
-        real = self.channel_mask[s].expand_as(h).reshape(n, m, -1)
-        counts += zero_counts(h.reshape(n, m, -1), (0, 2), real)
+        c = h.shape[1] // m
+        counts += zero_counts(h.reshape(n, m, c, -1), (0, 2, 3), self.channel_mask[s].view(1, m, c, 1))
 
     def forward(self, x: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
                 weights: Optional[List[torch.Tensor]] = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ device until the evaluation's own read of its loss, so this adds no synchronisat
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional
 
@@ -31,24 +32,31 @@ def zero_counts(a: torch.Tensor, dims, real: Optional[torch.Tensor] = None) -> t
     below NEAR_ZERO in magnitude, among the entries ``real`` (a 0/1 mask broadcastable to ``a``)
     marks. Sums of float signs, not of bool tensors: on CPU reducing a bool tensor costs
     about ten passes over ``a``; the float sums are exact while each total stays below 2**24
-    (float64 past that)."""
-    ab = a.detach().abs()
-    dims = [d % ab.dim() for d in ([dims] if isinstance(dims, int) else dims)]
+    (float64 past that). One scratch tensor the size of ``a``, rewritten in place (a fresh
+    one per step costs as much as the step), and ``real`` applied only after the dims it
+    does not vary along (the rows) are summed."""
+    a = a.detach()
+    dims = sorted({d % a.dim() for d in ([dims] if isinstance(dims, int) else dims)})
+    if real is not None:
+        real = real.reshape((1,) * (a.dim() - real.dim()) + tuple(real.shape))
+    free = [d for d in dims if real is None or real.shape[d] == 1]
     size = 1
     for d in dims:
-        size *= ab.shape[d]
-    dtype = ab.dtype if ab.dtype == torch.float32 and size < 2 ** 24 else torch.float64
-    nonzero = torch.sign(ab)
-    near = torch.sign((NEAR_ZERO - ab).clamp_(min=0))  # 1 where |a| < NEAR_ZERO, else exactly 0
-    if real is None:
-        kept = [n for d, n in enumerate(ab.shape) if d not in dims]
-        total = torch.full(kept, float(size), dtype=dtype, device=a.device)
-    else:
-        real = real.to(ab.dtype)
-        nonzero, near = nonzero * real, near * real
-        total = real.expand_as(ab).sum(dims, dtype=dtype)
-    nz, nr = nonzero.sum(dims, dtype=dtype), near.sum(dims, dtype=dtype)
-    return torch.stack([total - nz, nr], -1).long()
+        size *= a.shape[d]
+    dtype = a.dtype if a.dtype == torch.float32 and size < 2 ** 24 else torch.float64
+    def summed(t: torch.Tensor) -> torch.Tensor:  # (sum over no dims would sum them all)
+        return t.sum(free, keepdim=True, dtype=dtype) if free else t.to(dtype, copy=True)
+
+    scratch = torch.sign(a).abs_()  # 1 where a != 0
+    nonzero = summed(scratch)
+    # -1 where |a| < NEAR_ZERO, else 0 (|a| - NEAR_ZERO rounds to 0 only when they are equal)
+    torch.abs(a, out=scratch).sub_(NEAR_ZERO).clamp_(max=0).sign_()
+    near = summed(scratch).neg_()
+    counted = torch.full_like(nonzero, float(math.prod(a.shape[d] for d in free)))
+    if real is not None:
+        real = real.to(dtype)
+        nonzero, near, counted = nonzero * real, near * real, counted * real
+    return torch.stack([counted - nonzero, near], -1).sum(dims, dtype=dtype).long()
 
 
 @contextmanager
