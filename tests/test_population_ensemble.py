@@ -51,10 +51,12 @@ def _ensemble_log_prob(nets: List[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_run(cfg, transform: Optional[Callable] = None, penalty: Optional[Callable] = None,
-                  groups: Optional[Callable] = None) -> Tuple[List[nn.Module], List[nn.Module], float, float]:
+                  groups: Optional[Callable] = None,
+                  start: Optional[Callable] = None) -> Tuple[List[nn.Module], List[nn.Module], float, float]:
     """(initial models, trained models, test loss, test accuracy) of cfg's ensemble, in plain torch
     (``transform(nets, x, y)``: the step's batch as the K models read it; ``penalty(nets, x, y,
-    loss)``: a term added to Σₖ CEₖ; ``groups(nets)``: further optimizer groups, after the models')."""
+    loss)``: a term added to Σₖ CEₖ; ``groups(nets)``: further optimizer groups, after the models';
+    ``start(nets)``: what the models start from instead of their seeds' weights, and what they freeze)."""
     ds = load_data(cfg.data, cfg.seed)
     x, y = ds.split("train")
     x = x.flatten(1)
@@ -65,6 +67,8 @@ def reference_run(cfg, transform: Optional[Callable] = None, penalty: Optional[C
     for k in range(k_models):
         torch.manual_seed(seed if k == 0 else seed * 1_000_003 + k)
         nets.append(_plain_mlp(x.shape[1], ds.num_classes, cfg.model.width, cfg.model.depth))
+    if start is not None:
+        start(nets)
     init = [_copy(n) for n in nets]
     n, bs = len(y), BATCH
     counts = None
@@ -275,12 +279,18 @@ def test_an_ensembles_models_read_one_noisy_augmented_batch(compose_cfg, tmp_pat
 
 
 def test_an_interrupted_ensemble_population_resumes_exactly(compose_cfg, tmp_path, monkeypatch):
-    import regexp.population.engine as engine
-
     base = compose_cfg(BASE + ["trainer.epochs=3", "regularizer=[ensemble,input_noise,dropout,weight_noise]",
                                "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true",
                                "optimizer=momentum", "trainer.grad_clip=1.0"])
     points = [{"seed": 0, "regularizer.dropout.p": 0.2}, {"seed": 1, "regularizer.dropout.p": 0.1}]
+    assert_resumes_exactly(base, points, tmp_path, monkeypatch)
+
+
+def assert_resumes_exactly(base, points, tmp_path: Path, monkeypatch) -> None:
+    """Ensemble runs (two models each) stopped in the middle of epoch 2 and resumed end as the
+    uninterrupted ones, bit for bit (weights, records, reports)."""
+    import regexp.population.engine as engine
+
     whole = train_population(base, points, tmp_path / "whole")
     steps = -(-len(load_data(base.data, 0).y_train) // BATCH)
     # the loop asks once per step and once after each epoch's end: stop in the middle of epoch 2

@@ -195,9 +195,16 @@ def _slice_members(owners: List[Member], k: int) -> List[Member]:
             order = torch.Generator()
             order.set_state(m.order.get_state())
             s = Member(m.point, m.cfg, m.out_dir, m.overrides, model=model, dropout_gen=m.dropout_gen,
-                       order=order, regs=m.regs, plain=m.plain, resume=_slice_resume(m, j, k, model))
+                       order=order, regs=_slice_regs(m, j), plain=m.plain, resume=_slice_resume(m, j, k, model))
             out.append(s)
     return out
+
+
+def _slice_regs(m: Member, j: int) -> List:
+    """Slice j's regularizers: its owner's objects, but reference tying's as model j of the Ensemble
+    sees it (the references the lone run matched to ``members.j.*``: each model tied to the
+    reference's model j, as the former loop tied the Ensemble's parameters by name)."""
+    return [r.within(f"members.{j}.") if r.name == "parameter_tying" else r for r in m.regs]
 
 
 def _slice_resume(m: Member, j: int, k: int, model) -> Optional[Dict]:
