@@ -78,7 +78,8 @@ def reference_run(cfg, transform: Optional[Callable] = None, penalty: Optional[C
         counts = torch.stack([torch.bincount(d, minlength=n) for d in draws]).float()
     params = [{"params": [p for net in nets for p in net.parameters()]}] + ([] if groups is None else groups(nets))
     o = cfg.optimizer
-    opt = (torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps) if o.name == "adam"
+    rule = o.base if o.name == "sam" else o.name
+    opt = (torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps) if rule == "adam"
            else torch.optim.SGD(params, lr=o.lr))
     order = torch.Generator().manual_seed(seed)
     for _ in range(cfg.trainer.epochs):
@@ -86,19 +87,41 @@ def reference_run(cfg, transform: Optional[Callable] = None, penalty: Optional[C
         for i in range(-(-n // bs)):
             idx = perm[i * bs:(i + 1) * bs]
             xb = x[idx] if transform is None else transform(nets, x[idx], y[idx])
-            losses = [F.cross_entropy(net(xb), y[idx], reduction="none") for net in nets]
-            if counts is None:
-                loss = sum(l.mean() for l in losses)
-            else:
-                loss = sum((counts[k, idx] * l).mean() for k, l in enumerate(losses))
-            if penalty is not None:
-                loss = loss + penalty(nets, xb, y[idx], loss)
-            opt.zero_grad()
-            loss.backward()
+
+            def backward(xb=xb, idx=idx) -> None:
+                losses = [F.cross_entropy(net(xb), y[idx], reduction="none") for net in nets]
+                if counts is None:
+                    loss = sum(l.mean() for l in losses)
+                else:
+                    loss = sum((counts[k, idx] * l).mean() for k, l in enumerate(losses))
+                if penalty is not None:
+                    loss = loss + penalty(nets, xb, y[idx], loss)
+                opt.zero_grad()
+                loss.backward()
+
+            backward()
+            if o.name == "sam":
+                _sam_ascent([p for g in opt.param_groups for p in g["params"]], o, backward)
             opt.step()
     with torch.no_grad():
         lp = _ensemble_log_prob(nets, xt)
         return init, nets, F.cross_entropy(lp, yt).item(), (lp.argmax(1) == yt).float().mean().item()
+
+
+def _sam_ascent(params: List[torch.Tensor], o, backward: Callable[[], None]) -> None:
+    """SAM (ASAM with ``o.adaptive``): the gradient at w + ε̂ into ``.grad``, the weights back at w;
+    ε̂ = ρ·T²g/‖Tg‖ over every optimizer group's parameters, T = |w| + η (ASAM) or 1."""
+    with torch.no_grad():
+        t = [p.abs() + o.eta if o.adaptive else torch.ones_like(p) for p in params]
+        norm = torch.sqrt(sum((ti * p.grad).pow(2).sum() for ti, p in zip(t, params)))
+        eps = [o.rho * ti * ti * p.grad / norm for ti, p in zip(t, params)]
+        saved = [p.clone() for p in params]
+        for p, e in zip(params, eps):
+            p.add_(e)
+    backward()
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
 
 
 def _copy(net: nn.Module) -> List[torch.Tensor]:

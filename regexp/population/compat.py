@@ -74,7 +74,7 @@ NOT_STACKED: Dict[str, str] = {}
 # acts on the Ensemble as one model through its owner's slices (FGSM on the input gradient of its
 # prediction, tangent_prop's J_x of that prediction, the gradient norm over all K models' parameters:
 # Owners.fgsm, Owners.joint; one soft-weight-sharing mixture over all K models' weights, a copy per
-# slice kept equal: population/mixture.py). What the former loop matched to the Ensemble's parameters
+# slice kept equal, counted once in SAM's ascent norm: population/mixture.py). What the former loop matched to the Ensemble's parameters
 # by name (``members.k.*``) does so here: transfer loads model k from an ensemble run's model k (the
 # lone Ensemble module's attach), reference tying pulls model k toward the reference's model k
 # (each slice's share of it: ParameterTying.within).
@@ -105,9 +105,6 @@ def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
     if tying is not None and tying.mode == "joint":
         return ("regularizer parameter_tying.mode=joint with ensemble (the former loop refused it too: its partner "
                 "is one plain model, which shares no parameter name with the Ensemble's members.k.*)")
-    if "soft_weight_sharing" in cfg.regularizer and cfg.optimizer.name == "sam":
-        return ("regularizer soft_weight_sharing with ensemble and optimizer=sam (SAM's ascent takes one norm "
-                "over the Ensemble's parameters and its one mixture, which each of the K slices holds a copy of)")
     return None
 
 

@@ -23,7 +23,10 @@ all K models train on that x'; ``tangent_prop`` penalizes J_x of that prediction
 in ``full`` mode of the gradient of Σₖ CEₖ (so Σₖ ‖∇θₖ CEₖ‖², each slice's own term) and in
 ``sgd`` mode of each micro-batch's cross-entropy of the Ensemble's prediction. Such a penalty's
 value stands on the owner's first slice (zero on the others), so the per-run sum is the lone one.
-``soft_weight_sharing`` has one mixture over all K models' weights (regexp/population/mixture.py).
+``soft_weight_sharing`` has one mixture over all K models' weights (regexp/population/mixture.py;
+under SAM counted once in its owner's ascent norm). ``transfer`` and reference ``parameter_tying``
+match a saved model.pt to the lone Ensemble's names (``members.k.*``): model k starts from, and is
+tied toward, the source's model k (each slice its share of the references: :func:`_slice_regs`).
 
 The engine's one loop (engine.train_bucket) trains every run through a :class:`Runs` map;
 :class:`Owners` is an ensemble's: what is per run is per owner, the training losses summed
