@@ -83,7 +83,9 @@ WITH_ENSEMBLE = ("ensemble", "weight_decay", "l1", "elastic_net", "decoupled_wei
                  "activity_student_t", "activity_kl", "input_noise", "augmentation",
                  "adversarial", "tangent_prop", "gradient_norm_penalty", "soft_weight_sharing", "transfer",
                  "parameter_tying")
-# Why the others stay out: the former loop, given the Ensemble module, refused them or failed.
+# Why the others stay out: the former loop, given the Ensemble module, refused them or failed
+# (masked_reconstruction listed before a one-model ensemble ran, fitting the log-softmax of the
+# reconstruction to the signal: no pretext either).
 NOT_WITH_ENSEMBLE: Dict[str, str] = {
     "multi_task": "the former loop refused it too: its auxiliary head reads the input of the model's Linear "
                   "head, and the Ensemble of K models has none",
