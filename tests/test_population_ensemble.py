@@ -322,7 +322,7 @@ def assert_resumes_exactly(base, points, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.undo()
     for p, m in zip(points, stopped):
         assert m["status"] == "interrupted" and m["epochs"] == 1
-        ck = torch.load(tmp_path / "cut" / point_name(p) / "checkpoint.pt", weights_only=False)
+        ck = torch.load(tmp_path / "cut" / point_name(p) / "checkpoint.pt", weights_only=True)
         assert (ck["epoch"], ck["step_in_epoch"]) == (1, steps // 2)
         assert {k.split(".")[1] for k in ck["model"]} == {"0", "1"}  # the Ensemble's names
     resumed = train_population(base, points, tmp_path / "cut")
