@@ -59,7 +59,9 @@ def test_engine_choice_names_its_reason(compose_cfg, caplog, monkeypatch):
     assert choose_engine(compose_cfg(["regularizer=[ensemble]"]), points) == ("population", None)
     assert choose_engine(compose_cfg(["regularizer=[ensemble,soft_weight_sharing]"]), points) == ("population", None)
     assert choose_engine(compose_cfg(["regularizer=[ensemble,soft_weight_sharing]", "optimizer=sam"]),
-                         points)[1].startswith("regularizer soft_weight_sharing with ensemble and optimizer=sam (")
+                         points) == ("population", None)
+    assert choose_engine(compose_cfg(["regularizer=[ensemble,parameter_tying]", "regularizer.parameter_tying.mode=joint"]),
+                         points)[1].startswith("regularizer parameter_tying.mode=joint with ensemble (")
     # a loss term listed as supported but without a stacked form is refused, never trained as zero
     monkeypatch.setattr(compat.ALL["l1"], "penalty_of", None)
     monkeypatch.setattr(compat.ALL["l1"], "penalizes", classmethod(lambda cls: True))

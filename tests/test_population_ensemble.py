@@ -51,10 +51,12 @@ def _ensemble_log_prob(nets: List[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_run(cfg, transform: Optional[Callable] = None, penalty: Optional[Callable] = None,
-                  groups: Optional[Callable] = None) -> Tuple[List[nn.Module], List[nn.Module], float, float]:
+                  groups: Optional[Callable] = None,
+                  start: Optional[Callable] = None) -> Tuple[List[nn.Module], List[nn.Module], float, float]:
     """(initial models, trained models, test loss, test accuracy) of cfg's ensemble, in plain torch
     (``transform(nets, x, y)``: the step's batch as the K models read it; ``penalty(nets, x, y,
-    loss)``: a term added to Σₖ CEₖ; ``groups(nets)``: further optimizer groups, after the models')."""
+    loss)``: a term added to Σₖ CEₖ; ``groups(nets)``: further optimizer groups, after the models';
+    ``start(nets)``: what the models start from instead of their seeds' weights, and what they freeze)."""
     ds = load_data(cfg.data, cfg.seed)
     x, y = ds.split("train")
     x = x.flatten(1)
@@ -65,6 +67,8 @@ def reference_run(cfg, transform: Optional[Callable] = None, penalty: Optional[C
     for k in range(k_models):
         torch.manual_seed(seed if k == 0 else seed * 1_000_003 + k)
         nets.append(_plain_mlp(x.shape[1], ds.num_classes, cfg.model.width, cfg.model.depth))
+    if start is not None:
+        start(nets)
     init = [_copy(n) for n in nets]
     n, bs = len(y), BATCH
     counts = None
@@ -74,7 +78,8 @@ def reference_run(cfg, transform: Optional[Callable] = None, penalty: Optional[C
         counts = torch.stack([torch.bincount(d, minlength=n) for d in draws]).float()
     params = [{"params": [p for net in nets for p in net.parameters()]}] + ([] if groups is None else groups(nets))
     o = cfg.optimizer
-    opt = (torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps) if o.name == "adam"
+    rule = o.base if o.name == "sam" else o.name
+    opt = (torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps) if rule == "adam"
            else torch.optim.SGD(params, lr=o.lr))
     order = torch.Generator().manual_seed(seed)
     for _ in range(cfg.trainer.epochs):
@@ -82,19 +87,41 @@ def reference_run(cfg, transform: Optional[Callable] = None, penalty: Optional[C
         for i in range(-(-n // bs)):
             idx = perm[i * bs:(i + 1) * bs]
             xb = x[idx] if transform is None else transform(nets, x[idx], y[idx])
-            losses = [F.cross_entropy(net(xb), y[idx], reduction="none") for net in nets]
-            if counts is None:
-                loss = sum(l.mean() for l in losses)
-            else:
-                loss = sum((counts[k, idx] * l).mean() for k, l in enumerate(losses))
-            if penalty is not None:
-                loss = loss + penalty(nets, xb, y[idx], loss)
-            opt.zero_grad()
-            loss.backward()
+
+            def backward(xb=xb, idx=idx) -> None:
+                losses = [F.cross_entropy(net(xb), y[idx], reduction="none") for net in nets]
+                if counts is None:
+                    loss = sum(l.mean() for l in losses)
+                else:
+                    loss = sum((counts[k, idx] * l).mean() for k, l in enumerate(losses))
+                if penalty is not None:
+                    loss = loss + penalty(nets, xb, y[idx], loss)
+                opt.zero_grad()
+                loss.backward()
+
+            backward()
+            if o.name == "sam":
+                _sam_ascent([p for g in opt.param_groups for p in g["params"]], o, backward)
             opt.step()
     with torch.no_grad():
         lp = _ensemble_log_prob(nets, xt)
         return init, nets, F.cross_entropy(lp, yt).item(), (lp.argmax(1) == yt).float().mean().item()
+
+
+def _sam_ascent(params: List[torch.Tensor], o, backward: Callable[[], None]) -> None:
+    """SAM (ASAM with ``o.adaptive``): the gradient at w + ε̂ into ``.grad``, the weights back at w;
+    ε̂ = ρ·T²g/‖Tg‖ over every optimizer group's parameters, T = |w| + η (ASAM) or 1."""
+    with torch.no_grad():
+        t = [p.abs() + o.eta if o.adaptive else torch.ones_like(p) for p in params]
+        norm = torch.sqrt(sum((ti * p.grad).pow(2).sum() for ti, p in zip(t, params)))
+        eps = [o.rho * ti * ti * p.grad / norm for ti, p in zip(t, params)]
+        saved = [p.clone() for p in params]
+        for p, e in zip(params, eps):
+            p.add_(e)
+    backward()
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
 
 
 def _copy(net: nn.Module) -> List[torch.Tensor]:
@@ -275,12 +302,18 @@ def test_an_ensembles_models_read_one_noisy_augmented_batch(compose_cfg, tmp_pat
 
 
 def test_an_interrupted_ensemble_population_resumes_exactly(compose_cfg, tmp_path, monkeypatch):
-    import regexp.population.engine as engine
-
     base = compose_cfg(BASE + ["trainer.epochs=3", "regularizer=[ensemble,input_noise,dropout,weight_noise]",
                                "regularizer.ensemble.components=2", "regularizer.ensemble.bootstrap=true",
                                "optimizer=momentum", "trainer.grad_clip=1.0"])
     points = [{"seed": 0, "regularizer.dropout.p": 0.2}, {"seed": 1, "regularizer.dropout.p": 0.1}]
+    assert_resumes_exactly(base, points, tmp_path, monkeypatch)
+
+
+def assert_resumes_exactly(base, points, tmp_path: Path, monkeypatch) -> None:
+    """Ensemble runs (two models each) stopped in the middle of epoch 2 and resumed end as the
+    uninterrupted ones, bit for bit (weights, records, reports)."""
+    import regexp.population.engine as engine
+
     whole = train_population(base, points, tmp_path / "whole")
     steps = -(-len(load_data(base.data, 0).y_train) // BATCH)
     # the loop asks once per step and once after each epoch's end: stop in the middle of epoch 2
@@ -289,7 +322,7 @@ def test_an_interrupted_ensemble_population_resumes_exactly(compose_cfg, tmp_pat
     monkeypatch.undo()
     for p, m in zip(points, stopped):
         assert m["status"] == "interrupted" and m["epochs"] == 1
-        ck = torch.load(tmp_path / "cut" / point_name(p) / "checkpoint.pt", weights_only=False)
+        ck = torch.load(tmp_path / "cut" / point_name(p) / "checkpoint.pt", weights_only=True)
         assert (ck["epoch"], ck["step_in_epoch"]) == (1, steps // 2)
         assert {k.split(".")[1] for k in ck["model"]} == {"0", "1"}  # the Ensemble's names
     resumed = train_population(base, points, tmp_path / "cut")

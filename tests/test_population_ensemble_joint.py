@@ -10,7 +10,8 @@ The former per-model loop handed these the Ensemble module itself, so (and so he
 - ``gradient_norm_penalty``: ``full``: λ‖∇_θ Σₖ CEₖ‖² over all K models' parameters (= Σₖ ‖∇_θₖ CEₖ‖²);
   ``sgd``: λ·(1/k)·Σⱼ ‖∇_θ CE(f(x_j), y_j)‖², each micro-batch's loss that of the ensemble's prediction;
 - ``soft_weight_sharing``: one learned mixture over all K models' weights (started from their
-  joint range), λ·(Ω(all weights) + the Gamma hyperprior on its σ once), in its own optimizer group.
+  joint range), λ·(Ω(all weights) + the Gamma hyperprior on its σ once), in its own optimizer group;
+  under SAM (ASAM) the ascent ε̂ = ρ·T²g/‖Tg‖ over all K models' weights and that one mixture.
 
 The reference is tests/test_population_ensemble.py's plain-torch ensemble with these written into
 its step: the FGSM input gradient by autograd, J·v by forward-mode AD (``torch.func.jvp``, not the
@@ -115,6 +116,14 @@ CASES = {
     "soft-weight-sharing": (SWS + ["regularizer.soft_weight_sharing.tau=2.0",
                                    "regularizer.soft_weight_sharing.lr=0.01"],
                             lambda shape: _prior_hooks(_Prior(4, 2.0, 0.01, 2.0, 0.1))),
+    # SAM's ascent: one norm over all K models' weights and the one mixture (counted once)
+    "soft-weight-sharing-sam": (SWS + ["regularizer.soft_weight_sharing.tau=2.0", "regularizer.soft_weight_sharing.lr=0.01",
+                                       "optimizer=sam", "optimizer.base=adam", "optimizer.rho=0.1"],
+                                lambda shape: _prior_hooks(_Prior(4, 2.0, 0.01, 2.0, 0.1))),
+    "soft-weight-sharing-asam": (SWS + ["regularizer.soft_weight_sharing.tau=2.0", "regularizer.soft_weight_sharing.lr=0.01",
+                                        "optimizer=sam", "optimizer.base=adam", "optimizer.rho=0.5",
+                                        "optimizer.adaptive=true"],
+                                 lambda shape: _prior_hooks(_Prior(4, 2.0, 0.01, 2.0, 0.1))),
 }
 
 
@@ -126,7 +135,7 @@ def _prior_hooks(prior: _Prior):
 def test_an_ensemble_trained_alone_equals_plain_torch(compose_cfg, tmp_path, case):
     overrides, hooks = CASES[case]
     cfg = compose_cfg(BASE + ["trainer.epochs=3", "regularizer.ensemble.components=3", "optimizer=adam",
-                              "optimizer.lr=0.003", "seed=4"] + overrides)
+                              "seed=4"] + overrides + ["optimizer.lr=0.003"])
     metrics = train(cfg, tmp_path / "run")
     assert metrics["status"] == "completed" and metrics["engine"] == "population"
     shape = load_data(cfg.data, cfg.seed).input_shape
@@ -180,14 +189,20 @@ MEMBERS = {
                               "regularizer.soft_weight_sharing.lr": 0.01, "model.width": 16},
                              {"seed": 2, "regularizer.soft_weight_sharing.tau": 1.0,
                               "regularizer.soft_weight_sharing.init_sigma": 0.05}]),
+    # SAM's ascent per owner: its own ρ, its mixture counted once in its norm
+    "soft-weight-sharing-sam": (SWS + ["optimizer=sam", "optimizer.base=adam", "optimizer.adaptive=true"],
+                                [{"seed": 0, "optimizer.rho": 0.1, "regularizer.soft_weight_sharing.tau": 0.5},
+                                 {"seed": 1, "optimizer.rho": 0.5, "regularizer.soft_weight_sharing.tau": 2.0,
+                                  "model.width": 16},
+                                 {"seed": 2, "optimizer.rho": 0.05, "regularizer.soft_weight_sharing.lr": 0.01}]),
 }
 
 
 @pytest.mark.parametrize("case", list(MEMBERS))
 def test_ensemble_members_of_a_population_of_three_equal_each_alone(compose_cfg, tmp_path, monkeypatch, case):
     variant, points = MEMBERS[case]
-    base = compose_cfg(BASE + ["trainer.epochs=2", "regularizer.ensemble.components=2", "optimizer=adam",
-                               "optimizer.lr=0.003"] + variant)
+    base = compose_cfg(BASE + ["trainer.epochs=2", "regularizer.ensemble.components=2", "optimizer=adam"]
+                       + variant + ["optimizer.lr=0.003"])
     assert_each_equals_alone(base, points, tmp_path, monkeypatch)
 
 

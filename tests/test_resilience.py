@@ -159,7 +159,11 @@ def test_deterministic_runs_are_identical(cli, tmp_path):
     ["regularizer=[ensemble,soft_weight_sharing,dropout,early_stopping]", "regularizer.ensemble.components=2",
      "regularizer.soft_weight_sharing.tau=0.5", "regularizer.soft_weight_sharing.gamma_alpha=2.0",
      "regularizer.soft_weight_sharing.gamma_beta=0.1"],
-], ids=["ensemble", "soft-weight-sharing", "ensemble-joint-terms", "ensemble-soft-weight-sharing"])
+    # SAM's ascent over both models and the one mixture, from the restored mixture state
+    ["regularizer=[ensemble,soft_weight_sharing,dropout,early_stopping]", "regularizer.ensemble.components=2",
+     "regularizer.soft_weight_sharing.tau=0.5", "optimizer=sam", "optimizer.base=adam", "optimizer.lr=0.003"],
+], ids=["ensemble", "soft-weight-sharing", "ensemble-joint-terms", "ensemble-soft-weight-sharing",
+        "ensemble-soft-weight-sharing-sam"])
 def test_resume_restores_regularizer_state(compose_cfg, tmp_path, monkeypatch, regs):
     """The soft-weight-sharing mixture, its optimizer group, early-stopping counters, the
     ensemble members and the RNG behind dropout and noise all come back from the checkpoint."""

@@ -74,12 +74,25 @@ NOT_STACKED: Dict[str, str] = {}
 # acts on the Ensemble as one model through its owner's slices (FGSM on the input gradient of its
 # prediction, tangent_prop's J_x of that prediction, the gradient norm over all K models' parameters:
 # Owners.fgsm, Owners.joint; one soft-weight-sharing mixture over all K models' weights, a copy per
-# slice kept equal: population/mixture.py). The others need one object over all K models (one
-# multi_task head, one tying reference over all weights, one pretext head, one transferred start).
+# slice kept equal, counted once in SAM's ascent norm: population/mixture.py). What the former loop matched to the Ensemble's parameters
+# by name (``members.k.*``) does so here: transfer loads model k from an ensemble run's model k (the
+# lone Ensemble module's attach), reference tying pulls model k toward the reference's model k
+# (each slice's share of it: ParameterTying.within).
 WITH_ENSEMBLE = ("ensemble", "weight_decay", "l1", "elastic_net", "decoupled_weight_decay", "dropout",
                  "label_smoothing", "early_stopping", "weight_noise", "dropconnect", "activity_l1",
                  "activity_student_t", "activity_kl", "input_noise", "augmentation",
-                 "adversarial", "tangent_prop", "gradient_norm_penalty", "soft_weight_sharing")
+                 "adversarial", "tangent_prop", "gradient_norm_penalty", "soft_weight_sharing", "transfer",
+                 "parameter_tying")
+# Why the others stay out: the former loop, given the Ensemble module, refused them or failed
+# (masked_reconstruction listed before a one-model ensemble ran, fitting the log-softmax of the
+# reconstruction to the signal: no pretext either).
+NOT_WITH_ENSEMBLE: Dict[str, str] = {
+    "multi_task": "the former loop refused it too: its auxiliary head reads the input of the model's Linear "
+                  "head, and the Ensemble of K models has none",
+    "masked_reconstruction": "the former loop could not train it either: its reconstruction head replaces the "
+                             "model's Linear head, which the Ensemble has none of, or only model 0's, whose outputs "
+                             "the Ensemble cannot average with the other models' class scores",
+}
 
 
 def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
@@ -88,11 +101,12 @@ def ensemble_incompatibility(cfg: DictConfig) -> Optional[str]:
         return None
     other = [r for r in cfg.regularizer if r not in WITH_ENSEMBLE]
     if other:
-        return (f"regularizer {other[0]} with ensemble (the population trains an ensemble with "
-                f"{', '.join(WITH_ENSEMBLE[1:])} only: {other[0]} needs one object of its own over all K models)")
-    if "soft_weight_sharing" in cfg.regularizer and cfg.optimizer.name == "sam":
-        return ("regularizer soft_weight_sharing with ensemble and optimizer=sam (SAM's ascent takes one norm "
-                "over the Ensemble's parameters and its one mixture, which each of the K slices holds a copy of)")
+        why = NOT_WITH_ENSEMBLE.get(other[0], "it has no form over an ensemble's K models")
+        return f"regularizer {other[0]} with ensemble ({why})"
+    tying = cfg.regularizer.get("parameter_tying")
+    if tying is not None and tying.mode == "joint":
+        return ("regularizer parameter_tying.mode=joint with ensemble (the former loop refused it too: its partner "
+                "is one plain model, which shares no parameter name with the Ensemble's members.k.*)")
     return None
 
 

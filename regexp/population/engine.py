@@ -615,7 +615,11 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
 def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
-    ascended_gradient(b.ascended, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members), b.owner)
+    params, once = b.ascended, None
+    first = None if b.mixtures is None else b.mixtures.sum_copies()
+    if first is not None:  # an ensemble's one mixture: its copies' summed gradient, counted once
+        once = [first if any(p is q for q in b.mixtures.params) else None for p in params]
+    ascended_gradient(params, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members), b.owner, once)
 
 
 def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, masks, weights) -> Batch:

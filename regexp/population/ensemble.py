@@ -23,7 +23,10 @@ all K models train on that x'; ``tangent_prop`` penalizes J_x of that prediction
 in ``full`` mode of the gradient of Σₖ CEₖ (so Σₖ ‖∇θₖ CEₖ‖², each slice's own term) and in
 ``sgd`` mode of each micro-batch's cross-entropy of the Ensemble's prediction. Such a penalty's
 value stands on the owner's first slice (zero on the others), so the per-run sum is the lone one.
-``soft_weight_sharing`` has one mixture over all K models' weights (regexp/population/mixture.py).
+``soft_weight_sharing`` has one mixture over all K models' weights (regexp/population/mixture.py;
+under SAM counted once in its owner's ascent norm). ``transfer`` and reference ``parameter_tying``
+match a saved model.pt to the lone Ensemble's names (``members.k.*``): model k starts from, and is
+tied toward, the source's model k (each slice its share of the references: :func:`_slice_regs`).
 
 The engine's one loop (engine.train_bucket) trains every run through a :class:`Runs` map;
 :class:`Owners` is an ensemble's: what is per run is per owner, the training losses summed
@@ -195,9 +198,16 @@ def _slice_members(owners: List[Member], k: int) -> List[Member]:
             order = torch.Generator()
             order.set_state(m.order.get_state())
             s = Member(m.point, m.cfg, m.out_dir, m.overrides, model=model, dropout_gen=m.dropout_gen,
-                       order=order, regs=m.regs, plain=m.plain, resume=_slice_resume(m, j, k, model))
+                       order=order, regs=_slice_regs(m, j), plain=m.plain, resume=_slice_resume(m, j, k, model))
             out.append(s)
     return out
+
+
+def _slice_regs(m: Member, j: int) -> List:
+    """Slice j's regularizers: its owner's objects, but reference tying's as model j of the Ensemble
+    sees it (the references the lone run matched to ``members.j.*``: each model tied to the
+    reference's model j, as the former loop tied the Ensemble's parameters by name)."""
+    return [r.within(f"members.{j}.") if r.name == "parameter_tying" else r for r in m.regs]
 
 
 def _slice_resume(m: Member, j: int, k: int, model) -> Optional[Dict]:

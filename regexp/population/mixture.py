@@ -13,7 +13,9 @@ weights, started from their range. Each slice holds a copy of it, and the copies
 penalty Ω is a sum over weights, so Ω over all K models is the sum of each slice's Ω under the
 copy; the hyperprior on σ counts once (on the owner's first slice); before each step every copy's
 gradient becomes the sum of its owner's copies' gradients, the one mixture's gradient, so each
-copy takes the same step from the same optimizer state.
+copy takes the same step from the same optimizer state. SAM's ascent does the same first and
+counts the mixture once in its owner's norm (regexp/optim/sam.py's ``once``), as the lone ascent's
+one norm over the Ensemble's parameters and its one mixture.
 """
 from __future__ import annotations
 
@@ -98,12 +100,18 @@ class StackedMixtures:
 
     def step(self, factor: float) -> None:
         """The mixtures' update (an ensemble's copies each with its owner's summed gradient)."""
+        self.sum_copies()
+        self.opt.step(factor)
+
+    def sum_copies(self) -> Optional[torch.Tensor]:
+        """An ensemble's copies' gradients, each made its owner's sum (the one mixture's gradient);
+        the (S,) mask of each owner's first copy, or None without ensembles."""
         if self.owner is not None:
             with torch.no_grad():
                 for p in self.params:
                     total = torch.zeros(self.owners, *p.shape[1:], device=p.device)
                     p.grad = total.index_add_(0, self.owner, p.grad).index_select(0, self.owner)
-        self.opt.step(factor)
+        return self.first
 
     def zero_grad(self) -> None:
         for p in self.params:

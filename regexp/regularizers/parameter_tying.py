@@ -24,6 +24,7 @@ Two modes (``mode``), one formula (:func:`tying_penalty`):
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -136,6 +137,15 @@ class ParameterTying(Regularizer):
                              like))
             tied.append(torch.tensor([float(t is not None) for t in per], device=like.device))
         return {"ref": ref, "tied": tied}
+
+    def within(self, prefix: str) -> "ParameterTying":
+        """This reference-mode tying as one submodule of the model sees it (a population's slice of
+        an Ensemble, ``members.k.``): the references and shapes under ``prefix``, named as the
+        submodule names them; the penalties of all the submodules add up to this one's."""
+        part = copy.copy(self)
+        cut = lambda d: {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}  # noqa: E731
+        part.reference, part.shapes = cut(self.reference), cut(self.shapes)
+        return part
 
     # ---------------------------------------------------------------- joint mode: the partner
     def _build_partner(self) -> nn.Module:

@@ -37,8 +37,11 @@ def matching_tensors(run_dir: str, file: str, own: Dict[str, torch.Tensor], key:
                           f"{file}); point {key}.run_dir at a run regexp wrote")
     usable = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     if not usable:
+        # an ensemble's tensors are its models' (members.k.*): a plain run's names never match them
+        hint = (" (an ensemble's parameters are named members.k.*: expected an ensemble run's folder)"
+                if own and all(k.startswith("members.") for k in own) else "")
         raise ConfigError(f"{key}.run_dir={run_dir!r} is invalid: its {file} ({path}) shares no tensor "
-                          "of matching name and shape with this model")
+                          f"of matching name and shape with this model{hint}")
     return usable
 
 
