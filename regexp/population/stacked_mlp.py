@@ -65,6 +65,12 @@ def _ce_and_grad(logits: torch.Tensor, y: torch.Tensor):
     return loss, g
 
 
+def _relu_backward_(dh: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """relu's backward written over ``dh``, the incoming gradient (a fresh product no one else
+    reads): a new tensor per layer and step costs more than the pass itself."""
+    return torch.ops.aten.threshold_backward.grad_input(dh, r, 0, grad_input=dh)
+
+
 def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``dst[:] = a @ b``, in place when ``dst`` is contiguous (a member's slice often is)."""
     if dst.is_contiguous():
@@ -377,7 +383,7 @@ class StackedMLP:
                 dh = torch.bmm(weights[l].transpose(1, 2), dz)
                 if masks and masks[l] is not None:
                     dh = dh * masks[l].transpose(1, 2)
-                dz = torch.ops.aten.threshold_backward(dh, rs[l - 1], 0)
+                dz = _relu_backward_(dh, rs[l - 1])
         return loss
 
     def _member_layers(self, m: int, k: int, weights: Optional[List[torch.Tensor]] = None) -> List[tuple]:
@@ -475,7 +481,7 @@ class StackedMLP:
                     dh = torch.mm(w.t(), dz)
                     if masks and masks[l] is not None:
                         dh = dh * masks[l][m, :, :k].t()
-                    dz = torch.ops.aten.threshold_backward(dh, rs[l - 1], 0)
+                    dz = _relu_backward_(dh, rs[l - 1])
         for p, gr in zip(self.params, self._grad_buffers()):
             p.grad = gr
         return loss
