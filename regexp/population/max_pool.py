@@ -39,7 +39,8 @@ class _MaxPool1d(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         (mask,) = ctx.saved_tensors
         gh = (mask * g.unsqueeze(-1)).flatten(-2)
-        return F.pad(gh, (0, ctx.length % 2))  # an odd length's last position: no gradient
+        # an odd length's last position: no gradient (F.pad copies even when it adds nothing)
+        return F.pad(gh, (0, 1)) if ctx.length % 2 else gh
 
 
 class _ReluMaxPool1d(torch.autograd.Function):
