@@ -102,6 +102,10 @@ CASES = {
     "adadelta": (["optimizer=adadelta", "trainer.grad_clip=0.1", "model.activation=tanh"],  # autograd step
                  [{"model.width": 16, "optimizer.rho": 0.9, "seed": 0},
                   {"model.width": 12, "optimizer.rho": 0.95, "seed": 1}]),
+    # ASAM: each member's radius and the η its ball is scaled by (|w| + η)
+    "asam": (["optimizer=sam", "optimizer.base=momentum", "optimizer.adaptive=true"],
+             [{"model.width": 16, "optimizer.rho": 0.5, "optimizer.eta": 0.01, "seed": 0},
+              {"model.width": 12, "optimizer.rho": 0.2, "optimizer.eta": 0.1, "seed": 1}]),
     # every hyperparameter shared: torch's own fused kernel on the stacked tensors (the
     # 300-step tests below run the shared RMSprop and AdaDelta steps)
     "adagrad_shared": (["optimizer=adagrad"], [{"model.width": 16, "seed": 0}, {"model.width": 12, "seed": 1}]),

@@ -20,21 +20,22 @@ import torch
 
 
 def perturbation(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], rho,
-                 adaptive: bool = False, eta: float = 0.01, members: int = 1,
+                 adaptive: bool = False, eta=0.01, members: int = 1,
                  owner: Optional[torch.Tensor] = None,
                  once: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
     """SAM's ascent step ε̂ (ASAM's with ``adaptive``); a zero gradient gives ε̂ = 0.
 
     With ``members`` > 1 the parameters are M models stacked along a leading dimension
-    (a population): each member's ε̂ has its own norm ‖g_m‖ (and ``rho`` may be an (M,) tensor,
-    one radius per member). A lone model is the case M = 1. ``owner`` (M,): members with one owner
+    (a population): each member's ε̂ has its own norm ‖g_m‖ (and ``rho`` and ``eta`` may be (M,)
+    tensors, one radius and one η per member). A lone model is the case M = 1. ``owner`` (M,): members with one owner
     (a population's ensemble, whose K models are K members) share one norm over all of theirs.
     ``once``: per parameter None, or an (M,) 0/1 mask for a tensor whose owner's members hold equal
     copies of one tensor, with its gradient (an ensemble's one mixture): counted in the norm on the
     masked member alone, so the owner's norm counts it once, and every copy moves by its ε̂."""
     with torch.no_grad():
         g = [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
-        t = [p.detach().abs() + eta for p in params] if adaptive else [None] * len(g)
+        per = lambda p: eta.view(-1, *[1] * (p.dim() - 1)) if isinstance(eta, torch.Tensor) else eta  # noqa: E731
+        t = [p.detach().abs() + per(p) for p in params] if adaptive else [None] * len(g)
         scaled = [gi if ti is None else ti * gi for gi, ti in zip(g, t)]
         norms = torch.stack([torch.linalg.vector_norm(s.reshape(members, -1), dim=1) for s in scaled])
         if once is not None:
@@ -64,7 +65,7 @@ def perturbed(params: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]) ->
 
 
 def ascended_gradient(params: Sequence[torch.Tensor], closure: Callable[[], torch.Tensor], rho,
-                      adaptive: bool = False, eta: float = 0.01, members: int = 1,
+                      adaptive: bool = False, eta=0.01, members: int = 1,
                       owner: Optional[torch.Tensor] = None, once: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """SAM's first half, shared by lone runs and populations: from ∇L(w) in ``.grad``, move to
     w + ε̂, let ``closure`` put ∇L(w + ε̂) into ``.grad``, and put the weights back to w

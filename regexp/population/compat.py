@@ -44,7 +44,7 @@ MEMBER_KEYS = (
     "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
     "regularizer.weight_decay.lam", "regularizer.dropout.p", "regularizer.dropout.input_p",
     "regularizer.label_smoothing.eps", "regularizer.input_noise.sigma", "regularizer.weight_noise.sigma",
-    "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "trainer.grad_clip",
+    "optimizer.initial_accumulator_value", "optimizer.alpha", "optimizer.rho", "optimizer.eta", "trainer.grad_clip",
     "regularizer.l1.lam", "regularizer.elastic_net.lam1", "regularizer.elastic_net.lam2",
     "regularizer.decoupled_weight_decay.lam",
     # read on the host once per evaluation, member by member

@@ -287,6 +287,7 @@ class Bucket:
         # SAM (regexp/optim/sam.py): each member's own radius and gradient norm
         self.sam = cfg.optimizer.name == "sam"
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
+        self.eta = torch.tensor([float(m.cfg.optimizer.eta) for m in members], device=device) if self.sam else None
         # soft weight sharing: each member's mixture, a second optimizer group of its own
         self.mixtures: Optional[StackedMixtures] = stacked_mixtures(
             members, self.net, _base_name(cfg.optimizer), _member_hypers(members),
@@ -439,6 +440,7 @@ class Bucket:
             self.decoupled = (self.decoupled[0].index_select(0, sel.to(self.device)), self.decoupled[1])
         if self.rho is not None:
             self.rho = self.rho.index_select(0, sel.to(self.rho.device))
+            self.eta = self.eta.index_select(0, sel.to(self.eta.device))
         if self.best is not None:
             self.best = [b.index_select(0, sel.to(b.device)) for b in self.best]
 
@@ -619,7 +621,7 @@ def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     first = None if b.mixtures is None else b.mixtures.sum_copies()
     if first is not None:  # an ensemble's one mixture: its copies' summed gradient, counted once
         once = [first if any(p is q for q in b.mixtures.params) else None for p in params]
-    ascended_gradient(params, closure, b.rho, bool(o.adaptive), float(o.eta), len(b.members), b.owner, once)
+    ascended_gradient(params, closure, b.rho, bool(o.adaptive), b.eta, len(b.members), b.owner, once)
 
 
 def _batch(b: Bucket, xb: torch.Tensor, yb: torch.Tensor, loss: torch.Tensor, masks, weights) -> Batch:
