@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regexp.population import use_population
+from regexp.population.compat import shared_part
 from regexp.population.engine import clip_grad_norms_
 from regexp.population.member import Member
 from regexp.population.optim import StackedOptimizer
@@ -106,6 +107,25 @@ CASES = {
     "asam": (["optimizer=sam", "optimizer.base=momentum", "optimizer.adaptive=true"],
              [{"model.width": 16, "optimizer.rho": 0.5, "optimizer.eta": 0.01, "seed": 0},
               {"model.width": 12, "optimizer.rho": 0.2, "optimizer.eta": 0.1, "seed": 1}]),
+    # each member's own schedule values (one scheduler kind): per-member lr factors, with Adam
+    # and the decoupled decay that reads the scheduled lr; with RMSprop's warm restarts
+    "step_schedules": (["optimizer=adam", "scheduler=step", "regularizer=[decoupled_weight_decay]",
+                        "regularizer.decoupled_weight_decay.lam=0.01"],
+                       [{"model.width": 16, "scheduler.gamma": 0.5, "scheduler.step_size": 3, "seed": 0},
+                        {"model.width": 12, "scheduler.gamma": 0.9, "scheduler.step_size": 5, "seed": 1}]),
+    "warmup_schedules": (["optimizer=momentum", "scheduler=warmup_cosine"],
+                         [{"model.width": 16, "scheduler.warmup_steps": 2, "scheduler.min_lr_ratio": 0.0, "seed": 0},
+                          {"model.width": 12, "scheduler.warmup_steps": 6, "scheduler.min_lr_ratio": 0.2, "seed": 1}]),
+    "restart_schedules": (["optimizer=rmsprop", "scheduler=cosine_restarts"],
+                          [{"model.width": 16, "scheduler.period": 3, "scheduler.period_mult": 1.0, "seed": 0},
+                           {"model.width": 12, "scheduler.period": 4, "scheduler.period_mult": 2.0, "seed": 1}]),
+    # member 0 stops after its second epoch: member 1 goes on with its own schedule, not member 0's
+    "schedules_and_early_stop": (["optimizer=sgd", "scheduler=step", "regularizer=[early_stopping]",
+                                  "regularizer.early_stopping.patience=1", "trainer.epochs=5"],
+                                 [{"model.width": 16, "scheduler.gamma": 0.3, "scheduler.step_size": 2,
+                                   "regularizer.early_stopping.min_delta": 10.0, "seed": 0},
+                                  {"model.width": 12, "scheduler.gamma": 0.8, "scheduler.step_size": 4,
+                                   "regularizer.early_stopping.patience": 10, "seed": 1}]),
     # every hyperparameter shared: torch's own fused kernel on the stacked tensors (the
     # 300-step tests below run the shared RMSprop and AdaDelta steps)
     "adagrad_shared": (["optimizer=adagrad"], [{"model.width": 16, "seed": 0}, {"model.width": 12, "seed": 1}]),
@@ -118,8 +138,11 @@ def test_adaptive_optimizers_and_grad_clip_per_member_match_lone_runs(compose_cf
     base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SMALL + ["sweep.engine=population"] + overrides,
                                     points)
     assert use_population(base, points)
+    assert shared_part(points[0]) == shared_part(points[1])  # one population, not one per value
     for p, a, b in zip(points, pop, lone):
         _assert_same_run(tmp_path, p, a, b)
+    if case == "schedules_and_early_stop":
+        assert [r["epochs"] for r in pop] == [2, 5]
 
 
 def _reference_step(model, opt, x, y, clip):

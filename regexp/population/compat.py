@@ -1,10 +1,10 @@
 """Which runs can train together, and how they are grouped into populations and width buckets.
 
 A population is one batched computation, so its members must agree on everything that
-shapes the computation (data set and size, depth, activation, optimizer kind, schedule,
+shapes the computation (data set and size, depth, activation, optimizer kind, scheduler kind,
 epochs, batch size ...). They may differ in the values that enter elementwise
 (``MEMBER_KEYS``: seed, lr, momentum/betas, the adaptive rules' decays and accumulator
-start, SAM's rho, weight decay, dropout p, label smoothing, input and weight noise σ, DropConnect's
+start, SAM's rho and ASAM's eta, the scheduler's values, weight decay, dropout p, label smoothing, input and weight noise σ, DropConnect's
 p, augmentation's shift and scale, FGSM's ε, the penalties' λ, joint tying's partner seed (each
 member's partner: regexp/population/partner.py), label noise, random inputs (each member loads
 its own data), the gradient-clipping norm) and in width (or list of hidden widths,
@@ -66,6 +66,9 @@ MEMBER_KEYS = (
     "regularizer.soft_weight_sharing.init_sigma", "regularizer.soft_weight_sharing.merge_distance",
     "regularizer.soft_weight_sharing.pi0", "regularizer.soft_weight_sharing.gamma_alpha",
     "regularizer.soft_weight_sharing.gamma_beta",
+    # each member's own lr factor per step (population/schedule.py); the scheduler's name is shared
+    "scheduler.warmup_steps", "scheduler.min_lr_ratio", "scheduler.step_size", "scheduler.gamma",
+    "scheduler.period", "scheduler.period_mult",
 )
 # Why each regularizer the population does not train stays out (the others are in REGULARIZERS).
 NOT_STACKED: Dict[str, str] = {}

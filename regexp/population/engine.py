@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from regexp.errors import ConfigError
-from regexp.optim import lr_factor
 from regexp.optim.sam import ascended_gradient
 from regexp.population.aux_heads import StackedHeads
 from regexp.population.compat import MEMBER_KEYS
@@ -51,6 +50,7 @@ from regexp.population import tuning
 from regexp.population.stacked_cnn import StackedCNN
 from regexp.population.stacked_gru import StackedGRU
 from regexp.population.stacked_mlp import StackedMLP
+from regexp.population.schedule import Factor, Schedule
 from regexp.population.stacked_transformer import StackedTransformer
 from regexp.population.transforms import BatchTransforms
 from regexp.probes.base import ProbeInputs
@@ -286,6 +286,7 @@ class Bucket:
                                     bool(cfg.optimizer.get("centered", False)), _amsgrad(cfg))
         # SAM (regexp/optim/sam.py): each member's own radius and gradient norm
         self.sam = cfg.optimizer.name == "sam"
+        self.schedule: Optional[Schedule] = None  # set by train_bucket, kept with the members
         self.rho = torch.tensor([float(m.cfg.optimizer.rho) for m in members], device=device) if self.sam else None
         self.eta = torch.tensor([float(m.cfg.optimizer.eta) for m in members], device=device) if self.sam else None
         # soft weight sharing: each member's mixture, a second optimizer group of its own
@@ -355,7 +356,7 @@ class Bucket:
         extra += [] if self.partners is None else list(self.partners.params)
         return self.trainable + extra
 
-    def step(self, factor: float) -> None:
+    def step(self, factor: Factor) -> None:
         """Every optimizer group's update, as train()'s one ``optimizer.step()``."""
         self.opt.step(factor)
         if self.heads is not None:
@@ -441,6 +442,8 @@ class Bucket:
         if self.rho is not None:
             self.rho = self.rho.index_select(0, sel.to(self.rho.device))
             self.eta = self.eta.index_select(0, sel.to(self.eta.device))
+        if self.schedule is not None:
+            self.schedule.keep(sel)
         if self.best is not None:
             self.best = [b.index_select(0, sel.to(b.device)) for b in self.best]
 
@@ -450,13 +453,14 @@ class Bucket:
         if self.clip is not None:
             clip_grad_norms_(self.trainable, self.clip, self.owner)
 
-    def before_step(self, factor: float) -> None:
+    def before_step(self, factor: Factor) -> None:
         """Decoupled weight decay, each member with its own values, where train() applies it:
         after the (clipped) gradient, before the optimizer step."""
         if self.decoupled is not None:
             lam, biases = self.decoupled
             lr = self.opt.hp["lr"]
-            lr = (lr.view(-1) if isinstance(lr, torch.Tensor) else lr) * factor
+            lr = (lr.view(-1) if isinstance(lr, torch.Tensor) else lr) * (
+                factor.view(-1) if isinstance(factor, torch.Tensor) else factor)
             DecoupledWeightDecay.shrink_([p for _, p, is_w in self.net.named_params()
                                           if (is_w or biases) and p.requires_grad], lr, lam)
 
@@ -534,7 +538,7 @@ class Loop:
     bs: int
     steps_per_epoch: int
     total_steps: int
-    factor: Callable[[int], float]
+    factor: Schedule  # the members' lr factor at a step
     autocast: object
     grad_norms: bool
     step: int = 0
@@ -677,7 +681,8 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
     b = Bucket(runs.slice_members(), width, data, device, opts)
     runs.attach(b)
     steps = math.ceil(data.n / bs)
-    loop = Loop(bs, steps, t.epochs * steps, _factor_table(cfg.scheduler, t.epochs * steps),
+    b.schedule = Schedule([m.cfg.scheduler for m in b.members], t.epochs * steps, device)
+    loop = Loop(bs, steps, t.epochs * steps, b.schedule,
                 torch.autocast(device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext(),
                 bool(cfg.logger.grad_norms))
     loop.manual = _manual_ok(b, opts)
@@ -781,18 +786,6 @@ def _manual_ok(b: Bucket, opts: Options) -> bool:
             and not any(b.noise.connects) and b.bagging is None and not opts.bf16 and not opts.compile)
 
 
-def _factor_table(sched_cfg, total: int) -> Callable[[int], float]:
-    """``lr_factor`` for steps 0..total, computed once (it reads the config on every call)."""
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
-    plain = SimpleNamespace(**OmegaConf.to_container(sched_cfg, resolve=True))
-    f = lr_factor(plain, total)
-    table = [f(i) for i in range(total + 1)]
-    return lambda step: table[step] if 0 <= step <= total else f(step)
-
-
 def _checkpoint(b: Bucket, i: int, loop: Loop, perms: Optional[torch.Tensor], running: Optional[torch.Tensor],
                 in_epoch: int) -> Dict:
     """Run i's checkpoint.pt, in train()'s format, after ``loop.step`` steps."""
@@ -815,7 +808,7 @@ def _checkpoint(b: Bucket, i: int, loop: Loop, perms: Optional[torch.Tensor], ru
                                perms[first].cpu() if perms is not None else None, sums, best, steps_done=loop.step,
                                step_in_epoch=in_epoch,
                                probe_state=b.probes.state_dict(i) if b.probes is not None else None,
-                               factor=loop.factor(loop.step))
+                               factor=loop.factor.member(first, loop.step))
 
 
 def _final_probes(b: Bucket, epoch: int) -> None:
@@ -985,7 +978,7 @@ def _eval_budget(b: Bucket, limit: int) -> int:
 
 
 def _epoch_end(b: Bucket, epoch: int, mean_terms: torch.Tensor, grad_norms: Optional[torch.Tensor],
-               lr_factor_now: float, cfg, t) -> List[int]:
+               lr_factor_now: Factor, cfg, t) -> List[int]:
     """Logs, evaluation, best-state tracking and the divergence check, per run; return the
     diverged runs (``mean_terms`` and ``grad_norms`` are per slice)."""
     runs = b.runs

@@ -24,6 +24,8 @@ from typing import Dict, List, Sequence, Union
 
 import torch
 
+from regexp.population.schedule import Factor, factor_of
+
 Hyper = Union[float, torch.Tensor]
 ADAPTIVE = ("adagrad", "rmsprop", "adadelta")
 
@@ -46,7 +48,8 @@ def _select(h: Hyper, idx: torch.Tensor) -> Hyper:
 
 class StackedOptimizer:
     """sgd / momentum / nesterov / adagrad / rmsprop / adadelta / adam / adamw over stacked
-    parameters, lr = base · factor(t)."""
+    parameters, lr = base · factor(t) (``factor``: a float, or each member's, (M, 1, 1):
+    regexp/population/schedule.py)."""
 
     def __init__(self, name: str, params: List[torch.Tensor], hp: Dict[str, Sequence[float]],
                  nesterov: bool, device: torch.device, centered: bool = False, amsgrad: bool = False):
@@ -77,7 +80,7 @@ class StackedOptimizer:
 
     # ---------------------------------------------------------------- the update
     @torch.no_grad()
-    def step(self, factor: float) -> None:
+    def step(self, factor: Factor) -> None:
         grads = [p.grad for p in self.params]
         self.steps += 1
         lr = self.hp["lr"] * factor
@@ -94,7 +97,7 @@ class StackedOptimizer:
         if self.uses_momentum() and first:
             self.state["momentum_buffer"] = [torch.empty_like(g) for g in grads]
         bufs = self.state.get("momentum_buffer", [])
-        if self.fused:
+        if self._fused(lr):
             torch._fused_sgd_(self.params, grads, bufs, weight_decay=0.0, momentum=mom, lr=lr,
                               dampening=damp, nesterov=self.nesterov, maximize=False,
                               is_first_step=first)
@@ -121,7 +124,7 @@ class StackedOptimizer:
                 self.state["max_exp_avg_sq"] = [torch.zeros_like(p) for p in self.params]
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
         vmax = self.state.get("max_exp_avg_sq", [])
-        if self.fused:
+        if self._fused(lr):
             torch._foreach_add_(self.state["step"], 1.0)
             kernel = torch._fused_adamw_ if self.name == "adamw" else torch._fused_adam_
             kernel(self.params, grads, m, v, vmax, self.state["step"], lr=lr, beta1=hp["beta1"],
@@ -166,7 +169,7 @@ class StackedOptimizer:
             self.state["sum"] = [torch.zeros_like(p).add_(init) for p in self.params]
         self._count()
         sums = self.state["sum"]
-        if self.fused:
+        if self._fused(lr):
             torch._fused_adagrad_(self.params, grads, sums, self.state["step"], lr=lr, lr_decay=0.0,
                                   weight_decay=0.0, eps=hp["eps"], maximize=False)
             return
@@ -183,7 +186,7 @@ class StackedOptimizer:
                     *(["grad_avg"] if self.centered else []))
         self._count()
         sq = self.state["square_avg"]
-        if self.fused:  # torch's _multi_tensor_rmsprop, line for line
+        if self._fused(lr):  # torch's _multi_tensor_rmsprop, line for line
             torch._foreach_mul_(sq, hp["alpha"])
             torch._foreach_addcmul_(sq, grads, grads, value=1 - hp["alpha"])
             if self.centered:
@@ -224,7 +227,7 @@ class StackedOptimizer:
         self._zeros("square_avg", "acc_delta")
         self._count()
         sq, acc = self.state["square_avg"], self.state["acc_delta"]
-        if self.fused:  # torch's _multi_tensor_adadelta, line for line
+        if self._fused(lr):  # torch's _multi_tensor_adadelta, line for line
             rho, eps = hp["rho"], hp["eps"]
             torch._foreach_mul_(sq, rho)
             torch._foreach_addcmul_(sq, grads, grads, value=1 - rho)
@@ -253,6 +256,10 @@ class StackedOptimizer:
                 d[key] = t.detach().clone() if key == "step" else t[i].detach()
         return out
 
-    def lr_of(self, i: int, factor: float) -> float:
+    def lr_of(self, i: int, factor: Factor) -> float:
         lr = self.hp["lr"]
-        return float((lr[i] if isinstance(lr, torch.Tensor) else lr) * factor)
+        return float((lr[i] if isinstance(lr, torch.Tensor) else lr) * factor_of(factor, i))
+
+    def _fused(self, lr: Hyper) -> bool:
+        """torch's fused kernel: every hyperparameter, the scheduled lr included, shared."""
+        return self.fused and not isinstance(lr, torch.Tensor)
