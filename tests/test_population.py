@@ -330,9 +330,10 @@ def test_batched_and_member_loop_forms_both_match_lone_runs(compose_cfg, tmp_pat
         _assert_same_run(tmp_path, p, a, b)
 
 
-@pytest.mark.parametrize("optimizer,mid_epoch", [("momentum", True), ("adam", False)])
+@pytest.mark.parametrize("optimizer,mid_epoch,schedules", [("momentum", True, False), ("adam", False, False),
+                                                        ("momentum", True, True)])
 def test_interrupted_population_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path, monkeypatch,
-                                                                    optimizer, mid_epoch):
+                                                                    optimizer, mid_epoch, schedules):
     """SIGTERM in the middle of epoch 2: every member leaves train()'s checkpoint of that very
     step (momentum buffers, dropout RNG, data order, partial loss sums); re-launching the sweep
     resumes them together as a population from that step, and each ends where its lone
@@ -344,6 +345,9 @@ def test_interrupted_population_resumes_to_the_uninterrupted_result(compose_cfg,
 
     overrides = [f"optimizer={optimizer}", "regularizer=[dropout]", "trainer.epochs=3", "trainer.batch_size=100"]
     points = [{"model.width": w, "seed": s} for w, s in ((12, 0), (16, 1))]
+    if schedules:  # each member's own step decay: its factor resumes with it
+        overrides += ["scheduler=step", "scheduler.step_size=5"]
+        points = [{**p, "scheduler.gamma": g} for p, g in zip(points, (0.5, 0.8))]
     base = compose_cfg(BASE + overrides)
     steps = math.ceil(len(load_data(base.data, 0).y_train) / 100)
     # the loop asks once per step and once after each epoch's end: stop in the middle of epoch

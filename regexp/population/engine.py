@@ -47,10 +47,10 @@ from regexp.population.optim import ADAPTIVE, StackedOptimizer
 from regexp.population.pretext import MemberPretext
 from regexp.population.runs import Runs
 from regexp.population import tuning
+from regexp.population.schedule import Factor, Schedule
 from regexp.population.stacked_cnn import StackedCNN
 from regexp.population.stacked_gru import StackedGRU
 from regexp.population.stacked_mlp import StackedMLP
-from regexp.population.schedule import Factor, Schedule
 from regexp.population.stacked_transformer import StackedTransformer
 from regexp.population.transforms import BatchTransforms
 from regexp.probes.base import ProbeInputs
