@@ -570,13 +570,14 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         if loop.manual:
             loss = b.net.manual_step(xb, yb, masks, weights)
             b.clip_()
-            b.before_step(loop.factor(loop.step))
+            factor = loop.factor(loop.step)
+            b.before_step(factor)
             if i == loop.steps_per_epoch - 1 and loop.grad_norms:
                 grad_norms = _grad_norms(b)
             if b.sam:  # the same batch's gradient once more, at each member's ascended weights
                 _ascend(b, lambda: (b.net.manual_step(xb, yb, *_fresh_draws(b, xb.shape[1], masks, weights)),
                                     b.clip_()))
-            b.opt.step(loop.factor(loop.step))
+            b.opt.step(factor)
             loop.step += 1
             running[:, 0] += loss * xb.shape[1]
             if stop.requested:
@@ -605,12 +606,13 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
             return loss, pens
 
         loss, pens = backward()
-        b.before_step(loop.factor(loop.step))
+        factor = loop.factor(loop.step)
+        b.before_step(factor)
         if i == loop.steps_per_epoch - 1 and loop.grad_norms:
             grad_norms = _grad_norms(b)
         if b.sam:  # drawn inside the closure: a lone run perturbs the ascended weights
             _ascend(b, lambda: backward(xb, yb, *_fresh_draws(b, xb.shape[1], masks, weights)))
-        b.step(loop.factor(loop.step))
+        b.step(factor)
         loop.step += 1
         running += torch.stack([loss] + pens, 1).detach() * xb.shape[1]  # no graph kept across steps
         if stop.requested:
@@ -622,9 +624,10 @@ def _ascend(b: Bucket, closure: Callable[[], object]) -> None:
     """SAM's second pass for every member: ``.grad`` becomes ∇L_m(w_m + ε̂_m), the weights stay w."""
     o = b.members[0].cfg.optimizer
     params, once = b.ascended, None
-    first = None if b.mixtures is None else b.mixtures.sum_copies()
-    if first is not None:  # an ensemble's one mixture: its copies' summed gradient, counted once
-        once = [first if any(p is q for q in b.mixtures.params) else None for p in params]
+    if b.mixtures is not None and b.mixtures.first is not None:
+        # an ensemble's one mixture: its copies' summed gradient, counted once
+        b.mixtures.sum_copies()
+        once = [b.mixtures.first if any(p is q for q in b.mixtures.params) else None for p in params]
     ascended_gradient(params, closure, b.rho, bool(o.adaptive), b.eta, len(b.members), b.owner, once)
 
 

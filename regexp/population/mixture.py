@@ -103,15 +103,13 @@ class StackedMixtures:
         self.sum_copies()
         self.opt.step(factor)
 
-    def sum_copies(self) -> Optional[torch.Tensor]:
-        """An ensemble's copies' gradients, each made its owner's sum (the one mixture's gradient);
-        the (S,) mask of each owner's first copy, or None without ensembles."""
+    def sum_copies(self) -> None:
+        """An ensemble's copies' gradients, each made its owner's sum (the one mixture's gradient)."""
         if self.owner is not None:
             with torch.no_grad():
                 for p in self.params:
                     total = torch.zeros(self.owners, *p.shape[1:], device=p.device)
                     p.grad = total.index_add_(0, self.owner, p.grad).index_select(0, self.owner)
-        return self.first
 
     def zero_grad(self) -> None:
         for p in self.params:

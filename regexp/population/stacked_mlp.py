@@ -67,7 +67,7 @@ def _ce_and_grad(logits: torch.Tensor, y: torch.Tensor):
 
 def _relu_backward_(dh: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """relu's backward written over ``dh``, the incoming gradient (a fresh product no one else
-    reads): a new tensor per layer and step costs more than the pass itself."""
+    reads): no new tensor per layer and step."""
     return torch.ops.aten.threshold_backward.grad_input(dh, r, 0, grad_input=dh)
 
 

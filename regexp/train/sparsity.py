@@ -32,18 +32,17 @@ def zero_counts(a: torch.Tensor, dims, real: Optional[torch.Tensor] = None) -> t
     below NEAR_ZERO in magnitude, among the entries ``real`` (a 0/1 mask broadcastable to ``a``)
     marks. Sums of float signs, not of bool tensors: on CPU reducing a bool tensor costs
     about ten passes over ``a``; the float sums are exact while each total stays below 2**24
-    (float64 past that). One scratch tensor the size of ``a``, rewritten in place (a fresh
-    one per step costs as much as the step), and ``real`` applied only after the dims it
-    does not vary along (the rows) are summed."""
+    (float64 past that). One scratch tensor the size of ``a``, rewritten in place (each fresh
+    full-size tensor is a pass and an allocation of its own), and ``real`` applied only after
+    the dims it does not vary along (the rows) are summed."""
     a = a.detach()
     dims = sorted({d % a.dim() for d in ([dims] if isinstance(dims, int) else dims)})
     if real is not None:
         real = real.reshape((1,) * (a.dim() - real.dim()) + tuple(real.shape))
     free = [d for d in dims if real is None or real.shape[d] == 1]
-    size = 1
-    for d in dims:
-        size *= a.shape[d]
+    size = math.prod(a.shape[d] for d in dims)
     dtype = a.dtype if a.dtype == torch.float32 and size < 2 ** 24 else torch.float64
+
     def summed(t: torch.Tensor) -> torch.Tensor:  # (sum over no dims would sum them all)
         return t.sum(free, keepdim=True, dtype=dtype) if free else t.to(dtype, copy=True)
 
