@@ -70,7 +70,10 @@ def test_image_cnn_draws_and_activity_penalties_with_norms_match_lone_runs(compo
     # on each stage's normalized site, all in its lone run's order, with per-member values.
     # Batch norm trains with plain SGD: the convolution's bias before it has a gradient of pure
     # rounding noise (the norm takes away each channel's mean), whose momentum buffer the
-    # checkpoint comparison would read (it differed by 3e-5 there; the weights agreed)
+    # checkpoint comparison would read (it differed by 3e-5 there; the weights agreed).
+    # Under layer norm the second stage's conv bias is nearly such a parameter too (its gradient
+    # sums to zero over the channels): after the noisy draws it agrees to 1.9e-5 on one thread
+    # of the AVX2 EPYC (under 1e-5 on the AVX-512 Xeon), so this test states 5e-5
     _write(tmp_path / "data", "mnist")
     overrides = ["data=mnist", f"data.root={tmp_path / 'data'}", "data.download=false", "data.n_train=null",
                  "model=cnn", "model.kernel_size=3", "trainer.batch_size=32", "model.pool=avg", f"model.norm={norm}",
@@ -81,4 +84,4 @@ def test_image_cnn_draws_and_activity_penalties_with_norms_match_lone_runs(compo
     assert incompatibility(compose_cfg(overrides)) is None
     _, pop, lone = _pop_and_lone(compose_cfg, tmp_path, overrides, points)
     for p, a, b in zip(points, pop, lone):
-        _assert_same_run(tmp_path, p, a, b)
+        _assert_same_run(tmp_path, p, a, b, atol=5e-5)

@@ -53,8 +53,12 @@ def test_normalized_cnn_members_match_lone_runs(compose_cfg, tmp_path, norm):
     assert len(bucket_widths(shapes, 1.5, 32, cnn_cost(_model_cfg(), (1, 40), 10))) == 1
     base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, overrides, POINTS)
     for p, a, b in zip(POINTS, pop, lone):
-        _assert_same_run(tmp_path, p, a, b)  # model.pt holds the running statistics too
-        _assert_same_best(tmp_path, p)
+        # model.pt holds the running statistics too. Layer norm: its conv biases' gradient sums
+        # to zero over the channels (rounding noise); one thread of the AVX2 EPYC left one of them
+        # 1.9e-5 from its lone run's (the AVX-512 Xeon: within 1e-5), so 5e-5 there
+        atol = 5e-5 if norm == "layer" else 1e-5
+        _assert_same_run(tmp_path, p, a, b, atol=atol)
+        _assert_same_best(tmp_path, p, atol)
     if norm == "batch":
         final = torch.load(tmp_path / "pop" / point_name(POINTS[0]) / "model.pt", weights_only=True)
         assert int(final["features.1.num_batches_tracked"]) == 2 * math.ceil(600 / base.trainer.batch_size)

@@ -173,11 +173,11 @@ def _members(monkeypatch) -> List[int]:
     return sizes
 
 
-def _assert_same_member(a_dir: Path, b_dir: Path, a: Dict, b: Dict) -> None:
+def _assert_same_member(a_dir: Path, b_dir: Path, a: Dict, b: Dict, atol: float = ATOL) -> None:
     wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a_dir, b_dir))
     assert wa.keys() == wb.keys()
     for k in wb:
-        torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=RTOL, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=RTOL, msg=lambda m: f"{k}: {m}")
     assert len(a["history"]) == len(b["history"])
     for ra, rb in zip(a["history"], b["history"]):
         assert ra == pytest.approx(rb, rel=RTOL, abs=1e-6)
@@ -250,7 +250,11 @@ def test_ensemble_members_of_every_combination_equal_each_alone(compose_cfg, tmp
         assert run["status"] == alone["status"] == "completed"
         assert run.get("stopped_epoch") == alone.get("stopped_epoch")
         assert any(name.startswith("ensemble/") for name in run["extra"])  # the lone Ensemble's report
-        _assert_same_member(tmp_path / "pop" / point_name(p), tmp_path / "one" / point_name(p), run, alone)
+        # the batch-normalized CNN (lr up to 0.05 with momentum) ends with kernel entries up to
+        # 4.1e-4 from its lone model's on one thread of the AVX2 EPYC, whose convolution kernels
+        # round differently (the AVX-512 Xeon: within 1e-5): 1e-3 there
+        _assert_same_member(tmp_path / "pop" / point_name(p), tmp_path / "one" / point_name(p), run, alone,
+                            atol=1e-3 if "model=cnn_mnist1d" in variant else ATOL)
     if key.endswith("patience"):
         assert [run.get("stopped_epoch") for run in pop] == [2, 3]
 

@@ -41,11 +41,11 @@ def _points(model: str, per_member: Dict[str, List[Any]]) -> List[Dict[str, Any]
     return points
 
 
-def _check(compose_cfg, tmp_path, model: str, overrides: List[str], points) -> List[Dict]:
+def _check(compose_cfg, tmp_path, model: str, overrides: List[str], points, **tolerance) -> List[Dict]:
     base, pop, lone = _pop_and_lone(compose_cfg, tmp_path, SETUP[model]["overrides"] + overrides, points)
     assert use_population(base, points)  # trained as one population, not fallen back to lone runs
     for p, a, b in zip(points, pop, lone):
-        _assert_same_run(tmp_path, p, a, b)
+        _assert_same_run(tmp_path, p, a, b, **tolerance)
     assert len({m["final"]["train_loss"] for m in pop}) == len(points)
     return pop
 

@@ -554,32 +554,40 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         running = torch.zeros(len(b.members), 1 + len(b.terms.reg_names), device=b.device)
     grad_norms = None
     xs, ys = b.data.batch(rows)  # the epoch's examples in each member's order, gathered at once
+    # per epoch, not per step: the step's views, and what it draws (members change only
+    # between epochs); on a narrow bucket each such per-step call is a visible share of the step
+    xbs, ybs = xs.split(loop.bs, 1), ys.split(loop.bs, 1)
+    pretext_first = b.pretext is not None and b.transforms.pretext_first
+    transforms, noise, drop = b.transforms.active, b.noise.active, b.drop.active
+    reshare = b.shared_input is not None and (transforms or noise)
+    total = running[:, 0]
+    last = loop.steps_per_epoch - 1
     for i in range(start, loop.steps_per_epoch):
-        xb, yb = xs[:, i * loop.bs:(i + 1) * loop.bs], ys[:, i * loop.bs:(i + 1) * loop.bs]
-        if b.pretext is not None and b.transforms.pretext_first:  # listed first: before every other draw
+        xb, yb = xbs[i], ybs[i]
+        if pretext_first:  # listed first: before every other draw
             xb = b.pretext.draw(xb)
         weights = None
-        if b.transforms.active:  # augmentation, FGSM, a later pretext: the step's draws in the lone run's order
+        if transforms:  # augmentation, FGSM, a later pretext: the step's draws in the lone run's order
             xb, masks, weights = b.transforms.draw(xb, yb, b.net.forward, b.net.weights, b.net.layer_widths)
-        elif b.noise.active:
+        elif noise:
             xb, masks, weights = b.noise.draw(xb, b.net.weights, b.net.layer_widths)
         else:
-            masks = b.drop.masks(xb.shape[1]) if b.drop.active else None
-        if b.shared_input is not None and (b.transforms.active or b.noise.active):
+            masks = b.drop.masks(xb.shape[1]) if drop else None
+        if reshare:
             xb = b.shared_input(xb)
         if loop.manual:
             loss = b.net.manual_step(xb, yb, masks, weights)
             b.clip_()
             factor = loop.factor(loop.step)
             b.before_step(factor)
-            if i == loop.steps_per_epoch - 1 and loop.grad_norms:
+            if i == last and loop.grad_norms:
                 grad_norms = _grad_norms(b)
             if b.sam:  # the same batch's gradient once more, at each member's ascended weights
                 _ascend(b, lambda: (b.net.manual_step(xb, yb, *_fresh_draws(b, xb.shape[1], masks, weights)),
                                     b.clip_()))
             b.opt.step(factor)
             loop.step += 1
-            running[:, 0] += loss * xb.shape[1]
+            total += loss * xb.shape[1]
             if stop.requested:
                 return running, grad_norms, i + 1
             continue
@@ -608,7 +616,7 @@ def _train_epoch(b: Bucket, loop: Loop, rows: torch.Tensor, stop: StopFlag, star
         loss, pens = backward()
         factor = loop.factor(loop.step)
         b.before_step(factor)
-        if i == loop.steps_per_epoch - 1 and loop.grad_norms:
+        if i == last and loop.grad_norms:
             grad_norms = _grad_norms(b)
         if b.sam:  # drawn inside the closure: a lone run perturbs the ascended weights
             _ascend(b, lambda: backward(xb, yb, *_fresh_draws(b, xb.shape[1], masks, weights)))
@@ -715,7 +723,9 @@ def train_bucket(members: List[Member], width: int, opts: Options, data_cache=No
                 running = None
             else:  # a resumed epoch: its order was drawn before the interruption
                 rows = perms + b.member_set.to(device)[:, None] * data.n
-            running, grad_norms, in_epoch = _train_epoch(b, loop, rows, stop, in_epoch, running)
+            # the hand-written step builds no graph: one no_grad for the epoch, not one per call
+            with torch.no_grad() if loop.manual else nullcontext():
+                running, grad_norms, in_epoch = _train_epoch(b, loop, rows, stop, in_epoch, running)
             if in_epoch < loop.steps_per_epoch:
                 break
             epoch, in_epoch = epoch + 1, 0

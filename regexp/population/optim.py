@@ -79,8 +79,10 @@ class StackedOptimizer:
         return isinstance(m, torch.Tensor) or m != 0.0
 
     # ---------------------------------------------------------------- the update
-    @torch.no_grad()
     def step(self, factor: Factor) -> None:
+        if torch.is_grad_enabled():  # the engine's hand-written step runs under no_grad already
+            with torch.no_grad():
+                return self.step(factor)
         grads = [p.grad for p in self.params]
         self.steps += 1
         lr = self.hp["lr"] * factor

@@ -18,6 +18,7 @@ batched form only.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -60,9 +61,15 @@ def _ce_and_grad(logits: torch.Tensor, y: torch.Tensor):
     yi = y.view(m, 1, b)
     loss = (-lp.gather(1, yi)).view(m, b).mean(1)
     g = lp.exp_()
-    g.scatter_add_(1, yi, torch.full_like(yi, -1, dtype=g.dtype))
+    g.scatter_add_(1, yi, _minus_ones(m, b, g.dtype, g.device))
     g.div_(b)
     return loss, g
+
+
+@functools.lru_cache(maxsize=16)
+def _minus_ones(m: int, b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (M, 1, B) -1s the gradient's one-hot term adds: made once per shape, only read."""
+    return torch.full((m, 1, b), -1.0, dtype=dtype, device=device)
 
 
 def _relu_backward_(dh: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -343,7 +350,6 @@ class StackedMLP:
             self.head_input = self.hidden[-1] if self.hidden else self._masked_input(x, masks)
         return torch.stack(outs)
 
-    @torch.no_grad()
     def manual_step(self, x: torch.Tensor, y: torch.Tensor, masks: Optional[List[Optional[torch.Tensor]]] = None,
                     weights: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Forward, per-member mean cross-entropy and its gradient, for relu MLPs with no penalty
@@ -360,14 +366,21 @@ class StackedMLP:
         ``weights`` (weight noise) are used in the products; the gradient, taken there, is
         each stored weight's own.
         """
+        if torch.is_grad_enabled():  # the engine's loop runs under no_grad already: no second context
+            with torch.no_grad():
+                return self.manual_step(x, y, masks, weights)
         if self.loop:
             return self._manual_loop(x, y, masks, weights)
+        bias_cols, weights_t = self._transposed()
+        if weights is not None:  # weight noise: this step's weights, not the stored ones
+            weights_t = [w.transpose(1, 2) for w in weights]
         weights = weights or self.weights
-        a = (x * masks[0] if masks and masks[0] is not None else x).transpose(1, 2)  # (M, D, B)
+        x = x * masks[0] if masks and masks[0] is not None else x
+        a = x.transpose(1, 2)  # (M, D, B)
         acts, rs = [a], []
         last = len(self.weights) - 1
-        for l, (w, b) in enumerate(zip(weights, self.biases)):
-            z = torch.baddbmm(b.transpose(1, 2), w, a) if b is not None else torch.bmm(w, a)
+        for l, (w, b) in enumerate(zip(weights, bias_cols)):
+            z = torch.baddbmm(b, w, a) if b is not None else torch.bmm(w, a)
             if l < last:
                 r = torch.relu_(z)
                 rs.append(r)
@@ -376,15 +389,26 @@ class StackedMLP:
         loss, dz = _ce_and_grad(z, y)
         for l in range(last, -1, -1):
             b = self.biases[l]
-            self.weights[l].grad = torch.bmm(dz, acts[l].transpose(1, 2))
+            self.weights[l].grad = torch.bmm(dz, acts[l].transpose(1, 2) if l else x)
             if b is not None:
                 b.grad = dz.sum(2).unsqueeze(1)
             if l > 0:
-                dh = torch.bmm(weights[l].transpose(1, 2), dz)
+                dh = torch.bmm(weights_t[l], dz)
                 if masks and masks[l] is not None:
                     dh = dh * masks[l].transpose(1, 2)
                 dz = _relu_backward_(dh, rs[l - 1])
         return loss
+
+    def _transposed(self) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
+        """Feature-major views of the stored biases (M, out, 1) and weights (M, in, out), made
+        once per set of stacked tensors (:meth:`keep` makes new ones), not once per step: the
+        optimizer updates the tensors in place, which the views see."""
+        key = self.weights + self.biases
+        cached = getattr(self, "_views", None)
+        if cached is None or len(cached[0]) != len(key) or any(a is not b for a, b in zip(cached[0], key)):
+            self._views = (key, ([b.transpose(1, 2) if b is not None else None for b in self.biases],
+                                 [w.transpose(1, 2) for w in self.weights]))
+        return self._views[1]
 
     def _member_layers(self, m: int, k: int, weights: Optional[List[torch.Tensor]] = None) -> List[tuple]:
         """Member m's unpadded (weight, bias) views, input to output (hidden width k)."""
